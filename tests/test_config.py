@@ -1,0 +1,86 @@
+"""Settings: defaults, .env, validation with one clear line per bad value."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dotenv import dotenv_values
+
+from ivr_daemon.config import VARIABLES, ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_with_an_empty_environment():
+    settings = load_settings(environ={})
+    assert settings.freeswitch_host == "127.0.0.1"
+    assert settings.freeswitch_port == 8021
+    assert settings.freeswitch_password == "ClueCon" and settings.uses_default_esl_password
+    assert settings.llm_provider == "ollama"
+    assert settings.llm_api_url == "http://localhost:11434/api/chat"
+    assert settings.llm_timeout_s == 30.0
+    assert settings.max_conversation_history == 10
+    assert settings.fallback_phrase == "Sorry, I'm having trouble right now. Could you say that again?"
+    assert settings.tts_engine == "coqui" and settings.coqui_model == "tts_models/en/ljspeech/vits"
+    assert str(settings.tts_output_dir) == "/tmp/tts"
+    assert (settings.log_level, settings.log_format) == ("INFO", "json")
+
+
+def test_env_example_lists_every_variable_with_its_default():
+    example = dotenv_values(ROOT / ".env.example")
+    assert set(example) == {name for name, *_ in VARIABLES}
+    for name, _field, default, _meaning in VARIABLES:
+        assert example[name] == default, name
+
+
+def test_dotenv_file_is_read_and_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("FREESWITCH_PORT=9000\nLLM_PROVIDER=openai\n")
+    settings = load_settings(environ={"LLM_PROVIDER": "llama3"}, dotenv_path=env_file)
+    assert settings.freeswitch_port == 9000
+    assert settings.llm_provider == "llama3"
+
+
+@pytest.mark.parametrize(
+    "variable, value, words",
+    [
+        ("FREESWITCH_PORT", "abc", "whole number"),
+        ("FREESWITCH_PORT", "70000", "between"),
+        ("LLM_PROVIDER", "gpt", "ollama | openai | llama3"),
+        ("LLM_TIMEOUT", "soon", "number of seconds"),
+        ("LLM_API_URL", "localhost:11434", "http(s) URL"),
+        ("MAX_CONVERSATION_HISTORY", "-1", "between"),
+        ("TTS_ENGINE", "espeak", "coqui | piper | null"),
+        ("COQUI_MODEL_PATH", "/nonexistent/model.pth", "file not found"),
+        ("PIPER_VOICE", "/nonexistent/voice.onnx", "file not found"),
+        ("TTS_OUTPUT_DIR", "/tmp/my tts", "without spaces"),
+        ("FREESWITCH_PASSWORD", "two words", "no whitespace"),
+        ("LOG_FORMAT", "xml", "json | console"),
+        ("FALLBACK_PHRASE", "line one\nline two", "single line"),
+    ],
+)
+def test_bad_values_name_the_variable(variable, value, words):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={variable: value})
+    assert caught.value.variable == variable
+    assert words in str(caught.value)
+
+
+def test_coqui_paths_go_together(tmp_path):
+    model = tmp_path / "model.pth"
+    model.write_bytes(b"x")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"COQUI_MODEL_PATH": str(model)})
+    assert caught.value.variable == "COQUI_CONFIG_PATH"
+
+
+def test_cli_exits_2_with_one_line_naming_the_variable(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ivr_daemon", "--env-file", str(tmp_path / "none.env"), "run"],
+        env={"FREESWITCH_PORT": "abc", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "FREESWITCH_PORT" in lines[0] and "abc" in lines[0]
