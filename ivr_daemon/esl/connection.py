@@ -1,0 +1,356 @@
+"""The event socket connection: greenswitch's InboundESL for socket and auth, our own framing.
+
+:class:`EslConnection` is one authenticated socket. Its reader greenlet cuts frames with
+:class:`~ivr_daemon.esl.protocol.FrameParser` (greenswitch's own reader mangles event bodies)
+and only routes: replies to the command waiting for them, events to ``on_event``. It never
+runs call logic. :meth:`EslConnection.send` is the one writer: a lock, a FIFO of waiting
+replies, ``sendall``.
+
+:class:`EslClient` keeps a connection up: connect, authenticate, subscribe, and on loss
+reconnect with capped exponential backoff (0.5 s doubling to 10 s), subscribing again. A wrong
+password is final (:class:`AuthenticationFailed`); anything else is retried.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.socket
+from greenswitch.esl import InboundESL
+from greenswitch.esl import NotConnectedError as _GreenswitchNotConnected
+
+from ivr_daemon.esl import commands
+from ivr_daemon.esl.commands import EslCommand
+from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, MalformedFrame, EslEvent, parse_event
+from ivr_daemon.logs import get_logger
+
+log = get_logger(__name__)
+
+RECV_CHUNK_BYTES = 65536
+
+
+class EslError(Exception):
+    """Base of the event socket errors."""
+
+
+class NotConnectedError(EslError, _GreenswitchNotConnected):
+    """No live, authenticated connection to FreeSWITCH right now: the command was not sent."""
+
+
+class AuthenticationFailed(EslError):
+    """FreeSWITCH refused the password (``-ERR invalid``): retrying cannot help."""
+
+
+class CommandTimedOut(EslError):
+    """FreeSWITCH did not answer a command in time; the connection may be stuck."""
+
+
+class SubscriptionRefused(EslError):
+    """FreeSWITCH answered ``event ...`` with an error."""
+
+
+@dataclass(frozen=True)
+class CommandReply:
+    """FreeSWITCH's answer: the api body, or the Reply-Text of a command/reply."""
+
+    command: EslCommand
+    text: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.text.startswith("-ERR") and not self.text.startswith("-USAGE")
+
+    @property
+    def job_uuid(self) -> str | None:
+        return self.headers.get("Job-UUID")
+
+
+class EslConnection(InboundESL):
+    """One inbound event socket; ``connect()`` returns once authenticated."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str,
+        on_event: Callable[[EslEvent], None],
+        on_malformed: Callable[[str], None] | None = None,
+        on_frame: Callable[[bytes], None] | None = None,
+        connect_timeout_s: float = 5.0,
+        command_timeout_s: float = 10.0,
+    ):
+        super().__init__(host, port, password, timeout=connect_timeout_s)
+        self._on_event = on_event
+        self._on_malformed = on_malformed or (lambda reason: None)
+        self._on_frame = on_frame
+        self.command_timeout_s = command_timeout_s
+        self._send_lock = gevent.lock.Semaphore()
+        self._pending: collections.deque[tuple[EslCommand, gevent.event.AsyncResult]] = collections.deque()
+        self._closed = gevent.event.Event()
+        self.close_reason = ""
+        self.sock = None
+
+    # -- greenswitch hooks ------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """greenswitch's connect (socket, wait for auth/request, auth), bounded in time."""
+        try:
+            with gevent.Timeout(self.timeout, NotConnectedError(f"no auth/request from {self.host}:{self.port} within {self.timeout} s")):
+                super().connect()
+        except _GreenswitchNotConnected as exc:
+            self.close()
+            if isinstance(exc, NotConnectedError):
+                raise
+            raise NotConnectedError(str(exc) or "connection closed before authentication") from None
+        except OSError as exc:
+            self.close()
+            raise NotConnectedError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def start_event_handlers(self) -> None:
+        # Only our reader: greenswitch's process_events queue is not used.
+        self._receive_events_greenlet = gevent.spawn(self.receive_events)
+
+    def authenticate(self) -> None:
+        reply = self.send(commands.auth(self.password))
+        if reply.text != "+OK accepted":
+            raise AuthenticationFailed(f"FreeSWITCH refused the event socket password ({reply.text})")
+
+    def receive_events(self) -> None:
+        parser = FrameParser()
+        reason = "closed by FreeSWITCH"
+        try:
+            while True:
+                data = self.sock.recv(RECV_CHUNK_BYTES)
+                if not data:
+                    break
+                for item in parser.feed(data):
+                    self._route(item)
+        except OSError as exc:
+            reason = f"socket error: {exc}"
+        except gevent.GreenletExit:
+            reason = "closed by the daemon"
+        finally:
+            self._mark_closed(reason)
+
+    def send(self, command: EslCommand, timeout_s: float | None = None) -> CommandReply:  # type: ignore[override]
+        """Write one command and wait for its reply. Fails fast when not connected."""
+        if not isinstance(command, EslCommand):
+            raise TypeError("send() takes an EslCommand from ivr_daemon.esl.commands")
+        if not self.connected or self.sock is None:
+            raise NotConnectedError(f"not connected to FreeSWITCH; {command.line.split(' ')[0]} not sent")
+        result = gevent.event.AsyncResult()
+        with self._send_lock:
+            self._pending.append((command, result))
+            try:
+                self.sock.sendall(command.wire_bytes)
+            except OSError as exc:
+                self._mark_closed(f"send failed: {exc}")
+                raise NotConnectedError(f"connection lost while sending: {exc}") from None
+        try:
+            return result.get(timeout=self.command_timeout_s if timeout_s is None else timeout_s)
+        except gevent.Timeout:
+            # The entry stays queued so the late reply pops it and later replies stay aligned.
+            raise CommandTimedOut(f"no reply to {_redacted(command)!r} within {self.command_timeout_s} s") from None
+
+    def stop(self) -> None:
+        self.close()
+
+    # -- ours -------------------------------------------------------------------------------
+
+    def close(self, send_exit: bool = False) -> None:
+        if send_exit and self.connected:
+            try:
+                self.send(commands.exit_(), timeout_s=2.0)
+            except EslError:
+                pass
+        sock, self.sock = self.sock, None
+        for closeable in (getattr(self, "sock_file", None), sock):
+            if closeable is not None:
+                try:
+                    closeable.close()
+                except OSError:
+                    pass
+        greenlet = getattr(self, "_receive_events_greenlet", None)
+        if greenlet is not None and greenlet is not gevent.getcurrent():
+            greenlet.kill(block=True, timeout=2)
+        self._mark_closed(self.close_reason or "closed by the daemon")
+
+    def wait_closed(self, timeout_s: float | None = None) -> bool:
+        return self._closed.wait(timeout_s)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed.is_set():
+            return
+        self.connected = False
+        self.close_reason = reason
+        self._auth_request_event.set()  # wake connect() if it still waits for auth/request
+        while self._pending:
+            command, result = self._pending.popleft()
+            result.set_exception(NotConnectedError(f"connection lost ({reason}) before FreeSWITCH answered {command.line.split(' ')[0]}"))
+        self._closed.set()
+
+    def _route(self, item: Frame | MalformedFrame) -> None:
+        if isinstance(item, MalformedFrame):
+            log.warning("esl_malformed_frame_skipped", reason=item.reason, preview=item.preview[:80].decode("latin-1"))
+            self._on_malformed(item.reason)
+            return
+        if self._on_frame is not None:
+            self._on_frame(item.raw)
+        content_type = item.content_type
+        if content_type == "auth/request":
+            self._auth_request_event.set()
+        elif content_type in (commands.COMMAND_REPLY, commands.API_RESPONSE):
+            self._resolve_reply(item)
+        elif content_type.startswith("text/event-"):
+            try:
+                event = parse_event(item)
+            except MalformedEvent as exc:
+                log.warning("esl_malformed_event_skipped", reason=str(exc))
+                self._on_malformed(str(exc))
+                return
+            try:
+                self._on_event(event)
+            except Exception:
+                # The reader must survive anything a router does.
+                log.exception("esl_event_routing_failed", event_name=event.name, call_uuid=event.unique_id)
+        elif content_type == "text/disconnect-notice":
+            log.info("esl_disconnect_notice", body=item.body.decode("utf-8", "replace").strip()[:200])
+            self.connected = False
+        elif content_type == "text/rude-rejection":
+            log.error("esl_rejected_by_acl", body=item.body.decode("utf-8", "replace").strip()[:200])
+            self.connected = False
+        else:
+            log.debug("esl_frame_ignored", content_type=content_type)
+
+    def _resolve_reply(self, frame: Frame) -> None:
+        if not self._pending:
+            log.warning("esl_unexpected_reply", content_type=frame.content_type)
+            return
+        command, result = self._pending.popleft()
+        if frame.content_type == commands.API_RESPONSE:
+            text = frame.body.decode("utf-8", "replace")
+        else:
+            text = frame.headers.get("Reply-Text", "")
+        result.set(CommandReply(command=command, text=text, headers=dict(frame.headers)))
+
+
+def _redacted(command: EslCommand) -> str:
+    return "auth ***" if command.line.startswith("auth ") else command.line
+
+
+class EslClient:
+    """Keeps one authenticated, subscribed connection to FreeSWITCH, reconnecting on loss."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str,
+        event_names: tuple[str, ...],
+        on_event: Callable[[EslEvent], None],
+        *,
+        on_connected: Callable[[], None] | None = None,
+        on_malformed: Callable[[str], None] | None = None,
+        on_frame: Callable[[bytes], None] | None = None,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
+        command_timeout_s: float = 10.0,
+        wire_format: str = "plain",
+    ):
+        self.host, self.port, self._password = host, port, password
+        self._subscribe = commands.subscribe_events(list(event_names), wire_format)
+        self._on_event = on_event
+        self._on_connected = on_connected
+        self._on_malformed = on_malformed
+        self._on_frame = on_frame
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self._connection: EslConnection | None = None
+        self._stopping = False
+        self._connected_event = gevent.event.Event()
+        self.connections_made = 0
+
+    @property
+    def connected(self) -> bool:
+        conn = self._connection
+        return conn is not None and conn.connected and not conn.closed
+
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
+        return self._connected_event.wait(timeout_s)
+
+    def send(self, command: EslCommand, timeout_s: float | None = None) -> CommandReply:
+        conn = self._connection
+        if conn is None:
+            raise NotConnectedError(f"not connected to FreeSWITCH; {command.line.split(' ')[0]} not sent")
+        return conn.send(command, timeout_s)
+
+    def run(self) -> None:
+        """Connect and stay connected until :meth:`stop`; raises AuthenticationFailed."""
+        delay_s = self.backoff_initial_s
+        while not self._stopping:
+            conn = EslConnection(
+                self.host, self.port, self._password, self._on_event,
+                on_malformed=self._on_malformed, on_frame=self._on_frame,
+                connect_timeout_s=self.connect_timeout_s, command_timeout_s=self.command_timeout_s,
+            )
+            try:
+                conn.connect()
+                reply = conn.send(self._subscribe)
+                if not reply.ok:
+                    raise SubscriptionRefused(f"FreeSWITCH refused the subscription: {reply.text}")
+            except AuthenticationFailed:
+                conn.close()
+                raise
+            except EslError as exc:
+                conn.close()
+                if self._stopping:
+                    break
+                log.warning("esl_connect_failed", host=self.host, port=self.port, error=str(exc), retry_in_s=delay_s)
+                gevent.sleep(delay_s)
+                delay_s = min(delay_s * 2, self.backoff_max_s)
+                continue
+
+            self._connection = conn
+            self.connections_made += 1
+            delay_s = self.backoff_initial_s
+            log.info("esl_connected", host=self.host, port=self.port, subscribed=self._subscribe.line)
+            self._connected_event.set()
+            if self._on_connected is not None:
+                gevent.spawn(self._run_on_connected)
+            conn.wait_closed()
+            conn.close()
+            self._connected_event.clear()
+            if self._stopping:
+                break
+            log.warning("esl_connection_lost", reason=conn.close_reason, retry_in_s=delay_s)
+            gevent.sleep(delay_s)
+        self._connected_event.clear()
+
+    def _run_on_connected(self) -> None:
+        try:
+            self._on_connected()
+        except Exception:
+            log.exception("esl_on_connected_failed")
+
+    def stop(self, send_exit: bool = True) -> None:
+        """Close cleanly: ``exit`` to FreeSWITCH, then the socket; ``run()`` returns."""
+        self._stopping = True
+        conn = self._connection
+        if conn is not None:
+            conn.close(send_exit=send_exit)
