@@ -1,0 +1,251 @@
+"""Fake LLM servers on real sockets (gevent.pywsgi on 127.0.0.1, port 0) speaking the Ollama, OpenAI and llama3 wire formats.
+
+Usage::
+
+    with FakeLlmServer("ollama", replies=["Hi there.", "Bye."]) as server:
+        client = OllamaClient(server.url, "llama3", timeout_s=5)
+        assert client.complete(messages) == "Hi there."
+        assert server.requests[0]["messages"] == messages
+
+The server checks every request the way the real one would need it (method, path, JSON body
+keys and types, Content-Type, Bearer token when ``api_key`` is set). A bad request gets the
+provider's 400 error reply and is recorded in ``.violations``; leaving the ``with`` block
+without an exception raises AssertionError if there were any, so a test cannot pass on a
+request the real server would refuse. Replies use each provider's real success and error
+shapes. Knobs for failure tests: ``status`` (an HTTP error with the provider's error body),
+``body`` (raw bytes/str/JSON sent instead of the reply: malformed or wrong-shaped),
+``delay_s`` (wait before answering) and ``trickle_s`` (send the body one byte at a time).
+The server runs on the gevent hub, so the process must be monkey-patched (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import time
+from typing import Callable, Iterator, Sequence
+
+import gevent.event
+from gevent.pywsgi import WSGIServer
+
+PROVIDER_PATHS = {"ollama": "/api/chat", "openai": "/v1/chat/completions", "llama3": "/chat"}
+_CHAT_ROLES = ("system", "user", "assistant", "tool")
+_HISTORY_ROLES = ("user", "assistant")
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 500: "Internal Server Error",
+            502: "Bad Gateway", 503: "Service Unavailable"}
+
+Replies = str | Sequence[str] | Callable[[dict], str]
+
+
+def _messages_problems(messages: object, where: str, roles: tuple[str, ...], non_empty: bool) -> list[str]:
+    if not isinstance(messages, list):
+        return [f"{where} must be a list, got {type(messages).__name__}"]
+    if non_empty and not messages:
+        return [f"{where} must not be empty"]
+    problems = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            problems.append(f"{where}[{index}] must be an object")
+        elif message.get("role") not in roles:
+            problems.append(f"{where}[{index}].role must be one of {roles}, got {message.get('role')!r}")
+        elif not isinstance(message.get("content"), str):
+            problems.append(f"{where}[{index}].content must be a string")
+    return problems
+
+
+def _body_problems(provider: str, request: object) -> list[str]:
+    if not isinstance(request, dict):
+        return ["body must be a JSON object"]
+    problems: list[str] = []
+    if provider in ("ollama", "openai"):
+        if not isinstance(request.get("model"), str) or not request["model"]:
+            problems.append("model must be a non-empty string")
+        problems += _messages_problems(request.get("messages"), "messages", _CHAT_ROLES, non_empty=True)
+    if provider == "ollama" and request.get("stream") is not False:
+        problems.append("stream must be false: Ollama answers with NDJSON chunks otherwise")
+    if provider == "openai" and request.get("stream", False) is not False:
+        problems.append("stream must be absent or false: the server answers with SSE otherwise")
+    if provider == "llama3":
+        if not isinstance(request.get("system_prompt"), str):
+            problems.append("system_prompt must be a string")
+        problems += _messages_problems(
+            request.get("conversation_history"), "conversation_history", _HISTORY_ROLES, non_empty=False
+        )
+        if not isinstance(request.get("user_message"), str) or not request["user_message"]:
+            problems.append("user_message must be a non-empty string")
+    return problems
+
+
+def _error_body(provider: str, status: int, message: str) -> dict:
+    if provider == "openai":
+        # OpenAI and llama.cpp server both nest the error; llama.cpp adds the numeric code.
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"code": status, "message": message, "type": kind}}
+    return {"error": message}
+
+
+def _success_body(provider: str, request: dict, text: str, sequence: int) -> dict:
+    if provider == "ollama":
+        created_at = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        return {
+            "model": request["model"],
+            "created_at": created_at,
+            "message": {"role": "assistant", "content": text},
+            "done_reason": "stop",
+            "done": True,
+            "total_duration": 5_191_566_416,
+            "load_duration": 2_154_458,
+            "prompt_eval_count": 26,
+            "prompt_eval_duration": 383_809_000,
+            "eval_count": len(text.split()),
+            "eval_duration": 4_799_921_000,
+        }
+    if provider == "openai":
+        completion_tokens = len(text.split())
+        return {
+            "id": f"chatcmpl-fake{sequence}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 26, "completion_tokens": completion_tokens,
+                      "total_tokens": 26 + completion_tokens},
+        }
+    return {"response": text}
+
+
+class FakeLlmServer:
+    """One fake LLM endpoint; a context manager exposing ``.url``, ``.requests`` and ``.headers``."""
+
+    def __init__(
+        self,
+        provider: str,
+        replies: Replies = "Hello from the fake LLM.",
+        *,
+        path: str | None = None,
+        api_key: str | None = None,
+        status: int = 200,
+        body: bytes | str | dict | list | None = None,
+        delay_s: float = 0.0,
+        trickle_s: float = 0.0,
+    ):
+        if provider not in PROVIDER_PATHS:
+            raise ValueError(f"unknown provider {provider!r}")
+        self.provider = provider
+        self.path = path or PROVIDER_PATHS[provider]
+        self.api_key = api_key
+        self.status = status
+        self.body = body
+        self.delay_s = delay_s
+        self.trickle_s = trickle_s
+        self._replies = replies
+        self.requests: list[object] = []  # parsed JSON bodies (None when not JSON), in arrival order
+        self.headers: list[dict[str, str]] = []  # lower-case header names, parallel to .requests
+        self.client_ports: list[int] = []  # the client's source port per request: equal ports = a reused connection
+        self.violations: list[str] = []
+        self._sequence = itertools.count()
+        self._closing = gevent.event.Event()
+        self._server: WSGIServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        return self._server.server_port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.base_url + self.path
+
+    def start(self) -> "FakeLlmServer":
+        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None, error_log=None)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        # Wakes handlers parked in delay_s/trickle_s so stopping never waits for them.
+        self._closing.set()
+        if self._server is not None:
+            self._server.stop(timeout=1)
+
+    def check(self) -> None:
+        if self.violations:
+            raise AssertionError(f"fake {self.provider} server got bad requests: " + "; ".join(self.violations))
+
+    def __enter__(self) -> "FakeLlmServer":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop()
+        if exc_type is None:
+            self.check()
+
+    def _reply_text(self, request: dict, sequence: int) -> str:
+        if callable(self._replies):
+            return self._replies(request)
+        if isinstance(self._replies, str):
+            return self._replies
+        return self._replies[min(sequence, len(self._replies) - 1)]
+
+    def _app(self, environ, start_response) -> Iterator[bytes] | list[bytes]:
+        headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
+        if environ.get("CONTENT_TYPE"):
+            headers["content-type"] = environ["CONTENT_TYPE"]
+        raw = environ["wsgi.input"].read()
+        try:
+            request = json.loads(raw)
+        except ValueError:
+            request = None
+        sequence = next(self._sequence)
+        self.requests.append(request)
+        self.headers.append(headers)
+        self.client_ports.append(int(environ.get("REMOTE_PORT") or 0))
+
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            # Not a violation: a wrong key is a scenario tests may want, answered as OpenAI does.
+            return self._respond(start_response, 401, _error_body(self.provider, 401, "Incorrect API key provided"))
+        problems = []
+        if environ["REQUEST_METHOD"] != "POST":
+            problems.append(f"method must be POST, got {environ['REQUEST_METHOD']}")
+        if environ.get("PATH_INFO") != self.path:
+            problems.append(f"path must be {self.path}, got {environ.get('PATH_INFO')}")
+        if not headers.get("content-type", "").startswith("application/json"):
+            problems.append(f"Content-Type must be application/json, got {headers.get('content-type')!r}")
+        problems += _body_problems(self.provider, request)
+        if problems:
+            self.violations += problems
+            return self._respond(start_response, 400, _error_body(self.provider, 400, "; ".join(problems)))
+
+        if self.delay_s and self._closing.wait(self.delay_s):
+            return self._respond(start_response, 503, _error_body(self.provider, 503, "server shutting down"))
+        if self.body is not None:
+            return self._respond(start_response, self.status, self.body)
+        if self.status >= 400:
+            return self._respond(start_response, self.status, _error_body(self.provider, self.status, "fake failure"))
+        text = self._reply_text(request, sequence)
+        return self._respond(start_response, 200, _success_body(self.provider, request, text, sequence))
+
+    def _respond(self, start_response, status: int, body: bytes | str | dict | list) -> Iterator[bytes] | list[bytes]:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        start_response(
+            f"{status} {_REASONS.get(status, 'Status')}",
+            [("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
+        if not self.trickle_s:
+            return [body]
+        return self._trickle(body)
+
+    def _trickle(self, body: bytes) -> Iterator[bytes]:
+        for offset in range(len(body)):
+            yield body[offset:offset + 1]
+            if self._closing.wait(self.trickle_s):
+                return
