@@ -1,0 +1,79 @@
+"""Audio conversions: any synthesizer output to the 8 kHz mono 16-bit WAV FreeSWITCH plays."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+
+TELEPHONY_RATE_HZ = 8000
+# FreeSWITCH may run as another user than the daemon: the WAV must be readable by it.
+_WAV_FILE_MODE = 0o644
+
+
+def to_mono_float32(samples) -> np.ndarray:
+    """Mono float32 in [-1, 1] from int16 or float samples; 2-D input is (frames, channels)."""
+    audio = np.asarray(samples)
+    if audio.dtype == np.int16:
+        audio = audio.astype(np.float32) / 32768.0
+    elif not np.issubdtype(audio.dtype, np.floating):
+        raise ValueError(f"samples must be int16 or float, got {audio.dtype}")
+    if audio.ndim == 2:
+        audio = audio.mean(axis=1)
+    elif audio.ndim != 1:
+        raise ValueError(f"samples must be 1-D or (frames, channels), got shape {audio.shape}")
+    # A NaN from a misbehaving model would become a full-scale click after int16 conversion.
+    return np.nan_to_num(audio.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=-1.0)
+
+
+def to_telephony(samples, sample_rate_hz: int) -> np.ndarray:
+    """Mono float32 at 8000 Hz, clipped to [-1, 1], resampled with soxr's HQ filter."""
+    if sample_rate_hz <= 0:
+        raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
+    audio = to_mono_float32(samples)
+    if audio.size == 0:
+        raise ValueError("no samples to write")
+    if sample_rate_hz != TELEPHONY_RATE_HZ:
+        audio = soxr.resample(audio, sample_rate_hz, TELEPHONY_RATE_HZ, quality="HQ")
+    # The anti-alias filter can overshoot on loud input; PCM_16 would wrap instead of saturating.
+    return np.clip(audio, -1.0, 1.0)
+
+
+def write_telephony_wav(samples, sample_rate_hz: int, path: str | os.PathLike) -> Path:
+    """Write ``samples`` as an 8 kHz mono PCM_16 WAV at ``path``, atomically; returns the path.
+
+    The file appears under its final name only when complete (temp file in the same
+    directory, fsync, os.replace), since FreeSWITCH may play the path as soon as it exists.
+    """
+    final_path = Path(path)
+    audio = to_telephony(samples, sample_rate_hz)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=final_path.parent, prefix=f".{final_path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as temp_file:
+            soundfile.write(temp_file, audio, TELEPHONY_RATE_HZ, subtype="PCM_16", format="WAV")
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.chmod(temp_name, _WAV_FILE_MODE)
+        os.replace(temp_name, final_path)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    return final_path
+
+
+def duration_s(path: str | os.PathLike) -> float:
+    """Length of an audio file in seconds."""
+    return soundfile.info(str(path)).duration
+
+
+def silence(duration_s: float, sample_rate_hz: int = TELEPHONY_RATE_HZ) -> np.ndarray:
+    """Float32 zeros lasting ``duration_s`` at ``sample_rate_hz``."""
+    return np.zeros(max(0, round(duration_s * sample_rate_hz)), dtype=np.float32)

