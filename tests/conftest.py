@@ -14,3 +14,10 @@ CAPTURES_DIR = Path(__file__).parent / "captures"
 @pytest.fixture
 def captures_dir() -> Path:
     return CAPTURES_DIR
+
+
+def pytest_configure(config):
+    # structlog through the stdlib, so caplog sees every line with its bound call_uuid.
+    from ivr_daemon.logs import configure_logging
+
+    configure_logging("DEBUG", "console")

@@ -1,0 +1,144 @@
+"""One Call per channel Unique-ID, each with its own queue and greenlet.
+
+The ESL reader calls :meth:`CallRouter.route` for every event; routing never blocks, so a slow
+LLM stalls one call, never the switch. Events of one call are handled in arrival order on that
+call's greenlet; different calls never wait on each other. An exception in a handler is logged
+with the call UUID and the call goes on. Events that must not wait behind a long turn (hangup,
+barge-in) reach :meth:`CallHandler.interrupt` at once, before they are queued.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Protocol
+
+import gevent
+import gevent.queue
+import structlog
+
+from ivr_daemon.esl.dedup import EventDeduplicator
+from ivr_daemon.esl.protocol import EslEvent
+from ivr_daemon.logs import get_logger
+
+log = get_logger(__name__)
+
+CALL_END_EVENT = "CHANNEL_HANGUP_COMPLETE"
+
+
+class CallHandler(Protocol):
+    """What the router drives for one call; made by the handler factory per Unique-ID."""
+
+    def interrupt(self, event: EslEvent) -> None:
+        """Called at once from the reader for every event of the call: quick, never blocking."""
+
+    def handle(self, event: EslEvent) -> None:
+        """Called in arrival order on the call's own greenlet; may take long."""
+
+    def close(self) -> None:
+        """Called once on the call's greenlet after its last event: free everything."""
+
+
+HandlerFactory = Callable[[str, structlog.stdlib.BoundLogger], CallHandler]
+
+
+class Call:
+    """A live channel: its queue of events and the greenlet that works through it."""
+
+    def __init__(self, uuid: str, handler_factory: HandlerFactory, on_done: Callable[["Call"], None]):
+        self.uuid = uuid
+        self.log = log.bind(call_uuid=uuid)
+        self.queue: gevent.queue.Queue = gevent.queue.Queue()
+        self._on_done = on_done
+        self.ended = False
+        self.handler = handler_factory(uuid, self.log)
+        self.greenlet = gevent.spawn(self._work)
+
+    def _work(self) -> None:
+        try:
+            while True:
+                event = self.queue.get()
+                if event is None:
+                    break
+                try:
+                    self.handler.handle(event)
+                except Exception:
+                    self.log.exception("call_handler_failed", event_name=event.name)
+                if event.name == CALL_END_EVENT:
+                    break
+        finally:
+            try:
+                self.handler.close()
+            except Exception:
+                self.log.exception("call_close_failed")
+            self._on_done(self)
+
+
+class CallRouter:
+    """Routes events to their call; drops FreeSWITCH's duplicate deliveries."""
+
+    def __init__(
+        self,
+        handler_factory: HandlerFactory,
+        dedup: EventDeduplicator | None = None,
+        on_callless_event: Callable[[EslEvent], None] | None = None,
+        remember_ended: int = 4096,
+    ):
+        self._handler_factory = handler_factory
+        self.dedup = dedup or EventDeduplicator()
+        self._on_callless_event = on_callless_event
+        self.calls: dict[str, Call] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._remember_ended = remember_ended
+        self.events_routed = 0
+
+    def route(self, event: EslEvent) -> None:
+        if self.dedup.is_duplicate(event):
+            log.debug("esl_duplicate_event_dropped", event_name=event.name, call_uuid=event.unique_id,
+                      event_sequence=event.headers.get("Event-Sequence"))
+            return
+        uuid = event.unique_id
+        if uuid is None:
+            if self._on_callless_event is not None:
+                self._on_callless_event(event)
+            return
+        call = self.calls.get(uuid)
+        if call is None:
+            if uuid in self._ended:
+                log.debug("event_after_call_ended", event_name=event.name, call_uuid=uuid)
+                return
+            call = Call(uuid, self._handler_factory, self._call_done)
+            self.calls[uuid] = call
+        if event.name == CALL_END_EVENT:
+            call.ended = True
+            self._remember(uuid)
+        self.events_routed += 1
+        try:
+            call.handler.interrupt(event)
+        except Exception:
+            call.log.exception("call_interrupt_failed", event_name=event.name)
+        call.queue.put(event)
+
+    def end_call(self, uuid: str, reason: str) -> None:
+        """Forget a call FreeSWITCH no longer has (e.g. found gone after a reconnect)."""
+        call = self.calls.get(uuid)
+        if call is None:
+            return
+        call.log.info("call_ended_without_hangup_event", reason=reason)
+        call.ended = True
+        self._remember(uuid)
+        call.queue.put(None)
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait until every call's greenlet has finished."""
+        greenlets = [call.greenlet for call in list(self.calls.values())]
+        done = gevent.joinall(greenlets, timeout=timeout_s)
+        return len(done) == len(greenlets)
+
+    def _remember(self, uuid: str) -> None:
+        self._ended[uuid] = None
+        if len(self._ended) > self._remember_ended:
+            self._ended.popitem(last=False)
+
+    def _call_done(self, call: Call) -> None:
+        if self.calls.get(call.uuid) is call:
+            del self.calls[call.uuid]

@@ -1,0 +1,108 @@
+"""The call router: per-call order, calls independent, handler errors contained, dedup."""
+
+import gevent
+import gevent.event
+
+from ivr_daemon.calls import CallRouter
+from ivr_daemon.esl.protocol import EslEvent
+
+A = "aaaaaaaa-0000-4000-8000-000000000001"
+B = "bbbbbbbb-0000-4000-8000-000000000002"
+
+
+def event(uuid, name, sequence, body=None, **headers):
+    return EslEvent(headers={"Event-Name": name, "Unique-ID": uuid, "Event-Sequence": str(sequence),
+                             "Core-UUID": "core", **headers}, body=body)
+
+
+class Recorder:
+    def __init__(self, uuid, log, seen, slow_uuid=None, gate=None, fail_on=None):
+        self.uuid, self.seen = uuid, seen
+        self.slow_uuid, self.gate, self.fail_on = slow_uuid, gate, fail_on
+        self.interrupted = []
+
+    def interrupt(self, ev):
+        self.interrupted.append(ev.name)
+
+    def handle(self, ev):
+        if self.uuid == self.slow_uuid and self.gate is not None:
+            self.gate.wait(5)
+        if self.fail_on is not None and ev.body == self.fail_on:
+            raise RuntimeError("handler bug")
+        self.seen.append((self.uuid, ev.sequence))
+
+    def close(self):
+        self.seen.append((self.uuid, "closed"))
+
+
+def test_interleaved_calls_keep_per_call_order_and_do_not_wait_on_each_other():
+    seen = []
+    gate = gevent.event.Event()
+    router = CallRouter(lambda uuid, log: Recorder(uuid, log, seen, slow_uuid=A, gate=gate))
+    for i in range(1, 11):
+        router.route(event(A if i % 2 else B, "DETECTED_SPEECH", i))
+    gevent.sleep(0.05)  # let B's greenlet run while A is held at its gate
+    assert [s for u, s in seen if u == B] == [2, 4, 6, 8, 10]
+    assert not [s for u, s in seen if u == A]
+    gate.set()
+    router.route(event(A, "CHANNEL_HANGUP_COMPLETE", 11))
+    router.route(event(B, "CHANNEL_HANGUP_COMPLETE", 12))
+    assert router.join(5)
+    assert [s for u, s in seen if u == A] == [1, 3, 5, 7, 9, 11, "closed"]
+    assert [s for u, s in seen if u == B] == [2, 4, 6, 8, 10, 12, "closed"]
+    assert router.calls == {}
+
+
+def test_handler_exception_is_logged_with_call_uuid_and_the_call_goes_on(caplog):
+    seen = []
+    router = CallRouter(lambda uuid, log: Recorder(uuid, log, seen, fail_on="boom"))
+    router.route(event(A, "DETECTED_SPEECH", 1, body="boom"))
+    router.route(event(A, "DETECTED_SPEECH", 2, body="fine"))
+    router.route(event(A, "CHANNEL_HANGUP_COMPLETE", 3))
+    assert router.join(5)
+    assert seen == [(A, 2), (A, 3), (A, "closed")]
+    failure = [r for r in caplog.records if "call_handler_failed" in str(r.msg)]
+    assert failure and A in str(failure[0].msg)
+
+
+def test_duplicates_dropped_out_of_order_sequences_kept():
+    seen = []
+    router = CallRouter(lambda uuid, log: Recorder(uuid, log, seen))
+    for seq in (5, 5, 3, 4, 3, 6):
+        router.route(event(A, "DETECTED_SPEECH", seq))
+    router.route(event(A, "CHANNEL_HANGUP_COMPLETE", 7))
+    assert router.join(5)
+    assert seen == [(A, 5), (A, 3), (A, 4), (A, 6), (A, 7), (A, "closed")]
+    assert router.dedup.dropped == 2
+
+
+def test_hangup_reaches_interrupt_at_once_and_late_events_do_not_revive_the_call():
+    seen, handlers = [], {}
+
+    def factory(uuid, log):
+        handlers[uuid] = Recorder(uuid, log, seen, slow_uuid=A, gate=gevent.event.Event())
+        return handlers[uuid]
+
+    router = CallRouter(factory)
+    router.route(event(A, "DETECTED_SPEECH", 1))
+    router.route(event(A, "CHANNEL_HANGUP_COMPLETE", 2))
+    assert handlers[A].interrupted == ["DETECTED_SPEECH", "CHANNEL_HANGUP_COMPLETE"]
+    handlers[A].gate.set()
+    assert router.join(5)
+    router.route(event(A, "DETECTED_SPEECH", 3))
+    assert A not in router.calls
+
+
+def test_events_without_unique_id_go_to_the_callless_handler():
+    callless = []
+    router = CallRouter(lambda uuid, log: Recorder(uuid, log, []), on_callless_event=callless.append)
+    router.route(EslEvent(headers={"Event-Name": "HEARTBEAT", "Event-Sequence": "9"}))
+    assert [e.name for e in callless] == ["HEARTBEAT"] and router.calls == {}
+
+
+def test_dedup_memory_is_bounded():
+    router = CallRouter(lambda uuid, log: Recorder(uuid, log, []))
+    router.dedup._max_keys = 100
+    for seq in range(1000):
+        router.dedup.is_duplicate(event(A, "DETECTED_SPEECH", seq))
+    assert len(router.dedup) == 100
