@@ -1,0 +1,1 @@
+"""Replay tools for ivr_daemon: a FreeSWITCH event-socket simulator built from real captures."""
