@@ -198,7 +198,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         coqui_model_path=model_path,
         coqui_config_path=config_path,
         piper_voice=piper_voice,
-        tts_output_dir=Path(output_dir),
+        # Absolute: the path is handed to FreeSWITCH, whose working directory is not ours.
+        tts_output_dir=Path(output_dir).absolute(),
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
     )

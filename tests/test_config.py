@@ -84,3 +84,9 @@ def test_cli_exits_2_with_one_line_naming_the_variable(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "FREESWITCH_PORT" in lines[0] and "abc" in lines[0]
+
+
+def test_tts_output_dir_is_made_absolute_for_freeswitch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={"TTS_OUTPUT_DIR": "relative/tts"})
+    assert settings.tts_output_dir == tmp_path / "relative" / "tts"

@@ -1,0 +1,103 @@
+"""The ``ivr-daemon`` command: parse arguments, load settings, hand over. Nothing else."""
+
+from gevent import monkey
+
+# First thing: requests, sockets and threading must be cooperative before anything imports them.
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_AUTH = 3
+
+
+def _settings_or_exit(args):
+    from ivr_daemon.config import ConfigError, load_settings
+
+    try:
+        return load_settings(dotenv_path=args.env_file)
+    except ConfigError as exc:
+        print(f"ivr-daemon: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+
+
+def cmd_run(args) -> int:
+    from ivr_daemon.daemon import build_conversation_daemon
+    from ivr_daemon.esl.connection import AuthenticationFailed
+    from ivr_daemon.logs import configure_logging, get_logger
+    from ivr_daemon.tts.base import TtsModelUnavailable
+
+    settings = _settings_or_exit(args)
+    configure_logging(settings.log_level, settings.log_format)
+    log = get_logger("ivr_daemon.cli")
+    if settings.uses_default_esl_password:
+        log.warning("esl_default_password", hint="FREESWITCH_PASSWORD is FreeSWITCH's well-known default ClueCon: change it on the switch and here")
+    try:
+        daemon = build_conversation_daemon(settings)
+    except TtsModelUnavailable as exc:
+        print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    gevent.signal_handler(signal.SIGTERM, daemon.stop)
+    gevent.signal_handler(signal.SIGINT, daemon.stop)
+    log.info("daemon_starting", freeswitch=f"{settings.freeswitch_host}:{settings.freeswitch_port}")
+    try:
+        daemon.run()
+    except AuthenticationFailed as exc:
+        log.error("esl_authentication_failed", error=str(exc), hint="set FREESWITCH_PASSWORD to the password in event_socket.conf.xml")
+        return EXIT_AUTH
+    log.info("daemon_stopped")
+    return EXIT_OK
+
+
+def cmd_simulator(args) -> int:
+    from ivr_daemon.logs import configure_logging
+    from ivr_daemon.replay.simulator import run_standalone
+
+    configure_logging("WARNING", "console")
+    run_standalone(port=args.port, password=args.password, host=args.host)
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from ivr_daemon.demo import run_demo
+    from ivr_daemon.logs import configure_logging
+
+    configure_logging("WARNING", "console")
+    return run_demo(cache_dir=Path(args.cache_dir), out_dir=Path(args.out_dir), tts_engine=args.tts_engine)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivr-daemon", description="A conversational IVR beside FreeSWITCH.")
+    parser.add_argument("--env-file", default=".env", help="optional .env file (default: ./.env)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="connect to FreeSWITCH and answer callers")
+    run.set_defaults(func=cmd_run)
+
+    sim = sub.add_parser("simulator", help="a FreeSWITCH event-socket simulator to poke the daemon with")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8021)
+    sim.add_argument("--password", default="ClueCon")
+    sim.set_defaults(func=cmd_simulator)
+    demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")
+    demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")
+    demo.add_argument("--out-dir", default=".cache/demo", help="where the WAVs and server log go")
+    demo.add_argument("--tts-engine", default="piper", choices=["piper", "coqui", "null"])
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""A running daemon on the simulator, for tests that play whole calls."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+from ivr_daemon.config import Settings, load_settings
+from ivr_daemon.daemon import Daemon, build_conversation_daemon
+from ivr_daemon.replay.simulator import FreeswitchSimulator
+
+
+def settings_for(sim: FreeswitchSimulator, tts_dir: Path, **env: str) -> Settings:
+    values = {
+        "FREESWITCH_PORT": str(sim.port),
+        "TTS_ENGINE": "null",
+        "TTS_OUTPUT_DIR": str(tts_dir),
+        "LLM_TIMEOUT": "5",
+        "LOG_FORMAT": "console",
+    }
+    values.update(env)
+    return load_settings(environ=values)
+
+
+@contextlib.contextmanager
+def running_daemon(sim: FreeswitchSimulator, settings: Settings, **kwargs) -> Iterator[Daemon]:
+    daemon = build_conversation_daemon(settings, **kwargs)
+    daemon.start()
+    try:
+        assert daemon.esl.wait_connected(10), "daemon did not connect to the simulator"
+        yield daemon
+    finally:
+        daemon.stop(timeout_s=10)
+
+
+def broadcasts(sim: FreeswitchSimulator, call_uuid: str | None = None) -> list[str]:
+    lines = [c.line for c in sim.commands if c.line.startswith("api uuid_broadcast ")]
+    return [line for line in lines if call_uuid is None or f" {call_uuid} " in line]
+
+
+def wait_until(condition, timeout_s: float = 10.0, step_s: float = 0.01) -> None:
+    """Poll a condition cooperatively (lets the daemon's greenlets run); fail on timeout."""
+    import time
+
+    import gevent
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        gevent.sleep(step_s)

@@ -1,0 +1,192 @@
+"""The conversational turn on the simulator: history, fallback, hangup, concurrency."""
+
+import time
+import threading
+
+import numpy
+import pytest
+import soundfile
+
+from harness import broadcasts, running_daemon, settings_for, wait_until
+from llm_fakes import FakeLlmServer
+from ivr_daemon.conversation import ConversationHistory, transcript_of
+from ivr_daemon.esl.protocol import EslEvent
+from ivr_daemon.replay.simulator import FreeswitchSimulator
+from ivr_daemon.tts.base import TtsEngine
+from ivr_daemon.tts.null import NullEngine
+
+FALLBACK = "Sorry, I'm having trouble right now. Could you say that again?"
+
+
+def speech(body, speech_type="detected-speech"):
+    return EslEvent(headers={"Event-Name": "DETECTED_SPEECH", "Speech-Type": speech_type}, body=body)
+
+
+def test_transcript_of_accepts_plain_text_and_vosk_json_only_for_final_speech():
+    assert transcript_of(speech("  hello world \n")) == "hello world"
+    assert transcript_of(speech('{"text" : "what time is it"}')) == "what time is it"
+    assert transcript_of(speech('{"text": ""}')) is None
+    assert transcript_of(speech("   ")) is None
+    assert transcript_of(speech(None)) is None
+    assert transcript_of(speech("hello", "detected-partial-speech")) is None
+    assert transcript_of(speech(None, "closed")) is None
+    assert transcript_of(speech("hi", "begin-speaking")) is None
+    assert transcript_of(EslEvent(headers={"Event-Name": "DTMF"}, body="1")) is None
+
+
+def test_history_keeps_system_prompt_and_last_n_messages():
+    history = ConversationHistory("be brief", 4)
+    for i in range(5):
+        history.add("user", f"q{i}")
+        history.add("assistant", f"a{i}")
+    messages = history.messages()
+    assert messages[0] == {"role": "system", "content": "be brief"}
+    assert [m["content"] for m in messages[1:]] == ["q3", "a3", "q4", "a4"]
+
+
+def _read_wav_when_broadcast(sim, call_uuid, count, timeout_s=15):
+    """Wait for ``count`` broadcasts and read each WAV the moment its command arrives."""
+    infos = []
+    for i in range(count):
+        command = sim.wait_for_command(
+            lambda c: c.line.startswith(f"api uuid_broadcast {call_uuid} ") and c.line not in [x[0] for x in infos],
+            timeout_s,
+        )
+        path = command.line.split()[3]
+        infos.append((command.line, soundfile.info(path)))
+    return infos
+
+
+def test_two_turns_second_request_carries_first_exchange(tmp_path):
+    with FakeLlmServer("ollama", replies=["We open at nine.", "Yes, on Saturdays too."]) as llm, \
+            FreeswitchSimulator() as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, MAX_CONVERSATION_HISTORY="10")
+        with running_daemon(sim, settings):
+            call = sim.new_call()
+            sim.speak(call, "when do you open")
+            first = _read_wav_when_broadcast(sim, call, 1)
+            sim.speak(call, "and on weekends")
+            both = first + _read_wav_when_broadcast(sim, call, 1)
+            for line, info in both:
+                assert line.endswith(" aleg")
+                assert (info.samplerate, info.channels, info.subtype) == (8000, 1, "PCM_16")
+            assert len(llm.requests) == 2  # each utterance answered once despite duplicate events
+            second = llm.requests[1]["messages"]
+            assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
+            assert [m["content"] for m in second[1:]] == ["when do you open", "We open at nine.", "and on weekends"]
+
+
+def test_history_is_capped_in_what_the_llm_receives(tmp_path):
+    with FakeLlmServer("ollama", replies=lambda req: f"answer {len(req['messages'])}") as llm, \
+            FreeswitchSimulator() as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, MAX_CONVERSATION_HISTORY="3")
+        with running_daemon(sim, settings):
+            call = sim.new_call()
+            for i in range(4):
+                sim.speak(call, f"question {i}")
+                _read_wav_when_broadcast(sim, call, 1) if i == 0 else sim.wait_for_command(
+                    lambda c, n=i + 1: len(broadcasts(sim, call)) >= n, 10)
+            assert [len(r["messages"]) for r in llm.requests] == [2, 4, 4, 4]
+            assert llm.requests[-1]["messages"][-1]["content"] == "question 3"
+
+
+@pytest.mark.parametrize("provider", ["ollama", "llama3"])
+@pytest.mark.parametrize("failure", ["timeout", "malformed", "http500"])
+def test_llm_failure_plays_fallback_within_timeout_plus_one_second(tmp_path, provider, failure):
+    knobs = {"timeout": {"delay_s": 5}, "malformed": {"body": b"{not json"}, "http500": {"status": 500}}[failure]
+    with FakeLlmServer(provider, replies="never used", **knobs) as llm, FreeswitchSimulator() as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER=provider, LLM_API_URL=llm.url, LLM_TIMEOUT="1")
+        with running_daemon(sim, settings) as daemon:
+            call = sim.new_call()
+            started = time.monotonic()
+            sim.speak(call, "hello")
+            command = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 5)
+            assert command.t_monotonic - started <= 1 + 1
+            fallback_wav = command.line.split()[3]
+            assert fallback_wav.endswith("fallback-null.wav")
+            assert soundfile.info(fallback_wav).samplerate == 8000
+            # The user's words stay in history once; the fallback is not stored as the model's reply.
+            handler = daemon.router.calls[call].handler
+            assert [m["content"] for m in handler.history.messages()[1:]] == ["hello"]
+
+
+class GatedEngine(TtsEngine):
+    """A real engine (null) whose synthesis waits for the test to let it finish."""
+
+    name = "gated"
+    voice_id = "gated"
+
+    def __init__(self):
+        self.inner = NullEngine()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def synthesize(self, text):
+        self.started.set()
+        self.release.wait(10)
+        return self.inner.synthesize(text)
+
+
+def test_hangup_mid_synthesis_sends_no_broadcast_and_deletes_the_wavs(tmp_path):
+    engine = GatedEngine()
+    engine.release.set()  # let the start-up fallback through
+    with FakeLlmServer("ollama", replies="A long answer.") as llm, FreeswitchSimulator() as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        with running_daemon(sim, settings, tts=engine) as daemon:
+            engine.release.clear()
+            engine.started.clear()
+            call = sim.new_call()
+            sim.speak(call, "tell me a story")
+            wait_until(engine.started.is_set)
+            handler = daemon.router.calls[call].handler
+            sim.hangup(call)
+            wait_until(lambda: handler.hung_up)
+            # The synthesis thread finishes only after the hangup: its WAV must go too.
+            engine.release.set()
+            wait_until(lambda: call not in daemon.router.calls)
+            assert broadcasts(sim, call) == []
+            assert list(tmp_path.glob(f"{call}-*.wav")) == []
+            assert (tmp_path / "fallback-gated.wav").exists()  # shared, never deleted on hangup
+
+
+def test_two_calls_at_once_do_not_share_history(tmp_path):
+    def reply(request):
+        return "You said: " + request["messages"][-1]["content"]
+
+    with FakeLlmServer("ollama", replies=reply) as llm, FreeswitchSimulator() as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        with running_daemon(sim, settings):
+            a, b = sim.new_call(), sim.new_call()
+            sim.speak(a, "apples")
+            sim.speak(b, "bananas")
+            sim.wait_for_command(lambda c: len(broadcasts(sim)) >= 2, 10)
+            sim.speak(a, "more apples")
+            sim.speak(b, "more bananas")
+            sim.wait_for_command(lambda c: len(broadcasts(sim)) >= 4, 10)
+            by_last = {r["messages"][-1]["content"]: r["messages"] for r in llm.requests}
+            assert [m["content"] for m in by_last["more apples"][1:]] == ["apples", "You said: apples", "more apples"]
+            assert [m["content"] for m in by_last["more bananas"][1:]] == ["bananas", "You said: bananas", "more bananas"]
+            assert len(broadcasts(sim, a)) == 2 and len(broadcasts(sim, b)) == 2
+
+
+class BrokenEngine(TtsEngine):
+    name = "broken"
+    voice_id = "broken"
+
+    def synthesize(self, text):
+        if text == "first":
+            raise RuntimeError("model exploded")
+        return numpy.zeros(800, dtype=numpy.float32), 8000
+
+
+def test_tts_failure_plays_nothing_and_the_next_turn_works(tmp_path):
+    engine = BrokenEngine()
+    with FakeLlmServer("ollama", replies=["first", "second"]) as llm, FreeswitchSimulator() as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        with running_daemon(sim, settings, tts=engine):
+            call = sim.new_call()
+            sim.speak(call, "one")
+            sim.speak(call, "two")
+            command = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 10)
+            assert "-0002-" in command.line  # turn 2's WAV; turn 1 played nothing
+            assert len(broadcasts(sim, call)) == 1
