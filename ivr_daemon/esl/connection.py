@@ -270,8 +270,10 @@ class EslClient:
         connect_timeout_s: float = 5.0,
         command_timeout_s: float = 10.0,
         wire_format: str = "plain",
+        sleep: Callable[[float], None] = gevent.sleep,
     ):
         self.host, self.port, self._password = host, port, password
+        self._sleep = sleep
         self._subscribe = commands.subscribe_events(list(event_names), wire_format)
         self._on_event = on_event
         self._on_connected = on_connected
@@ -322,7 +324,7 @@ class EslClient:
                 if self._stopping:
                     break
                 log.warning("esl_connect_failed", host=self.host, port=self.port, error=str(exc), retry_in_s=delay_s)
-                gevent.sleep(delay_s)
+                self._sleep(delay_s)
                 delay_s = min(delay_s * 2, self.backoff_max_s)
                 continue
 
@@ -339,7 +341,7 @@ class EslClient:
             if self._stopping:
                 break
             log.warning("esl_connection_lost", reason=conn.close_reason, retry_in_s=delay_s)
-            gevent.sleep(delay_s)
+            self._sleep(delay_s)
         self._connected_event.clear()
 
     def _run_on_connected(self) -> None:
