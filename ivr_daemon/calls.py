@@ -59,6 +59,10 @@ class Call:
                 event = self.queue.get()
                 if event is None:
                     break
+                # Partials come every ~200 ms while the caller talks: debug, not info.
+                level = "debug" if event.get("Speech-Type") == "detected-partial-speech" else "info"
+                getattr(self.log, level)("esl_event", event_name=event.name, event_sequence=event.sequence,
+                                         speech_type=event.get("Speech-Type"), body=event.body)
                 try:
                     self.handler.handle(event)
                 except Exception:

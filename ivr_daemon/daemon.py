@@ -11,7 +11,6 @@ from typing import Callable
 
 import gevent
 import gevent.threadpool
-import structlog
 
 from ivr_daemon.calls import CallHandler, CallRouter, HandlerFactory
 from ivr_daemon.config import Settings
@@ -40,28 +39,6 @@ SUBSCRIBED_EVENTS: tuple[str, ...] = (
 )
 
 
-class EventLogHandler:
-    """The plainest handler: one log line per event, with the call UUID bound."""
-
-    def __init__(self, call_uuid: str, call_log: structlog.stdlib.BoundLogger):
-        self.log = call_log
-
-    def interrupt(self, event: EslEvent) -> None:
-        pass
-
-    def handle(self, event: EslEvent) -> None:
-        self.log.info(
-            "esl_event",
-            event_name=event.name,
-            event_sequence=event.sequence,
-            speech_type=event.get("Speech-Type"),
-            body=event.body,
-        )
-
-    def close(self) -> None:
-        self.log.info("call_closed")
-
-
 class Daemon:
     """One ESL connection kept alive, its events routed to per-call handlers.
 
@@ -72,7 +49,7 @@ class Daemon:
     def __init__(
         self,
         settings: Settings,
-        handlers_for: Callable[[EslClient], HandlerFactory] | None = None,
+        handlers_for: Callable[[EslClient], HandlerFactory],
         **esl_options,
     ):
         self.settings = settings
@@ -84,8 +61,7 @@ class Daemon:
             self._route,
             **esl_options,
         )
-        factory = handlers_for(self.esl) if handlers_for is not None else EventLogHandler
-        self.router = CallRouter(factory, on_callless_event=self._on_callless_event)
+        self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event)
         self._greenlet: gevent.Greenlet | None = None
 
     def _route(self, event: EslEvent) -> None:
@@ -136,4 +112,4 @@ def build_conversation_daemon(
     return Daemon(settings, handlers_for, **esl_options)
 
 
-__all__ = ["Daemon", "SUBSCRIBED_EVENTS", "EventLogHandler", "CallHandler", "build_conversation_daemon"]
+__all__ = ["Daemon", "SUBSCRIBED_EVENTS", "CallHandler", "build_conversation_daemon"]
