@@ -6,10 +6,12 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -73,6 +75,63 @@ def cmd_demo(args) -> int:
     return run_demo(cache_dir=Path(args.cache_dir), out_dir=Path(args.out_dir), tts_engine=args.tts_engine)
 
 
+def cmd_record(args) -> int:
+    from pathlib import Path
+
+    from ivr_daemon.daemon import build_conversation_daemon
+    from ivr_daemon.esl.connection import AuthenticationFailed
+    from ivr_daemon.llm import make_llm_client
+    from ivr_daemon.logs import configure_logging, get_logger
+    from ivr_daemon.replay.recorder import Recorder, RecordingLlm
+    from ivr_daemon.replay.replayer import wait_until_idle
+    from ivr_daemon.tts.base import TtsModelUnavailable
+
+    settings = _settings_or_exit(args)
+    configure_logging(settings.log_level, settings.log_format)
+    log = get_logger("ivr_daemon.cli")
+    out_path = Path(args.out)
+    recorder = Recorder(all_calls=args.all_calls, stop_after_calls=args.calls)
+    try:
+        daemon = build_conversation_daemon(settings, llm=RecordingLlm(make_llm_client(settings), recorder),
+                                           on_frame=recorder.on_frame, on_command=recorder.on_command)
+    except TtsModelUnavailable as exc:
+        print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    runner = daemon.start()
+    log.info("recording", out=str(out_path), calls=args.calls, all_calls=args.all_calls)
+    waiters = [gevent.spawn(stop.wait), gevent.spawn(recorder.enough_calls.wait), runner]
+    gevent.joinall(waiters, count=1)
+    if runner.dead and isinstance(runner.exception, AuthenticationFailed):
+        log.error("esl_authentication_failed", error=str(runner.exception),
+                  hint="set FREESWITCH_PASSWORD to the password in event_socket.conf.xml")
+        return EXIT_AUTH
+    wait_until_idle(daemon, timeout_s=30)
+    daemon.stop()
+    size = recorder.write(out_path, comments=[f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"])
+    print(f"wrote {out_path}: {len(recorder.frames)} frames seen, {len(recorder.llm)} LLM replies, "
+          f"{len(recorder.commands)} commands, {size} bytes", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_replay(args) -> int:
+    from pathlib import Path
+
+    from ivr_daemon.logs import configure_logging
+    from ivr_daemon.replay.replayer import default_base_env, replay_files
+    from ivr_daemon.tts.base import TtsModelUnavailable
+
+    configure_logging(os.environ.get("LOG_LEVEL", "WARNING"), "console")
+    try:
+        return replay_files(args.fixtures, speed=args.speed, base_env=default_base_env(),
+                            junit_xml=Path(args.junit_xml) if args.junit_xml else None)
+    except TtsModelUnavailable as exc:
+        print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivr-daemon", description="A conversational IVR beside FreeSWITCH.")
     parser.add_argument("--env-file", default=".env", help="optional .env file (default: ./.env)")
@@ -86,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8021)
     sim.add_argument("--password", default="ClueCon")
     sim.set_defaults(func=cmd_simulator)
+    record = sub.add_parser("record", help="run the daemon on a live switch and record the call flow as a fixture")
+    record.add_argument("--out", required=True, help="fixture file to write")
+    record.add_argument("--calls", type=int, default=None, help="stop after this many calls have ended")
+    record.add_argument("--all-calls", action="store_true", help="keep frames of every call, not only the IVR's")
+    record.set_defaults(func=cmd_record)
+
+    replay = sub.add_parser("replay", help="replay fixtures against the daemon and check the commands it sends")
+    replay.add_argument("fixtures", nargs="+", metavar="FILE")
+    replay.add_argument("--speed", type=float, default=0.0, help="time scale: 1 as recorded, 0 as fast as possible")
+    replay.add_argument("--junit-xml", default=None, metavar="PATH", help="write a JUnit XML report")
+    replay.set_defaults(func=cmd_replay)
+
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")
     demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")
     demo.add_argument("--out-dir", default=".cache/demo", help="where the WAVs and server log go")

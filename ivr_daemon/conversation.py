@@ -130,6 +130,12 @@ class ConversationHandler:
         self._pending_syntheses: list[gevent.event.AsyncResult] = []
         self._closed = False
 
+    @property
+    def busy(self) -> bool:
+        """A turn is in flight (asking the LLM, synthesizing or broadcasting)."""
+        turn = self._turn_greenlet
+        return turn is not None and not turn.dead
+
     # -- CallHandler ------------------------------------------------------------------------
 
     def interrupt(self, event: EslEvent) -> None:

@@ -81,7 +81,7 @@ class EslConnection(InboundESL):
         password: str,
         on_event: Callable[[EslEvent], None],
         on_malformed: Callable[[str], None] | None = None,
-        on_frame: Callable[[bytes], None] | None = None,
+        on_frame: Callable[[bytes, bool], None] | None = None,
         connect_timeout_s: float = 5.0,
         command_timeout_s: float = 10.0,
     ):
@@ -203,12 +203,13 @@ class EslConnection(InboundESL):
         self._closed.set()
 
     def _route(self, item: Frame | MalformedFrame) -> None:
+        if self._on_frame is not None:
+            # Recording sees every byte that arrived, well-formed or not.
+            self._on_frame(item.raw, isinstance(item, MalformedFrame))
         if isinstance(item, MalformedFrame):
             log.warning("esl_malformed_frame_skipped", reason=item.reason, preview=item.preview[:80].decode("latin-1"))
             self._on_malformed(item.reason)
             return
-        if self._on_frame is not None:
-            self._on_frame(item.raw)
         content_type = item.content_type
         if content_type == "auth/request":
             self._auth_request_event.set()
@@ -264,7 +265,8 @@ class EslClient:
         *,
         on_connected: Callable[[], None] | None = None,
         on_malformed: Callable[[str], None] | None = None,
-        on_frame: Callable[[bytes], None] | None = None,
+        on_frame: Callable[[bytes, bool], None] | None = None,
+        on_command: Callable[[EslCommand], None] | None = None,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 10.0,
         connect_timeout_s: float = 5.0,
@@ -279,6 +281,7 @@ class EslClient:
         self._on_connected = on_connected
         self._on_malformed = on_malformed
         self._on_frame = on_frame
+        self._on_command = on_command
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.connect_timeout_s = connect_timeout_s
@@ -300,6 +303,8 @@ class EslClient:
         conn = self._connection
         if conn is None:
             raise NotConnectedError(f"not connected to FreeSWITCH; {command.line.split(' ')[0]} not sent")
+        if self._on_command is not None:
+            self._on_command(command)
         return conn.send(command, timeout_s)
 
     def run(self) -> None:

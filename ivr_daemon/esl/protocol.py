@@ -49,10 +49,15 @@ class Frame:
 
 @dataclass(frozen=True)
 class MalformedFrame:
-    """Bytes the parser had to skip; ``reason`` says why, ``preview`` shows the start."""
+    """Bytes the parser had to skip; ``reason`` says why, ``preview`` shows the start.
+
+    ``raw`` holds the skipped bytes as far as they were buffered (a body over the size cap
+    is dropped as it streams past and is not in it).
+    """
 
     reason: str
     preview: bytes
+    raw: bytes = field(default=b"", repr=False)
 
 
 ParsedItem = Union[Frame, MalformedFrame]
@@ -95,7 +100,7 @@ class FrameParser:
             end = self._buf.find(b"\n\n")
             if end < 0:
                 if len(self._buf) > self._max_header_bytes:
-                    items.append(MalformedFrame("header block too long", bytes(self._buf[:_PREVIEW_BYTES])))
+                    items.append(MalformedFrame("header block too long", bytes(self._buf[:_PREVIEW_BYTES]), bytes(self._buf)))
                     self._buf.clear()
                 return items
             item = self._take_frame(end)
@@ -111,25 +116,26 @@ class FrameParser:
         except (UnicodeDecodeError, MalformedEvent) as exc:
             del self._buf[:body_start]
             reason = "header block is not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
-            return MalformedFrame(reason, head_bytes[:_PREVIEW_BYTES])
+            return MalformedFrame(reason, head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n")
 
         length = 0
         if "Content-Length" in headers:
             text = headers["Content-Length"].strip()
             if not text.isdigit():
                 del self._buf[:body_start]
-                return MalformedFrame(f"bad Content-Length {text[:20]!r}", head_bytes[:_PREVIEW_BYTES])
+                return MalformedFrame(f"bad Content-Length {text[:20]!r}", head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n")
             length = int(text)
             if length > self._max_body_bytes:
                 del self._buf[:body_start]
                 self._skip_bytes = length
-                return MalformedFrame(f"Content-Length {length} over the {self._max_body_bytes}-byte cap", head_bytes[:_PREVIEW_BYTES])
+                return MalformedFrame(f"Content-Length {length} over the {self._max_body_bytes}-byte cap",
+                                      head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n")
         if len(self._buf) < body_start + length:
             return None
         raw = bytes(self._buf[: body_start + length])
         del self._buf[: body_start + length]
         if "Content-Type" not in headers:
-            return MalformedFrame("no Content-Type header", raw[:_PREVIEW_BYTES])
+            return MalformedFrame("no Content-Type header", raw[:_PREVIEW_BYTES], raw)
         return Frame(headers=headers, body=raw[body_start:], raw=raw)
 
 

@@ -540,7 +540,9 @@ class FreeswitchSimulator:
     ``duplicate_speech_while_parked``: send each DETECTED_SPEECH twice, byte-identical, while the
     leg is parked and not playing (as mod_vosk + fire_asr_events do, 80_plain), the second copy
     ``duplicate_speech_delay_s`` later. ``auth_timeout_s``: mod_event_socket hangs up on a
-    client that sends nothing for 25 s after ``auth/request``.
+    client that sends nothing for 25 s after ``auth/request``. ``simulate_media``: play
+    broadcasts and emit their PLAYBACK_* events; off when replaying a recording, whose frames
+    already hold what the real switch played.
     """
 
     def __init__(
@@ -556,8 +558,10 @@ class FreeswitchSimulator:
         duplicate_speech_delay_s: float = 0.02,
         auth_timeout_s: float | None = 25.0,
         first_event_sequence: int = 1,
+        simulate_media: bool = True,
     ):
         self.host = host
+        self.simulate_media = simulate_media
         self._requested_port = port
         self.password = password
         self.refuse_auth = False
@@ -854,6 +858,46 @@ class FreeswitchSimulator:
         for conn in targets:
             conn.send(bytes(data))
         return len(targets)
+
+    def replay_frame(self, data: bytes) -> None:
+        """Write recorded bytes verbatim to every subscriber, keeping track of which calls are up.
+
+        A well-formed event of an unknown Unique-ID brings that call up (silently: the recording
+        holds its events), and its CHANNEL_HANGUP_COMPLETE takes it down, so api commands get
+        the replies FreeSWITCH gave. Malformed bytes are written as they are.
+        """
+        parser = FrameParser()
+        items = parser.feed(bytes(data))
+        for item in items:
+            if not isinstance(item, Frame) or not item.content_type.startswith("text/event-"):
+                continue
+            try:
+                event = parse_event(item)
+            except MalformedEvent:
+                continue
+            uuid = event.unique_id
+            if uuid is None:
+                continue
+            call = self._calls.get(uuid)
+            if event.name == "CHANNEL_HANGUP_COMPLETE":
+                if call is not None:
+                    call.live = False
+                    call.current = None
+                    call.queue.clear()
+            elif call is None:
+                self._calls[uuid] = _Call(
+                    uuid=uuid,
+                    a_leg_uuid=event.get("variable_other_loopback_leg_uuid") or str(uuid_lib.uuid4()),
+                    caller_id_number=event.get("Caller-Caller-ID-Number", ""),
+                    caller_id_name=event.get("Caller-Caller-ID-Name", ""),
+                    destination_number=event.get("Caller-Destination-Number", ""),
+                    context=event.get("Caller-Context", ""),
+                    channel_name=event.get("Channel-Name", ""),
+                    created_us=self._now_us(),
+                    session_id=next(self._session_ids),
+                )
+        self.inject_raw(data)
+        self._notify()
 
     def send_event_frame(self, data: bytes) -> int:
         """Push prebuilt event frames (e.g. cut from a capture) verbatim to matching subscribers.
@@ -1190,6 +1234,8 @@ class FreeswitchSimulator:
         if call is None or not call.live:
             return "-ERR invalid uuid\n", []
         source = argv[1]
+        if not self.simulate_media:
+            return "+OK Message sent\n", []
         return "+OK Message sent\n", [lambda: call.live and self._broadcast(call, source)]
 
     def _api_uuid_break(self, arg: str | None) -> tuple[str, list[Callable[[], None]]]:
@@ -1199,6 +1245,8 @@ class FreeswitchSimulator:
         call = self._calls.get(target)
         if call is None or not call.live:
             return "-ERR No such channel!\n", []
+        if not self.simulate_media:
+            return "+OK\n", []
         return "+OK\n", [lambda: self._break(call, all_="all" in flag)]
 
     def _api_uuid_kill(self, arg: str | None) -> tuple[str, list[Callable[[], None]]]:

@@ -1,0 +1,295 @@
+"""The ESL fixture format: recorded frames, the LLM's replies, the commands the daemon must send.
+
+A fixture is a text file a person can read and diff (see tests/fixtures/README.md)::
+
+    @fixture v1
+    # Free comment lines start with '#' between blocks.
+    @frame +0.000
+    Content-Length: 1937                      <- one ESL frame, byte for byte as it came off
+    Content-Type: text/event-plain               the socket, delimited by its own headers and
+                                                 Content-Length (paste a capture as it is)
+    Event-Name: DETECTED_SPEECH
+    ...
+    hello world
+    @raw +0.500 12                            <- exactly 12 bytes, for frames too broken to
+    garbage\\nbytes                              delimit themselves
+    @llm history=0 delay=0.0                  <- the LLM's reply to the turn whose transcript
+    > hello world                                follows '> '; history= is how many earlier
+    We open at nine.                             messages the request must carry
+    @end
+    @llm-error timeout                        <- the LLM failed on this turn
+    > are you there
+    @expect api uuid_broadcast 03362ffb-115a-4a3d-9eb6-770e2089d43f {wav} aleg
+
+Every block's bytes are followed by one newline. In ``@expect`` lines ``{wav}`` matches any
+path ending in ``.wav``, ``{uuid}`` any UUID and ``{any}`` any word; everything else is literal.
+
+The file is a timeline: an ``@expect`` stands where the command was sent, and a replay writes
+the frames after it only once the daemon has sent it (or a wait has run out), so a hangup that
+came after an answer still comes after it when the replay runs as fast as it can.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ivr_daemon.esl.protocol import parse_header_lines, MalformedEvent
+
+FORMAT_VERSION = "v1"
+LLM_ERROR_KINDS = ("timeout", "unavailable", "bad-reply")
+PLACEHOLDERS = {
+    "{wav}": r"\S+\.wav",
+    "{uuid}": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "{any}": r"\S+",
+}
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+_UUID_RE = re.compile(PLACEHOLDERS["{uuid}"])
+_OFFSET_RE = re.compile(r"^\+(\d+(?:\.\d+)?)$")
+
+
+class FixtureError(ValueError):
+    """The fixture cannot be read; says which file and line."""
+
+    def __init__(self, path: str | Path, line_no: int, problem: str):
+        super().__init__(f"{path}:{line_no}: {problem}")
+        self.path, self.line_no, self.problem = str(path), line_no, problem
+
+
+@dataclass(frozen=True)
+class FixtureFrame:
+    """Bytes FreeSWITCH sent, ``offset_s`` after the first one."""
+
+    offset_s: float
+    data: bytes
+    line_no: int
+    raw: bool = False  # written as @raw: not a well-formed frame
+
+
+@dataclass(frozen=True)
+class LlmReply:
+    """What the LLM answered (or how it failed) to the turn with this transcript."""
+
+    transcript: str
+    reply: str | None
+    error: str | None
+    history: int | None
+    delay_s: float
+    line_no: int
+
+
+@dataclass(frozen=True)
+class ExpectedCommand:
+    text: str
+    line_no: int
+
+    @property
+    def pattern(self) -> re.Pattern:
+        parts, pos = [], 0
+        for match in _PLACEHOLDER_RE.finditer(self.text):
+            parts.append(re.escape(self.text[pos : match.start()]))
+            parts.append(PLACEHOLDERS[match.group(0)])
+            pos = match.end()
+        parts.append(re.escape(self.text[pos:]))
+        return re.compile("^" + "".join(parts) + "$")
+
+    def matches(self, line: str) -> bool:
+        return bool(self.pattern.match(line))
+
+    @property
+    def call_uuid(self) -> str | None:
+        return call_uuid_of(self.text)
+
+
+def call_uuid_of(command_line: str) -> str | None:
+    """The channel a command is about: the first UUID in the line."""
+    match = _UUID_RE.search(command_line)
+    return match.group(0) if match else None
+
+
+TimelineItem = FixtureFrame | LlmReply | ExpectedCommand
+
+
+@dataclass
+class Fixture:
+    path: Path
+    timeline: list[TimelineItem] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def frames(self) -> list[FixtureFrame]:
+        return [item for item in self.timeline if isinstance(item, FixtureFrame)]
+
+    @property
+    def llm_replies(self) -> list[LlmReply]:
+        return [item for item in self.timeline if isinstance(item, LlmReply)]
+
+    @property
+    def expected(self) -> list[ExpectedCommand]:
+        return [item for item in self.timeline if isinstance(item, ExpectedCommand)]
+
+
+def load_fixture(path: str | Path) -> Fixture:
+    """Parse a fixture file; raises :class:`FixtureError` naming file and line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FixtureError(path, 0, f"cannot read: {exc.strerror or exc}") from None
+    return _Reader(path, data).read()
+
+
+class _Reader:
+    def __init__(self, path: Path, data: bytes):
+        self.path, self.data, self.pos, self.line_no = path, data, 0, 1
+
+    def fail(self, problem: str, line_no: int | None = None) -> FixtureError:
+        return FixtureError(self.path, line_no or self.line_no, problem)
+
+    def take_line(self) -> str:
+        end = self.data.find(b"\n", self.pos)
+        if end < 0:
+            end = len(self.data)
+        raw = self.data[self.pos : end]
+        self.pos = min(end + 1, len(self.data))
+        self.line_no += 1
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("directive line is not UTF-8", self.line_no - 1) from None
+
+    def take_bytes(self, count: int, what: str, line_no: int) -> bytes:
+        if self.pos + count > len(self.data):
+            raise self.fail(f"{what}: needs {count} bytes, the file ends after {len(self.data) - self.pos}", line_no)
+        chunk = self.data[self.pos : self.pos + count]
+        self.pos += count
+        self.line_no += chunk.count(b"\n")
+        if self.pos < len(self.data):
+            if self.data[self.pos : self.pos + 1] != b"\n":
+                raise self.fail(f"{what}: expected a newline after its {count} bytes", line_no)
+            self.pos += 1
+            self.line_no += 1
+        return chunk
+
+    def read(self) -> Fixture:
+        fixture = Fixture(self.path)
+        saw_header = False
+        while self.pos < len(self.data):
+            line_no = self.line_no
+            line = self.take_line()
+            if not line.strip():
+                continue
+            if line.startswith("#"):
+                fixture.comments.append(line[1:].strip())
+                continue
+            directive, _, rest = line.partition(" ")
+            if not saw_header:
+                if directive != "@fixture" or rest.strip() != FORMAT_VERSION:
+                    raise self.fail(f"expected '@fixture {FORMAT_VERSION}' first, got {line[:60]!r}", line_no)
+                saw_header = True
+                continue
+            if directive == "@frame":
+                fixture.timeline.append(FixtureFrame(self._offset(rest, line_no), self._frame_bytes(line_no), line_no))
+            elif directive == "@raw":
+                offset_text, _, count_text = rest.partition(" ")
+                if not count_text.strip().isdigit():
+                    raise self.fail("@raw needs '+SECONDS BYTES'", line_no)
+                offset = self._offset(offset_text, line_no)
+                fixture.timeline.append(FixtureFrame(offset, self.take_bytes(int(count_text), "@raw", line_no), line_no, raw=True))
+            elif directive in ("@llm", "@llm-error"):
+                fixture.timeline.append(self._llm(directive, rest, line_no))
+            elif directive == "@expect":
+                if not rest.strip():
+                    raise self.fail("@expect needs a command line", line_no)
+                fixture.timeline.append(ExpectedCommand(rest.rstrip("\r"), line_no))
+            else:
+                raise self.fail(f"unknown directive {directive[:30]!r}", line_no)
+        if not saw_header:
+            raise self.fail(f"empty file: expected '@fixture {FORMAT_VERSION}'", 1)
+        offsets = [f.offset_s for f in fixture.frames]
+        if offsets != sorted(offsets):
+            bad = next(f for prev, f in zip(fixture.frames, fixture.frames[1:]) if f.offset_s < prev.offset_s)
+            raise self.fail("frame offsets must not go backwards", bad.line_no)
+        return fixture
+
+    def _offset(self, text: str, line_no: int) -> float:
+        match = _OFFSET_RE.match(text.strip())
+        if not match:
+            raise self.fail(f"expected a time offset like +0.250, got {text.strip()[:20]!r}", line_no)
+        return float(match.group(1))
+
+    def _frame_bytes(self, line_no: int) -> bytes:
+        end = self.data.find(b"\n\n", self.pos)
+        if end < 0:
+            raise self.fail("@frame: no blank line ends its headers", line_no)
+        try:
+            headers = parse_header_lines(self.data[self.pos : end].decode("utf-8"), url_decoded=False)
+        except (UnicodeDecodeError, MalformedEvent) as exc:
+            raise self.fail(f"@frame: bad header block ({exc}); use @raw for broken frames", line_no) from None
+        length_text = headers.get("Content-Length", "0")
+        if not length_text.isdigit():
+            raise self.fail(f"@frame: bad Content-Length {length_text!r}; use @raw for broken frames", line_no)
+        return self.take_bytes(end + 2 - self.pos + int(length_text), "@frame", line_no)
+
+    def _llm(self, directive: str, rest: str, line_no: int) -> LlmReply:
+        options, error = {}, None
+        for word in rest.split():
+            key, sep, value = word.partition("=")
+            if sep:
+                options[key] = value
+            elif directive == "@llm-error" and error is None:
+                error = word
+            else:
+                raise self.fail(f"{directive}: unexpected word {word!r}", line_no)
+        if directive == "@llm-error" and error not in LLM_ERROR_KINDS:
+            raise self.fail(f"@llm-error needs one of {', '.join(LLM_ERROR_KINDS)}", line_no)
+        unknown = set(options) - {"history", "delay"}
+        if unknown:
+            raise self.fail(f"{directive}: unknown option {sorted(unknown)[0]!r}", line_no)
+        try:
+            history = int(options["history"]) if "history" in options else None
+            delay_s = float(options.get("delay", "0"))
+        except ValueError:
+            raise self.fail(f"{directive}: history must be a whole number and delay a number of seconds", line_no) from None
+        transcript_line = self.take_line()
+        if not transcript_line.startswith("> "):
+            raise self.fail(f"{directive}: the next line must be '> <what the caller said>'", self.line_no - 1)
+        if directive == "@llm-error":
+            return LlmReply(transcript_line[2:], None, error, history, delay_s, line_no)
+        lines = []
+        while True:
+            if self.pos >= len(self.data):
+                raise self.fail("@llm: no @end before the end of the file", line_no)
+            line = self.take_line()
+            if line == "@end":
+                break
+            lines.append(line)
+        return LlmReply(transcript_line[2:], "\n".join(lines), None, history, delay_s, line_no)
+
+
+def render_fixture(timeline: list[TimelineItem], comments: list[str] = ()) -> bytes:
+    """Write a fixture from its timeline (line numbers in the items are ignored)."""
+    out = bytearray(f"@fixture {FORMAT_VERSION}\n".encode())
+    for comment in comments:
+        out += f"# {comment}\n".encode()
+    for item in timeline:
+        if isinstance(item, FixtureFrame):
+            head = f"@raw +{item.offset_s:.3f} {len(item.data)}" if item.raw else f"@frame +{item.offset_s:.3f}"
+            out += head.encode() + b"\n" + item.data + b"\n"
+        elif isinstance(item, LlmReply):
+            options = [f"history={item.history}"] if item.history is not None else []
+            if item.delay_s:
+                options.append(f"delay={item.delay_s:g}")
+            head = f"@llm-error {item.error}" if item.error else "@llm"
+            out += (" ".join([head, *options]) + "\n").encode()
+            out += f"> {item.transcript}\n".encode()
+            if not item.error:
+                out += f"{item.reply}\n@end\n".encode()
+        else:
+            out += f"@expect {item.text}\n".encode()
+    return bytes(out)

@@ -1,0 +1,172 @@
+"""Record a live call flow into a fixture: frames as they came off the socket, LLM replies, commands.
+
+``ivr-daemon record --out FILE`` runs the daemon for real (as ``run`` does) with three taps:
+every frame the reader cuts (kept byte for byte with its time offset), every LLM exchange
+(the transcript, how much history the request carried, the reply or how it failed) and every
+``api`` command sent. Only the IVR's own calls are kept, those that fired DETECTED_SPEECH, unless
+``all_calls`` is set. WAV paths vary per run, so they are written as ``{wav}``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import gevent
+import gevent.event
+
+from ivr_daemon.esl.commands import EslCommand
+from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, parse_event
+from ivr_daemon.llm.base import LlmClient, LlmError, LlmTimeout, LlmUnavailable, Message
+from ivr_daemon.logs import get_logger
+from ivr_daemon.replay.fixture import ExpectedCommand, FixtureFrame, LlmReply, call_uuid_of, render_fixture
+
+log = get_logger(__name__)
+
+_WAV_RE = re.compile(r"\S+\.wav\b")
+
+
+class RecordingLlm(LlmClient):
+    """Passes every request to the real client and notes the exchange."""
+
+    def __init__(self, inner: LlmClient, recorder: "Recorder"):
+        self.inner, self.recorder = inner, recorder
+        self.provider = inner.provider
+
+    def complete(self, messages: list[Message]) -> str:
+        transcript, history = messages[-1]["content"], len(messages) - 2
+        started_s = time.monotonic()
+        try:
+            reply = self.inner.complete(messages)
+        except LlmTimeout:
+            self.recorder.note_llm(LlmReply(transcript, None, "timeout", history, 0.0, 0))
+            raise
+        except LlmUnavailable:
+            self.recorder.note_llm(LlmReply(transcript, None, "unavailable", history, 0.0, 0))
+            raise
+        except LlmError:
+            self.recorder.note_llm(LlmReply(transcript, None, "bad-reply", history, 0.0, 0))
+            raise
+        except gevent.GreenletExit:
+            # The call ended while the LLM was thinking: a replay must be as slow to answer.
+            waited_s = time.monotonic() - started_s
+            self.recorder.note_llm(LlmReply(transcript, "(the call ended before this reply arrived)", None, history,
+                                            round(max(1.0, 2 * waited_s), 3), 0))
+            raise
+        self.recorder.note_llm(LlmReply(transcript, reply, None, history, 0.0, 0))
+        return reply
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Recorder:
+    """Collects what one recording session saw; ``render()`` makes the fixture."""
+
+    def __init__(self, all_calls: bool = False, stop_after_calls: int | None = None):
+        self.all_calls = all_calls
+        self.stop_after_calls = stop_after_calls
+        # The timeline as it happened: (monotonic time, item, call uuid or None).
+        self.timeline: list[tuple[float, object, str | None]] = []
+        self.ivr_calls: set[str] = set()
+        self.ended_calls: set[str] = set()
+        self.enough_calls = gevent.event.Event()
+        self._started_s: float | None = None
+
+    def on_frame(self, raw: bytes, malformed: bool) -> None:
+        uuid = None
+        if not malformed:
+            items = FrameParser().feed(raw)
+            frame = items[0] if items else None
+            if not isinstance(frame, Frame) or not frame.content_type.startswith("text/event-"):
+                return  # auth/request, replies, notices: the simulator makes its own on replay
+            try:
+                event = parse_event(frame)
+            except MalformedEvent:
+                malformed = True
+            else:
+                uuid = event.unique_id
+                if event.name == "DETECTED_SPEECH" and uuid:
+                    self.ivr_calls.add(uuid)
+                if event.name == "CHANNEL_HANGUP_COMPLETE" and uuid and (self.all_calls or uuid in self.ivr_calls):
+                    self.ended_calls.add(uuid)
+                    if self.stop_after_calls and len(self.ended_calls) >= self.stop_after_calls:
+                        self.enough_calls.set()
+        now = time.monotonic()
+        if self._started_s is None:
+            self._started_s = now
+        self.timeline.append((now, FixtureFrame(round(now - self._started_s, 3), raw, 0, raw=malformed), uuid))
+
+    def note_llm(self, reply: LlmReply) -> None:
+        self.timeline.append((time.monotonic(), reply, None))
+
+    def on_command(self, command: EslCommand) -> None:
+        # Stamped as it is sent, before FreeSWITCH's reply or any event it causes.
+        if command.line.startswith(("api ", "bgapi ")):
+            self.timeline.append((time.monotonic(), ExpectedCommand(_WAV_RE.sub("{wav}", command.line), 0),
+                                  call_uuid_of(command.line)))
+
+    @property
+    def frames(self) -> list[FixtureFrame]:
+        return [item for _, item, _ in self.timeline if isinstance(item, FixtureFrame)]
+
+    @property
+    def llm(self) -> list[LlmReply]:
+        return [item for _, item, _ in self.timeline if isinstance(item, LlmReply)]
+
+    @property
+    def commands(self) -> list[ExpectedCommand]:
+        return [item for _, item, _ in self.timeline if isinstance(item, ExpectedCommand)]
+
+    def render(self, comments: list[str] = ()) -> bytes:
+        def kept(item, uuid) -> bool:
+            if isinstance(item, LlmReply) or self.all_calls:
+                return True
+            if isinstance(item, FixtureFrame) and item.raw:
+                return True
+            return uuid is not None and uuid in self.ivr_calls
+
+        ordered = sorted(self.timeline, key=lambda entry: entry[0])
+        return render_fixture([item for _, item, uuid in ordered if kept(item, uuid)], comments)
+
+    def write(self, path: Path, comments: list[str] = ()) -> int:
+        data = self.render(comments)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return len(data)
+
+
+def record_scripted_calls(out_path: Path, scenario, env: dict[str, str], calls: int, timeout_s: float = 120.0) -> str:
+    """Record a fixture without a switch: ``ivr-daemon record`` (a real subprocess) on the simulator.
+
+    ``scenario(sim)`` plays the callers (``sim.new_call()``, ``sim.speak()``, ``sim.hangup()``);
+    recording stops when ``calls`` calls have ended. Returns what the recorder printed.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from ivr_daemon.replay.simulator import FreeswitchSimulator
+
+    with FreeswitchSimulator() as sim:
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_"))}
+        child_env.update(env)
+        child_env.update({"FREESWITCH_HOST": "127.0.0.1", "FREESWITCH_PORT": str(sim.port),
+                          "FREESWITCH_PASSWORD": sim.password})
+        command = [sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "record",
+                   "--out", str(out_path), "--calls", str(calls)]
+        proc = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=60)
+            scenario(sim)
+            output, _ = proc.communicate(timeout=timeout_s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        text = output.decode("utf-8", "replace")
+        if proc.returncode != 0:
+            raise RuntimeError(f"ivr-daemon record exited {proc.returncode}:\n{text[-2000:]}")
+        return text

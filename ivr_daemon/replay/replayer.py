@@ -1,0 +1,274 @@
+"""Replay fixtures against the real daemon and compare the commands it sends with the expected ones.
+
+Per fixture: a fresh simulator (no media of its own: the recording holds what the switch
+played, and no doubled speech: the recording holds the duplicates it had), the daemon built as
+``ivr-daemon run`` builds it, an LLM that answers from the fixture, and a real TTS engine (or
+``null``). Frames are written to the socket at their recorded offsets divided by ``speed``
+(0: as fast as possible). When the daemon is idle, the ``api``/``bgapi`` commands it sent are
+compared with the fixture's ``@expect`` lines, call by call, in order.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gevent
+
+from ivr_daemon.config import Settings, load_settings
+from ivr_daemon.daemon import build_conversation_daemon
+from ivr_daemon.esl.protocol import FrameParser, Frame, MalformedEvent, parse_event
+from ivr_daemon.llm.base import LlmBadReply, LlmClient, LlmTimeout, LlmUnavailable, Message
+from ivr_daemon.logs import get_logger
+from ivr_daemon.replay.fixture import ExpectedCommand, Fixture, FixtureFrame, LlmReply, call_uuid_of, load_fixture
+from ivr_daemon.replay.simulator import FreeswitchSimulator
+from ivr_daemon.tts.base import TtsEngine
+
+log = get_logger(__name__)
+
+IDLE_TIMEOUT_S = 60.0
+EXPECT_WAIT_S = 15.0  # how long a replay waits for a command the recording had before going on
+SETTLE_S = 0.2
+NO_CALL = "(no call)"
+
+
+class FixtureLlm(LlmClient):
+    """Answers each turn with the reply the fixture recorded for that transcript, in order."""
+
+    provider = "fixture"
+
+    def __init__(self, replies: list[LlmReply], timeout_s: float = 30.0):
+        super().__init__("http://fixture.invalid", "fixture", timeout_s)
+        self._unused = list(replies)
+        self.problems: list[str] = []
+
+    def complete(self, messages: list[Message]) -> str:
+        transcript = messages[-1]["content"]
+        reply = next((r for r in self._unused if r.transcript == transcript), None)
+        if reply is None:
+            self.problems.append(f"the LLM was asked about {transcript!r}, which the fixture has no @llm reply for")
+            raise LlmUnavailable("fixture: no recorded reply for this transcript")
+        self._unused.remove(reply)
+        prior = len(messages) - 2  # minus the system prompt and the new user message
+        if reply.history is not None and prior != reply.history:
+            self.problems.append(
+                f"line {reply.line_no}: the LLM request for {transcript!r} carried {prior} earlier messages,"
+                f" the fixture expects history={reply.history}")
+        if reply.delay_s:
+            gevent.sleep(reply.delay_s)
+        if reply.error == "timeout":
+            raise LlmTimeout("fixture: recorded timeout")
+        if reply.error == "unavailable":
+            raise LlmUnavailable("fixture: recorded unavailable")
+        if reply.error == "bad-reply":
+            raise LlmBadReply("fixture: recorded malformed reply")
+        return reply.reply or ""
+
+
+@dataclass
+class SentCommand:
+    line: str
+    call_uuid: str
+    trigger: str  # the last frame of that call written before the command arrived
+
+
+@dataclass
+class ReplayResult:
+    fixture: Path
+    ok: bool
+    report: str
+    duration_s: float
+    sent: list[SentCommand] = field(default_factory=list)
+
+
+def _describe_frame(data: bytes, line_no: int) -> tuple[str | None, str]:
+    items = FrameParser().feed(data)
+    if len(items) != 1 or not isinstance(items[0], Frame):
+        return None, f"line {line_no}: raw bytes"
+    try:
+        event = parse_event(items[0])
+    except MalformedEvent:
+        return None, f"line {line_no}: malformed event"
+    parts = [event.name, f"Event-Sequence {event.get('Event-Sequence')}"]
+    if event.get("Speech-Type"):
+        parts.append(f"Speech-Type {event.get('Speech-Type')}")
+    if event.body:
+        parts.append(f"body {event.body[:60]!r}")
+    return event.unique_id, f"line {line_no}: " + ", ".join(parts)
+
+
+def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | None = None,
+                   base_env: dict[str, str] | None = None) -> ReplayResult:
+    """Replay one fixture; the result says whether the daemon sent what was expected."""
+    started_s = time.monotonic()
+    llm = FixtureLlm(fixture.llm_replies)
+    with tempfile.TemporaryDirectory(prefix="ivr-replay-") as tts_dir, \
+            FreeswitchSimulator(duplicate_speech_while_parked=False, simulate_media=False, auth_timeout_s=None) as sim:
+        env = {"TTS_ENGINE": "null", **(base_env or {})}
+        env.update({"FREESWITCH_PORT": str(sim.port), "FREESWITCH_HOST": "127.0.0.1", "TTS_OUTPUT_DIR": tts_dir,
+                    "FREESWITCH_PASSWORD": sim.password})
+        settings: Settings = load_settings(environ=env)
+        daemon = build_conversation_daemon(settings, llm=llm, tts=tts)
+        daemon.start()
+        try:
+            if not daemon.esl.wait_connected(10):
+                return ReplayResult(fixture.path, False, "the daemon did not connect to the simulator", 0.0)
+            written: dict[str, list[tuple[float, str]]] = {}  # call -> (when written, frame description)
+            expected_so_far: dict[str, int] = {}
+            replay_started_s = time.monotonic()
+            for item in fixture.timeline:
+                if isinstance(item, ExpectedCommand):
+                    # The recording went on only after this command: so does the replay.
+                    uuid = item.call_uuid or NO_CALL
+                    expected_so_far[uuid] = expected_so_far.get(uuid, 0) + 1
+                    _wait_for_commands(sim, uuid, expected_so_far[uuid])
+                    continue
+                if not isinstance(item, FixtureFrame):
+                    continue
+                if speed > 0:
+                    gevent.sleep(max(0.0, replay_started_s + item.offset_s / speed - time.monotonic()))
+                else:
+                    gevent.sleep(0)
+                uuid, description = _describe_frame(item.data, item.line_no)
+                if uuid:
+                    written.setdefault(uuid, []).append((time.monotonic(), description))
+                sim.replay_frame(item.data)
+            wait_until_idle(daemon)
+        finally:
+            daemon.stop()
+    sent = []
+    for command in sim.commands:
+        if command.line.startswith(("api ", "bgapi ")):
+            uuid = call_uuid_of(command.line) or NO_CALL
+            before = [d for t, d in written.get(uuid, []) if t <= command.t_monotonic]
+            sent.append(SentCommand(command.line, uuid, before[-1] if before else "none of this call yet"))
+    ok, report = compare(fixture, sent, llm.problems)
+    return ReplayResult(fixture.path, ok, report, time.monotonic() - started_s, sent)
+
+
+def _sent_for(sim: FreeswitchSimulator, uuid: str) -> int:
+    return sum(1 for c in sim.commands
+               if c.line.startswith(("api ", "bgapi ")) and (call_uuid_of(c.line) or NO_CALL) == uuid)
+
+
+def _wait_for_commands(sim: FreeswitchSimulator, uuid: str, count: int, timeout_s: float = EXPECT_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _sent_for(sim, uuid) < count and time.monotonic() < deadline:
+        gevent.sleep(0.005)
+
+
+def wait_until_idle(daemon, timeout_s: float = IDLE_TIMEOUT_S) -> None:
+    """Until no call has queued events or a turn in flight, twice in a row SETTLE_S apart."""
+    deadline = time.monotonic() + timeout_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        busy = any(not call.queue.empty() or getattr(call.handler, "busy", False) for call in daemon.router.calls.values())
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= SETTLE_S:
+            return
+        gevent.sleep(0.02)
+    log.warning("replay_idle_timeout", timeout_s=timeout_s)
+
+
+def compare(fixture: Fixture, sent: list[SentCommand], llm_problems: list[str]) -> tuple[bool, str]:
+    """Expected vs sent, per call, in order: (ok, a readable report)."""
+    expected_by_call: dict[str, list] = {}
+    for expected in fixture.expected:
+        expected_by_call.setdefault(expected.call_uuid or NO_CALL, []).append(expected)
+    sent_by_call: dict[str, list[SentCommand]] = {}
+    for command in sent:
+        sent_by_call.setdefault(command.call_uuid, []).append(command)
+
+    sections = []
+    for uuid in list(dict.fromkeys([*expected_by_call, *sent_by_call])):
+        want, got = expected_by_call.get(uuid, []), sent_by_call.get(uuid, [])
+        mismatch = next((i for i in range(max(len(want), len(got)))
+                         if i >= len(want) or i >= len(got) or not want[i].matches(got[i].line)), None)
+        if mismatch is None:
+            continue
+        lines = [f"call {uuid}: command {mismatch + 1} differs"]
+        if mismatch < len(want):
+            lines.append(f"  expected (fixture line {want[mismatch].line_no}): {want[mismatch].text}")
+        else:
+            lines.append("  expected: nothing more")
+        if mismatch < len(got):
+            lines.append(f"  got:      {got[mismatch].line}")
+            lines.append(f"  after frame {got[mismatch].trigger}")
+        else:
+            lines.append("  got:      nothing")
+        diff = difflib.unified_diff([w.text for w in want], [g.line for g in got], "expected", "got", lineterm="", n=2)
+        lines.extend("  " + d for d in diff)
+        sections.append("\n".join(lines))
+    sections.extend(llm_problems)
+    if not sections:
+        return True, f"{fixture.name}: {len(sent)} commands as expected"
+    return False, f"{fixture.name}: FAILED\n" + "\n".join(sections)
+
+
+def write_junit(results: list[ReplayResult], path: Path, errors: dict[str, str] | None = None) -> None:
+    """A JUnit XML report (one testcase per fixture) that CI systems show."""
+    errors = errors or {}
+    failures = sum(not r.ok for r in results)
+    suite = ElementTree.Element("testsuite", name="ivr_daemon.replay", tests=str(len(results) + len(errors)),
+                                failures=str(failures), errors=str(len(errors)),
+                                time=f"{sum(r.duration_s for r in results):.3f}")
+    for result in results:
+        case = ElementTree.SubElement(suite, "testcase", classname="replay", name=result.fixture.name,
+                                      file=str(result.fixture), time=f"{result.duration_s:.3f}")
+        if not result.ok:
+            failure = ElementTree.SubElement(case, "failure", message=result.report.splitlines()[1] if "\n" in result.report else result.report)
+            failure.text = result.report
+    for name, message in errors.items():
+        case = ElementTree.SubElement(suite, "testcase", classname="replay", name=Path(name).stem, file=name)
+        ElementTree.SubElement(case, "error", message=message).text = message
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ElementTree.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def replay_files(paths: list[str], *, speed: float = 0.0, tts: TtsEngine | None = None, junit_xml: Path | None = None,
+                 base_env: dict[str, str] | None = None, out=None) -> int:
+    """The CLI's job: 0 when every fixture matches, 1 when one differs, 2 when one cannot be read."""
+    import sys
+
+    from ivr_daemon.replay.fixture import FixtureError
+
+    out = out or sys.stdout
+    if tts is None:
+        from ivr_daemon.tts import make_tts_engine
+
+        # Loaded once for every fixture: a real model takes seconds to load.
+        tts = make_tts_engine(load_settings(environ={"TTS_ENGINE": "null", **(base_env or {})}))
+    results, errors = [], {}
+    for path in paths:
+        try:
+            fixture = load_fixture(path)
+        except FixtureError as exc:
+            errors[path] = str(exc)
+            print(f"ERROR {exc}", file=out)
+            continue
+        result = replay_fixture(fixture, speed=speed, tts=tts, base_env=base_env)
+        results.append(result)
+        print(("ok    " if result.ok else "FAIL  ") + result.report, file=out, flush=True)
+    if junit_xml is not None:
+        write_junit(results, junit_xml, errors)
+    print(f"{sum(r.ok for r in results)} passed, {sum(not r.ok for r in results)} failed"
+          + (f", {len(errors)} unreadable" if errors else ""), file=out)
+    if errors:
+        return 2
+    return 0 if all(r.ok for r in results) else 1
+
+
+def default_base_env() -> dict[str, str]:
+    """The environment a replay runs with: this process's, minus what the replay sets itself."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k in ("SYSTEM_PROMPT", "FALLBACK_PHRASE", "MAX_CONVERSATION_HISTORY",
+                                                         "TTS_ENGINE", "COQUI_MODEL", "COQUI_MODEL_PATH",
+                                                         "COQUI_CONFIG_PATH", "PIPER_VOICE")}
