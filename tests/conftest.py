@@ -8,6 +8,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["pytester"]
+
 CAPTURES_DIR = Path(__file__).parent / "captures"
 
 

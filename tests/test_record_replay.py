@@ -111,3 +111,29 @@ def test_a_raw_capture_pasted_after_frame_is_a_fixture(tmp_path):
     fixture = load_fixture(path)
     assert fixture.frames[0].data == capture
     assert fixture.frames[1].raw and fixture.frames[1].data == b"not a fr\n"
+
+
+def _event_frame(name, uuid, sequence, body=None):
+    from ivr_daemon.esl.protocol import build_plain_event
+
+    return build_plain_event([("Event-Name", name), ("Unique-ID", uuid), ("Event-Sequence", str(sequence))], body)
+
+
+@pytest.mark.parametrize("all_calls", [False, True])
+def test_recorder_keeps_only_ivr_calls_unless_all_calls(all_calls):
+    from ivr_daemon.replay.recorder import Recorder
+
+    ivr, other = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+    recorder = Recorder(all_calls=all_calls, stop_after_calls=1)
+    recorder.on_frame(_event_frame("CHANNEL_ANSWER", other, 1), False)
+    recorder.on_frame(_event_frame("CHANNEL_ANSWER", ivr, 2), False)
+    recorder.on_frame(_event_frame("DETECTED_SPEECH", ivr, 3, "hi"), False)
+    recorder.on_frame(b"Content-Length: x\n\n", True)
+    recorder.on_frame(_event_frame("CHANNEL_HANGUP_COMPLETE", other, 4), False)
+    assert recorder.enough_calls.is_set() == all_calls  # only the IVR's calls count unless --all-calls
+    recorder.on_frame(_event_frame("CHANNEL_HANGUP_COMPLETE", ivr, 5), False)
+    assert recorder.enough_calls.is_set()
+    text = recorder.render()
+    assert text.count(ivr.encode()) == 3
+    assert (other.encode() in text) == all_calls
+    assert b"@raw" in text  # broken bytes are kept whatever the call

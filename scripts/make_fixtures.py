@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Re-record the fixture library in tests/fixtures/ with `ivr-daemon record` on the simulator.
+
+The events come from the simulator, which builds them from real FreeSWITCH captures; the
+LLM is the real SmolLM2 on llama.cpp's server (its replies are stored in the fixtures, so
+replays need no LLM). Run from the repository root: .venv/bin/python scripts/make_fixtures.py
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ivr_daemon.localllm import LlamaCppServer, find_or_fetch_smollm2, pick_free_port  # noqa: E402
+from ivr_daemon.replay.recorder import record_scripted_calls  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
+
+
+def ask(sim, call, text, timeout_s=60):
+    """The caller says ``text``; wait until the daemon answers it with a broadcast."""
+    sim.speak(call, text)
+    return sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), timeout_s)
+
+
+def one_question(sim):
+    call = sim.new_call(caller_id_number="5551001")
+    ask(sim, call, "what are your opening hours")
+    sim.hangup(call)
+
+
+def three_turns(sim):
+    call = sim.new_call(caller_id_number="5551002")
+    for text in ("hello I would like to book a table", "for four people tonight", "at eight o'clock please"):
+        ask(sim, call, text)
+    sim.hangup(call)
+
+
+def hangup_mid_reply(sim):
+    call = sim.new_call(caller_id_number="5551003")
+    ask(sim, call, "can you tell me a long story")
+    sim.speak(call, "and then what happened")
+    gevent.sleep(0.15)  # SmolLM2 takes ~300 ms: hang up while it is still answering
+    sim.hangup(call)
+
+
+def two_calls_interleaved(sim):
+    first = sim.new_call(caller_id_number="5551004")
+    second = sim.new_call(caller_id_number="5551005")
+    sim.speak(first, "do you sell gift cards")
+    sim.speak(second, "where are you located")
+    for call in (first, second):
+        sim.wait_for_command(lambda c, call=call: c.line.startswith(f"api uuid_broadcast {call} "), 60)
+    ask(sim, second, "is there parking")
+    ask(sim, first, "how much are they")
+    sim.hangup(first)
+    sim.hangup(second)
+
+
+def llm_failure(sim):
+    call = sim.new_call(caller_id_number="5551006")
+    ask(sim, call, "is anybody there")
+    sim.hangup(call)
+
+
+def _event_frame(inner: bytes) -> bytes:
+    return b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % len(inner) + inner
+
+
+MALFORMED = [
+    b"Content-Length: 12x\nContent-Type: text/event-plain\n\n",          # a length that is not a number
+    b"Content-Length: 5\n\nhello",                                        # no Content-Type
+    _event_frame(b"Event-Name: X\nno colon here\n\n"),                   # broken inner headers
+    _event_frame(b"Event-Name: DETECTED_SPEECH\nX: \xff\xfe\n\n"),       # headers not UTF-8
+    _event_frame(b"Event-Name: DETECTED_SPEECH\nContent-Length: 50\n\nshort"),  # body shorter than said
+]
+
+
+def malformed_frames(sim):
+    call = sim.new_call(caller_id_number="5551007")
+    ask(sim, call, "good morning")
+    for junk in MALFORMED:
+        sim.inject_raw(junk)
+    ask(sim, call, "are you still there")
+    sim.hangup(call)
+
+
+def main() -> int:
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    base = {"TTS_ENGINE": "null", "LLM_PROVIDER": "openai", "LLM_MODEL": "smollm2", "LLM_TIMEOUT": "60"}
+    with LlamaCppServer(find_or_fetch_smollm2(CACHE)) as llm:
+        good = {**base, "LLM_API_URL": llm.chat_completions_url}
+        down = {**base, "LLM_API_URL": f"http://127.0.0.1:{pick_free_port()}/v1/chat/completions", "LLM_TIMEOUT": "2"}
+        scenarios = [
+            ("one_question", one_question, good, 1),
+            ("three_turns_history", three_turns, good, 1),
+            ("hangup_mid_reply", hangup_mid_reply, good, 1),
+            ("two_calls_interleaved", two_calls_interleaved, good, 2),
+            ("llm_failure_fallback", llm_failure, down, 1),
+            ("malformed_frames", malformed_frames, good, 1),
+        ]
+        for name, scenario, env, calls in scenarios:
+            out = FIXTURES / f"{name}.esl"
+            print(record_scripted_calls(out, scenario, env, calls).strip().splitlines()[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
