@@ -1,4 +1,4 @@
-"""Fake LLM servers on real sockets (gevent.pywsgi on 127.0.0.1, port 0) speaking the Ollama, OpenAI and llama3 wire formats.
+"""Fake LLM servers on real sockets (gevent.pywsgi, 127.0.0.1, port 0) speaking the Ollama, OpenAI and llama3 wire formats.
 
 Usage::
 
@@ -14,7 +14,21 @@ without an exception raises AssertionError if there were any, so a test cannot p
 request the real server would refuse. Replies use each provider's real success and error
 shapes. Knobs for failure tests: ``status`` (an HTTP error with the provider's error body),
 ``body`` (raw bytes/str/JSON sent instead of the reply: malformed or wrong-shaped),
-``delay_s`` (wait before answering) and ``trickle_s`` (send the body one byte at a time).
+``delay_s`` (wait before answering) and ``trickle_s`` (send the body, or each streamed
+chunk, one byte at a time).
+
+A request with ``"stream": true`` (Ollama, OpenAI) gets the reply the way the real server
+streams it: Ollama NDJSON lines ending in a ``"done": true`` line, OpenAI server-sent events
+(a role-only chunk, one chunk per text delta, a ``finish_reason`` chunk, ``data: [DONE]``).
+The text is cut into word-sized deltas like LLM tokens ("Hi", " there", "."), or
+``stream_body`` gives the raw chunks to send instead. Stream knobs: ``stream_first_delay_s``
+(before the first chunk: the headers wait too, as on the real servers), ``stream_gap_s``
+(between chunks), ``stream_hold_after=n`` (after n text deltas, wait until the test sets
+``.release_stream``: proof that the client got them before the rest existed), and
+``stream_break_after=n`` (after n text deltas, cut the connection without ending the body).
+``.deltas_sent`` counts text deltas written; ``.stream_outcomes`` says how each stream
+ended ("complete", "client_closed", "broken", "server_stopped"), and ``.client_disconnected``
+is set when a client went away mid-stream.
 The server runs on the gevent hub, so the process must be monkey-patched (tests/conftest.py).
 """
 
@@ -23,11 +37,13 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import re
+import socket
 import time
 from typing import Callable, Iterator, Sequence
 
 import gevent.event
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 PROVIDER_PATHS = {"ollama": "/api/chat", "openai": "/v1/chat/completions", "llama3": "/chat"}
 _CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -62,10 +78,10 @@ def _body_problems(provider: str, request: object) -> list[str]:
         if not isinstance(request.get("model"), str) or not request["model"]:
             problems.append("model must be a non-empty string")
         problems += _messages_problems(request.get("messages"), "messages", _CHAT_ROLES, non_empty=True)
-    if provider == "ollama" and request.get("stream") is not False:
-        problems.append("stream must be false: Ollama answers with NDJSON chunks otherwise")
-    if provider == "openai" and request.get("stream", False) is not False:
-        problems.append("stream must be absent or false: the server answers with SSE otherwise")
+    if provider == "ollama" and not isinstance(request.get("stream"), bool):
+        problems.append("stream must be true or false: Ollama streams NDJSON chunks when it is absent")
+    if provider == "openai" and not isinstance(request.get("stream", False), bool):
+        problems.append("stream must be absent, true or false")
     if provider == "llama3":
         if not isinstance(request.get("system_prompt"), str):
             problems.append("system_prompt must be a string")
@@ -87,10 +103,9 @@ def _error_body(provider: str, status: int, message: str) -> dict:
 
 def _success_body(provider: str, request: dict, text: str, sequence: int) -> dict:
     if provider == "ollama":
-        created_at = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
         return {
             "model": request["model"],
-            "created_at": created_at,
+            "created_at": _created_at(),
             "message": {"role": "assistant", "content": text},
             "done_reason": "stop",
             "done": True,
@@ -117,6 +132,58 @@ def _success_body(provider: str, request: dict, text: str, sequence: int) -> dic
     return {"response": text}
 
 
+class _Handler(WSGIHandler):
+    """Sets TCP_NODELAY as real servers do, and hands the app its socket so that a stream can be cut mid-body."""
+
+    def handle(self):
+        # Without it Nagle holds each reply on a kept-alive connection until the client's
+        # delayed ACK (~40 ms); Go's net/http (Ollama) and asyncio (uvicorn) set it too.
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return super().handle()
+
+    def get_environ(self):
+        environ = super().get_environ()
+        environ["fake.socket"] = self.socket
+        return environ
+
+
+def split_into_deltas(text: str) -> list[str]:
+    """Word-sized pieces the way LLM tokens come: "Hi there." -> ["Hi", " there", "."]."""
+    return re.findall(r"\s*[\w']+|\s*[^\w\s]|\s+$", text)
+
+
+def _created_at() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _stream_chunks(provider: str, request: dict, text: str, sequence: int) -> list[tuple[bytes, bool]]:
+    """The wire chunks of a streamed reply, each with "carries a text delta"."""
+    deltas = split_into_deltas(text)
+    if provider == "ollama":
+        def line(content: str, **extra) -> bytes:
+            return (json.dumps({
+                "model": request["model"], "created_at": _created_at(),
+                "message": {"role": "assistant", "content": content}, **extra,
+            }, ensure_ascii=False) + "\n").encode()  # Go's encoder sends UTF-8 as it is
+        final = line("", done_reason="stop", done=True, total_duration=5_191_566_416, load_duration=2_154_458,
+                     prompt_eval_count=26, prompt_eval_duration=383_809_000, eval_count=len(deltas),
+                     eval_duration=4_799_921_000)
+        return [(line(delta, done=False), True) for delta in deltas] + [(final, False)]
+
+    def event(delta: dict, finish_reason: str | None) -> bytes:
+        chunk = {
+            "id": f"chatcmpl-fake{sequence}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": request["model"], "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+    return (
+        [(event({"role": "assistant", "content": ""}, None), False)]
+        + [(event({"content": delta}, None), True) for delta in deltas]
+        + [(event({}, "stop"), False), (b"data: [DONE]\n\n", False)]
+    )
+
+
 class FakeLlmServer:
     """One fake LLM endpoint; a context manager exposing ``.url``, ``.requests`` and ``.headers``."""
 
@@ -131,6 +198,11 @@ class FakeLlmServer:
         body: bytes | str | dict | list | None = None,
         delay_s: float = 0.0,
         trickle_s: float = 0.0,
+        stream_body: Sequence[bytes | str] | None = None,
+        stream_first_delay_s: float = 0.0,
+        stream_gap_s: float = 0.0,
+        stream_hold_after: int | None = None,
+        stream_break_after: int | None = None,
     ):
         if provider not in PROVIDER_PATHS:
             raise ValueError(f"unknown provider {provider!r}")
@@ -142,6 +214,15 @@ class FakeLlmServer:
         self.delay_s = delay_s
         self.trickle_s = trickle_s
         self._replies = replies
+        self.stream_body = stream_body
+        self.stream_first_delay_s = stream_first_delay_s
+        self.stream_gap_s = stream_gap_s
+        self.stream_hold_after = stream_hold_after
+        self.stream_break_after = stream_break_after
+        self.release_stream = gevent.event.Event()
+        self.client_disconnected = gevent.event.Event()
+        self.deltas_sent = 0
+        self.stream_outcomes: list[str] = []
         self.requests: list[object] = []  # parsed JSON bodies (None when not JSON), in arrival order
         self.headers: list[dict[str, str]] = []  # lower-case header names, parallel to .requests
         self.client_ports: list[int] = []  # the client's source port per request: equal ports = a reused connection
@@ -164,7 +245,7 @@ class FakeLlmServer:
         return self.base_url + self.path
 
     def start(self) -> "FakeLlmServer":
-        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None, error_log=None)
+        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None, error_log=None, handler_class=_Handler)
         self._server.start()
         return self
 
@@ -229,7 +310,56 @@ class FakeLlmServer:
         if self.status >= 400:
             return self._respond(start_response, self.status, _error_body(self.provider, self.status, "fake failure"))
         text = self._reply_text(request, sequence)
+        if self.provider != "llama3" and request.get("stream") is True:
+            if self.stream_body is not None:
+                chunks = [(chunk.encode() if isinstance(chunk, str) else chunk, True) for chunk in self.stream_body]
+            else:
+                chunks = _stream_chunks(self.provider, request, text, sequence)
+            content_type = "application/x-ndjson" if self.provider == "ollama" else "text/event-stream; charset=utf-8"
+            # No Content-Length: pywsgi sends each chunk as it comes, with chunked encoding.
+            start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-cache")])
+            return self._stream(chunks, environ["fake.socket"])
         return self._respond(start_response, 200, _success_body(self.provider, request, text, sequence))
+
+    def _stream(self, chunks: list[tuple[bytes, bool]], sock: socket.socket) -> Iterator[bytes]:
+        # pywsgi asks for the next chunk only once it wrote the last one, and closes this
+        # generator (GeneratorExit at the yield) when a write fails: the client went away.
+        outcome = "client_closed"
+        try:
+            if self.stream_first_delay_s and self._closing.wait(self.stream_first_delay_s):
+                outcome = "server_stopped"
+                return
+            sent_deltas = 0
+            for index, (chunk, is_delta) in enumerate(chunks):
+                if index and self.stream_gap_s and self._closing.wait(self.stream_gap_s):
+                    outcome = "server_stopped"
+                    return
+                if is_delta and sent_deltas == self.stream_hold_after:
+                    gevent.wait([self.release_stream, self._closing], count=1)
+                    if self._closing.is_set():
+                        outcome = "server_stopped"
+                        return
+                if is_delta and sent_deltas == self.stream_break_after:
+                    # Ends the TCP stream mid-body: no terminating chunk ever follows.
+                    sock.shutdown(socket.SHUT_RDWR)
+                    outcome = "broken"
+                    return
+                if self.trickle_s:
+                    for offset in range(len(chunk)):
+                        yield chunk[offset:offset + 1]
+                        if self._closing.wait(self.trickle_s):
+                            outcome = "server_stopped"
+                            return
+                else:
+                    yield chunk
+                if is_delta:
+                    sent_deltas += 1
+                    self.deltas_sent += 1
+            outcome = "complete"
+        finally:
+            self.stream_outcomes.append(outcome)
+            if outcome == "client_closed":
+                self.client_disconnected.set()
 
     def _respond(self, start_response, status: int, body: bytes | str | dict | list) -> Iterator[bytes] | list[bytes]:
         if isinstance(body, (dict, list)):

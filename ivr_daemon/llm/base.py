@@ -1,23 +1,32 @@
-"""The LLM client interface and its errors: a chat history in, the assistant's text out.
+"""The LLM client interface and its errors: a chat history in, the assistant's text out, whole or streamed.
 
 Every provider module (``ollama``, ``openai``, ``llama3``) turns the same ``messages`` list
-into its own JSON request and reads its own reply shape; the HTTP exchange, the time bound
-and the mapping of every failure to an :class:`LlmError` live here, once.
+into its own JSON request and reads its own reply shape; the HTTP exchange, the time bound,
+the stream framing (NDJSON lines, server-sent events) and the mapping of every failure to an
+:class:`LlmError` live here, once.
 
-Time bound: each request gets ``timeout=(timeout_s, timeout_s)`` (connect, each read) *and*
-a wall-clock ``gevent.Timeout(timeout_s)`` around the whole exchange, so a server that
-trickles its reply a byte at a time cannot hold a call for longer than ``timeout_s``. The
-wall-clock bound needs the process to be gevent monkey-patched (the daemon always is, and
-so are the tests); without patching only the per-operation socket timeouts apply.
+Time bound of ``complete``: each request gets ``timeout=(timeout_s, timeout_s)`` (connect,
+each read) *and* a wall-clock ``gevent.Timeout(timeout_s)`` around the whole exchange, so a
+server that trickles its reply a byte at a time cannot hold a call for longer than
+``timeout_s``. ``stream`` applies the same pair per delta instead: from the request to the
+first text delta, and between any two deltas, at most ``timeout_s`` may pass (time the
+caller spends between two ``next()`` calls does not count). The wall-clock bounds need the
+process to be gevent monkey-patched (the daemon always is, and so are the tests); without
+patching only the per-operation socket timeouts apply.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
 import http.client
 import json
+import re
 import socket
 import time
+from types import MappingProxyType
+from typing import Callable, Generator, Iterable, Iterator, Literal
 
 import gevent
 import requests
@@ -29,7 +38,19 @@ log = get_logger(__name__)
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
+# How the body of a streamed reply is cut into events: Ollama sends one JSON object per line,
+# OpenAI-compatible servers send server-sent events ("data: {...}" lines, blank-line separated).
+StreamFraming = Literal["ndjson", "sse"]
+
 _SNIPPET_CHARS = 200
+_STREAM_READ_BYTES = 8192
+# One event line larger than this is not a chat chunk; refusing it bounds the buffer.
+_STREAM_MAX_LINE_BYTES = 1 << 20
+# After the end marker only the chunked-encoding trailer is left; reading it lets the
+# connection go back to the pool, but a server dawdling over it is not worth waiting for.
+_STREAM_DRAIN_S = 0.25
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_STREAM_ACCEPT = MappingProxyType({"ndjson": "application/x-ndjson", "sse": "text/event-stream"})
 
 
 def _one_line(text: str, limit: int = _SNIPPET_CHARS) -> str:
@@ -94,6 +115,58 @@ def _error_detail(body: bytes) -> str:
         return _one_line(text)
 
 
+def _body_lines(raw: urllib3.response.BaseHTTPResponse, provider: str) -> Iterator[str]:
+    """The lines of a streamed body as they arrive (LF, CRLF or CR ends one), decoded as UTF-8."""
+    pending = b""
+    while True:
+        # read1 returns whatever has arrived: read(n) would sit on a finished line waiting for n bytes.
+        chunk = raw.read1(_STREAM_READ_BYTES, decode_content=True)
+        if not chunk:
+            break
+        pending += chunk
+        # A CR at the end may be the first half of a CRLF that the next read completes.
+        held = b"\r" if pending.endswith(b"\r") else b""
+        *lines, pending = _LINE_BREAK.split(pending[: len(pending) - len(held)])
+        pending += held
+        if len(pending) > _STREAM_MAX_LINE_BYTES:
+            raise LlmBadReply(f"{provider}: stream line longer than {_STREAM_MAX_LINE_BYTES} bytes")
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if pending.rstrip(b"\r"):
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
+
+
+def _ndjson_events(lines: Iterable[str]) -> Iterator[str]:
+    return (line for line in lines if line.strip())
+
+
+def _sse_events(lines: Iterable[str]) -> Iterator[str]:
+    """The data of each server-sent event (https://html.spec.whatwg.org/multipage/server-sent-events.html)."""
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif not line.startswith(":"):  # a comment: llama_cpp.server's keep-alive pings are these
+            field, _, value = line.partition(":")
+            if field == "data":
+                data.append(value[1:] if value.startswith(" ") else value)
+            # event, id, retry: nothing a chat stream needs.
+    if data:
+        # The spec drops an event the body ends inside; a last "data: [DONE]" with no blank
+        # line after it is still the end marker to us.
+        yield "\n".join(data)
+
+
+@dataclasses.dataclass
+class _StreamProgress:
+    """What one stream got so far: for error messages and the log line."""
+
+    status: int | None = None
+    chars: int = 0
+
+
 def check_messages(messages: list[Message], minimum: int = 1) -> list[Message]:
     """Plain ``{"role", "content"}`` copies of ``messages``; ValueError on a caller's mistake."""
     if not isinstance(messages, list) or len(messages) < minimum:
@@ -111,7 +184,7 @@ def check_messages(messages: list[Message], minimum: int = 1) -> list[Message]:
 
 
 class LlmClient(abc.ABC):
-    """One endpoint and model; ``complete`` is a blocking request, cooperative under gevent."""
+    """One endpoint and model; ``complete`` and ``stream`` block, cooperatively under gevent."""
 
     provider: str
 
@@ -145,6 +218,30 @@ class LlmClient(abc.ABC):
         the assistant text, stripped. Raises LlmError subclasses only — never requests/json
         exceptions (a malformed ``messages`` argument is a caller bug: ValueError).
         """
+
+    def stream(self, messages: list[Message]) -> Generator[str, None, None]:
+        """The reply as text deltas, yielded as the server produces them.
+
+        A generator: the request goes out at the first ``next()`` (so does a ValueError for a
+        malformed ``messages``). Leading whitespace is dropped, and ``"".join(deltas).strip()``
+        is what ``complete`` would have returned. Raises LlmError subclasses only, also after
+        some deltas: a stream that breaks off is LlmUnavailable, one that stalls LlmTimeout,
+        one with a wrong shape, an error event, no end marker or no text at all LlmBadReply.
+        ``close()`` abandons the reply (barge-in) and closes its connection at once; to abandon
+        a stream that another greenlet is reading, kill that greenlet.
+
+        This fallback, for providers without a streaming API, yields the whole ``complete``
+        reply as one delta.
+        """
+        yield self.complete(messages)
+
+    def stream_delta(self, event: str) -> tuple[str, bool]:
+        """One event of a streamed reply (an NDJSON line, an SSE event's data) -> (text delta, reply finished).
+
+        Providers that stream through :meth:`post_stream` implement it, raising LlmBadReply
+        for an event of the wrong shape.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
 
     def close(self) -> None:
         self._session.close()
@@ -189,9 +286,7 @@ class LlmClient(abc.ABC):
             )
 
     def _exchange(self, payload: dict) -> tuple[int, bytes]:
-        deadline = gevent.Timeout(self.timeout_s)
-        deadline.start()
-        try:
+        with self._bounded(self._timeout, self._unreachable):
             response = self._session.post(
                 self.api_url,
                 json=payload,
@@ -200,23 +295,157 @@ class LlmClient(abc.ABC):
             )
             # Read the whole body inside the deadline: a trickling body is the slow part.
             return response.status_code, response.content
+
+    def post_stream(self, payload: dict, framing: StreamFraming) -> Generator[str, None, None]:
+        """POST ``payload`` and yield the text deltas :meth:`stream_delta` finds in the streamed reply.
+
+        Each ``next()`` runs under its own ``timeout_s`` deadline; the generator's
+        ``finally`` closes the response, so ``close()`` or a kill never leaks the connection.
+        """
+        progress = _StreamProgress()
+        deltas = self._stream_deltas(payload, framing, progress)
+        started_s = time.monotonic()
+        first_delta_ms = None
+        outcome = "abandoned"
+        try:
+            while True:
+                with self._bounded(
+                    lambda: self._stream_timeout(progress), lambda exc: self._stream_failure(progress, exc)
+                ):
+                    delta = next(deltas, None)
+                if delta is None:
+                    break
+                if first_delta_ms is None:
+                    first_delta_ms = round((time.monotonic() - started_s) * 1000)
+                yield delta
+            outcome = "ok"
+        except LlmError as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            deltas.close()
+            log.debug(
+                "llm_stream",
+                provider=self.provider,
+                model=self.model,
+                outcome=outcome,
+                status=progress.status,
+                chars=progress.chars,
+                first_delta_ms=first_delta_ms,
+                elapsed_ms=round((time.monotonic() - started_s) * 1000),
+            )
+
+    def _stream_deltas(self, payload: dict, framing: StreamFraming, progress: _StreamProgress) -> Iterator[str]:
+        headers = {
+            **self.request_headers(),
+            "Accept": _STREAM_ACCEPT[framing],
+            # A compressing proxy may hold small chunks back until its buffer fills.
+            "Accept-Encoding": "identity",
+        }
+        response = self._session.post(
+            self.api_url, json=payload, headers=headers, timeout=(self.timeout_s, self.timeout_s), stream=True
+        )
+        try:
+            progress.status = response.status_code
+            if response.status_code >= 400:
+                detail = _error_detail(response.content)
+                raise LlmUnavailable(
+                    f"{self.provider}: HTTP {response.status_code} from {self.api_url}: {detail}",
+                    status=response.status_code,
+                )
+            finished = False
+            for event in self._stream_events(response, framing):
+                delta, finished = self.stream_delta(event)
+                if not progress.chars:
+                    delta = delta.lstrip()
+                if delta:
+                    progress.chars += len(delta)
+                    yield delta
+                if finished:
+                    break
+            if not finished:
+                raise LlmBadReply(
+                    f"{self.provider}: stream from {self.api_url} ended without its end marker"
+                    f" after {progress.chars} chars"
+                )
+            if not progress.chars:
+                raise LlmBadReply(f"{self.provider}: stream from {self.api_url} carried no text")
+            self._drain(response)
+        finally:
+            response.close()
+
+    def _stream_events(self, response: requests.Response, framing: StreamFraming) -> Iterable[str]:
+        if framing == "sse" and response.headers.get("Content-Type", "").startswith("application/json"):
+            # Not a stream after all: a server that ignores "stream": true, or an error object.
+            return [response.content.decode("utf-8", "replace")]
+        lines = _body_lines(response.raw, self.provider)
+        return _sse_events(lines) if framing == "sse" else _ndjson_events(lines)
+
+    def _drain(self, response: requests.Response) -> None:
+        """Read what follows the end marker, so that the kept-alive connection can be reused."""
+        with gevent.Timeout(min(self.timeout_s, _STREAM_DRAIN_S), False):
+            try:
+                while response.raw.read1(_STREAM_READ_BYTES):
+                    pass
+            except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError):
+                pass  # the reply is complete; closing the response discards the connection
+
+    def stream_chunk(self, event: str) -> dict:
+        """One streamed event parsed as a JSON object; LlmBadReply for anything else and for an error object."""
+        try:
+            chunk = json.loads(event)
+        except ValueError:
+            raise LlmBadReply(f"{self.provider}: stream event is not JSON: {_one_line(event, 80)!r}") from None
+        if not isinstance(chunk, dict):
+            raise LlmBadReply(f"{self.provider}: stream event is a JSON {type(chunk).__name__}, not an object")
+        if _server_error(chunk):
+            raise LlmBadReply(f"{self.provider}: server error in the stream: {_one_line(_server_error(chunk))}")
+        return chunk
+
+    @contextlib.contextmanager
+    def _bounded(
+        self, timed_out: Callable[[], LlmTimeout], failed: Callable[[BaseException], LlmUnavailable]
+    ) -> Iterator[None]:
+        """Run the block within ``timeout_s`` of wall clock, turning transport failures into LlmErrors."""
+        deadline = gevent.Timeout(self.timeout_s)
+        deadline.start()
+        try:
+            yield
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise  # a caller's own timeout: not ours to translate
-            raise self._timeout() from None
+            raise timed_out() from None
         except requests.Timeout as exc:
-            raise self._timeout() from exc
+            raise timed_out() from exc
         except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError) as exc:
             # requests.RequestException is an OSError; the rest are what urllib3 or http.client
             # occasionally let through unwrapped (bad URL, broken chunking, header overflow).
             if _caused_by_read_timeout(exc):
-                raise self._timeout() from exc
-            raise LlmUnavailable(f"{self.provider}: cannot reach {self.api_url}: {_one_line(exc)}") from exc
+                raise timed_out() from exc
+            raise failed(exc) from exc
         finally:
             deadline.close()
 
     def _timeout(self) -> LlmTimeout:
         return LlmTimeout(f"{self.provider}: no reply from {self.api_url} within {self.timeout_s:g} s")
+
+    def _unreachable(self, exc: BaseException) -> LlmUnavailable:
+        return LlmUnavailable(f"{self.provider}: cannot reach {self.api_url}: {_one_line(exc)}")
+
+    def _stream_timeout(self, progress: _StreamProgress) -> LlmTimeout:
+        if not progress.chars:
+            return self._timeout()
+        return LlmTimeout(
+            f"{self.provider}: stream from {self.api_url} stalled for {self.timeout_s:g} s"
+            f" after {progress.chars} chars"
+        )
+
+    def _stream_failure(self, progress: _StreamProgress, exc: BaseException) -> LlmUnavailable:
+        if progress.status is None:
+            return self._unreachable(exc)
+        return LlmUnavailable(
+            f"{self.provider}: stream from {self.api_url} broke off after {progress.chars} chars: {_one_line(exc)}"
+        )
 
     def text_at(self, reply: object, *path: str | int) -> str:
         """The non-empty stripped string at ``path`` inside ``reply``, else LlmBadReply."""

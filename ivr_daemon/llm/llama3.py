@@ -8,7 +8,8 @@ Wire format (``api_url`` is the full endpoint URL, used as given)::
     <- {"response": "..."}
 
 ``conversation_history`` holds the turns between the system prompt and the new user message,
-oldest first; neither of those two is repeated in it.
+oldest first; neither of those two is repeated in it. The API does not stream: ``stream()``
+yields the whole ``complete()`` reply as one delta (the base class's fallback).
 """
 
 from __future__ import annotations
