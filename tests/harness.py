@@ -50,3 +50,9 @@ def wait_until(condition, timeout_s: float = 10.0, step_s: float = 0.01) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         gevent.sleep(step_s)
+
+
+def wait_heard(sim, call_uuid: str, count: int = 1, timeout_s: float = 10.0) -> None:
+    """Wait until ``count`` more broadcasts to this call have finished playing (PLAYBACK_STOP)."""
+    for _ in range(count):
+        sim.wait_for_event(lambda e: e.name == "PLAYBACK_STOP" and e.unique_id == call_uuid, timeout_s)

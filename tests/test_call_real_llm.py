@@ -20,32 +20,34 @@ class RecordingClient(OpenAiClient):
         self.sent.append(json.loads(json.dumps(messages)))
         return super().complete(messages)
 
+    def stream(self, messages):
+        self.sent.append(json.loads(json.dumps(messages)))
+        return super().stream(messages)
+
 
 def test_two_turns_with_smollm2_each_ending_in_a_broadcast_of_a_telephony_wav(tmp_path, llama_server):
-    with FreeswitchSimulator() as sim:
+    with FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="openai", LLM_API_URL=llama_server.chat_completions_url,
                                 LLM_MODEL="smollm2", LLM_TIMEOUT="60")
         client = RecordingClient(settings.llm_api_url, settings.llm_model, settings.llm_timeout_s)
         turns = []
-        with running_daemon(sim, settings, llm=client, on_turn=turns.append):
+        with running_daemon(sim, settings, llm=client, on_turn=turns.append) as daemon:
             call = sim.new_call()
-            wavs = []
             for number, text in enumerate(["Hello, what are your opening hours?", "Can I come tomorrow?"], start=1):
                 sim.speak(call, text)
-                command = sim.wait_for_command(
-                    lambda c, n=number: c.line.startswith(f"api uuid_broadcast {call} ") and len(broadcasts(sim, call)) == n, 90)
-                wav = command.line.split()[3]
-                info = soundfile.info(wav)  # read at once: the file exists when the command is sent
-                assert (info.samplerate, info.channels, info.subtype) == (8000, 1, "PCM_16")
-                assert info.duration > 0.1
-                wavs.append(wav)
-            wait_until(lambda: len(turns) == 2, 30)
-        assert not any(t.used_fallback for t in turns)
-        first_reply = turns[0].reply
+                wait_until(lambda: len(turns) == number, 90)
+                handler = daemon.router.calls[call].handler
+                wait_until(lambda: not handler.playing, 60)  # the caller hears the answer out
+            infos = [soundfile.info(line.split()[3]) for line in broadcasts(sim, call)]
+        assert len(turns) == 2 and not any(t.used_fallback or t.interrupted for t in turns)
+        assert all(t.sentences >= 1 for t in turns)
+        for info in infos:
+            assert (info.samplerate, info.channels, info.subtype) == (8000, 1, "PCM_16") and info.duration > 0.1
+        first_reply = client.sent and handler.history.messages()[2]["content"]
         assert first_reply.strip()
         # The second request carries the first exchange.
         assert [m["role"] for m in client.sent[1]] == ["system", "user", "assistant", "user"]
         assert client.sent[1][1]["content"] == "Hello, what are your opening hours?"
         assert client.sent[1][2]["content"] == first_reply
         assert client.sent[1][3]["content"] == "Can I come tomorrow?"
-        assert len(set(wavs)) == 2
+        assert len(broadcasts(sim, call)) == sum(t.sentences for t in turns)

@@ -1,13 +1,13 @@
 """The conversational turn on the simulator: history, fallback, hangup, concurrency."""
 
 import time
-import threading
 
 import numpy
+from gevent.monkey import get_original
 import pytest
 import soundfile
 
-from harness import broadcasts, running_daemon, settings_for, wait_until
+from harness import broadcasts, running_daemon, settings_for, wait_heard, wait_until
 from llm_fakes import FakeLlmServer
 from ivr_daemon.conversation import ConversationHistory, transcript_of
 from ivr_daemon.esl.protocol import EslEvent
@@ -59,12 +59,13 @@ def _read_wav_when_broadcast(sim, call_uuid, count, timeout_s=15):
 
 def test_two_turns_second_request_carries_first_exchange(tmp_path):
     with FakeLlmServer("ollama", replies=["We open at nine.", "Yes, on Saturdays too."]) as llm, \
-            FreeswitchSimulator() as sim:
+            FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, MAX_CONVERSATION_HISTORY="10")
         with running_daemon(sim, settings):
             call = sim.new_call()
             sim.speak(call, "when do you open")
             first = _read_wav_when_broadcast(sim, call, 1)
+            wait_heard(sim, call)  # the caller listens to the answer before asking again
             sim.speak(call, "and on weekends")
             both = first + _read_wav_when_broadcast(sim, call, 1)
             for line, info in both:
@@ -78,14 +79,14 @@ def test_two_turns_second_request_carries_first_exchange(tmp_path):
 
 def test_history_is_capped_in_what_the_llm_receives(tmp_path):
     with FakeLlmServer("ollama", replies=lambda req: f"answer {len(req['messages'])}") as llm, \
-            FreeswitchSimulator() as sim:
+            FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, MAX_CONVERSATION_HISTORY="3")
         with running_daemon(sim, settings):
             call = sim.new_call()
             for i in range(4):
                 sim.speak(call, f"question {i}")
-                _read_wav_when_broadcast(sim, call, 1) if i == 0 else sim.wait_for_command(
-                    lambda c, n=i + 1: len(broadcasts(sim, call)) >= n, 10)
+                sim.wait_for_command(lambda c, n=i + 1: len(broadcasts(sim, call)) >= n, 10)
+                wait_heard(sim, call)
             assert [len(r["messages"]) for r in llm.requests] == [2, 4, 4, 4]
             assert llm.requests[-1]["messages"][-1]["content"] == "question 3"
 
@@ -94,7 +95,7 @@ def test_history_is_capped_in_what_the_llm_receives(tmp_path):
 @pytest.mark.parametrize("failure", ["timeout", "malformed", "http500"])
 def test_llm_failure_plays_fallback_within_timeout_plus_one_second(tmp_path, provider, failure):
     knobs = {"timeout": {"delay_s": 5}, "malformed": {"body": b"{not json"}, "http500": {"status": 500}}[failure]
-    with FakeLlmServer(provider, replies="never used", **knobs) as llm, FreeswitchSimulator() as sim:
+    with FakeLlmServer(provider, replies="never used", **knobs) as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER=provider, LLM_API_URL=llm.url, LLM_TIMEOUT="1")
         with running_daemon(sim, settings) as daemon:
             call = sim.new_call()
@@ -103,10 +104,10 @@ def test_llm_failure_plays_fallback_within_timeout_plus_one_second(tmp_path, pro
             command = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 5)
             assert command.t_monotonic - started <= 1 + 1
             fallback_wav = command.line.split()[3]
-            assert fallback_wav.endswith("fallback-null.wav")
+            handler = daemon.router.calls[call].handler
+            assert fallback_wav == str(handler.services.fallback_wav)  # synthesized at start-up
             assert soundfile.info(fallback_wav).samplerate == 8000
             # The user's words stay in history once; the fallback is not stored as the model's reply.
-            handler = daemon.router.calls[call].handler
             assert [m["content"] for m in handler.history.messages()[1:]] == ["hello"]
 
 
@@ -117,9 +118,11 @@ class GatedEngine(TtsEngine):
     voice_id = "gated"
 
     def __init__(self):
+        # Native events: synthesis waits on them in a real worker thread, not a greenlet.
+        native_event = get_original("threading", "Event")
         self.inner = NullEngine()
-        self.started = threading.Event()
-        self.release = threading.Event()
+        self.started = native_event()
+        self.release = native_event()
 
     def synthesize(self, text):
         self.started.set()
@@ -127,11 +130,12 @@ class GatedEngine(TtsEngine):
         return self.inner.synthesize(text)
 
 
-def test_hangup_mid_synthesis_sends_no_broadcast_and_deletes_the_wavs(tmp_path):
+@pytest.mark.parametrize("cache_mb", ["0", "200"])
+def test_hangup_mid_synthesis_sends_no_broadcast_and_deletes_the_wavs(tmp_path, cache_mb):
     engine = GatedEngine()
     engine.release.set()  # let the start-up fallback through
-    with FakeLlmServer("ollama", replies="A long answer.") as llm, FreeswitchSimulator() as sim:
-        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+    with FakeLlmServer("ollama", replies="A long answer.") as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, TTS_CACHE_MAX_MB=cache_mb)
         with running_daemon(sim, settings, tts=engine) as daemon:
             engine.release.clear()
             engine.started.clear()
@@ -146,20 +150,25 @@ def test_hangup_mid_synthesis_sends_no_broadcast_and_deletes_the_wavs(tmp_path):
             wait_until(lambda: call not in daemon.router.calls)
             assert broadcasts(sim, call) == []
             assert list(tmp_path.glob(f"{call}-*.wav")) == []
-            assert (tmp_path / "fallback-gated.wav").exists()  # shared, never deleted on hangup
+            # Shared files (the fallback phrase, the phrase cache) are never deleted on hangup.
+            assert handler.services.fallback_wav.exists()
+            if cache_mb != "0":
+                assert handler.services.cache.stats().files == 2  # the fallback and the late answer
 
 
 def test_two_calls_at_once_do_not_share_history(tmp_path):
     def reply(request):
         return "You said: " + request["messages"][-1]["content"]
 
-    with FakeLlmServer("ollama", replies=reply) as llm, FreeswitchSimulator() as sim:
+    with FakeLlmServer("ollama", replies=reply) as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
         with running_daemon(sim, settings):
             a, b = sim.new_call(), sim.new_call()
             sim.speak(a, "apples")
             sim.speak(b, "bananas")
             sim.wait_for_command(lambda c: len(broadcasts(sim)) >= 2, 10)
+            wait_heard(sim, a)
+            wait_heard(sim, b)
             sim.speak(a, "more apples")
             sim.speak(b, "more bananas")
             sim.wait_for_command(lambda c: len(broadcasts(sim)) >= 4, 10)
@@ -181,12 +190,15 @@ class BrokenEngine(TtsEngine):
 
 def test_tts_failure_plays_nothing_and_the_next_turn_works(tmp_path):
     engine = BrokenEngine()
-    with FakeLlmServer("ollama", replies=["first", "second"]) as llm, FreeswitchSimulator() as sim:
+    with FakeLlmServer("ollama", replies=["first", "second"]) as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
-        with running_daemon(sim, settings, tts=engine):
+        turns = []
+        with running_daemon(sim, settings, tts=engine, on_turn=turns.append):
             call = sim.new_call()
             sim.speak(call, "one")
             sim.speak(call, "two")
-            command = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 10)
-            assert "-0002-" in command.line  # turn 2's WAV; turn 1 played nothing
+            sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 10)
+            wait_until(lambda: len(turns) == 2)
+            assert [t.sentences for t in turns] == [0, 1]  # turn 1 played nothing, turn 2 its answer
+            assert turns[1].reply == "second"
             assert len(broadcasts(sim, call)) == 1
