@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import wait_heard
 from llm_fakes import FakeLlmServer
 from ivr_daemon.replay.fixture import FixtureError, load_fixture
 from ivr_daemon.replay.recorder import record_scripted_calls
@@ -17,9 +18,9 @@ CAPTURES = Path(__file__).parent / "captures"
 def two_turn_call(sim):
     call = sim.new_call()
     for text in ("what are your opening hours", "and on saturday"):
-        count = len([c for c in sim.commands if c.line.startswith("api uuid_broadcast")])
         sim.speak(call, text)
-        sim.wait_for_command(lambda c, n=count: len([x for x in sim.commands if x.line.startswith("api uuid_broadcast")]) > n, 30)
+        sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 30)
+        wait_heard(sim, call)  # the caller listens to the one-sentence answer
     sim.hangup(call)
 
 
@@ -27,7 +28,8 @@ def two_turn_call(sim):
 def recorded(tmp_path_factory):
     out = tmp_path_factory.mktemp("rec") / "round_trip.esl"
     with FakeLlmServer("ollama", replies=["We open at nine.", "Saturdays from ten."]) as llm:
-        record_scripted_calls(out, two_turn_call, {"LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url, "TTS_ENGINE": "null"}, calls=1)
+        record_scripted_calls(out, two_turn_call, {"LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url, "TTS_ENGINE": "null"},
+                              calls=1, playback_speed=0.1)
     return out
 
 

@@ -138,11 +138,13 @@ class Recorder:
         return len(data)
 
 
-def record_scripted_calls(out_path: Path, scenario, env: dict[str, str], calls: int, timeout_s: float = 120.0) -> str:
+def record_scripted_calls(out_path: Path, scenario, env: dict[str, str], calls: int, timeout_s: float = 300.0,
+                          playback_speed: float = 1.0) -> str:
     """Record a fixture without a switch: ``ivr-daemon record`` (a real subprocess) on the simulator.
 
     ``scenario(sim)`` plays the callers (``sim.new_call()``, ``sim.speak()``, ``sim.hangup()``);
-    recording stops when ``calls`` calls have ended. Returns what the recorder printed.
+    recording stops when ``calls`` calls have ended; ``playback_speed`` scales how long the
+    simulator takes to play each WAV. Returns what the recorder printed.
     """
     import os
     import subprocess
@@ -150,7 +152,7 @@ def record_scripted_calls(out_path: Path, scenario, env: dict[str, str], calls: 
 
     from ivr_daemon.replay.simulator import FreeswitchSimulator
 
-    with FreeswitchSimulator() as sim:
+    with FreeswitchSimulator(playback_speed=playback_speed) as sim:
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_"))}
         child_env.update(env)
         child_env.update({"FREESWITCH_HOST": "127.0.0.1", "FREESWITCH_PORT": str(sim.port),

@@ -21,7 +21,7 @@ import gevent
 
 from ivr_daemon.config import Settings, load_settings
 from ivr_daemon.daemon import build_conversation_daemon
-from ivr_daemon.esl.protocol import FrameParser, Frame, MalformedEvent, parse_event
+from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, build_plain_event, parse_event, parse_header_pairs
 from ivr_daemon.llm.base import LlmBadReply, LlmClient, LlmTimeout, LlmUnavailable, Message
 from ivr_daemon.logs import get_logger
 from ivr_daemon.replay.fixture import ExpectedCommand, Fixture, FixtureFrame, LlmReply, call_uuid_of, load_fixture
@@ -101,6 +101,47 @@ def _describe_frame(data: bytes, line_no: int) -> tuple[str | None, str]:
     return event.unique_id, f"line {line_no}: " + ", ".join(parts)
 
 
+PATH_HEADERS = ("Playback-File-Path", "Application-Data", "variable_current_application_data")
+
+
+class PlaybackPathMapper:
+    """Rewrites the recording's WAV paths in playback events to the ones the daemon broadcast now.
+
+    Paths differ per run (temp dirs, per-call names, another TTS engine's cache keys), but the
+    daemon follows playback by path. The n-th distinct path a call's recorded events name is
+    the n-th distinct path the daemon has broadcast to that call in this replay.
+    """
+
+    def __init__(self, sim: FreeswitchSimulator):
+        self.sim = sim
+        self.recorded: dict[str, list[str]] = {}
+
+    def rewrite(self, data: bytes) -> bytes:
+        items = FrameParser().feed(data)
+        if len(items) != 1 or not isinstance(items[0], Frame) or items[0].content_type != "text/event-plain":
+            return data
+        try:
+            event = parse_event(items[0])
+        except MalformedEvent:
+            return data
+        uuid = event.unique_id
+        path = event.get("Playback-File-Path") or (event.get("Application-Data") if event.get("Application") == "playback" else None)
+        if not uuid or not path or not path.endswith(".wav"):
+            return data
+        recorded = self.recorded.setdefault(uuid, [])
+        if path not in recorded:
+            recorded.append(path)
+        actual = list(dict.fromkeys(c.line.split()[3] for c in self.sim.commands
+                                    if c.line.startswith(f"api uuid_broadcast {uuid} ") and len(c.line.split()) > 3))
+        index = recorded.index(path)
+        if index >= len(actual) or actual[index] == path:
+            return data
+        head = items[0].body.split(b"\n\n", 1)[0].decode("utf-8")
+        pairs = [(key, actual[index] if key in PATH_HEADERS and value == path else value)
+                 for key, value in parse_header_pairs(head, url_decoded=True)]
+        return build_plain_event(pairs, event.body)
+
+
 def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | None = None,
                    base_env: dict[str, str] | None = None) -> ReplayResult:
     """Replay one fixture; the result says whether the daemon sent what was expected."""
@@ -118,6 +159,7 @@ def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | Non
             if not daemon.esl.wait_connected(10):
                 return ReplayResult(fixture.path, False, "the daemon did not connect to the simulator", 0.0)
             written: dict[str, list[tuple[float, str]]] = {}  # call -> (when written, frame description)
+            paths = PlaybackPathMapper(sim)
             expected_so_far: dict[str, int] = {}
             replay_started_s = time.monotonic()
             for item in fixture.timeline:
@@ -136,7 +178,7 @@ def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | Non
                 uuid, description = _describe_frame(item.data, item.line_no)
                 if uuid:
                     written.setdefault(uuid, []).append((time.monotonic(), description))
-                sim.replay_frame(item.data)
+                sim.replay_frame(item.data if item.raw else paths.rewrite(item.data))
             wait_until_idle(daemon)
         finally:
             daemon.stop()
