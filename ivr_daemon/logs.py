@@ -12,8 +12,32 @@ import sys
 import structlog
 
 
+def use_native_logging_locks() -> None:
+    """Give the logging module and every handler OS locks, not gevent's.
+
+    Synthesis runs in native worker threads, and it logs (our engines, Coqui itself). Under
+    monkey-patching ``threading.RLock`` is gevent's, which cannot be shared between the hub
+    and other threads: a worker and a greenlet logging at once can hang the whole daemon.
+    An OS lock is held only for one write to stderr, which never yields to the hub.
+    """
+    from gevent.monkey import get_original
+
+    native_rlock = get_original("_thread", "RLock")
+
+    def create_native_lock(handler: logging.Handler) -> None:
+        handler.lock = native_rlock()
+
+    logging.Handler.createLock = create_native_lock
+    logging._lock = native_rlock()  # the module's own lock (logger and handler registries)
+    for reference in list(logging._handlerList):
+        handler = reference()
+        if handler is not None:
+            handler.lock = native_rlock()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json", stream=None) -> None:
     """Route structlog and the stdlib (greenswitch, requests, TTS) through one renderer."""
+    use_native_logging_locks()
     stream = stream or sys.stderr
     shared = [
         structlog.contextvars.merge_contextvars,

@@ -4,6 +4,11 @@ from gevent import monkey
 
 monkey.patch_all()
 
+from ivr_daemon.logs import use_native_logging_locks  # noqa: E402
+
+# Before pytest makes its log-capturing handlers: TTS worker threads log too.
+use_native_logging_locks()
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
