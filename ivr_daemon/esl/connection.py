@@ -14,6 +14,8 @@ password is final (:class:`AuthenticationFailed`); anything else is retried.
 from __future__ import annotations
 
 import collections
+import socket
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -103,6 +105,8 @@ class EslConnection(InboundESL):
         try:
             with gevent.Timeout(self.timeout, NotConnectedError(f"no auth/request from {self.host}:{self.port} within {self.timeout} s")):
                 super().connect()
+            # Commands are small and latency-bound (uuid_break on barge-in): no Nagle delay.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except _GreenswitchNotConnected as exc:
             self.close()
             if isinstance(exc, NotConnectedError):
@@ -217,7 +221,7 @@ class EslConnection(InboundESL):
             self._resolve_reply(item)
         elif content_type.startswith("text/event-"):
             try:
-                event = parse_event(item)
+                event = parse_event(item, received_s=time.monotonic())
             except MalformedEvent as exc:
                 log.warning("esl_malformed_event_skipped", reason=str(exc))
                 self._on_malformed(str(exc))

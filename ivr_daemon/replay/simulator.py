@@ -331,8 +331,9 @@ class CommandPacketParser:
 class _Connection:
     """One client socket: its ``event`` state and a writer greenlet draining an ordered outbox."""
 
-    def __init__(self, connection_id: int, sock, peer: str):
+    def __init__(self, connection_id: int, sock, peer: str, on_written: Callable[[int], None] | None = None):
         self.id = connection_id
+        self._on_written = on_written
         self.sock = sock
         self.peer = peer
         self.authenticated = False
@@ -359,9 +360,10 @@ class _Connection:
     def info(self) -> ConnectionInfo:
         return ConnectionInfo(self.id, self.peer, self.authenticated, self.subscription())
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, sequence: int | None = None) -> None:
+        """Queue bytes for the writer; an event's ``sequence`` gets its write time noted."""
         if not self.closed:
-            self._outbox.put(data)
+            self._outbox.put(data if sequence is None else (data, sequence))
 
     def close_after_flush(self) -> None:
         self._outbox.put(_CLOSE)
@@ -394,7 +396,13 @@ class _Connection:
                 item = self._outbox.get()
                 if item is _CLOSE:
                     break
-                self.sock.sendall(item)
+                if isinstance(item, tuple):
+                    data, sequence = item
+                    self.sock.sendall(data)
+                    if self._on_written is not None:
+                        self._on_written(sequence)
+                else:
+                    self.sock.sendall(item)
         except OSError:
             pass
         finally:
@@ -582,6 +590,7 @@ class FreeswitchSimulator:
         self._consumed_commands: set[int] = set()
         self._consumed_events: set[int] = set()
         self._emitted: list[EmittedEvent] = []
+        self._written_at: dict[int, float] = {}
         self._waiters: list[gevent.event.Event] = []
         self._started_monotonic = time.monotonic()
         self._sessions_since_start = 0
@@ -929,7 +938,9 @@ class FreeswitchSimulator:
     # -- connections -------------------------------------------------------------------------
 
     def _handle_connection(self, sock, address) -> None:
-        conn = _Connection(next(self._connection_ids), sock, f"{address[0]}:{address[1]}")
+        # mod_event_socket's listener_run() sets SWITCH_SO_TCP_NODELAY on every connection.
+        sock.setsockopt(socket_constants.IPPROTO_TCP, socket_constants.TCP_NODELAY, 1)
+        conn = _Connection(next(self._connection_ids), sock, f"{address[0]}:{address[1]}", self._note_written)
         self._connections[conn.id] = conn
         clog = log.bind(connection_id=conn.id)
         clog.info("sim_connection_opened", peer=conn.peer)
@@ -1649,7 +1660,7 @@ class FreeswitchSimulator:
                 frame = frames.get(conn.wire_format)
                 if frame is None:
                     frame = frames[conn.wire_format] = _FRAME_BUILDERS[conn.wire_format](pairs, body)
-                conn.send(frame)
+                conn.send(frame, sequence)
 
         deliver()
         for _ in range(copies - 1):
@@ -1660,6 +1671,13 @@ class FreeswitchSimulator:
                 deliver()
         self._notify()
         return sequence
+
+    def _note_written(self, sequence: int) -> None:
+        self._written_at.setdefault(sequence, time.monotonic())
+
+    def written_at(self, sequence: int) -> float | None:
+        """When the event with this Event-Sequence was first written to a socket (monotonic s)."""
+        return self._written_at.get(sequence)
 
     # -- helpers -----------------------------------------------------------------------------
 
