@@ -220,7 +220,7 @@ class ConversationHandler:
         transcript = transcript_of(event)
         if transcript is None or self.hung_up:
             return
-        self._turn_greenlet = gevent.spawn(self._turn, transcript)
+        self._turn_greenlet = gevent.spawn(self._turn, transcript, event.received_s)
         self._turn_greenlet.join()
         if self._turn_greenlet.exception is not None:
             self.log.error("turn_failed", error=repr(self._turn_greenlet.exception))
@@ -314,8 +314,10 @@ class ConversationHandler:
 
     # -- the turn -----------------------------------------------------------------------------
 
-    def _turn(self, transcript: str) -> None:
+    def _turn(self, transcript: str, received_s: float = 0.0) -> None:
         started_s = time.monotonic()
+        # How long the transcript waited (reader, call queue, an earlier turn) before this turn.
+        queued_ms = (started_s - received_s) * 1000 if received_s else None
         self.turns += 1
         turn = self.turns
         log = self.log.bind(turn=turn)
@@ -365,7 +367,8 @@ class ConversationHandler:
         log.info("turn_complete", transcript=transcript, reply=result.reply, used_fallback=used_fallback,
                  sentences=len(said), wav_path=str(first_path) if first_path else None, broadcast=first_reply,
                  llm_ms=round(result.llm_ms, 1), tts_ms=round(tts_ms, 1), total_ms=round(total_ms, 1),
-                 first_audio_ms=round(result.first_audio_ms, 1) if result.first_audio_ms else None)
+                 first_audio_ms=round(result.first_audio_ms, 1) if result.first_audio_ms else None,
+                 queued_ms=round(queued_ms, 2) if queued_ms is not None else None, received_s=received_s or None)
         if self.services.on_turn is not None:
             self.services.on_turn(result)
 

@@ -181,6 +181,7 @@ class EslEvent:
     headers: Mapping[str, str]
     body: str | None = None
     wire_format: str = "plain"
+    received_s: float = 0.0  # time.monotonic() when its frame came off the socket, if known
 
     @property
     def name(self) -> str:
@@ -199,18 +200,20 @@ class EslEvent:
         return self.headers.get(key, default)
 
 
-def parse_event(frame: Frame) -> EslEvent:
-    """Decode a ``text/event-plain`` or ``text/event-json`` frame; raises :class:`MalformedEvent`."""
+def parse_event(frame: Frame, received_s: float = 0.0) -> EslEvent:
+    """Decode a ``text/event-plain``, ``-json`` or ``-xml`` frame; raises :class:`MalformedEvent`."""
     if frame.content_type == "text/event-plain":
-        return _parse_plain_event(frame.body)
-    if frame.content_type == "text/event-json":
-        return _parse_json_event(frame.body)
-    if frame.content_type == "text/event-xml":
-        return _parse_xml_event(frame.body)
-    raise MalformedEvent(f"not an event frame: Content-Type {frame.content_type!r}")
+        headers, body, wire_format = _parse_plain_event(frame.body)
+    elif frame.content_type == "text/event-json":
+        headers, body, wire_format = _parse_json_event(frame.body)
+    elif frame.content_type == "text/event-xml":
+        headers, body, wire_format = _parse_xml_event(frame.body)
+    else:
+        raise MalformedEvent(f"not an event frame: Content-Type {frame.content_type!r}")
+    return EslEvent(headers=headers, body=body, wire_format=wire_format, received_s=received_s)
 
 
-def _parse_plain_event(data: bytes) -> EslEvent:
+def _parse_plain_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
     end = data.find(b"\n\n")
     head, rest = (data, b"") if end < 0 else (data[:end], data[end + 2 :])
     try:
@@ -218,7 +221,7 @@ def _parse_plain_event(data: bytes) -> EslEvent:
     except UnicodeDecodeError:
         raise MalformedEvent("event headers are not UTF-8") from None
     if "Content-Length" not in headers:
-        return EslEvent(headers=headers, body=None, wire_format="plain")
+        return headers, None, "plain"
     text = headers["Content-Length"]
     if not text.isdigit() or int(text) > len(rest):
         raise MalformedEvent(f"event body Content-Length {text[:20]!r} does not match its {len(rest)} bytes")
@@ -226,10 +229,10 @@ def _parse_plain_event(data: bytes) -> EslEvent:
         body = rest[: int(text)].decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedEvent("event body is not UTF-8") from None
-    return EslEvent(headers=headers, body=body, wire_format="plain")
+    return headers, body, "plain"
 
 
-def _parse_json_event(data: bytes) -> EslEvent:
+def _parse_json_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -243,10 +246,10 @@ def _parse_json_event(data: bytes) -> EslEvent:
         if isinstance(value, list):
             value = value[0] if value else ""
         headers[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    return EslEvent(headers=headers, body=body if isinstance(body, str) else None, wire_format="json")
+    return headers, body if isinstance(body, str) else None, "json"
 
 
-def _parse_xml_event(data: bytes) -> EslEvent:
+def _parse_xml_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
     # Only the daemon's own tests subscribe as xml; values are URL-encoded as in plain events.
     import xml.etree.ElementTree as ElementTree
 
@@ -265,7 +268,7 @@ def _parse_xml_event(data: bytes) -> EslEvent:
         headers.setdefault("Content-Length", length_node.text or "")
     body_node = root.find("body")
     body = None if body_node is None else (body_node.text or "")
-    return EslEvent(headers=headers, body=body, wire_format="xml")
+    return headers, body, "xml"
 
 
 # --- Serialising: what FreeSWITCH writes. The simulator and the tests speak through these. ---
