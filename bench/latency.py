@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Latency benchmark: daemon overhead under load, streaming vs batch, loop lag, barge-in.
+
+Runs the real daemon against the FreeSWITCH simulator and a local streaming LLM server of
+known timing (first token after --first-token-ms, then --tokens-per-s, a 3-sentence reply).
+Prints a table, and as its last line one JSON object:
+
+  overhead_p50_ms, overhead_p99_ms  DETECTED_SPEECH frame written -> first uuid_broadcast read,
+                                    minus the LLM's time to its first sentence and minus synthesis
+                                    time, with --calls concurrent calls each asking once at a random
+                                    moment within --spread-s (null TTS; the daemon runs as
+                                    `ivr-daemon run` in its own process, the LLM in another)
+  first_audio_stream_ms, first_audio_batch_ms, stream_over_batch
+                                    DETECTED_SPEECH -> first broadcast, streaming on and off
+  loop_lag_p99_ms                   lag of a 10 ms ticker on the gevent loop while 8 calls
+                                    synthesize with Piper at once
+  barge_in_p99_ms                   partial-speech frame written -> uuid_break read
+
+Usage: .venv/bin/python bench/latency.py [--calls 200]
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the faithful fake LLM server the tests use
+
+from llm_fakes import FakeLlmServer  # noqa: E402
+
+from ivr_daemon.config import load_settings  # noqa: E402
+from ivr_daemon.daemon import build_conversation_daemon  # noqa: E402
+from ivr_daemon.logs import configure_logging  # noqa: E402
+from ivr_daemon.replay.simulator import FreeswitchSimulator  # noqa: E402
+from ivr_daemon.tts import make_tts_engine  # noqa: E402
+
+REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four in the afternoon. "
+         "Is there anything else I can help you with today?")
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class Rig:
+    """Simulator + fake LLM + daemon, torn down together."""
+
+    def __init__(self, args, tts_engine="null", tts=None, llm_stream=True, sim_options=None, env=None):
+        self.turns = []
+        self.llm = FakeLlmServer("openai", replies=REPLY, stream_first_delay_s=args.first_token_ms / 1000,
+                                 stream_gap_s=1 / args.tokens_per_s, delay_s=0).start()
+        self.sim = FreeswitchSimulator(**(sim_options or {})).start()
+        self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
+        values = {"FREESWITCH_PORT": str(self.sim.port), "LLM_PROVIDER": "openai", "LLM_API_URL": self.llm.url,
+                  "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
+                  "LLM_STREAM": "true" if llm_stream else "false", "LOG_LEVEL": "WARNING", **(env or {})}
+        self.settings = load_settings(environ=values)
+        self.daemon = build_conversation_daemon(self.settings, tts=tts, on_turn=self.turns.append)
+        self.daemon.start()
+        assert self.daemon.esl.wait_connected(10)
+
+    def close(self):
+        self.daemon.stop()
+        self.sim.stop()
+        self.llm.stop()
+        self.tmp.cleanup()
+
+
+
+class DaemonProcessRig:
+    """The daemon as users run it (``ivr-daemon run``, its own process and hub), the fake LLM
+    in another process, the simulator here: the daemon's loop carries only its own work."""
+
+    def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None):
+        self.turns: dict[str, dict] = {}
+        self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
+        llm_cmd = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
+                   "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)]
+        self.llm = subprocess.Popen(llm_cmd + ([] if llm_stream else ["--batch"]), stdout=subprocess.PIPE, text=True)
+        llm_url = self.llm.stdout.readline().strip()
+        self.sim = FreeswitchSimulator(**(sim_options or {})).start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
+        env.update({"FREESWITCH_PORT": str(self.sim.port), "LLM_PROVIDER": "openai", "LLM_API_URL": llm_url,
+                    "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
+                    "TTS_CACHE_MAX_MB": "0", "LLM_STREAM": "true" if llm_stream else "false",
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"})
+        # Logs to a file, as in production: a pipe the benchmark reads late would stall the
+        # daemon's writes to stderr, and with them its whole loop.
+        self.log_path = Path(self.tmp.name) / "daemon.log"
+        self.log_file = open(self.log_path, "w")
+        self.daemon = subprocess.Popen([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "run"],
+                                       env=env, stderr=self.log_file, stdout=subprocess.DEVNULL)
+        self.sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
+        self._log_offset = 0
+
+    def _read_log(self):
+        with open(self.log_path) as log_file:
+            log_file.seek(self._log_offset)
+            for line in log_file:
+                if not line.endswith("\n"):
+                    break
+                self._log_offset += len(line.encode())
+                if '"turn_complete"' in line:
+                    record = json.loads(line)
+                    self.turns[record["call_uuid"]] = record
+
+    def wait_turns(self, count, timeout_s=180):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._read_log()
+            if len(self.turns) >= count:
+                return
+            gevent.sleep(0.2)
+
+    def close(self):
+        for proc in (self.daemon, self.llm):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.log_file.close()
+        self.sim.stop()
+        self.tmp.cleanup()
+
+
+def _first_broadcast_ms(sim, call, sequence):
+    """DETECTED_SPEECH frame (by its Event-Sequence) written -> first uuid_broadcast read, in ms."""
+    sent = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180, consume=False).t_monotonic
+    return (sent - sim.written_at(sequence)) * 1000
+
+
+def bench_overhead(args):
+    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0})
+    try:
+        calls = [rig.sim.new_call() for _ in range(args.calls)]
+        gevent.sleep(1.0)
+        # Every call is up for the whole run; each caller asks at a random moment within
+        # --spread-s (0: all at once, a burst no switch produces).
+        rng = random.Random(7)
+        sequences = {}
+
+        def ask(call, index):
+            sequences[call] = rig.sim.speak(call, f"question number {index}")
+
+        greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), ask, call, i) for i, call in enumerate(calls)]
+        gevent.joinall(greenlets)
+        rig.wait_turns(len(calls))
+        overheads = []
+        for call in calls:
+            turn = rig.turns.get(call)
+            if turn is None or turn.get("first_audio_ms") is None:
+                continue
+            overheads.append(_first_broadcast_ms(rig.sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
+        return overheads, len(rig.turns)
+    finally:
+        rig.close()
+
+
+def bench_first_audio(args):
+    results = {}
+    for streaming in (True, False):
+        rig = DaemonProcessRig(args, tts_engine="piper", llm_stream=streaming, sim_options={"playback_speed": 0.0})
+        try:
+            samples = []
+            for i in range(args.first_audio_runs):
+                call = rig.sim.new_call()
+                sequence = rig.sim.speak(call, f"when do you open {i}")
+                samples.append(_first_broadcast_ms(rig.sim, call, sequence))
+                rig.wait_turns(i + 1)
+                rig.sim.hangup(call)
+            results[streaming] = statistics.median(samples)
+        finally:
+            rig.close()
+    return results[True], results[False]
+
+
+def bench_loop_lag(args, tts):
+    rig = Rig(args, tts_engine="piper", tts=tts, sim_options={"playback_speed": 0.0}, env={"TTS_CACHE_MAX_MB": "0"})
+    lags, stop = [], False
+
+    def ticker():
+        period_s = 0.010
+        expected = time.monotonic() + period_s
+        while not stop:
+            gevent.sleep(max(0.0, expected - time.monotonic()))
+            now = time.monotonic()
+            lags.append(max(0.0, (now - expected) * 1000))
+            expected = now + period_s
+
+    try:
+        calls = [rig.sim.new_call() for _ in range(8)]
+        gevent.sleep(0.3)
+        tick = gevent.spawn(ticker)
+        for i, call in enumerate(calls):
+            rig.sim.speak(call, f"tell me everything about your store number {i}")
+        deadline = time.monotonic() + 120
+        while len(rig.turns) < 8 and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        stop = True
+        tick.join()
+        return lags
+    finally:
+        rig.close()
+
+
+def bench_barge_in(args):
+    rig = Rig(args, sim_options={"playback_speed": 1.0, "duplicate_speech_delay_s": 0.0})
+    samples = []
+    try:
+        for i in range(args.barge_in_runs):
+            call = rig.sim.new_call()
+            rig.sim.speak(call, f"what are your hours {i}")
+            rig.sim.wait_for_event(lambda e: e.name == "PLAYBACK_START" and e.unique_id == call, 30)
+            gevent.sleep(0.05)
+            sequence = rig.sim.speak(call, "wait", final=False)
+            command = rig.sim.wait_for_command(f"api uuid_break {call} all", 10)
+            samples.append((command.t_monotonic - rig.sim.written_at(sequence)) * 1000)
+            rig.sim.hangup(call)
+        return samples
+    finally:
+        rig.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--spread-s", type=float, default=10.0, help="callers ask within this window")
+    parser.add_argument("--first-token-ms", type=float, default=200.0)
+    parser.add_argument("--tokens-per-s", type=float, default=30.0)
+    parser.add_argument("--first-audio-runs", type=int, default=5)
+    parser.add_argument("--barge-in-runs", type=int, default=50)
+    args = parser.parse_args(argv)
+    configure_logging(os.environ.get("LOG_LEVEL", "ERROR"), "console")
+    started = time.monotonic()
+
+    overheads, answered = bench_overhead(args)
+    print(f"overhead with {args.calls} concurrent calls asking within {args.spread_s:g} s ({answered} answered): "
+          f"p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms")
+
+    stream_ms, batch_ms = bench_first_audio(args)
+    print(f"first audio (Piper): streaming {stream_ms:.0f} ms, batch {batch_ms:.0f} ms, ratio {stream_ms / batch_ms:.2f}")
+
+    lags = bench_loop_lag(args, make_tts_engine(load_settings(environ={"TTS_ENGINE": "piper"})))
+    print(f"gevent loop lag while 8 calls synthesize with Piper: p50 {percentile(lags, 50):.2f} ms, "
+          f"p99 {percentile(lags, 99):.2f} ms, max {max(lags):.2f} ms ({len(lags)} ticks)")
+
+    barge = bench_barge_in(args)
+    print(f"barge-in (partial frame -> uuid_break): p50 {percentile(barge, 50):.2f} ms, p99 {percentile(barge, 99):.2f} ms")
+
+    figures = {
+        "overhead_p50_ms": round(percentile(overheads, 50), 2),
+        "overhead_p99_ms": round(percentile(overheads, 99), 2),
+        "first_audio_stream_ms": round(stream_ms, 1),
+        "first_audio_batch_ms": round(batch_ms, 1),
+        "stream_over_batch": round(stream_ms / batch_ms, 3),
+        "loop_lag_p99_ms": round(percentile(lags, 99), 2),
+        "barge_in_p99_ms": round(percentile(barge, 99), 2),
+        "calls": args.calls,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
