@@ -86,8 +86,10 @@ class CallRouter:
         dedup: EventDeduplicator | None = None,
         on_callless_event: Callable[[EslEvent], None] | None = None,
         remember_ended: int = 4096,
+        owns: Callable[[str], bool] | None = None,
     ):
         self._handler_factory = handler_factory
+        self._owns = owns
         self.dedup = dedup or EventDeduplicator()
         self._on_callless_event = on_callless_event
         self.calls: dict[str, Call] = {}
@@ -110,6 +112,8 @@ class CallRouter:
             if uuid in self._ended:
                 log.debug("event_after_call_ended", event_name=event.name, call_uuid=uuid)
                 return
+            if self._owns is not None and not self._owns(uuid):
+                return  # another daemon's shard
             call = Call(uuid, self._handler_factory, self._call_done)
             self.calls[uuid] = call
         if event.name == CALL_END_EVENT:
@@ -123,14 +127,16 @@ class CallRouter:
         call.queue.put(event)
 
     def end_call(self, uuid: str, reason: str) -> None:
-        """Forget a call FreeSWITCH no longer has (e.g. found gone after a reconnect)."""
+        """End a call whose hangup event will never come (gone after a reconnect, shutdown).
+
+        It goes the way a real hangup goes: interrupt (the turn is cut at once), then the
+        handler's clean-up in order on the call's greenlet.
+        """
         call = self.calls.get(uuid)
-        if call is None:
+        if call is None or call.ended:
             return
         call.log.info("call_ended_without_hangup_event", reason=reason)
-        call.ended = True
-        self._remember(uuid)
-        call.queue.put(None)
+        self.route(EslEvent(headers={"Event-Name": CALL_END_EVENT, "Unique-ID": uuid, "Hangup-Cause": reason}))
 
     def join(self, timeout_s: float | None = None) -> bool:
         """Wait until every call's greenlet has finished."""

@@ -44,14 +44,23 @@ def cmd_run(args) -> int:
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    gevent.signal_handler(signal.SIGTERM, daemon.stop)
-    gevent.signal_handler(signal.SIGINT, daemon.stop)
+    # Signal handlers run on the loop; the shutdown waits, so it gets its own greenlet.
+    shutting_down: list[gevent.Greenlet] = []
+
+    def on_signal() -> None:
+        if not shutting_down:
+            shutting_down.append(gevent.spawn(daemon.shutdown))
+
+    gevent.signal_handler(signal.SIGTERM, on_signal)
+    gevent.signal_handler(signal.SIGINT, on_signal)
     log.info("daemon_starting", freeswitch=f"{settings.freeswitch_host}:{settings.freeswitch_port}")
     try:
         daemon.run()
     except AuthenticationFailed as exc:
         log.error("esl_authentication_failed", error=str(exc), hint="set FREESWITCH_PASSWORD to the password in event_socket.conf.xml")
         return EXIT_AUTH
+    for greenlet in shutting_down:
+        greenlet.join(timeout=10)
     log.info("daemon_stopped")
     return EXIT_OK
 

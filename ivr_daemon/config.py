@@ -61,6 +61,8 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "off | partial | final: which caller speech interrupts playback"),
     ("BARGE_IN_MIN_WORDS", "barge_in_min_words", "1",
      "words the caller must say before playback is interrupted"),
+    ("DAEMON_SHARD", "daemon_shard", "0/1",
+     "k/N: with N daemons on one switch, this one answers the calls whose UUID hashes to k"),
     ("LOG_LEVEL", "log_level", "INFO", "DEBUG | INFO | WARNING | ERROR"),
     ("LOG_FORMAT", "log_format", "json", "json | console"),
 )
@@ -98,6 +100,7 @@ class Settings:
     llm_stream: bool
     barge_in: str
     barge_in_min_words: int
+    daemon_shard: tuple[int, int]
     log_level: str
     log_format: str
 
@@ -139,6 +142,13 @@ def _choice(variable: str, raw: str, choices: tuple[str, ...], *, upper: bool = 
     if value not in choices:
         raise ConfigError(variable, f"must be one of {' | '.join(choices)}, got {raw!r}")
     return value
+
+
+def _shard(variable: str, raw: str) -> tuple[int, int]:
+    match = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", raw)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)) <= 1024:
+        raise ConfigError(variable, f"must be k/N with 0 <= k < N (e.g. 0/2 and 1/2 for two daemons), got {raw!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def _bool(variable: str, raw: str) -> bool:
@@ -226,6 +236,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         llm_stream=_bool("LLM_STREAM", raw["llm_stream"]),
         barge_in=_choice("BARGE_IN", raw["barge_in"], BARGE_IN_MODES),
         barge_in_min_words=_int("BARGE_IN_MIN_WORDS", raw["barge_in_min_words"], 1, 50),
+        daemon_shard=_shard("DAEMON_SHARD", raw["daemon_shard"]),
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
     )

@@ -40,11 +40,11 @@ import structlog
 from ivr_daemon.config import Settings
 from ivr_daemon.esl import commands
 from ivr_daemon.esl.commands import EslCommand
-from ivr_daemon.esl.connection import CommandReply, EslError
+from ivr_daemon.esl.connection import CommandOutcomeUnknown, CommandReply, EslError, NotConnectedError
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import LlmClient, LlmError, Message
 from ivr_daemon.sentences import SentenceSplitter
-from ivr_daemon.tts.base import TtsEngine, TtsError
+from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 
 FINAL_SPEECH = "detected-speech"
@@ -52,6 +52,8 @@ PARTIAL_SPEECH = "detected-partial-speech"
 BEGIN_SPEAKING = "begin-speaking"  # other ASR modules send it; mod_vosk never does
 HANGUP_EVENT = "CHANNEL_HANGUP_COMPLETE"
 CLEANUP_WAIT_S = 30.0
+RECONNECT_WAIT_S = 30.0  # how long a ready answer waits for the switch to come back
+FIRST_AUDIO_MARGIN_S = 0.5
 INTERRUPTED_MARK = "[interrupted by the caller]"
 
 
@@ -125,6 +127,8 @@ class TurnServices:
     fallback_wav: Path | None = None
     on_turn: Callable[[TurnResult], None] | None = None
     cache: PhraseCache | None = None
+    wait_connected: Callable[[float], bool] | None = None
+    accepting_turns: bool = True  # False once shutdown begins
 
     def spawn_synthesis(self, text: str, per_call_path: Path) -> gevent.event.AsyncResult:
         """Synthesis on a worker thread: through the phrase cache, or into a per-call file."""
@@ -133,17 +137,16 @@ class TurnServices:
         return self.synth_pool.spawn(self.tts.synthesize_to_wav, text, per_call_path)
 
 
-def prepare_fallback_wav(tts: TtsEngine, settings: Settings, log: structlog.stdlib.BoundLogger,
-                         cache: PhraseCache | None = None) -> Path | None:
-    """Synthesize FALLBACK_PHRASE once at start-up, so it plays even when the LLM is down."""
+def prepare_fallback_wav(tts: TtsEngine, settings: Settings, cache: PhraseCache | None = None) -> Path:
+    """Synthesize FALLBACK_PHRASE once at start-up, so it plays even when the LLM or TTS fails."""
     settings.tts_output_dir.mkdir(parents=True, exist_ok=True)
     try:
         if cache is not None:
             return cache.get_or_synthesize(tts, settings.fallback_phrase)
         return tts.synthesize_to_wav(settings.fallback_phrase, settings.tts_output_dir / f"fallback-{tts.name}.wav")
     except TtsError as exc:
-        log.error("fallback_phrase_synthesis_failed", error=str(exc))
-        return None
+        # An engine that cannot say the fallback phrase at start-up cannot serve callers.
+        raise TtsModelUnavailable(f"{tts.name} cannot synthesize FALLBACK_PHRASE: {exc}") from exc
 
 
 @dataclass
@@ -219,6 +222,9 @@ class ConversationHandler:
             return
         transcript = transcript_of(event)
         if transcript is None or self.hung_up:
+            return
+        if not self.services.accepting_turns:
+            self.log.info("turn_refused_shutting_down", transcript=transcript)
             return
         self._turn_greenlet = gevent.spawn(self._turn, transcript, event.received_s)
         self._turn_greenlet.join()
@@ -330,18 +336,31 @@ class ConversationHandler:
         first_path = first_reply = first_audio_s = None
         used_fallback = False
         tts_ms = 0.0
+        # No dead air: the first audio goes out by LLM_TIMEOUT (+ a margin that lets the LLM
+        # client's own timeout, which says more, fire first), or the fallback phrase does.
+        first_audio_deadline_s = started_s + self.services.settings.llm_timeout_s + FIRST_AUDIO_MARGIN_S
         try:
             index = 0
             while True:
-                job = sentences.get()
+                wait_s = None if first_path else max(0.0, first_audio_deadline_s - time.monotonic())
+                try:
+                    job = sentences.get(timeout=wait_s)
+                except gevent.queue.Empty:
+                    log.error("no_answer_in_time", waited_s=round(time.monotonic() - started_s, 2))
+                    job = ("", None, True)
                 if job is None:
                     break
                 sentence, pending, is_fallback = job
                 index += 1
                 synth_started_s = time.monotonic()
-                path = self._wait_synthesis(pending, sentence, log)
+                wait_s = None if first_path else max(0.0, first_audio_deadline_s - time.monotonic())
+                path = self.services.fallback_wav if pending is None else self._wait_synthesis(pending, sentence, log, wait_s)
                 if index == 1:
                     tts_ms = (time.monotonic() - synth_started_s) * 1000
+                if path is None and not first_path and not is_fallback:
+                    # The answer cannot be spoken (TTS failed or took too long): say the
+                    # fallback instead, and drop the rest of this answer.
+                    path, is_fallback, sentence = self.services.fallback_wav, True, ""
                 if path is None or self.hung_up or reply.interrupted:
                     continue
                 text = self._broadcast(path, log)
@@ -351,6 +370,8 @@ class ConversationHandler:
                 used_fallback = used_fallback or is_fallback
                 if first_path is None:
                     first_path, first_reply, first_audio_s = path, text, time.monotonic()
+                if is_fallback:
+                    break
         finally:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
@@ -422,12 +443,14 @@ class ConversationHandler:
                 stream.close()
             sentences.put(None)
 
-    def _wait_synthesis(self, pending: gevent.event.AsyncResult, sentence: str, log) -> Path | None:
+    def _wait_synthesis(self, pending: gevent.event.AsyncResult, sentence: str, log, timeout_s: float | None) -> Path | None:
         try:
-            return pending.get()
+            return pending.get(timeout=timeout_s)
         except TtsError as exc:
             log.error("tts_failed", error=str(exc), sentence=sentence[:80])
-            return None
+        except gevent.Timeout:
+            log.error("tts_too_slow", waited_s=timeout_s, sentence=sentence[:80])
+        return None
 
     def _broadcast(self, wav_path: Path, log) -> str | None:
         try:
@@ -435,11 +458,26 @@ class ConversationHandler:
         except commands.UnsafeCommandArgument as exc:
             log.error("broadcast_refused", error=str(exc))
             return None
-        try:
-            reply = self.services.send(command)
-        except EslError as exc:
-            log.error("broadcast_not_sent", error=str(exc))
-            return None
+        while True:
+            try:
+                reply = self.services.send(command)
+                break
+            except NotConnectedError as exc:
+                # Not sent: the switch is away. Wait for the reconnect (the resync ends this
+                # call if it is gone) and send it then: the caller still gets the answer.
+                log.warning("broadcast_waiting_for_reconnect", error=str(exc))
+                if self.hung_up or self.services.wait_connected is None or not self.services.wait_connected(RECONNECT_WAIT_S):
+                    log.error("broadcast_not_sent", error=str(exc))
+                    return None
+                if self.hung_up:
+                    return None
+            except CommandOutcomeUnknown as exc:
+                # Written, unanswered: it may have played. Sending it again could say it twice.
+                log.warning("broadcast_outcome_unknown", error=str(exc))
+                return None
+            except EslError as exc:
+                log.error("broadcast_not_sent", error=str(exc))
+                return None
         if not reply.ok:
             log.warning("broadcast_rejected", reply=reply.text.strip())
             return None

@@ -6,7 +6,10 @@ nothing of either.
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import zlib
 from typing import Callable
 
 import gevent
@@ -14,7 +17,8 @@ import gevent.threadpool
 
 from ivr_daemon.calls import CallHandler, CallRouter, HandlerFactory
 from ivr_daemon.config import Settings
-from ivr_daemon.esl.connection import EslClient
+from ivr_daemon.esl import commands
+from ivr_daemon.esl.connection import EslClient, EslError
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.conversation import TurnResult, TurnServices, conversation_factory, prepare_fallback_wav
 from ivr_daemon.llm import make_llm_client
@@ -25,6 +29,8 @@ from ivr_daemon.tts.base import TtsEngine
 from ivr_daemon.tts.cache import PhraseCache
 
 log = get_logger(__name__)
+
+SHUTDOWN_GRACE_S = 8.0  # SIGTERM to exit stays under 10 s
 
 # What the daemon subscribes to (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Introduction/Event-System/Event-List_7143557/).
 SUBSCRIBED_EVENTS: tuple[str, ...] = (
@@ -60,13 +66,37 @@ class Daemon:
             settings.freeswitch_password,
             SUBSCRIBED_EVENTS,
             self._route,
+            on_connected=self.resync,
             **esl_options,
         )
-        self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event)
+        shard, shards = settings.daemon_shard
+        owns = None if shards == 1 else (lambda uuid: shard_of(uuid, shards) == shard)
+        self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event, owns=owns)
+        self.services: TurnServices | None = None  # set by build_conversation_daemon
         self._greenlet: gevent.Greenlet | None = None
+        self._stopping = False
 
     def _route(self, event: EslEvent) -> None:
         self.router.route(event)
+
+    def resync(self) -> None:
+        """After a (re)connect: end the calls FreeSWITCH no longer has; the others go on.
+
+        Events of the outage are lost (FreeSWITCH does not keep them for an ESL client), so a
+        hangup then is learnt here, from ``show channels as json``.
+        """
+        if not self.router.calls:
+            return
+        try:
+            reply = self.esl.send(commands.show_channels_json())
+            live = live_channel_uuids(reply.text)
+        except (EslError, ValueError) as exc:
+            log.warning("esl_resync_failed", error=str(exc))
+            return
+        ended = [uuid for uuid in list(self.router.calls) if uuid not in live]
+        for uuid in ended:
+            self.router.end_call(uuid, "GONE_AFTER_RECONNECT")
+        log.info("esl_resynced", calls_kept=len(self.router.calls) - len(ended), calls_ended=len(ended))
 
     def run(self) -> None:
         """Block until stopped; raises AuthenticationFailed on a wrong password."""
@@ -77,9 +107,40 @@ class Daemon:
         return self._greenlet
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop at once: exit to FreeSWITCH, socket closed; turns in flight are abandoned."""
         self.esl.stop(send_exit=True)
         if self._greenlet is not None:
             self._greenlet.join(timeout=timeout_s)
+
+    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """SIGTERM: take no new turns, let turns in flight send their audio, then leave cleanly.
+
+        ``exit`` to FreeSWITCH (the calls themselves go on: FreeSWITCH owns them), every call's
+        own WAVs deleted, the fallback WAV too when there is no phrase cache.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        started_s = time.monotonic()
+        if self.services is not None:
+            self.services.accepting_turns = False
+        busy = [c for c in self.router.calls.values() if getattr(c.handler, "busy", False)]
+        log.info("daemon_shutting_down", calls=len(self.router.calls), turns_in_flight=len(busy))
+        while any(getattr(c.handler, "busy", False) for c in self.router.calls.values()):
+            if time.monotonic() - started_s > grace_s:
+                log.warning("shutdown_grace_over", turns_cut=sum(getattr(c.handler, "busy", False)
+                                                                 for c in self.router.calls.values()))
+                break
+            gevent.sleep(0.05)
+        self.esl.stop(send_exit=True)
+        for uuid in list(self.router.calls):
+            self.router.end_call(uuid, "DAEMON_SHUTDOWN")
+        self.router.join(timeout_s=2.0)
+        if self.services is not None and self.services.cache is None and self.services.fallback_wav is not None:
+            self.services.fallback_wav.unlink(missing_ok=True)
+        if self._greenlet is not None:
+            self._greenlet.join(timeout=2.0)
+        log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
     def _on_callless_event(self, event: EslEvent) -> None:
         log.debug("esl_event", event_name=event.name, event_sequence=event.sequence)
@@ -102,17 +163,37 @@ def build_conversation_daemon(
     tts = tts or make_tts_engine(settings)
     cache = (PhraseCache.for_output_dir(settings.tts_output_dir, settings.tts_cache_max_mb * 1024 * 1024)
              if settings.tts_cache_max_mb > 0 else None)
-    fallback_wav = prepare_fallback_wav(tts, settings, log, cache)
+    fallback_wav = prepare_fallback_wav(tts, settings, cache)
     # Synthesis is CPU-bound: native threads, as many as cores, never the gevent loop.
     pool = gevent.threadpool.ThreadPool(synth_threads or max(1, os.cpu_count() or 1))
 
+    made: list[TurnServices] = []
+
     def handlers_for(esl: EslClient) -> HandlerFactory:
-        services = TurnServices(settings, llm, tts, esl.send, pool, fallback_wav, on_turn, cache)
+        services = TurnServices(settings, llm, tts, esl.send, pool, fallback_wav, on_turn, cache,
+                                wait_connected=esl.wait_connected)
+        made.append(services)
         return conversation_factory(services)
 
     log.info("daemon_ready", llm_provider=settings.llm_provider, llm_api_url=settings.llm_api_url,
-             tts_engine=tts.name, tts_voice=tts.voice_id, fallback_wav=str(fallback_wav))
-    return Daemon(settings, handlers_for, **esl_options)
+             tts_engine=tts.name, tts_voice=tts.voice_id, fallback_wav=str(fallback_wav),
+             shard="/".join(map(str, settings.daemon_shard)))
+    daemon = Daemon(settings, handlers_for, **esl_options)
+    daemon.services = made[0]
+    return daemon
+
+
+def shard_of(call_uuid: str, shards: int) -> int:
+    """Which of ``shards`` daemons answers this call: stable across processes and hosts."""
+    return zlib.crc32(call_uuid.lower().encode()) % shards
+
+
+def live_channel_uuids(show_channels_json: str) -> set[str]:
+    """The UUIDs in ``show channels as json``'s reply (captures 11 and 51); ValueError if garbled."""
+    data = json.loads(show_channels_json)
+    if not isinstance(data, dict) or not isinstance(data.get("row_count"), int):
+        raise ValueError("show channels as json: no row_count")
+    return {row["uuid"] for row in data.get("rows", []) if isinstance(row, dict) and "uuid" in row}
 
 
 __all__ = ["Daemon", "SUBSCRIBED_EVENTS", "CallHandler", "build_conversation_daemon"]

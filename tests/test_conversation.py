@@ -188,17 +188,22 @@ class BrokenEngine(TtsEngine):
         return numpy.zeros(800, dtype=numpy.float32), 8000
 
 
-def test_tts_failure_plays_nothing_and_the_next_turn_works(tmp_path):
+def test_tts_failure_plays_the_fallback_and_the_next_turn_works(tmp_path):
     engine = BrokenEngine()
     with FakeLlmServer("ollama", replies=["first", "second"]) as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
         turns = []
-        with running_daemon(sim, settings, tts=engine, on_turn=turns.append):
+        with running_daemon(sim, settings, tts=engine, on_turn=turns.append) as daemon:
             call = sim.new_call()
             sim.speak(call, "one")
+            wait_until(lambda: len(turns) == 1)
+            wait_heard(sim, call)
             sim.speak(call, "two")
-            sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 10)
             wait_until(lambda: len(turns) == 2)
-            assert [t.sentences for t in turns] == [0, 1]  # turn 1 played nothing, turn 2 its answer
-            assert turns[1].reply == "second"
-            assert len(broadcasts(sim, call)) == 1
+            handler = daemon.router.calls[call].handler
+            # Turn 1's answer could not be synthesized: the caller heard the fallback phrase.
+            assert turns[0].used_fallback and turns[0].wav_path == handler.services.fallback_wav
+            assert not turns[1].used_fallback and turns[1].reply == "second"
+            assert [line.split()[3] for line in broadcasts(sim, call)] == [str(turns[0].wav_path), str(turns[1].wav_path)]
+            # The unheard answer is not in history; the next exchange is.
+            assert [m["content"] for m in handler.history.messages()[1:]] == ["one", "two", "second"]

@@ -44,6 +44,11 @@ class NotConnectedError(EslError, _GreenswitchNotConnected):
     """No live, authenticated connection to FreeSWITCH right now: the command was not sent."""
 
 
+class CommandOutcomeUnknown(EslError):
+    """The command was written but the connection died before FreeSWITCH answered: it may or
+    may not have run. Not retried, so nothing is done twice."""
+
+
 class AuthenticationFailed(EslError):
     """FreeSWITCH refused the password (``-ERR invalid``): retrying cannot help."""
 
@@ -157,8 +162,9 @@ class EslConnection(InboundESL):
             try:
                 self.sock.sendall(command.wire_bytes)
             except OSError as exc:
+                self._pending.remove((command, result))
                 self._mark_closed(f"send failed: {exc}")
-                raise NotConnectedError(f"connection lost while sending: {exc}") from None
+                raise CommandOutcomeUnknown(f"connection lost while sending {_redacted(command)!r}: {exc}") from None
         try:
             return result.get(timeout=self.command_timeout_s if timeout_s is None else timeout_s)
         except gevent.Timeout:
@@ -203,7 +209,8 @@ class EslConnection(InboundESL):
         self._auth_request_event.set()  # wake connect() if it still waits for auth/request
         while self._pending:
             command, result = self._pending.popleft()
-            result.set_exception(NotConnectedError(f"connection lost ({reason}) before FreeSWITCH answered {command.line.split(' ')[0]}"))
+            result.set_exception(CommandOutcomeUnknown(
+                f"connection lost ({reason}) before FreeSWITCH answered {_redacted(command)!r}"))
         self._closed.set()
 
     def _route(self, item: Frame | MalformedFrame) -> None:

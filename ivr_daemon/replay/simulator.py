@@ -551,6 +551,12 @@ class FreeswitchSimulator:
     client that sends nothing for 25 s after ``auth/request``. ``simulate_media``: play
     broadcasts and emit their PLAYBACK_* events; off when replaying a recording, whose frames
     already hold what the real switch played.
+
+    ``history_limit``: None keeps every received command, emitted event (and its write time)
+    and ended call for the test to inspect. A number keeps only about that many of the newest
+    of each (between it and twice it), so a long soak runs in bounded memory; positions
+    (``start_index``, :attr:`commands_received`, :attr:`events_emitted`) still count from the
+    first ever, and an ended call that was forgotten answers as one never made.
     """
 
     def __init__(
@@ -567,7 +573,10 @@ class FreeswitchSimulator:
         auth_timeout_s: float | None = 25.0,
         first_event_sequence: int = 1,
         simulate_media: bool = True,
+        history_limit: int | None = None,
     ):
+        if history_limit is not None and history_limit < 1:
+            raise ValueError(f"history_limit must be None or >= 1, got {history_limit}")
         self.host = host
         self.simulate_media = simulate_media
         self._requested_port = port
@@ -591,6 +600,11 @@ class FreeswitchSimulator:
         self._consumed_events: set[int] = set()
         self._emitted: list[EmittedEvent] = []
         self._written_at: dict[int, float] = {}
+        self._history_limit = history_limit
+        # Absolute positions of _commands[0] and _emitted[0]: the count trimmed off so far.
+        self._commands_base = 0
+        self._emitted_base = 0
+        self._ended_calls: collections.deque[str] = collections.deque()
         self._waiters: list[gevent.event.Event] = []
         self._started_monotonic = time.monotonic()
         self._sessions_since_start = 0
@@ -653,6 +667,16 @@ class FreeswitchSimulator:
         return list(self._emitted)
 
     @property
+    def commands_received(self) -> int:
+        """Commands received since start: the ``start_index`` of a wait for the next one."""
+        return self._commands_base + len(self._commands)
+
+    @property
+    def events_emitted(self) -> int:
+        """Events emitted since start: the ``start_index`` of a wait for the next one."""
+        return self._emitted_base + len(self._emitted)
+
+    @property
     def connections(self) -> list[ConnectionInfo]:
         return [conn.info() for conn in self._connections.values() if not conn.closed]
 
@@ -666,7 +690,8 @@ class FreeswitchSimulator:
     ) -> ReceivedCommand:
         """The next matching command not yet returned by a wait, waiting for it if need be.
 
-        Commands are searched in arrival order from ``start_index`` of :attr:`commands`,
+        Commands are searched in arrival order from position ``start_index`` (0: the first
+        command ever received; :attr:`commands_received`: the next one to come),
         skipping those an earlier consuming wait returned, so two waits for "a uuid_broadcast"
         get the first and then the second one; ``consume=False`` neither skips nor marks (a
         plain search of the history). A ``str`` matches as a prefix.
@@ -681,8 +706,9 @@ class FreeswitchSimulator:
 
         def probe() -> ReceivedCommand | None:
             nonlocal index
-            while index < len(self._commands):
-                position, command = index, self._commands[index]
+            index = max(index, self._commands_base)  # what history_limit dropped is gone
+            while index - self._commands_base < len(self._commands):
+                position, command = index, self._commands[index - self._commands_base]
                 index += 1
                 if (not consume or position not in self._consumed_commands) and matches(command):
                     if consume:
@@ -713,8 +739,9 @@ class FreeswitchSimulator:
 
         def probe() -> EmittedEvent | None:
             nonlocal index
-            while index < len(self._emitted):
-                position, event = index, self._emitted[index]
+            index = max(index, self._emitted_base)
+            while index - self._emitted_base < len(self._emitted):
+                position, event = index, self._emitted[index - self._emitted_base]
                 index += 1
                 if (not consume or position not in self._consumed_events) and matches(event):
                     if consume:
@@ -893,6 +920,7 @@ class FreeswitchSimulator:
                     call.live = False
                     call.current = None
                     call.queue.clear()
+                    self._call_ended(call)
             elif call is None:
                 self._calls[uuid] = _Call(
                     uuid=uuid,
@@ -982,6 +1010,7 @@ class FreeswitchSimulator:
 
     def _handle_packet(self, conn: _Connection, packet: CommandPacket) -> None:
         self._commands.append(ReceivedCommand(packet.line, conn.id, time.monotonic(), packet.headers, packet.body))
+        self._trim_commands()
         log.debug("sim_command", connection_id=conn.id, line=_redacted(packet.line))
         after: list[Callable[[], None]] = []
         try:
@@ -1480,6 +1509,7 @@ class FreeswitchSimulator:
         self._emit(self._channel_event("DETECTED_SPEECH_CLOSED", call))
         self._add_hangup_variables(call)
         self._emit(self._channel_event("CHANNEL_HANGUP_COMPLETE", call))
+        self._call_ended(call)
         clog.info("sim_call_down", cause=cause)
         self._notify()
 
@@ -1652,6 +1682,7 @@ class FreeswitchSimulator:
         subclass = headers.get("Event-Subclass")
         sequence = int(headers.get("Event-Sequence", "0"))
         self._emitted.append(EmittedEvent(name, sequence, headers.get("Unique-ID"), tuple(pairs), body, time.monotonic()))
+        self._trim_events()
         targets = [conn for conn in self._connections.values() if conn.wants(name, subclass)]
         frames: dict[str, bytes] = {}
 
@@ -1674,6 +1705,42 @@ class FreeswitchSimulator:
 
     def _note_written(self, sequence: int) -> None:
         self._written_at.setdefault(sequence, time.monotonic())
+        limit = self._history_limit
+        if limit is not None and len(self._written_at) >= 2 * limit:
+            # Oldest first: a dict keeps insertion order, and that is write order.
+            for old in list(itertools.islice(self._written_at, len(self._written_at) - limit)):
+                del self._written_at[old]
+
+    # -- bounded history (history_limit) -----------------------------------------------------
+
+    def _trim_commands(self) -> None:
+        limit = self._history_limit
+        if limit is None or len(self._commands) < 2 * limit:
+            return
+        # Trimming in halves keeps appends amortized O(1).
+        drop = len(self._commands) - limit
+        del self._commands[:drop]
+        self._commands_base += drop
+        self._consumed_commands = {p for p in self._consumed_commands if p >= self._commands_base}
+
+    def _trim_events(self) -> None:
+        limit = self._history_limit
+        if limit is None or len(self._emitted) < 2 * limit:
+            return
+        drop = len(self._emitted) - limit
+        del self._emitted[:drop]
+        self._emitted_base += drop
+        self._consumed_events = {p for p in self._consumed_events if p >= self._emitted_base}
+
+    def _call_ended(self, call: _Call) -> None:
+        if self._history_limit is None:
+            return
+        self._ended_calls.append(call.uuid)
+        while len(self._ended_calls) > self._history_limit:
+            uuid = self._ended_calls.popleft()
+            old = self._calls.get(uuid)
+            if old is not None and not old.live:  # a uuid reused by a live call stays
+                del self._calls[uuid]
 
     def written_at(self, sequence: int) -> float | None:
         """When the event with this Event-Sequence was first written to a socket (monotonic s)."""
