@@ -251,6 +251,16 @@ class ConversationHandler:
         self.history = ConversationHistory(self.services.settings.system_prompt, 0)
         self.log.info("call_cleaned_up", wavs_deleted=removed)
 
+    def after_reconnect(self) -> None:
+        """PLAYBACK_* events of the outage are lost: stop believing something still plays, or
+        the caller's next words would count as barge-in on audio that ended long ago."""
+        reply = self._reply
+        if reply is None:
+            return
+        for item in reply.spoken:
+            if item.status is None:
+                item.status = "unknown"
+
     # -- playback and barge-in ----------------------------------------------------------------
 
     def _follow_playback(self, event: EslEvent) -> None:

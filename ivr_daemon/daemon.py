@@ -96,6 +96,10 @@ class Daemon:
         ended = [uuid for uuid in list(self.router.calls) if uuid not in live]
         for uuid in ended:
             self.router.end_call(uuid, "GONE_AFTER_RECONNECT")
+        for call in list(self.router.calls.values()):
+            after_reconnect = getattr(call.handler, "after_reconnect", None)
+            if after_reconnect is not None:
+                after_reconnect()
         log.info("esl_resynced", calls_kept=len(self.router.calls) - len(ended), calls_ended=len(ended))
 
     def run(self) -> None:

@@ -1,0 +1,227 @@
+"""Hardening: the switch drops, the LLM and TTS fail, hostile input, SIGTERM, several daemons."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import numpy
+import pytest
+from gevent.monkey import get_original
+
+from harness import broadcasts, running_daemon, settings_for, wait_heard, wait_until
+from llm_fakes import FakeLlmServer
+from ivr_daemon.daemon import build_conversation_daemon, live_channel_uuids, shard_of
+from ivr_daemon.localllm import pick_free_port
+from ivr_daemon.replay.simulator import FreeswitchSimulator
+from ivr_daemon.tts.base import TtsEngine, TtsModelUnavailable
+from ivr_daemon.tts.null import NullEngine
+
+CAPTURES = Path(__file__).parent / "captures"
+
+
+# --- ESL loss mid-call -----------------------------------------------------------------------
+
+
+def test_twenty_drops_mid_turn_lose_no_call_state_and_never_broadcast_twice(tmp_path):
+    """Each turn: the caller speaks, the switch connection dies while the LLM thinks, the
+    daemon reconnects, and the answer is broadcast once, after the reconnect."""
+    replies = [f"Answer number {i}." for i in range(20)]
+    with FakeLlmServer("ollama", replies=replies, delay_s=0.3) as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, MAX_CONVERSATION_HISTORY="100")
+        with running_daemon(sim, settings) as daemon:
+            call = sim.new_call()
+            for i in range(20):
+                subscriptions = len([c for c in sim.commands if c.line.startswith("event plain")])
+                sim.speak(call, f"question {i}")
+                wait_until(lambda i=i: len(llm.requests) == i + 1)  # the LLM is thinking now
+                sim.drop_connections()
+                wait_until(lambda s=subscriptions: len([c for c in sim.commands if c.line.startswith("event plain")]) == s + 1)
+                wait_until(lambda i=i: len(broadcasts(sim, call)) == i + 1, 10)
+                wait_heard(sim, call)
+            assert len(broadcasts(sim, call)) == 20  # one per turn, none repeated
+            handler = daemon.router.calls[call].handler
+            contents = [m["content"] for m in handler.history.messages()[1:]]
+            assert contents == [x for i in range(20) for x in (f"question {i}", f"Answer number {i}.")]
+            resyncs = [c for c in sim.commands if c.line == "api show channels as json"]
+            assert len(resyncs) == 20  # after every reconnect
+
+
+def test_calls_that_ended_during_the_outage_are_cleaned_up_after_reconnect(tmp_path):
+    with FakeLlmServer("ollama", replies="Hello.") as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, TTS_CACHE_MAX_MB="0")
+        with running_daemon(sim, settings) as daemon:
+            stays, goes = sim.new_call(), sim.new_call()
+            for call in (stays, goes):
+                sim.speak(call, "hi")
+                wait_until(lambda call=call: len(broadcasts(sim, call)) == 1)
+            wait_until(lambda: all(list(tmp_path.glob(f"{c}-*.wav")) for c in (stays, goes)))
+            # The connection dies; meanwhile one caller hangs up, and its events are lost.
+            sim.drop_connections()
+            sim.hangup(goes)
+            wait_until(lambda: goes not in daemon.router.calls, 10)
+            assert stays in daemon.router.calls
+            assert list(tmp_path.glob(f"{goes}-*.wav")) == [] and list(tmp_path.glob(f"{stays}-*.wav"))
+            wait_heard(sim, stays)
+            sim.speak(stays, "still there?")
+            wait_until(lambda: len(broadcasts(sim, stays)) == 2)
+            assert [m["content"] for m in daemon.router.calls[stays].handler.history.messages()[1:]] == \
+                ["hi", "Hello.", "still there?", "Hello."]
+
+
+def test_show_channels_parsing_matches_the_captures():
+    empty = (CAPTURES / "11_api_show_channels_as_json_empty.txt").read_bytes().split(b"\n\n", 1)[1].decode()
+    live = (CAPTURES / "51_api_show_channels_as_json_live.txt").read_bytes().split(b"\n\n", 1)[1].decode()
+    assert live_channel_uuids(empty) == set()
+    assert live_channel_uuids(live) == {"03362ffb-115a-4a3d-9eb6-770e2089d43f", "7238f352-c251-4b17-9ee4-9b0b82980f46"}
+    with pytest.raises(ValueError):
+        live_channel_uuids("-ERR no reply\n")
+
+
+# --- No dead air ---------------------------------------------------------------------------
+
+
+class RaisingEngine(NullEngine):
+    name = "raising"
+
+    def synthesize(self, text):
+        if "answer" in text:
+            raise RuntimeError("onnx runtime exploded")
+        return super().synthesize(text)
+
+
+class HangingEngine(NullEngine):
+    """Synthesis that never ends (a stuck model) except for the start-up fallback phrase."""
+
+    name = "hanging"
+
+    def __init__(self):
+        super().__init__()
+        self.release = get_original("threading", "Event")()
+
+    def synthesize(self, text):
+        if "answer" in text:
+            self.release.wait(30)
+        return super().synthesize(text)
+
+
+@pytest.mark.parametrize("failure", ["llm_down", "llm_slow", "llm_500", "llm_garbage", "llm_stream_stalls",
+                                     "tts_raises", "tts_hangs"])
+def test_every_turn_ends_in_the_answer_or_the_fallback_within_llm_timeout_plus_one_second(tmp_path, failure):
+    knobs = {"llm_slow": {"delay_s": 5}, "llm_500": {"status": 500}, "llm_garbage": {"body": b"\x00\xffnot json"},
+             "llm_stream_stalls": {"stream_hold_after": 2}}.get(failure, {})
+    tts = {"tts_raises": RaisingEngine(), "tts_hangs": HangingEngine()}.get(failure)
+    with FakeLlmServer("ollama", replies="Here is the answer. It has two sentences.", **knobs) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim:
+        url = llm.url if failure != "llm_down" else f"http://127.0.0.1:{pick_free_port()}/api/chat"
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=url, LLM_TIMEOUT="1.5")
+        with running_daemon(sim, settings, tts=tts) as daemon:
+            call = sim.new_call()
+            started = time.monotonic()
+            sim.speak(call, "hello")
+            command = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 10)
+            assert command.t_monotonic - started <= 1.5 + 1
+            assert command.line.split()[3] == str(daemon.services.fallback_wav)
+            llm.release_stream.set()
+            if isinstance(tts, HangingEngine):
+                tts.release.set()
+
+
+def test_an_engine_that_cannot_say_the_fallback_phrase_fails_start_up(tmp_path):
+    class Mute(TtsEngine):
+        name, voice_id = "mute", "mute"
+
+        def synthesize(self, text):
+            return numpy.zeros(0, dtype=numpy.float32), 8000
+
+    with FreeswitchSimulator() as sim:
+        with pytest.raises(TtsModelUnavailable, match="FALLBACK_PHRASE"):
+            build_conversation_daemon(settings_for(sim, tmp_path), tts=Mute())
+
+
+# --- Hostile input -------------------------------------------------------------------------
+
+INJECTION = "x\r\napi uuid_kill 00000000-0000-0000-0000-000000000000\r\n\r\napi hupall\r\n"
+
+
+def test_caller_controlled_values_never_reach_the_socket_except_through_the_builder(tmp_path):
+    from ivr_daemon.esl.protocol import FrameParser, build_plain_event, parse_header_pairs
+
+    frame = FrameParser().feed((CAPTURES / "40_event_plain_DETECTED_SPEECH_detected-speech.txt").read_bytes())[0]
+    template = parse_header_pairs(frame.body.split(b"\n\n")[0].decode(), url_decoded=True)
+    with FakeLlmServer("ollama", replies=lambda req: "Reply to " + req["messages"][-1]["content"]) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        with running_daemon(sim, settings):
+            good = sim.new_call()
+            hostile_ids = [good, good + INJECTION, INJECTION]
+            for n, uuid in enumerate(hostile_ids):
+                # Every header decodes to a value with CR/LF and api commands in it, except the
+                # ones that make it a final DETECTED_SPEECH of that Unique-ID.
+                pairs = [(k, v if k in ("Event-Name", "Speech-Type", "Content-Length") else v + INJECTION)
+                         for k, v in template]
+                pairs = [(k, uuid if k == "Unique-ID" else str(90_000 + n) if k == "Event-Sequence" else v)
+                         for k, v in pairs]
+                sim.send_event_frame(build_plain_event(pairs, "hello" + INJECTION))
+            wait_until(lambda: len(llm.requests) == 3)
+            wait_until(lambda: len(broadcasts(sim)) >= 1)
+            gevent.sleep(0.3)
+            sent = [c.line for c in sim.commands]
+            assert not any("uuid_kill" in line or "hupall" in line for line in sent)
+            api = [line for line in sent if line.startswith("api ")]
+            assert api and all(line.startswith(f"api uuid_broadcast {good} ") and line.endswith(" aleg") for line in api)
+            assert all("\r" not in line and "\n" not in line for line in sent)
+            # The transcript with CR/LF only ever went to the LLM, as data.
+            assert llm.requests[0]["messages"][-1]["content"].startswith("hello")
+
+
+# --- Shutdown and several daemons ----------------------------------------------------------
+
+
+def test_sigterm_finishes_the_turn_in_flight_exits_cleanly_and_leaves_no_files(tmp_path):
+    tts_dir = tmp_path / "tts"
+    with FakeLlmServer("ollama", replies="Goodbye and thank you.", delay_s=1.0) as llm, FreeswitchSimulator() as sim:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
+        env.update({"FREESWITCH_PORT": str(sim.port), "LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url,
+                    "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(tts_dir), "TTS_CACHE_MAX_MB": "0", "LOG_FORMAT": "json"})
+        log_path = tmp_path / "daemon.log"
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen([str(Path(sys.executable).parent / "ivr-daemon"), "--env-file", os.devnull, "run"],
+                                    env=env, stderr=log_file, stdout=log_file)
+        try:
+            sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=60)
+            call = sim.new_call()
+            sim.speak(call, "one last thing")
+            wait_until(lambda: len(llm.requests) == 1)  # the turn is in flight
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            sim.speak(call, "and another")  # after SIGTERM: not answered
+            assert proc.wait(10) == 0
+            assert time.monotonic() - signalled < 10
+        finally:
+            proc.kill()
+        lines = [c.line for c in sim.commands]
+        assert len([line for line in lines if line.startswith(f"api uuid_broadcast {call} ")]) == 1
+        assert lines[-1] == "exit"
+        assert list(tts_dir.iterdir()) == []  # the call's WAV and the fallback WAV are gone
+        text = log_path.read_text()
+        assert "turn_refused_shutting_down" in text and "daemon_shut_down" in text
+
+
+def test_two_daemons_with_shards_answer_each_call_exactly_once(tmp_path):
+    with FakeLlmServer("ollama", replies="Hello there.") as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        common = dict(LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        first = settings_for(sim, tmp_path / "a", DAEMON_SHARD="0/2", **common)
+        second = settings_for(sim, tmp_path / "b", DAEMON_SHARD="1/2", **common)
+        with running_daemon(sim, first), running_daemon(sim, second):
+            calls = [sim.new_call() for _ in range(12)]
+            for call in calls:
+                sim.speak(call, "hi")
+            wait_until(lambda: len(llm.requests) == 12)
+            wait_until(lambda: len(broadcasts(sim)) == 12)
+            gevent.sleep(0.3)
+            assert sorted(line.split()[2] for line in broadcasts(sim)) == sorted(calls)
+            assert {shard_of(c, 2) for c in calls} == {0, 1}  # both daemons had work
