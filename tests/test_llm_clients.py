@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import gevent
@@ -52,17 +51,6 @@ def empty_reply(provider: str, content) -> dict:
 
 def client_for(provider: str, url: str, timeout_s: float = 5.0, api_key: str = ""):
     return CLIENT_CLASSES[provider](url, "llama3", timeout_s, api_key=api_key)
-
-
-@pytest.fixture
-def refusing_url():
-    """A URL whose port is bound but not listening: connecting to it is refused at once."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/api/chat"
-    finally:
-        sock.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import gevent
@@ -49,17 +48,6 @@ def openai_event(content: str | None, finish_reason: str | None = None, newline:
 
 def drain(stream) -> list[str]:
     return list(stream)
-
-
-@pytest.fixture
-def refusing_url():
-    """A URL whose port is bound but not listening: connecting to it is refused at once."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/api/chat"
-    finally:
-        sock.close()
 
 
 def test_the_fake_splits_a_reply_into_token_sized_deltas():
