@@ -166,6 +166,7 @@ class _Reply:
     spoken: list[_Spoken] = field(default_factory=list)
     history_entry: Message | None = None
     interrupted: bool = False
+    fallback: bool = False  # the fallback phrase, not the model's words: never in history
 
     @property
     def playing(self) -> bool:
@@ -310,7 +311,7 @@ class ConversationHandler:
         heard = reply.heard_text()
         if reply.history_entry is not None:
             reply.history_entry["content"] = f"{heard} {INTERRUPTED_MARK}".strip()
-        else:
+        elif not reply.fallback:
             reply.history_entry = self.history.add("assistant", f"{heard} {INTERRUPTED_MARK}".strip())
         self.log.info("barge_in", speech_type=event.get("Speech-Type"), heard=heard,
                       sentences_heard=sum(s.status == "done" for s in reply.spoken), sentences=len(reply.spoken))
@@ -378,6 +379,7 @@ class ConversationHandler:
                     continue
                 reply.spoken.append(_Spoken(sentence, str(path)))
                 used_fallback = used_fallback or is_fallback
+                reply.fallback = used_fallback
                 if first_path is None:
                     first_path, first_reply, first_audio_s = path, text, time.monotonic()
                 if is_fallback:
