@@ -167,11 +167,19 @@ class _Reply:
     history_entry: Message | None = None
     interrupted: bool = False
     fallback: bool = False  # the fallback phrase, not the model's words: never in history
+    queued: int = 0  # sentences the LLM gave (each queued for synthesis)
+    settled: int = 0  # of those, broadcast (in ``spoken``) or dropped
+    llm_done: bool = False  # the LLM's answer is over: no sentence will be queued any more
 
     @property
     def playing(self) -> bool:
         """Some broadcast of this reply is queued or playing in FreeSWITCH."""
         return any(s.status is None for s in self.spoken)
+
+    @property
+    def more_to_come(self) -> bool:
+        """A sentence of this reply may still be broadcast: the LLM still writes, or one is synthesizing."""
+        return not self.llm_done or self.settled < self.queued
 
     def heard_text(self) -> str:
         return " ".join(s.sentence for s in self.spoken if s.status == "done")
@@ -203,7 +211,10 @@ class ConversationHandler:
     @property
     def playing(self) -> bool:
         reply = self._reply
-        return reply is not None and not reply.interrupted and (reply.playing or (self.busy and bool(reply.spoken)))
+        # Between two sentences nothing plays, yet speech then cuts the answer; after the last
+        # one has played it does not, even if the turn's greenlet has not finished yet.
+        return reply is not None and not reply.interrupted and (
+            reply.playing or (self.busy and bool(reply.spoken) and reply.more_to_come))
 
     # -- CallHandler: interrupt runs in the reader, at once, and never blocks ------------------
 
@@ -343,7 +354,7 @@ class ConversationHandler:
         reply = self._reply = _Reply()
         sentences: gevent.queue.Queue = gevent.queue.Queue()
         timing: dict[str, float] = {}
-        producer = gevent.spawn(self._produce, self.history.messages(), sentences, timing, log)
+        producer = gevent.spawn(self._produce, self.history.messages(), sentences, timing, log, reply)
         first_path = first_reply = first_audio_s = None
         used_fallback = False
         tts_ms = 0.0
@@ -356,9 +367,10 @@ class ConversationHandler:
                 wait_s = None if first_path else max(0.0, first_audio_deadline_s - time.monotonic())
                 try:
                     job = sentences.get(timeout=wait_s)
+                    counted = 1
                 except gevent.queue.Empty:
                     log.error("no_answer_in_time", waited_s=round(time.monotonic() - started_s, 2))
-                    job = ("", None, True)
+                    job, counted = ("", None, True), 0
                 if job is None:
                     break
                 sentence, pending, is_fallback = job
@@ -373,11 +385,17 @@ class ConversationHandler:
                     # fallback instead, and drop the rest of this answer.
                     path, is_fallback, sentence = self.services.fallback_wav, True, ""
                 if path is None or self.hung_up or reply.interrupted:
+                    reply.settled += counted
                     continue
+                # Known before it is sent: FreeSWITCH may start and end it before send() returns
+                # here (the reader handles PLAYBACK_START/STOP before this greenlet runs again).
+                item = _Spoken(sentence, str(path))
+                reply.spoken.append(item)
+                reply.settled += counted
                 text = self._broadcast(path, log)
                 if text is None:
+                    item.status = "not-sent"
                     continue
-                reply.spoken.append(_Spoken(sentence, str(path)))
                 used_fallback = used_fallback or is_fallback
                 reply.fallback = used_fallback
                 if first_path is None:
@@ -387,7 +405,7 @@ class ConversationHandler:
         finally:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
-        said = [s.sentence for s in reply.spoken]
+        said = [s.sentence for s in reply.spoken if s.status != "not-sent"]
         if not used_fallback and timing.get("reply") and not reply.interrupted:
             reply.history_entry = self.history.add("assistant", timing["reply"])
         total_ms = (time.monotonic() - started_s) * 1000
@@ -405,7 +423,7 @@ class ConversationHandler:
         if self.services.on_turn is not None:
             self.services.on_turn(result)
 
-    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, timing: dict, log) -> None:
+    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, timing: dict, log, reply: _Reply) -> None:
         """Read the LLM, cut sentences, start each one's synthesis; None at the end."""
         started_s = time.monotonic()
         splitter = SentenceSplitter()
@@ -420,12 +438,14 @@ class ConversationHandler:
             if is_fallback and self.services.fallback_wav is not None:
                 ready = gevent.event.AsyncResult()
                 ready.set(self.services.fallback_wav)
+                reply.queued += 1
                 sentences.put((sentence, ready, True))
                 return
             path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{self.turns:04d}-{submitted:02d}-{os.getpid()}.wav"
             pending = self.services.spawn_synthesis(sentence, path)
             self._pending_syntheses.append(pending)
             pending.rawlink(lambda done: self._pending_syntheses.remove(done) if done in self._pending_syntheses else None)
+            reply.queued += 1
             sentences.put((sentence, pending, is_fallback))
 
         stream = None
@@ -453,6 +473,7 @@ class ConversationHandler:
         finally:
             if stream is not None:
                 stream.close()
+            reply.llm_done = True
             sentences.put(None)
 
     def _wait_synthesis(self, pending: gevent.event.AsyncResult, sentence: str, log, timeout_s: float | None) -> Path | None:

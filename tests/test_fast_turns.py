@@ -171,3 +171,29 @@ def test_the_same_answer_is_synthesized_once_across_calls(tmp_path):
             assert cache.stats().hits == 2
             assert len({line.split()[3] for line in broadcasts(sim)}) == 1
             assert Path(broadcasts(sim)[0].split()[3]).exists()  # cached files outlive the calls
+
+
+def test_speech_after_the_answer_played_is_not_barge_in_even_if_playback_beat_the_reply(tmp_path):
+    # With no gap and instant playback, PLAYBACK_START/STOP reach the daemon before the
+    # uuid_broadcast's own reply does: the sentence must already be known as spoken by then.
+    with FakeLlmServer("ollama", replies=["We open at nine.", "Yes."]) as llm, \
+            FreeswitchSimulator(playback_speed=0.0, playback_gap_s=0.0) as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        with running_daemon(sim, settings) as daemon:
+            call = sim.new_call()
+            for _ in range(5):
+                count = len(llm.requests)
+                sim.speak(call, "when do you open")
+                wait_until(lambda c=count: len(llm.requests) == c + 1)
+                wait_heard(sim, call)
+                wait_until(lambda: not handler_of(daemon, call).busy)
+                sim.speak(call, "and what else", final=False)
+                sim.speak(call, "and what else")
+                wait_until(lambda c=count: len(llm.requests) == c + 2)
+                wait_heard(sim, call)
+                wait_until(lambda: not handler_of(daemon, call).busy)
+            assert not any(c.line.startswith("api uuid_break") for c in sim.commands)
+            assert INTERRUPTED not in str(handler_of(daemon, call).history.messages())
+
+
+INTERRUPTED = "[interrupted by the caller]"
