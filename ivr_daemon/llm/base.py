@@ -30,11 +30,14 @@ from typing import Callable, Generator, Iterable, Iterator, Literal
 
 import gevent
 import requests
+import requests.adapters
 import urllib3.exceptions
 
 from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
+
+LLM_POOL_CONNECTIONS = 256  # keep-alive connections kept per LLM endpoint
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
@@ -202,8 +205,15 @@ class LlmClient(abc.ABC):
         self.model = model
         self.timeout_s = float(timeout_s)
         self.api_key = api_key
-        # One session per client: the server's keep-alive connection is reused across turns.
-        self._session = session if session is not None else requests.Session()
+        # One session per client: the server's keep-alive connections are reused across turns.
+        # Every call in a turn holds one at once; urllib3's default pool of 10 would close and
+        # reopen a connection per turn beyond that (and warn each time).
+        if session is None:
+            session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=LLM_POOL_CONNECTIONS)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self._session = session
 
     @classmethod
     def endpoint_url(cls, api_url: str) -> str:
