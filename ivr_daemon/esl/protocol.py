@@ -21,6 +21,7 @@ frame and glues the body onto the last header (its PR #86), which loses the reco
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Union
 from urllib.parse import unquote
@@ -28,6 +29,12 @@ from urllib.parse import unquote
 MAX_HEADER_BLOCK_BYTES = 64 * 1024
 MAX_BODY_BYTES = 8 * 1024 * 1024
 _PREVIEW_BYTES = 120
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _is_decimal(text: str) -> bool:
+    # str.isdigit() alone also accepts "²" and other digits int() refuses (ValueError).
+    return text.isascii() and text.isdigit()
 
 
 class MalformedEvent(ValueError):
@@ -51,8 +58,9 @@ class Frame:
 class MalformedFrame:
     """Bytes the parser had to skip; ``reason`` says why, ``preview`` shows the start.
 
-    ``raw`` holds the skipped bytes as far as they were buffered (a body over the size cap
-    is dropped as it streams past and is not in it).
+    ``raw`` holds the skipped bytes as far as they were buffered (a body over the size cap,
+    and the rest of a header block over its cap, are dropped as they stream past and are not
+    in it).
     """
 
     reason: str
@@ -68,12 +76,15 @@ class FrameParser:
 
     It never raises on bad input: what it cannot frame comes back as :class:`MalformedFrame`
     and parsing resumes after it. A Content-Length over ``max_body_bytes`` is skipped as the
-    bytes stream past, so memory stays bounded whatever the peer claims.
+    bytes stream past, and so is a header block over ``max_header_bytes`` up to its blank line,
+    so ``buffered_bytes`` never exceeds ``max_header_bytes + max_body_bytes + 1`` whatever the
+    peer claims, and the items do not depend on how the bytes were cut into chunks.
     """
 
     def __init__(self, max_body_bytes: int = MAX_BODY_BYTES, max_header_bytes: int = MAX_HEADER_BLOCK_BYTES):
         self._buf = bytearray()
         self._skip_bytes = 0
+        self._in_long_header = False  # dropping a header block over the cap, up to its blank line
         self._max_body_bytes = max_body_bytes
         self._max_header_bytes = max_header_bytes
 
@@ -91,6 +102,14 @@ class FrameParser:
                 self._skip_bytes -= dropped
                 if self._skip_bytes:
                     return items
+            if self._in_long_header:
+                end = self._buf.find(b"\n\n")
+                if end < 0:
+                    del self._buf[: len(self._buf) - 1]  # the last byte may start the blank line
+                    return items
+                del self._buf[: end + 2]
+                self._in_long_header = False
+                continue
             # FreeSWITCH never sends blank lines between frames; tolerate them anyway.
             start = 0
             while start < len(self._buf) and self._buf[start] in (0x0A, 0x0D):
@@ -99,10 +118,18 @@ class FrameParser:
                 del self._buf[:start]
             end = self._buf.find(b"\n\n")
             if end < 0:
-                if len(self._buf) > self._max_header_bytes:
+                # The block is at least len - 1 bytes (its blank line may begin with the last
+                # byte): over the cap for sure, whatever chunk brings the rest.
+                if len(self._buf) > self._max_header_bytes + 1:
                     items.append(MalformedFrame("header block too long", bytes(self._buf[:_PREVIEW_BYTES]), bytes(self._buf)))
-                    self._buf.clear()
+                    del self._buf[: len(self._buf) - 1]
+                    self._in_long_header = True
                 return items
+            if end > self._max_header_bytes:
+                # The same block in one chunk: the same verdict as when it arrives in pieces.
+                items.append(MalformedFrame("header block too long", bytes(self._buf[:_PREVIEW_BYTES]), bytes(self._buf[: end + 2])))
+                del self._buf[: end + 2]
+                continue
             item = self._take_frame(end)
             if item is None:
                 return items  # body not complete yet
@@ -121,7 +148,7 @@ class FrameParser:
         length = 0
         if "Content-Length" in headers:
             text = headers["Content-Length"].strip()
-            if not text.isdigit():
+            if not _is_decimal(text):
                 del self._buf[:body_start]
                 return MalformedFrame(f"bad Content-Length {text[:20]!r}", head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n")
             length = int(text)
@@ -194,7 +221,7 @@ class EslEvent:
     @property
     def sequence(self) -> int | None:
         text = self.headers.get("Event-Sequence", "")
-        return int(text) if text.isdigit() else None
+        return int(text) if _is_decimal(text) else None
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.headers.get(key, default)
@@ -223,7 +250,7 @@ def _parse_plain_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
     if "Content-Length" not in headers:
         return headers, None, "plain"
     text = headers["Content-Length"]
-    if not text.isdigit() or int(text) > len(rest):
+    if not _is_decimal(text) or int(text) > len(rest):
         raise MalformedEvent(f"event body Content-Length {text[:20]!r} does not match its {len(rest)} bytes")
     try:
         body = rest[: int(text)].decode("utf-8")
@@ -235,7 +262,7 @@ def _parse_plain_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
 def _parse_json_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested deep
         raise MalformedEvent(f"event json does not parse: {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedEvent("event json is not an object")
@@ -245,8 +272,22 @@ def _parse_json_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
         # Multi-valued headers come as JSON arrays; keep the first, as for plain events.
         if isinstance(value, list):
             value = value[0] if value else ""
-        headers[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    return headers, body if isinstance(body, str) else None, "json"
+        try:
+            text = value if isinstance(value, str) else json.dumps(value)
+        except RecursionError:
+            raise MalformedEvent(f"event json header {key[:60]!r} is nested too deep") from None
+        headers[_utf8_safe(key)] = _utf8_safe(text)
+    return headers, _utf8_safe(body) if isinstance(body, str) else None, "json"
+
+
+def _utf8_safe(text: str) -> str:
+    """A JSON "\\ud800" escape decodes to a lone surrogate that no UTF-8 writer accepts: mark it U+FFFD,
+    as a bad escape in a plain event is marked."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _parse_xml_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
@@ -255,7 +296,8 @@ def _parse_xml_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
 
     try:
         root = ElementTree.fromstring(data)
-    except ElementTree.ParseError as exc:
+    except (ElementTree.ParseError, ValueError, LookupError) as exc:
+        # ValueError/LookupError: an XML declaration naming a codec expat cannot use ("shift_jis", "foo").
         raise MalformedEvent(f"event xml does not parse: {exc}") from None
     headers_node = root.find("headers")
     if root.tag != "event" or headers_node is None:
