@@ -9,6 +9,7 @@ barge-in) reach :meth:`CallHandler.interrupt` at once, before they are queued.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Callable, Protocol
 
@@ -21,6 +22,8 @@ from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
+
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 CALL_END_EVENT = "CHANNEL_HANGUP_COMPLETE"
 
@@ -90,12 +93,13 @@ class CallRouter:
     ):
         self._handler_factory = handler_factory
         self._owns = owns
-        self.dedup = dedup or EventDeduplicator()
+        self.dedup = dedup if dedup is not None else EventDeduplicator()
         self._on_callless_event = on_callless_event
         self.calls: dict[str, Call] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._remember_ended = remember_ended
         self.events_routed = 0
+        self.foreign_ids = 0
 
     def route(self, event: EslEvent) -> None:
         if self.dedup.is_duplicate(event):
@@ -103,6 +107,14 @@ class CallRouter:
                       event_sequence=event.headers.get("Event-Sequence"))
             return
         uuid = event.unique_id
+        if uuid is not None and not _UUID_RE.match(uuid):
+            # FreeSWITCH's Unique-IDs are UUIDs; another value cannot be controlled by any
+            # command (the builders refuse it) and must not name files either.
+            self.foreign_ids += 1
+            level = "warning" if event.name == "DETECTED_SPEECH" else "debug"
+            getattr(log, level)("event_with_non_uuid_unique_id_ignored", event_name=event.name,
+                                unique_id=uuid[:80])
+            return
         if uuid is None:
             if self._on_callless_event is not None:
                 self._on_callless_event(event)

@@ -53,6 +53,7 @@ BEGIN_SPEAKING = "begin-speaking"  # other ASR modules send it; mod_vosk never d
 HANGUP_EVENT = "CHANNEL_HANGUP_COMPLETE"
 CLEANUP_WAIT_S = 30.0
 RECONNECT_WAIT_S = 30.0  # how long a ready answer waits for the switch to come back
+RETRY_PAUSE_S = 0.05
 FIRST_AUDIO_MARGIN_S = 0.5
 INTERRUPTED_MARK = "[interrupted by the caller]"
 
@@ -491,6 +492,7 @@ class ConversationHandler:
         except commands.UnsafeCommandArgument as exc:
             log.error("broadcast_refused", error=str(exc))
             return None
+        give_up_s = time.monotonic() + RECONNECT_WAIT_S
         while True:
             try:
                 reply = self.services.send(command)
@@ -499,9 +501,12 @@ class ConversationHandler:
                 # Not sent: the switch is away. Wait for the reconnect (the resync ends this
                 # call if it is gone) and send it then: the caller still gets the answer.
                 log.warning("broadcast_waiting_for_reconnect", error=str(exc))
-                if self.hung_up or self.services.wait_connected is None or not self.services.wait_connected(RECONNECT_WAIT_S):
+                remaining_s = give_up_s - time.monotonic()
+                if (self.hung_up or self.services.wait_connected is None or remaining_s <= 0
+                        or not self.services.wait_connected(remaining_s)):
                     log.error("broadcast_not_sent", error=str(exc))
                     return None
+                gevent.sleep(RETRY_PAUSE_S)  # never spin, even if "connected" turns out stale
                 if self.hung_up:
                     return None
             except CommandOutcomeUnknown as exc:

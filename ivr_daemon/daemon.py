@@ -31,6 +31,7 @@ from ivr_daemon.tts.cache import PhraseCache
 log = get_logger(__name__)
 
 SHUTDOWN_GRACE_S = 8.0  # SIGTERM to exit stays under 10 s
+RESYNC_INTERVAL_S = 60.0
 
 # What the daemon subscribes to (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Introduction/Event-System/Event-List_7143557/).
 SUBSCRIBED_EVENTS: tuple[str, ...] = (
@@ -79,8 +80,8 @@ class Daemon:
     def _route(self, event: EslEvent) -> None:
         self.router.route(event)
 
-    def resync(self) -> None:
-        """After a (re)connect: end the calls FreeSWITCH no longer has; the others go on.
+    def resync(self, after_reconnect: bool = True) -> None:
+        """After a (re)connect, and every minute: end the calls FreeSWITCH no longer has.
 
         Events of the outage are lost (FreeSWITCH does not keep them for an ESL client), so a
         hangup then is learnt here, from ``show channels as json``.
@@ -96,15 +97,27 @@ class Daemon:
         ended = [uuid for uuid in list(self.router.calls) if uuid not in live]
         for uuid in ended:
             self.router.end_call(uuid, "GONE_AFTER_RECONNECT")
-        for call in list(self.router.calls.values()):
-            after_reconnect = getattr(call.handler, "after_reconnect", None)
-            if after_reconnect is not None:
-                after_reconnect()
+        if after_reconnect:
+            for call in list(self.router.calls.values()):
+                forget = getattr(call.handler, "after_reconnect", None)
+                if forget is not None:
+                    forget()
         log.info("esl_resynced", calls_kept=len(self.router.calls) - len(ended), calls_ended=len(ended))
 
     def run(self) -> None:
         """Block until stopped; raises AuthenticationFailed on a wrong password."""
-        self.esl.run()
+        periodic = gevent.spawn(self._resync_every, RESYNC_INTERVAL_S)
+        try:
+            self.esl.run()
+        finally:
+            periodic.kill(block=False)
+
+    def _resync_every(self, interval_s: float) -> None:
+        # A hangup event lost any other way (a filter, a bug) must not keep a call forever.
+        while True:
+            gevent.sleep(interval_s)
+            if self.esl.connected:
+                self.resync(after_reconnect=False)
 
     def start(self) -> gevent.Greenlet:
         self._greenlet = gevent.spawn(self.run)

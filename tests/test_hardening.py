@@ -155,7 +155,7 @@ def test_caller_controlled_values_never_reach_the_socket_except_through_the_buil
     with FakeLlmServer("ollama", replies=lambda req: "Reply to " + req["messages"][-1]["content"]) as llm, \
             FreeswitchSimulator(playback_speed=0.02) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
-        with running_daemon(sim, settings):
+        with running_daemon(sim, settings) as daemon:
             good = sim.new_call()
             hostile_ids = [good, good + INJECTION, INJECTION]
             for n, uuid in enumerate(hostile_ids):
@@ -166,8 +166,9 @@ def test_caller_controlled_values_never_reach_the_socket_except_through_the_buil
                 pairs = [(k, uuid if k == "Unique-ID" else str(90_000 + n) if k == "Event-Sequence" else v)
                          for k, v in pairs]
                 sim.send_event_frame(build_plain_event(pairs, "hello" + INJECTION))
-            wait_until(lambda: len(llm.requests) == 3)
             wait_until(lambda: len(broadcasts(sim)) >= 1)
+            assert len(llm.requests) == 1  # the two hostile Unique-IDs were not even taken for calls
+            wait_until(lambda: daemon.router.foreign_ids == 2)
             gevent.sleep(0.3)
             sent = [c.line for c in sim.commands]
             assert not any("uuid_kill" in line or "hupall" in line for line in sent)
@@ -225,3 +226,59 @@ def test_two_daemons_with_shards_answer_each_call_exactly_once(tmp_path):
             gevent.sleep(0.3)
             assert sorted(line.split()[2] for line in broadcasts(sim)) == sorted(calls)
             assert {shard_of(c, 2) for c in calls} == {0, 1}  # both daemons had work
+
+
+def test_non_uuid_unique_ids_are_ignored_and_never_name_files(tmp_path):
+    from ivr_daemon.esl.protocol import FrameParser, build_plain_event, parse_header_pairs
+
+    frame = FrameParser().feed((CAPTURES / "40_event_plain_DETECTED_SPEECH_detected-speech.txt").read_bytes())[0]
+    template = parse_header_pairs(frame.body.split(b"\n\n")[0].decode(), url_decoded=True)
+    tts_dir = tmp_path / "a" / "b" / "tts"
+    victim = tmp_path / "a" / "b" / "victim.wav"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"keep me")
+    with FakeLlmServer("ollama", replies="Hi.") as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        settings = settings_for(sim, tts_dir, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, TTS_CACHE_MAX_MB="0")
+        with running_daemon(sim, settings) as daemon:
+            for n, bad in enumerate(["*", "../*", "../evil", "/etc/passwd", "**"]):
+                for name, body in (("DETECTED_SPEECH", "hello"), ("CHANNEL_HANGUP_COMPLETE", None)):
+                    pairs = [(k, bad if k == "Unique-ID" else name if k == "Event-Name" else
+                              str(80_000 + 2 * n + (body is None)) if k == "Event-Sequence" else v) for k, v in template]
+                    sim.send_event_frame(build_plain_event(pairs, body))
+            wait_until(lambda: daemon.router.foreign_ids == 10)
+            call = sim.new_call()  # a real call still works
+            sim.speak(call, "hello")
+            wait_until(lambda: len(broadcasts(sim, call)) == 1)
+            assert len(llm.requests) == 1 and daemon.router.calls.keys() == {call}
+            assert victim.read_bytes() == b"keep me" and daemon.services.fallback_wav.exists()
+            assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p != victim) == \
+                sorted(p.name for p in tts_dir.iterdir())
+
+
+@pytest.mark.parametrize("trouble", ["disconnect_notice", "over_cap_content_length"])
+def test_a_switch_that_says_goodbye_or_corrupts_the_stream_mid_turn_gets_a_reconnect_not_a_spin(tmp_path, trouble):
+    from ivr_daemon.esl.protocol import build_disconnect_notice
+
+    junk = build_disconnect_notice() if trouble == "disconnect_notice" else \
+        b"Content-Length: 100000000000000000000\nContent-Type: text/event-plain\n\n"
+    with FakeLlmServer("ollama", replies="Your answer.", delay_s=0.3) as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        with running_daemon(sim, settings) as daemon:
+            call = sim.new_call()
+            sim.speak(call, "hello")
+            wait_until(lambda: len(llm.requests) == 1)
+            sim.inject_raw(junk)
+            if trouble == "disconnect_notice":
+                wait_until(lambda: not daemon.esl.connected)
+                sim.drop_connections()  # FreeSWITCH closes the socket after its notice
+            # (A stream that claims 10**20 bytes is dropped by the daemon itself.)
+            wait_until(lambda: daemon.esl.connections_made >= 2, 10)
+            wait_until(lambda: len(broadcasts(sim, call)) == 1, 10)  # the pending answer, once
+
+
+def test_a_router_keeps_the_deduplicator_it_is_given():
+    from ivr_daemon.calls import CallRouter
+    from ivr_daemon.esl.dedup import EventDeduplicator
+
+    dedup = EventDeduplicator(max_keys=10)
+    assert CallRouter(lambda uuid, log: None, dedup=dedup).dedup is dedup

@@ -34,6 +34,7 @@ from ivr_daemon.logs import get_logger
 log = get_logger(__name__)
 
 RECV_CHUNK_BYTES = 65536
+MALFORMED_LOG_PER_S = 10
 
 
 class EslError(Exception):
@@ -91,8 +92,12 @@ class EslConnection(InboundESL):
         on_frame: Callable[[bytes, bool], None] | None = None,
         connect_timeout_s: float = 5.0,
         command_timeout_s: float = 10.0,
+        on_closed: Callable[[], None] | None = None,
     ):
         super().__init__(host, port, password, timeout=connect_timeout_s)
+        self._on_closed = on_closed
+        self._malformed_window_s = 0.0
+        self._malformed_in_window = 0
         self._on_event = on_event
         self._on_malformed = on_malformed or (lambda reason: None)
         self._on_frame = on_frame
@@ -207,6 +212,8 @@ class EslConnection(InboundESL):
         self.connected = False
         self.close_reason = reason
         self._auth_request_event.set()  # wake connect() if it still waits for auth/request
+        if self._on_closed is not None:
+            self._on_closed()
         while self._pending:
             command, result = self._pending.popleft()
             result.set_exception(CommandOutcomeUnknown(
@@ -218,8 +225,13 @@ class EslConnection(InboundESL):
             # Recording sees every byte that arrived, well-formed or not.
             self._on_frame(item.raw, isinstance(item, MalformedFrame))
         if isinstance(item, MalformedFrame):
-            log.warning("esl_malformed_frame_skipped", reason=item.reason, preview=item.preview[:80].decode("latin-1"))
+            self._log_malformed("esl_malformed_frame_skipped", item.reason, item.preview[:80].decode("latin-1"))
             self._on_malformed(item.reason)
+            if item.over_cap:
+                # Skipping it would leave the connection deaf for as long as the peer claims.
+                log.error("esl_stream_corrupt_reconnecting", reason=item.reason)
+                self._mark_closed(f"stream corrupt: {item.reason}")
+                self._shutdown_socket()
             return
         content_type = item.content_type
         if content_type == "auth/request":
@@ -230,7 +242,7 @@ class EslConnection(InboundESL):
             try:
                 event = parse_event(item, received_s=time.monotonic())
             except MalformedEvent as exc:
-                log.warning("esl_malformed_event_skipped", reason=str(exc))
+                self._log_malformed("esl_malformed_event_skipped", str(exc), "")
                 self._on_malformed(str(exc))
                 return
             try:
@@ -240,12 +252,31 @@ class EslConnection(InboundESL):
                 log.exception("esl_event_routing_failed", event_name=event.name, call_uuid=event.unique_id)
         elif content_type == "text/disconnect-notice":
             log.info("esl_disconnect_notice", body=item.body.decode("utf-8", "replace").strip()[:200])
-            self.connected = False
+            self._mark_closed("disconnect-notice")  # FreeSWITCH closes the socket next
         elif content_type == "text/rude-rejection":
             log.error("esl_rejected_by_acl", body=item.body.decode("utf-8", "replace").strip()[:200])
-            self.connected = False
+            self._mark_closed("rude-rejection (ACL)")
         else:
             log.debug("esl_frame_ignored", content_type=content_type)
+
+    def _log_malformed(self, event: str, reason: str, preview: str) -> None:
+        """At most MALFORMED_LOG_PER_S lines a second: a burst of junk must not flood the log."""
+        now = time.monotonic()
+        if now - self._malformed_window_s >= 1.0:
+            if self._malformed_in_window > MALFORMED_LOG_PER_S:
+                log.warning("esl_malformed_logs_suppressed", count=self._malformed_in_window - MALFORMED_LOG_PER_S)
+            self._malformed_window_s, self._malformed_in_window = now, 0
+        self._malformed_in_window += 1
+        if self._malformed_in_window <= MALFORMED_LOG_PER_S:
+            log.warning(event, reason=reason, preview=preview)
+
+    def _shutdown_socket(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _resolve_reply(self, frame: Frame) -> None:
         if not self._pending:
@@ -326,6 +357,9 @@ class EslClient:
                 self.host, self.port, self._password, self._on_event,
                 on_malformed=self._on_malformed, on_frame=self._on_frame,
                 connect_timeout_s=self.connect_timeout_s, command_timeout_s=self.command_timeout_s,
+                # At once, not when run() next gets the loop: senders waiting for a reconnect
+                # must not see a dead connection as a live one.
+                on_closed=self._connected_event.clear,
             )
             try:
                 conn.connect()

@@ -66,6 +66,9 @@ class MalformedFrame:
     reason: str
     preview: bytes
     raw: bytes = field(default=b"", repr=False)
+    # The peer claimed a body over the cap: the parser stays in step by skipping it, but a
+    # stream that says so is broken beyond trust (the connection reconnects).
+    over_cap: bool = False
 
 
 ParsedItem = Union[Frame, MalformedFrame]
@@ -156,7 +159,7 @@ class FrameParser:
                 del self._buf[:body_start]
                 self._skip_bytes = length
                 return MalformedFrame(f"Content-Length {length} over the {self._max_body_bytes}-byte cap",
-                                      head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n")
+                                      head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n", over_cap=True)
         if len(self._buf) < body_start + length:
             return None
         raw = bytes(self._buf[: body_start + length])
