@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import gevent
 import gevent.event
 
 from ivr_daemon.config import load_settings
@@ -36,7 +37,10 @@ def run_demo(cache_dir: Path, out_dir: Path, tts_engine: str = "piper", utteranc
     model_path = find_or_fetch_smollm2(cache_dir / "models")
     out_dir.mkdir(parents=True, exist_ok=True)
     say("Starting llama.cpp's server, the FreeSWITCH simulator and the daemon ...")
-    with LlamaCppServer(model_path, log_path=out_dir / "llama-server.log") as llm_server, FreeswitchSimulator() as sim:
+    # The simulator "plays" each WAV 4x faster than real time: the caller still hears every
+    # answer out before speaking again (or it would be barge-in), without the demo dragging.
+    with LlamaCppServer(model_path, log_path=out_dir / "llama-server.log") as llm_server, \
+            FreeswitchSimulator(playback_speed=0.25) as sim:
         settings = load_settings(environ={
             "FREESWITCH_PORT": str(sim.port),
             "LLM_PROVIDER": "openai",
@@ -78,12 +82,16 @@ def run_demo(cache_dir: Path, out_dir: Path, tts_engine: str = "piper", utteranc
                 say(f"daemon : {result.reply}")
                 say(f"         llm {result.llm_ms:.0f} ms, tts {result.tts_ms:.0f} ms, total {result.total_ms:.0f} ms"
                     f"{' (fallback phrase)' if result.used_fallback else ''}")
-                say(f"         uuid_broadcast -> {result.broadcast_reply!r}, WAV kept at {kept}\n")
+                say(f"         {result.sentences} sentence(s) broadcast, first -> {result.broadcast_reply!r}, WAV kept at {kept}\n")
+                handler = daemon.router.calls[call_uuid].handler
+                while handler.playing:  # the caller listens to the whole answer
+                    gevent.sleep(0.05)
             sim.hangup(call_uuid)
         finally:
             daemon.stop()
     broadcasts = [c.line for c in sim.commands if c.line.startswith("api uuid_broadcast")]
-    say(f"Call hung up; the daemon sent {len(broadcasts)} uuid_broadcast commands:")
+    say(f"Call hung up; the daemon sent {len(broadcasts)} uuid_broadcast commands (one per sentence):")
     for line in broadcasts:
         say(f"  {line}")
-    return 0 if len(broadcasts) == len(utterances) else 1
+    answered = len(turns) == len(utterances) and all(t.sentences and not t.interrupted for t in turns)
+    return 0 if answered else 1
