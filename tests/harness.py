@@ -56,3 +56,17 @@ def wait_heard(sim, call_uuid: str, count: int = 1, timeout_s: float = 10.0) -> 
     """Wait until ``count`` more broadcasts to this call have finished playing (PLAYBACK_STOP)."""
     for _ in range(count):
         sim.wait_for_event(lambda e: e.name == "PLAYBACK_STOP" and e.unique_id == call_uuid, timeout_s)
+
+
+def captured_event(capture_name: str, body: str | None = None, transform=None, **replace: str) -> bytes:
+    """A real captured plain event, rebuilt with some headers replaced (``Unique_ID`` -> ``Unique-ID``).
+
+    ``transform(key, value)`` may rewrite every other value (e.g. to make them all hostile).
+    """
+    from ivr_daemon.esl.protocol import FrameParser, build_plain_event, split_plain_event
+
+    frame = FrameParser().feed((Path(__file__).parent / "captures" / capture_name).read_bytes())[0]
+    pairs, _ = split_plain_event(frame.body)
+    replace = {key.replace("_", "-"): value for key, value in replace.items()}
+    return build_plain_event([(k, replace[k] if k in replace else transform(k, v) if transform else v)
+                              for k, v in pairs], body)

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import broadcasts, running_daemon, settings_for, wait_heard, wait_until
+from harness import broadcasts, captured_event, running_daemon, settings_for, wait_heard, wait_until
 from llm_fakes import FakeLlmServer
-from ivr_daemon.esl.protocol import FrameParser, build_plain_event, parse_header_pairs
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 from ivr_daemon.tts.null import NullEngine
 
@@ -116,11 +115,9 @@ def test_barge_in_while_the_llm_still_streams_closes_the_stream_and_drops_pendin
 
 def _speech_frame(call, speech_type, text, sequence):
     """A DETECTED_SPEECH frame from the real capture, for the Speech-Types the simulator lacks."""
-    frame = FrameParser().feed((CAPTURES / "41_event_plain_DETECTED_SPEECH_detected-partial-speech.txt").read_bytes())[0]
-    pairs = parse_header_pairs(frame.body.split(b"\n\n")[0].decode(), url_decoded=True)
-    replace = {"Unique-ID": call, "Channel-Call-UUID": call, "Caller-Unique-ID": call,
-               "Speech-Type": speech_type, "Event-Sequence": str(sequence)}
-    return build_plain_event([(k, replace.get(k, v)) for k, v in pairs], text)
+    return captured_event("41_event_plain_DETECTED_SPEECH_detected-partial-speech.txt", text,
+                          Unique_ID=call, Channel_Call_UUID=call, Caller_Unique_ID=call,
+                          Speech_Type=speech_type, Event_Sequence=str(sequence))
 
 
 @pytest.mark.parametrize(

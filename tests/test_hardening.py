@@ -12,7 +12,7 @@ import numpy
 import pytest
 from gevent.monkey import get_original
 
-from harness import broadcasts, running_daemon, settings_for, wait_heard, wait_until
+from harness import broadcasts, captured_event, running_daemon, settings_for, wait_heard, wait_until
 from llm_fakes import FakeLlmServer
 from ivr_daemon.daemon import build_conversation_daemon, live_channel_uuids, shard_of
 from ivr_daemon.localllm import pick_free_port
@@ -21,6 +21,7 @@ from ivr_daemon.tts.base import TtsEngine, TtsModelUnavailable
 from ivr_daemon.tts.null import NullEngine
 
 CAPTURES = Path(__file__).parent / "captures"
+DETECTED_SPEECH = "40_event_plain_DETECTED_SPEECH_detected-speech.txt"
 
 
 # --- ESL loss mid-call -----------------------------------------------------------------------
@@ -148,10 +149,6 @@ INJECTION = "x\r\napi uuid_kill 00000000-0000-0000-0000-000000000000\r\n\r\napi 
 
 
 def test_caller_controlled_values_never_reach_the_socket_except_through_the_builder(tmp_path):
-    from ivr_daemon.esl.protocol import FrameParser, build_plain_event, parse_header_pairs
-
-    frame = FrameParser().feed((CAPTURES / "40_event_plain_DETECTED_SPEECH_detected-speech.txt").read_bytes())[0]
-    template = parse_header_pairs(frame.body.split(b"\n\n")[0].decode(), url_decoded=True)
     with FakeLlmServer("ollama", replies=lambda req: "Reply to " + req["messages"][-1]["content"]) as llm, \
             FreeswitchSimulator(playback_speed=0.02) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
@@ -161,11 +158,10 @@ def test_caller_controlled_values_never_reach_the_socket_except_through_the_buil
             for n, uuid in enumerate(hostile_ids):
                 # Every header decodes to a value with CR/LF and api commands in it, except the
                 # ones that make it a final DETECTED_SPEECH of that Unique-ID.
-                pairs = [(k, v if k in ("Event-Name", "Speech-Type", "Content-Length") else v + INJECTION)
-                         for k, v in template]
-                pairs = [(k, uuid if k == "Unique-ID" else str(90_000 + n) if k == "Event-Sequence" else v)
-                         for k, v in pairs]
-                sim.send_event_frame(build_plain_event(pairs, "hello" + INJECTION))
+                sim.send_event_frame(captured_event(
+                    DETECTED_SPEECH, "hello" + INJECTION, transform=lambda k, v: v + INJECTION,
+                    Event_Name="DETECTED_SPEECH", Speech_Type="detected-speech", Unique_ID=uuid,
+                    Event_Sequence=str(90_000 + n)))
             wait_until(lambda: len(broadcasts(sim)) >= 1)
             assert len(llm.requests) == 1  # the two hostile Unique-IDs were not even taken for calls
             wait_until(lambda: daemon.router.foreign_ids == 2)
@@ -229,10 +225,6 @@ def test_two_daemons_with_shards_answer_each_call_exactly_once(tmp_path):
 
 
 def test_non_uuid_unique_ids_are_ignored_and_never_name_files(tmp_path):
-    from ivr_daemon.esl.protocol import FrameParser, build_plain_event, parse_header_pairs
-
-    frame = FrameParser().feed((CAPTURES / "40_event_plain_DETECTED_SPEECH_detected-speech.txt").read_bytes())[0]
-    template = parse_header_pairs(frame.body.split(b"\n\n")[0].decode(), url_decoded=True)
     tts_dir = tmp_path / "a" / "b" / "tts"
     victim = tmp_path / "a" / "b" / "victim.wav"
     victim.parent.mkdir(parents=True)
@@ -242,9 +234,8 @@ def test_non_uuid_unique_ids_are_ignored_and_never_name_files(tmp_path):
         with running_daemon(sim, settings) as daemon:
             for n, bad in enumerate(["*", "../*", "../evil", "/etc/passwd", "**"]):
                 for name, body in (("DETECTED_SPEECH", "hello"), ("CHANNEL_HANGUP_COMPLETE", None)):
-                    pairs = [(k, bad if k == "Unique-ID" else name if k == "Event-Name" else
-                              str(80_000 + 2 * n + (body is None)) if k == "Event-Sequence" else v) for k, v in template]
-                    sim.send_event_frame(build_plain_event(pairs, body))
+                    sim.send_event_frame(captured_event(DETECTED_SPEECH, body, Unique_ID=bad, Event_Name=name,
+                                                        Event_Sequence=str(80_000 + 2 * n + (body is None))))
             wait_until(lambda: daemon.router.foreign_ids == 10)
             call = sim.new_call()  # a real call still works
             sim.speak(call, "hello")

@@ -243,22 +243,38 @@ def parse_event(frame: Frame, received_s: float = 0.0) -> EslEvent:
     return EslEvent(headers=headers, body=body, wire_format=wire_format, received_s=received_s)
 
 
-def _parse_plain_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
+def split_plain_event(data: bytes) -> tuple[list[tuple[str, str]], str | None]:
+    """A ``text/event-plain`` frame body as (decoded header pairs in order, repeats kept; body).
+
+    The inner ``Content-Length`` is consumed, not returned: :func:`build_plain_event` writes it
+    again from the body, so ``build_plain_event(*split_plain_event(b))`` gives the frame back.
+    Raises :class:`MalformedEvent`.
+    """
     end = data.find(b"\n\n")
     head, rest = (data, b"") if end < 0 else (data[:end], data[end + 2 :])
     try:
-        headers = parse_header_lines(head.decode("utf-8"), url_decoded=True)
+        pairs = parse_header_pairs(head.decode("utf-8"), url_decoded=True)
     except UnicodeDecodeError:
         raise MalformedEvent("event headers are not UTF-8") from None
-    if "Content-Length" not in headers:
-        return headers, None, "plain"
-    text = headers["Content-Length"]
+    text = next((value for key, value in pairs if key == "Content-Length"), None)
+    if text is None:
+        return pairs, None
     if not _is_decimal(text) or int(text) > len(rest):
         raise MalformedEvent(f"event body Content-Length {text[:20]!r} does not match its {len(rest)} bytes")
     try:
         body = rest[: int(text)].decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedEvent("event body is not UTF-8") from None
+    return [(key, value) for key, value in pairs if key != "Content-Length"], body
+
+
+def _parse_plain_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
+    pairs, body = split_plain_event(data)
+    headers: dict[str, str] = {}
+    for key, value in pairs:
+        headers.setdefault(key, value)
+    if body is not None:
+        headers["Content-Length"] = str(len(body.encode("utf-8")))
     return headers, body, "plain"
 
 

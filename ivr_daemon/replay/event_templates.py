@@ -19,7 +19,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Mapping
 
-from ivr_daemon.esl.protocol import Frame, FrameParser, parse_header_pairs
+from ivr_daemon.esl.protocol import Frame, FrameParser, split_plain_event
 
 TEMPLATE_PACKAGE = "ivr_daemon.replay"
 TEMPLATE_DIR = "templates"
@@ -86,14 +86,7 @@ def load_event_template(kind: str) -> EventTemplate:
     frame = _single_frame(file_name)
     if frame.content_type != "text/event-plain":
         raise TemplateUnreadable(f"{file_name}: not a text/event-plain frame")
-    end = frame.body.find(b"\n\n")
-    head_bytes, rest = (frame.body, b"") if end < 0 else (frame.body[:end], frame.body[end + 2 :])
-    pairs = parse_header_pairs(head_bytes.decode("utf-8"), url_decoded=True)
-    body = None
-    length = dict(pairs).get("Content-Length")
-    if length is not None:
-        body = rest[: int(length)].decode("utf-8")
-    pairs = [(k, v) for k, v in pairs if k != "Content-Length"]
+    pairs, body = split_plain_event(frame.body)
 
     head: list[tuple[str, str]] = []
     variables: list[tuple[str, str]] = []

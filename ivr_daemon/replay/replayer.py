@@ -21,7 +21,7 @@ import gevent
 
 from ivr_daemon.config import Settings, load_settings
 from ivr_daemon.daemon import build_conversation_daemon
-from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, build_plain_event, parse_event, parse_header_pairs
+from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, build_plain_event, parse_event, split_plain_event
 from ivr_daemon.llm.base import LlmBadReply, LlmClient, LlmTimeout, LlmUnavailable, Message
 from ivr_daemon.logs import get_logger
 from ivr_daemon.replay.fixture import ExpectedCommand, Fixture, FixtureFrame, LlmReply, call_uuid_of, load_fixture
@@ -136,10 +136,9 @@ class PlaybackPathMapper:
         index = recorded.index(path)
         if index >= len(actual) or actual[index] == path:
             return data
-        head = items[0].body.split(b"\n\n", 1)[0].decode("utf-8")
-        pairs = [(key, actual[index] if key in PATH_HEADERS and value == path else value)
-                 for key, value in parse_header_pairs(head, url_decoded=True)]
-        return build_plain_event(pairs, event.body)
+        pairs, body = split_plain_event(items[0].body)
+        return build_plain_event([(key, actual[index] if key in PATH_HEADERS and value == path else value)
+                                  for key, value in pairs], body)
 
 
 def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | None = None,
