@@ -40,6 +40,13 @@ class CallHandler(Protocol):
     def close(self) -> None:
         """Called once on the call's greenlet after its last event: free everything."""
 
+    @property
+    def busy(self) -> bool:
+        """Work is in flight for the call (a turn): shutdown and replays wait for it."""
+
+    def after_reconnect(self) -> None:
+        """The switch connection came back: state that depended on lost events is stale."""
+
 
 HandlerFactory = Callable[[str, structlog.stdlib.BoundLogger], CallHandler]
 
@@ -149,6 +156,10 @@ class CallRouter:
             return
         call.log.info("call_ended_without_hangup_event", reason=reason)
         self.route(EslEvent(headers={"Event-Name": CALL_END_EVENT, "Unique-ID": uuid, "Hangup-Cause": reason}))
+
+    def busy_calls(self) -> list[Call]:
+        """Calls with events still queued or a turn in flight."""
+        return [call for call in list(self.calls.values()) if not call.queue.empty() or call.handler.busy]
 
     def join(self, timeout_s: float | None = None) -> bool:
         """Wait until every call's greenlet has finished."""

@@ -168,6 +168,8 @@ class _Reply:
     history_entry: Message | None = None
     interrupted: bool = False
     fallback: bool = False  # the fallback phrase, not the model's words: never in history
+    text: str = ""  # what the LLM wrote (all of it, or up to where its stream broke)
+    llm_ms: float = 0.0  # until the first sentence was complete (streaming) or the whole reply
     queued: int = 0  # sentences the LLM gave (each queued for synthesis)
     settled: int = 0  # of those, broadcast (in ``spoken``) or dropped
     llm_done: bool = False  # the LLM's answer is over: no sentence will be queued any more
@@ -354,8 +356,7 @@ class ConversationHandler:
         self.history.add("user", transcript)
         reply = self._reply = _Reply()
         sentences: gevent.queue.Queue = gevent.queue.Queue()
-        timing: dict[str, float] = {}
-        producer = gevent.spawn(self._produce, self.history.messages(), sentences, timing, log, reply)
+        producer = gevent.spawn(self._produce, self.history.messages(), sentences, log, reply)
         first_path = first_reply = first_audio_s = None
         used_fallback = False
         tts_ms = 0.0
@@ -377,7 +378,10 @@ class ConversationHandler:
                 sentence, pending, is_fallback = job
                 index += 1
                 synth_started_s = time.monotonic()
-                wait_s = None if first_path else max(0.0, first_audio_deadline_s - time.monotonic())
+                # Before the first audio: what is left until the deadline. After it a sentence
+                # may take as long as the LLM may, then it is skipped: a stuck engine must not
+                # hold the call (the LLM side is bounded by the client's own timeouts).
+                wait_s = self.services.settings.llm_timeout_s if first_path else max(0.0, first_audio_deadline_s - time.monotonic())
                 path = self.services.fallback_wav if pending is None else self._wait_synthesis(pending, sentence, log, wait_s)
                 if index == 1:
                     tts_ms = (time.monotonic() - synth_started_s) * 1000
@@ -407,12 +411,12 @@ class ConversationHandler:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
         said = [s.sentence for s in reply.spoken if s.status != "not-sent"]
-        if not used_fallback and timing.get("reply") and not reply.interrupted:
-            reply.history_entry = self.history.add("assistant", timing["reply"])
+        if not used_fallback and reply.text and not reply.interrupted:
+            reply.history_entry = self.history.add("assistant", reply.text)
         total_ms = (time.monotonic() - started_s) * 1000
         result = TurnResult(
             self.call_uuid, turn, transcript, " ".join(said) if said else "", used_fallback, first_path, first_reply,
-            timing.get("llm_ms", 0.0), tts_ms, total_ms,
+            reply.llm_ms, tts_ms, total_ms,
             first_audio_ms=(first_audio_s - started_s) * 1000 if first_audio_s else None,
             sentences=len(said), interrupted=reply.interrupted,
         )
@@ -424,7 +428,7 @@ class ConversationHandler:
         if self.services.on_turn is not None:
             self.services.on_turn(result)
 
-    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, timing: dict, log, reply: _Reply) -> None:
+    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, log, reply: _Reply) -> None:
         """Read the LLM, cut sentences, start each one's synthesis; None at the end."""
         started_s = time.monotonic()
         splitter = SentenceSplitter()
@@ -434,7 +438,7 @@ class ConversationHandler:
         def submit(sentence: str, is_fallback: bool = False) -> None:
             nonlocal submitted
             if submitted == 0:
-                timing["llm_ms"] = (time.monotonic() - started_s) * 1000
+                reply.llm_ms = (time.monotonic() - started_s) * 1000
             submitted += 1
             if is_fallback and self.services.fallback_wav is not None:
                 ready = gevent.event.AsyncResult()
@@ -463,14 +467,14 @@ class ConversationHandler:
                 whole = self.services.llm.complete(messages)
                 parts.append(whole)
                 submit(whole)
-            timing["reply"] = "".join(parts).strip()
+            reply.text = "".join(parts).strip()
         except LlmError as exc:
             log.error("llm_failed", error=str(exc), error_type=type(exc).__name__, sentences_before=submitted)
             if submitted == 0:
                 submit(self.services.settings.fallback_phrase, is_fallback=True)
             else:
                 # What was said stands; the history keeps what the LLM produced before it broke.
-                timing["reply"] = "".join(parts).strip()
+                reply.text = "".join(parts).strip()
         finally:
             if stream is not None:
                 stream.close()

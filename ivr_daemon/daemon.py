@@ -99,9 +99,7 @@ class Daemon:
             self.router.end_call(uuid, "GONE_AFTER_RECONNECT")
         if after_reconnect:
             for call in list(self.router.calls.values()):
-                forget = getattr(call.handler, "after_reconnect", None)
-                if forget is not None:
-                    forget()
+                call.handler.after_reconnect()
         log.info("esl_resynced", calls_kept=len(self.router.calls) - len(ended), calls_ended=len(ended))
 
     def run(self) -> None:
@@ -141,12 +139,10 @@ class Daemon:
         started_s = time.monotonic()
         if self.services is not None:
             self.services.accepting_turns = False
-        busy = [c for c in self.router.calls.values() if getattr(c.handler, "busy", False)]
-        log.info("daemon_shutting_down", calls=len(self.router.calls), turns_in_flight=len(busy))
-        while any(getattr(c.handler, "busy", False) for c in self.router.calls.values()):
+        log.info("daemon_shutting_down", calls=len(self.router.calls), turns_in_flight=len(self.router.busy_calls()))
+        while self.router.busy_calls():
             if time.monotonic() - started_s > grace_s:
-                log.warning("shutdown_grace_over", turns_cut=sum(getattr(c.handler, "busy", False)
-                                                                 for c in self.router.calls.values()))
+                log.warning("shutdown_grace_over", turns_cut=len(self.router.busy_calls()))
                 break
             gevent.sleep(0.05)
         self.esl.stop(send_exit=True)

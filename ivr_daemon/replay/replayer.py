@@ -207,7 +207,7 @@ def wait_until_idle(daemon, timeout_s: float = IDLE_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     quiet_since = None
     while time.monotonic() < deadline:
-        busy = any(not call.queue.empty() or getattr(call.handler, "busy", False) for call in daemon.router.calls.values())
+        busy = bool(daemon.router.busy_calls())
         if busy:
             quiet_since = None
         elif quiet_since is None:
