@@ -1,5 +1,6 @@
 """The connection against the simulator: auth, subscribe, reconnect, fail fast, bad frames."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,20 @@ from ivr_daemon.replay.simulator import FreeswitchSimulator
 CAPTURES = Path(__file__).parent / "captures"
 
 
+@contextlib.contextmanager
+def running_client(sim, events, **kwargs):
+    """A client connected to the simulator in its own greenlet; stopped (with exit) after."""
+    client = client_for(sim, events, **kwargs)
+    runner = gevent.spawn(client.run)
+    try:
+        assert client.wait_connected(5)
+        yield client
+    finally:
+        client.stop()
+        runner.join(5)
+    assert runner.dead
+
+
 def client_for(sim, events, password="ClueCon", **kwargs):
     return EslClient("127.0.0.1", sim.port, password, SUBSCRIBED_EVENTS, events.append, **kwargs)
 
@@ -29,30 +44,23 @@ def subscriptions(sim):
 def test_connects_authenticates_subscribes_and_receives_bodies():
     events = []
     with FreeswitchSimulator() as sim:
-        client = client_for(sim, events)
-        runner = gevent.spawn(client.run)
-        assert client.wait_connected(5)
-        assert [c.line for c in sim.commands[:2]] == ["auth ClueCon", "event plain " + " ".join(SUBSCRIBED_EVENTS)]
-        call = sim.new_call()
-        sim.speak(call, "hello world")
-        wait_until(lambda: any(e.body == "hello world" for e in events))
-        speech = [e for e in events if e.name == "DETECTED_SPEECH"]
-        assert speech[0].unique_id == call and speech[0].get("Speech-Type") == "detected-speech"
-        reply = client.send(commands.uuid_broadcast(call, "/tmp/x.wav"))
-        assert reply.text == "+OK Message sent\n" and reply.ok
-        reply = client.send(commands.uuid_break("00000000-0000-0000-0000-000000000000"))
-        assert reply.text == "-ERR No such channel!\n" and not reply.ok
-        client.stop()
-        runner.join(5)
-        assert runner.dead and sim.commands[-1].line == "exit"
+        with running_client(sim, events) as client:
+            assert [c.line for c in sim.commands[:2]] == ["auth ClueCon", "event plain " + " ".join(SUBSCRIBED_EVENTS)]
+            call = sim.new_call()
+            sim.speak(call, "hello world")
+            wait_until(lambda: any(e.body == "hello world" for e in events))
+            speech = [e for e in events if e.name == "DETECTED_SPEECH"]
+            assert speech[0].unique_id == call and speech[0].get("Speech-Type") == "detected-speech"
+            reply = client.send(commands.uuid_broadcast(call, "/tmp/x.wav"))
+            assert reply.text == "+OK Message sent\n" and reply.ok
+            reply = client.send(commands.uuid_break("00000000-0000-0000-0000-000000000000"))
+            assert reply.text == "-ERR No such channel!\n" and not reply.ok
+        assert sim.commands[-1].line == "exit"
 
 
 def test_reconnects_and_resubscribes_within_two_seconds_after_the_socket_dies():
     events = []
-    with FreeswitchSimulator() as sim:
-        client = client_for(sim, events)
-        runner = gevent.spawn(client.run)
-        assert client.wait_connected(5)
+    with FreeswitchSimulator() as sim, running_client(sim, events) as client:
         for drop in range(3):
             sim.drop_connections()
             dropped_at = time.monotonic()
@@ -62,8 +70,6 @@ def test_reconnects_and_resubscribes_within_two_seconds_after_the_socket_dies():
         call = sim.new_call()
         sim.speak(call, "still here")
         wait_until(lambda: any(e.body == "still here" for e in events))
-        client.stop()
-        runner.join(5)
 
 
 def test_backoff_doubles_to_the_cap_while_the_switch_is_down():
@@ -110,10 +116,7 @@ def test_command_while_disconnected_fails_fast():
 
 def test_malformed_frames_are_logged_and_skipped_and_the_connection_lives_on(caplog):
     events, malformed = [], []
-    with FreeswitchSimulator() as sim:
-        client = client_for(sim, events, on_malformed=malformed.append)
-        runner = gevent.spawn(client.run)
-        assert client.wait_connected(5)
+    with FreeswitchSimulator() as sim, running_client(sim, events, on_malformed=malformed.append) as client:
         good = (CAPTURES / "40_event_plain_DETECTED_SPEECH_detected-speech.txt").read_bytes()
         bad_length = b"Content-Length: 12x\nContent-Type: text/event-plain\n\n"
         not_utf8 = b"Content-Length: 40\nContent-Type: text/event-plain\n\nEvent-Name: DETECTED_SPEECH\nX: \xff\xfe\xfd\n\n"
@@ -124,8 +127,6 @@ def test_malformed_frames_are_logged_and_skipped_and_the_connection_lives_on(cap
         assert len(malformed) == 4
         assert any("esl_malformed" in str(r.msg) for r in caplog.records)
         assert client.send(commands.status()).text.startswith("UP ")
-        client.stop()
-        runner.join(5)
 
 
 def _daemon_env(sim, tmp_path, **extra):
