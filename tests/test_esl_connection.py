@@ -173,3 +173,44 @@ def test_cli_run_with_wrong_password_exits_3_with_one_clear_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if '"level": "error"' in line]
     assert len(errors) == 1 and "esl_authentication_failed" in errors[0] and "FREESWITCH_PASSWORD" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_switch_that_stops_reading_does_not_hold_the_writer_for_good():
+    import gevent.server
+
+    from ivr_daemon.esl.connection import CommandOutcomeUnknown, CommandTimedOut, EslConnection
+
+    accepted = []
+
+    def handle(sock, address):
+        # Greets, accepts the password, then never reads again.
+        sock.sendall(b"Content-Type: auth/request\n\n")
+        sock.recv(4096)
+        sock.sendall(b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n")
+        accepted.append(sock)
+        gevent.sleep(30)
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        conn = EslConnection("127.0.0.1", server.server_port, "ClueCon", lambda e: None, command_timeout_s=0.5)
+        conn.connect()
+        started = time.monotonic()
+        big = commands.uuid_setvar("03362ffb-115a-4a3d-9eb6-770e2089d43f", "note", "x" * 60_000)
+        outcome = None
+        # 60 kB lines fill both kernel buffers long before anyone reads them; each unanswered
+        # one times out on its reply first, until a write itself cannot go through.
+        for _ in range(1000):
+            try:
+                conn.send(big, timeout_s=0.01)
+            except CommandTimedOut:
+                continue
+            except CommandOutcomeUnknown as exc:
+                outcome = exc
+                break
+        assert outcome is not None and "socket not writable" in str(outcome) and len(str(outcome)) < 300
+        assert time.monotonic() - started < 5 and conn.closed
+        with pytest.raises(NotConnectedError):
+            conn.send(commands.status())
+    finally:
+        server.stop()

@@ -45,6 +45,10 @@ class NotConnectedError(EslError, _GreenswitchNotConnected):
     """No live, authenticated connection to FreeSWITCH right now: the command was not sent."""
 
 
+class SendStalled(EslError):
+    """FreeSWITCH did not take a command's bytes within the command timeout."""
+
+
 class CommandOutcomeUnknown(EslError):
     """The command was written but the connection died before FreeSWITCH answered: it may or
     may not have run. Not retried, so nothing is done twice."""
@@ -165,10 +169,14 @@ class EslConnection(InboundESL):
         with self._send_lock:
             self._pending.append((command, result))
             try:
-                self.sock.sendall(command.wire_bytes)
-            except OSError as exc:
+                # Bounded: a switch that stops reading would otherwise hold the one writer,
+                # and every call's commands behind it, for good.
+                with gevent.Timeout(self.command_timeout_s, SendStalled("socket not writable")):
+                    self.sock.sendall(command.wire_bytes)
+            except (OSError, SendStalled) as exc:
                 self._pending.remove((command, result))
                 self._mark_closed(f"send failed: {exc}")
+                self._shutdown_socket()
                 raise CommandOutcomeUnknown(f"connection lost while sending {_redacted(command)!r}: {exc}") from None
         try:
             return result.get(timeout=self.command_timeout_s if timeout_s is None else timeout_s)
@@ -291,7 +299,9 @@ class EslConnection(InboundESL):
 
 
 def _redacted(command: EslCommand) -> str:
-    return "auth ***" if command.line.startswith("auth ") else command.line
+    """The command for a log line or an error: no password, at most 120 characters."""
+    line = "auth ***" if command.line.startswith("auth ") else command.line
+    return line if len(line) <= 120 else line[:117] + "..."
 
 
 class EslClient:
