@@ -358,7 +358,6 @@ class ConversationHandler:
         sentences: gevent.queue.Queue = gevent.queue.Queue()
         producer = gevent.spawn(self._produce, self.history.messages(), sentences, log, reply)
         first_path = first_reply = first_audio_s = None
-        used_fallback = False
         tts_ms = 0.0
         # No dead air: the first audio goes out by LLM_TIMEOUT (+ a margin that lets the LLM
         # client's own timeout, which says more, fire first), or the fallback phrase does.
@@ -401,8 +400,7 @@ class ConversationHandler:
                 if text is None:
                     item.status = "not-sent"
                     continue
-                used_fallback = used_fallback or is_fallback
-                reply.fallback = used_fallback
+                reply.fallback = reply.fallback or is_fallback
                 if first_path is None:
                     first_path, first_reply, first_audio_s = path, text, time.monotonic()
                 if is_fallback:
@@ -411,16 +409,16 @@ class ConversationHandler:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
         said = [s.sentence for s in reply.spoken if s.status != "not-sent"]
-        if not used_fallback and reply.text and not reply.interrupted:
+        if not reply.fallback and reply.text and not reply.interrupted:
             reply.history_entry = self.history.add("assistant", reply.text)
         total_ms = (time.monotonic() - started_s) * 1000
         result = TurnResult(
-            self.call_uuid, turn, transcript, " ".join(said) if said else "", used_fallback, first_path, first_reply,
+            self.call_uuid, turn, transcript, " ".join(said) if said else "", reply.fallback, first_path, first_reply,
             reply.llm_ms, tts_ms, total_ms,
             first_audio_ms=(first_audio_s - started_s) * 1000 if first_audio_s else None,
             sentences=len(said), interrupted=reply.interrupted,
         )
-        log.info("turn_complete", transcript=transcript, reply=result.reply, used_fallback=used_fallback,
+        log.info("turn_complete", transcript=transcript, reply=result.reply, used_fallback=reply.fallback,
                  sentences=len(said), wav_path=str(first_path) if first_path else None, broadcast=first_reply,
                  llm_ms=round(result.llm_ms, 1), tts_ms=round(tts_ms, 1), total_ms=round(total_ms, 1),
                  first_audio_ms=round(result.first_audio_ms, 1) if result.first_audio_ms else None,
