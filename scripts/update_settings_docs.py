@@ -11,6 +11,11 @@ sys.path.insert(0, str(ROOT))
 from ivr_daemon.config import VARIABLES  # noqa: E402
 
 
+def table_cell(text: str) -> str:
+    """A GitHub-flavoured Markdown table cell: a bare ``|`` would end the cell, even inside code."""
+    return text.replace("|", "\\|")
+
+
 def main() -> int:
     lines = ["# ivr_daemon settings: copy to .env and edit. Real environment variables win over this file.",
              "# Every value shown is the embedded default.", ""]
@@ -21,7 +26,7 @@ def main() -> int:
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, _field, default, meaning in VARIABLES:
         shown = f"`{default if len(default) < 40 else default[:37] + '...'}`" if default else "(empty)"
-        rows.append(f"| `{name}` | {shown} | {meaning} |")
+        rows.append(f"| `{name}` | {table_cell(shown)} | {table_cell(meaning)} |")
     readme = (ROOT / "README.md").read_text()
     readme = re.sub(r"\| variable \| default \| meaning \|\n(?:\|.*\|\n)+", "\n".join(rows) + "\n", readme, count=1)
     (ROOT / "README.md").write_text(readme)

@@ -1,5 +1,7 @@
 """Settings: defaults, .env, validation with one clear line per bad value."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,8 @@ def test_defaults_with_an_empty_environment():
     assert settings.max_conversation_history == 10
     assert settings.fallback_phrase == "Sorry, I'm having trouble right now. Could you say that again?"
     assert settings.tts_engine == "coqui" and settings.coqui_model == "tts_models/en/ljspeech/vits"
-    assert str(settings.tts_output_dir) == "/tmp/tts"
+    assert settings.tts_output_dir.name == "tts" and not str(settings.tts_output_dir).startswith("/tmp")
+    assert (settings.llm_max_tokens, settings.max_reply_sentences, settings.log_transcripts) == (200, 6, False)
     assert (settings.log_level, settings.log_format) == ("INFO", "json")
 
 
@@ -90,3 +93,31 @@ def test_tts_output_dir_is_made_absolute_for_freeswitch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = load_settings(environ={"TTS_OUTPUT_DIR": "relative/tts"})
     assert settings.tts_output_dir == tmp_path / "relative" / "tts"
+
+
+def test_readme_configuration_table_has_three_cells_per_row():
+    """A bare '|' in a default or meaning (e.g. "ollama | openai") used to split its row."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| variable | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in table.strip().splitlines()[1:]]
+    assert len(rows) == len(VARIABLES)
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|", row.strip())[1:-1]
+        assert len(cells) == 3, row
+
+
+def test_default_tts_output_dir_is_private_state_not_tmp(tmp_path, monkeypatch):
+    import ivr_daemon.config as config
+
+    monkeypatch.setattr(config, "SYSTEM_STATE_DIR", tmp_path / "readonly" / "ivr-daemon")
+    (tmp_path / "readonly").mkdir(mode=0o555)
+    if os.access(tmp_path / "readonly", os.W_OK):  # root writes anywhere: the system dir wins
+        assert config.default_tts_output_dir({}) == tmp_path / "readonly" / "ivr-daemon" / "tts"
+    else:
+        assert config.default_tts_output_dir({"XDG_STATE_HOME": str(tmp_path / "state")}) == \
+            tmp_path / "state" / "ivr-daemon" / "tts"
+    monkeypatch.setattr(config, "SYSTEM_STATE_DIR", tmp_path / "missing-parent" / "x" / "ivr-daemon")
+    assert config.default_tts_output_dir({"XDG_STATE_HOME": str(tmp_path / "state")}) == \
+        tmp_path / "state" / "ivr-daemon" / "tts"
+    assert config.default_tts_output_dir({"HOME": str(tmp_path / "home")}) == \
+        tmp_path / "home" / ".local" / "state" / "ivr-daemon" / "tts"
