@@ -70,6 +70,10 @@ def _messages_problems(messages: object, where: str, roles: tuple[str, ...], non
     return problems
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _body_problems(provider: str, request: object) -> list[str]:
     if not isinstance(request, dict):
         return ["body must be a JSON object"]
@@ -82,6 +86,14 @@ def _body_problems(provider: str, request: object) -> list[str]:
         problems.append("stream must be true or false: Ollama streams NDJSON chunks when it is absent")
     if provider == "openai" and not isinstance(request.get("stream", False), bool):
         problems.append("stream must be absent, true or false")
+    if provider == "openai" and "max_tokens" in request and not _positive_int(request["max_tokens"]):
+        problems.append("max_tokens must be a positive integer")
+    if provider == "ollama" and "options" in request:
+        options = request["options"]
+        if not isinstance(options, dict):
+            problems.append("options must be an object")
+        elif "num_predict" in options and not isinstance(options["num_predict"], int):
+            problems.append("options.num_predict must be an integer")
     if provider == "llama3":
         if not isinstance(request.get("system_prompt"), str):
             problems.append("system_prompt must be a string")

@@ -43,4 +43,5 @@ def make_llm_client(settings) -> LlmClient:
         model=settings.llm_model,
         timeout_s=settings.llm_timeout_s,
         api_key=settings.llm_api_key,
+        max_tokens=settings.llm_max_tokens,
     )

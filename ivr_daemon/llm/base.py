@@ -198,9 +198,15 @@ class LlmClient(abc.ABC):
         timeout_s: float,
         api_key: str = "",
         session: requests.Session | None = None,
+        max_tokens: int | None = None,
     ):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens!r}")
+        # Sent to providers that take it: a model that loops must stop at the server, not only
+        # when the caller hangs up.
+        self.max_tokens = max_tokens
         self.api_url = self.endpoint_url(api_url.strip())
         self.model = model
         self.timeout_s = float(timeout_s)

@@ -2,7 +2,8 @@
 
 Wire format (https://github.com/ollama/ollama/blob/main/docs/api.md#generate-a-chat-completion)::
 
-    -> {"model": "llama3", "messages": [{"role": "system", "content": "..."}, ...], "stream": false}
+    -> {"model": "llama3", "messages": [{"role": "system", "content": "..."}, ...], "stream": false,
+        "options": {"num_predict": 200}}
     <- {"model": "llama3", "created_at": "2024-05-01T12:00:00Z",
         "message": {"role": "assistant", "content": "..."}, "done": true, "done_reason": "stop", ...}
 
@@ -42,12 +43,16 @@ class OllamaClient(LlmClient):
         return api_url
 
     def complete(self, messages: list[Message]) -> str:
-        payload = {"model": self.model, "messages": check_messages(messages), "stream": False}
-        return self.text_at(self.post_json(payload), "message", "content")
+        return self.text_at(self.post_json(self._payload(messages, stream=False)), "message", "content")
 
     def stream(self, messages: list[Message]) -> Generator[str, None, None]:
-        payload = {"model": self.model, "messages": check_messages(messages), "stream": True}
-        yield from self.post_stream(payload, "ndjson")
+        yield from self.post_stream(self._payload(messages, stream=True), "ndjson")
+
+    def _payload(self, messages: list[Message], stream: bool) -> dict:
+        payload = {"model": self.model, "messages": check_messages(messages), "stream": stream}
+        if self.max_tokens is not None:
+            payload["options"] = {"num_predict": self.max_tokens}
+        return payload
 
     def stream_delta(self, event: str) -> tuple[str, bool]:
         chunk = self.stream_chunk(event)

@@ -3,7 +3,7 @@
 Wire format (https://platform.openai.com/docs/api-reference/chat/create)::
 
     -> POST /v1/chat/completions   Authorization: Bearer <api_key>   (header only when a key is set)
-       {"model": "llama3", "messages": [{"role": "system", "content": "..."}, ...]}
+       {"model": "llama3", "messages": [{"role": "system", "content": "..."}, ...], "max_tokens": 200}
     <- {"id": "chatcmpl-...", "object": "chat.completion", "created": 1714560000, "model": "llama3",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."},
                      "finish_reason": "stop"}], "usage": {...}}
@@ -61,12 +61,19 @@ class OpenAiClient(LlmClient):
         return headers
 
     def complete(self, messages: list[Message]) -> str:
-        payload = {"model": self.model, "messages": check_messages(messages)}
-        return self.text_at(self.post_json(payload), "choices", 0, "message", "content")
+        return self.text_at(self.post_json(self._payload(messages)), "choices", 0, "message", "content")
 
     def stream(self, messages: list[Message]) -> Generator[str, None, None]:
-        payload = {"model": self.model, "messages": check_messages(messages), "stream": True}
-        yield from self.post_stream(payload, "sse")
+        yield from self.post_stream(self._payload(messages, stream=True), "sse")
+
+    def _payload(self, messages: list[Message], stream: bool = False) -> dict:
+        payload: dict = {"model": self.model, "messages": check_messages(messages)}
+        if stream:
+            payload["stream"] = True
+        if self.max_tokens is not None:
+            # max_tokens, not max_completion_tokens: llama.cpp, vLLM and Ollama's /v1 read this one.
+            payload["max_tokens"] = self.max_tokens
+        return payload
 
     def stream_delta(self, event: str) -> tuple[str, bool]:
         if event.strip() == "[DONE]":
