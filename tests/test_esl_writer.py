@@ -97,3 +97,89 @@ def test_a_turn_killed_inside_a_write_leaves_no_half_command_and_the_next_comman
             assert not conn.closed
         finally:
             conn.close()
+
+
+def test_a_stop_while_the_subscription_is_on_the_wire_ends_run():
+    received, subscribed, release = [], gevent.event.Event(), gevent.event.Event()
+
+    def handle(sock, address):
+        # Holds its reply to the subscription until the test lets it go or `exit` arrives.
+        sock.sendall(AUTH_REQUEST)
+        parser = CommandPacketParser()
+        holder = None
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            for packet in parser.feed(data):
+                received.append(packet.line)
+                if packet.line.startswith("event "):
+                    held = reply_to(packet.line)
+                    holder = gevent.spawn(lambda: (release.wait(), sock.sendall(held)))
+                    subscribed.set()
+                    continue
+                if packet.line == "exit" and holder is not None:
+                    release.set()
+                    holder.join()
+                sock.sendall(reply_to(packet.line))
+
+    with scripted_switch(handle) as port:
+        client = EslClient("127.0.0.1", port, "ClueCon", EVENT_NAMES, lambda event: None)
+        runner = gevent.spawn(client.run)
+        assert subscribed.wait(JOIN_S)  # connect() returned; the subscription awaits its reply
+        stopper = gevent.spawn(client.stop)
+        stopper.join(JOIN_S)
+        release.set()  # the reply comes after the stop: run() must not wait for good on it
+
+        runner.join(JOIN_S)
+
+        assert runner.dead and stopper.dead
+        assert received[-1] == "exit"
+        assert client.connections_made == 0 and not client.connected
+
+
+def test_a_stop_while_connecting_to_a_switch_that_never_greets_ends_run_at_once():
+    accepted, hung_up = gevent.event.Event(), gevent.event.Event()
+
+    def handle(sock, address):
+        accepted.set()  # ... and never sends auth/request
+        while sock.recv(4096):
+            pass
+        hung_up.set()
+
+    sleeps = []
+    with scripted_switch(handle) as port:
+        # Only the stop can end this connect: its own timeout is an hour away.
+        client = EslClient("127.0.0.1", port, "ClueCon", EVENT_NAMES, lambda event: None,
+                           connect_timeout_s=3600, sleep=sleeps.append)
+        runner = gevent.spawn(client.run)
+        assert accepted.wait(JOIN_S)
+
+        client.stop()
+        runner.join(JOIN_S)
+
+        assert runner.dead and runner.successful()
+        assert hung_up.wait(JOIN_S)
+        assert sleeps == []  # ended by the stop, not by a failed attempt and a retry
+
+
+def test_a_stop_during_the_backoff_sleep_ends_run_at_once():
+    with FreeswitchSimulator() as sim:
+        port = sim.port
+    # Nothing listens on the port now: the first attempt fails and run() sleeps before the next.
+    sleeps, sleeping = [], gevent.event.Event()
+
+    def hour_long_sleep(seconds):
+        sleeps.append(seconds)
+        sleeping.set()
+        gevent.sleep(3600)
+
+    client = EslClient("127.0.0.1", port, "ClueCon", EVENT_NAMES, lambda event: None, sleep=hour_long_sleep)
+    runner = gevent.spawn(client.run)
+    assert sleeping.wait(JOIN_S)
+
+    client.stop()
+    runner.join(JOIN_S)
+
+    assert runner.dead and runner.successful()
+    assert sleeps == [0.5]  # one sleep, cut short; no second attempt after the stop

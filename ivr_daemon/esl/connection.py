@@ -15,7 +15,9 @@ closes the connection: its command's outcome is unknown, the queued ones were no
 
 :class:`EslClient` keeps a connection up: connect, authenticate, subscribe, and on loss
 reconnect with capped exponential backoff (0.5 s doubling to 10 s), subscribing again. A wrong
-password is final (:class:`AuthenticationFailed`); anything else is retried.
+password is final (:class:`AuthenticationFailed`); anything else is retried. :meth:`EslClient.stop`
+ends :meth:`EslClient.run` at once from anywhere: connecting, subscribing, connected, or in the
+backoff sleep.
 """
 
 from __future__ import annotations
@@ -428,8 +430,9 @@ class EslClient:
         self.backoff_max_s = backoff_max_s
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
-        self._connection: EslConnection | None = None
-        self._stopping = False
+        self._connection: EslConnection | None = None  # the one up and subscribed, for send()
+        self._latest: EslConnection | None = None  # the one run() is making or using, for stop()
+        self._stop_requested = gevent.event.Event()
         self._connected_event = gevent.event.Event()
         self.connections_made = 0
 
@@ -452,8 +455,8 @@ class EslClient:
     def run(self) -> None:
         """Connect and stay connected until :meth:`stop`; raises AuthenticationFailed."""
         delay_s = self.backoff_initial_s
-        while not self._stopping:
-            conn = EslConnection(
+        while not self._stop_requested.is_set():
+            conn = self._latest = EslConnection(
                 self.host, self.port, self._password, self._on_event,
                 on_malformed=self._on_malformed, on_frame=self._on_frame,
                 connect_timeout_s=self.connect_timeout_s, command_timeout_s=self.command_timeout_s,
@@ -471,12 +474,17 @@ class EslClient:
                 raise
             except EslError as exc:
                 conn.close()
-                if self._stopping:
+                if self._stop_requested.is_set():
                     break
                 log.warning("esl_connect_failed", host=self.host, port=self.port, error=str(exc), retry_in_s=delay_s)
-                self._sleep(delay_s)
+                self._pause(delay_s)
                 delay_s = min(delay_s * 2, self.backoff_max_s)
                 continue
+            if self._stop_requested.is_set():
+                # Stopped while subscribing: stop() is closing this one; nothing to announce.
+                conn.wait_closed()
+                conn.close()
+                break
 
             self._connection = conn
             self.connections_made += 1
@@ -488,11 +496,21 @@ class EslClient:
             conn.wait_closed()
             conn.close()
             self._connected_event.clear()
-            if self._stopping:
+            if self._stop_requested.is_set():
                 break
             log.warning("esl_connection_lost", reason=conn.close_reason, retry_in_s=delay_s)
-            self._sleep(delay_s)
+            self._pause(delay_s)
         self._connected_event.clear()
+
+    def _pause(self, delay_s: float) -> None:
+        """The backoff: the (injectable) sleep, cut short by :meth:`stop`."""
+        sleeper = gevent.spawn(self._sleep, delay_s)
+        try:
+            gevent.wait([sleeper, self._stop_requested], count=1)
+        finally:
+            sleeper.kill()
+        if sleeper.exception is not None:
+            raise sleeper.exception
 
     def _run_on_connected(self) -> None:
         try:
@@ -501,8 +519,9 @@ class EslClient:
             log.exception("esl_on_connected_failed")
 
     def stop(self, send_exit: bool = True) -> None:
-        """Close cleanly: ``exit`` to FreeSWITCH, then the socket; ``run()`` returns."""
-        self._stopping = True
-        conn = self._connection
+        """Close cleanly: ``exit`` to FreeSWITCH (if authenticated), then the socket; ``run()``
+        returns at once, whether it was connecting, subscribing, connected or sleeping."""
+        self._stop_requested.set()
+        conn = self._latest
         if conn is not None:
             conn.close(send_exit=send_exit)
