@@ -99,6 +99,41 @@ def test_a_turn_killed_inside_a_write_leaves_no_half_command_and_the_next_comman
             conn.close()
 
 
+def test_a_turn_killed_while_waiting_for_its_reply_leaves_that_reply_to_no_other_command():
+    received, first_in, answer_first = [], gevent.event.Event(), gevent.event.Event()
+
+    def handle(sock, address):
+        # Answers the first api command only when told to, and everything in order.
+        sock.sendall(AUTH_REQUEST)
+        parser = CommandPacketParser()
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            for packet in parser.feed(data):
+                received.append(packet.line)
+                if packet.line.startswith("api ") and not first_in.is_set():
+                    first_in.set()
+                    answer_first.wait()
+                sock.sendall(reply_to(packet.line))
+
+    with scripted_switch(handle) as port:
+        conn = EslConnection("127.0.0.1", port, "ClueCon", lambda event: None)
+        conn.connect()
+        try:
+            turn = gevent.spawn(conn.send, commands.uuid_break(CALL_UUID))
+            assert first_in.wait(JOIN_S)  # written whole, its reply not yet sent
+            turn.kill()  # hangup: nobody waits for that reply any more
+            answer_first.set()
+
+            reply = conn.send(commands.status())
+
+            assert reply.text == "reply to status\n"
+            assert received == ["auth ClueCon", "api uuid_break " + CALL_UUID + " all", "api status"]
+        finally:
+            conn.close()
+
+
 def test_a_stop_while_the_subscription_is_on_the_wire_ends_run():
     received, subscribed, release = [], gevent.event.Event(), gevent.event.Event()
 
