@@ -272,7 +272,8 @@ class EslConnection(InboundESL):
         while not self._outbox.empty():
             outgoing = self._outbox.get_nowait()
             if outgoing is not _STOP_WRITING:
-                outgoing.fail(NotConnectedError(f"connection lost ({reason}); {_redacted(outgoing.command)!r} not sent"))
+                outgoing.fail(NotConnectedError(
+                    f"connection lost ({reason}); {_redacted(outgoing.command)!r} not sent"))
         self._outbox.put(_STOP_WRITING)
         self._closed.set()
 
@@ -311,7 +312,8 @@ class EslConnection(InboundESL):
         except (OSError, SendStalled) as exc:
             if outgoing in self._pending:
                 self._pending.remove(outgoing)
-            outgoing.fail(CommandOutcomeUnknown(f"connection lost while sending {_redacted(outgoing.command)!r}: {exc}"))
+            outgoing.fail(CommandOutcomeUnknown(
+                f"connection lost while sending {_redacted(outgoing.command)!r}: {exc}"))
             # Half a command may be on the wire: nothing after it can be trusted.
             self._mark_closed(f"send failed: {exc}")
             self._shutdown_socket()
