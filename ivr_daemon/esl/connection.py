@@ -3,12 +3,21 @@
 :class:`EslConnection` is one authenticated socket. Its reader greenlet cuts frames with
 :class:`~ivr_daemon.esl.protocol.FrameParser` (greenswitch's own reader mangles event bodies)
 and only routes: replies to the command waiting for them, events to ``on_event``. It never
-runs call logic. :meth:`EslConnection.send` is the one writer: a lock, a FIFO of waiting
-replies, ``sendall``.
+runs call logic.
+
+One writer greenlet per connection owns ``sendall``: :meth:`EslConnection.send` queues the
+command and waits. The writer puts each command on the wire whole, and registers its reply in
+the FIFO of waiting replies as its bytes go out, so replies pair with commands in wire order.
+Killing a caller (a turn cut by barge-in or hangup) cannot cut a command in half: a command
+already being written goes out whole and its reply is still consumed; one not yet begun is
+dropped. A write that cannot finish within the command timeout (FreeSWITCH stopped reading)
+closes the connection: its command's outcome is unknown, the queued ones were not sent.
 
 :class:`EslClient` keeps a connection up: connect, authenticate, subscribe, and on loss
 reconnect with capped exponential backoff (0.5 s doubling to 10 s), subscribing again. A wrong
-password is final (:class:`AuthenticationFailed`); anything else is retried.
+password is final (:class:`AuthenticationFailed`); anything else is retried. :meth:`EslClient.stop`
+ends :meth:`EslClient.run` at once from anywhere: connecting, subscribing, connected, or in the
+backoff sleep.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import Callable, Mapping
 
 import gevent
 import gevent.event
-import gevent.lock
+import gevent.queue
 import gevent.socket
 from greenswitch.esl import InboundESL
 from greenswitch.esl import NotConnectedError as _GreenswitchNotConnected
@@ -35,6 +44,8 @@ log = get_logger(__name__)
 
 RECV_CHUNK_BYTES = 65536
 MALFORMED_LOG_PER_S = 10
+EXIT_TIMEOUT_S = 2.0  # close(send_exit=True): the most a goodbye may take
+_STOP_WRITING = None  # queued last, after a close: the writer returns
 
 
 class EslError(Exception):
@@ -83,6 +94,21 @@ class CommandReply:
         return self.headers.get("Job-UUID")
 
 
+@dataclass(eq=False)
+class _Outgoing:
+    """A command on its way: queued, then written whole by the writer, then answered."""
+
+    command: EslCommand
+    reply: gevent.event.AsyncResult = field(default_factory=gevent.event.AsyncResult)
+    written: gevent.event.Event = field(default_factory=gevent.event.Event)  # or failed, or skipped
+    abandoned: bool = False  # its caller left before the write began: the writer skips it
+
+    def fail(self, exc: EslError) -> None:
+        if not self.reply.ready():
+            self.reply.set_exception(exc)
+        self.written.set()
+
+
 class EslConnection(InboundESL):
     """One inbound event socket; ``connect()`` returns once authenticated."""
 
@@ -106,19 +132,29 @@ class EslConnection(InboundESL):
         self._on_malformed = on_malformed or (lambda reason: None)
         self._on_frame = on_frame
         self.command_timeout_s = command_timeout_s
-        self._send_lock = gevent.lock.Semaphore()
-        self._pending: collections.deque[tuple[EslCommand, gevent.event.AsyncResult]] = collections.deque()
+        self._outbox: gevent.queue.Queue[_Outgoing | None] = gevent.queue.Queue()
+        # Written, unanswered, in wire order: each reply pops the first.
+        self._pending: collections.deque[_Outgoing] = collections.deque()
+        self._writer_greenlet: gevent.Greenlet | None = None
         self._closed = gevent.event.Event()
+        self.authenticated = False
         self.close_reason = ""
         self.sock = None
 
     # -- greenswitch hooks ------------------------------------------------------------------
 
     def connect(self) -> None:
-        """greenswitch's connect (socket, wait for auth/request, auth), bounded in time."""
+        """greenswitch's connect (socket, wait for auth/request, auth), bounded in time.
+
+        A :meth:`close` from another greenlet meanwhile ends it with NotConnectedError.
+        """
+        if self.closed:
+            raise NotConnectedError(f"connection to {self.host}:{self.port} closed before it was made")
         try:
             with gevent.Timeout(self.timeout, NotConnectedError(f"no auth/request from {self.host}:{self.port} within {self.timeout} s")):
                 super().connect()
+            if self.closed:
+                raise NotConnectedError(f"connection to {self.host}:{self.port} closed while it was made")
             # Commands are small and latency-bound (uuid_break on barge-in): no Nagle delay.
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except _GreenswitchNotConnected as exc:
@@ -134,13 +170,15 @@ class EslConnection(InboundESL):
             raise
 
     def start_event_handlers(self) -> None:
-        # Only our reader: greenswitch's process_events queue is not used.
+        # Our reader and our writer: greenswitch's process_events queue is not used.
         self._receive_events_greenlet = gevent.spawn(self.receive_events)
+        self._writer_greenlet = gevent.spawn(self._write_commands)
 
     def authenticate(self) -> None:
         reply = self.send(commands.auth(self.password))
         if reply.text != "+OK accepted":
             raise AuthenticationFailed(f"FreeSWITCH refused the event socket password ({reply.text})")
+        self.authenticated = True
 
     def receive_events(self) -> None:
         parser = FrameParser()
@@ -160,29 +198,30 @@ class EslConnection(InboundESL):
             self._mark_closed(reason)
 
     def send(self, command: EslCommand, timeout_s: float | None = None) -> CommandReply:  # type: ignore[override]
-        """Write one command and wait for its reply. Fails fast when not connected."""
+        """Have the writer send one command, then wait up to ``timeout_s`` (default: the command
+        timeout) for its reply. Fails fast when not connected.
+
+        Raises NotConnectedError (not sent), CommandOutcomeUnknown (written, then the connection
+        died) or CommandTimedOut (no reply in time). Killing the caller is safe at any point.
+        """
         if not isinstance(command, EslCommand):
             raise TypeError("send() takes an EslCommand from ivr_daemon.esl.commands")
-        if not self.connected or self.sock is None:
+        if not self.connected or self.sock is None or self.closed:
             raise NotConnectedError(f"not connected to FreeSWITCH; {command.line.split(' ')[0]} not sent")
-        result = gevent.event.AsyncResult()
-        with self._send_lock:
-            self._pending.append((command, result))
-            try:
-                # Bounded: a switch that stops reading would otherwise hold the one writer,
-                # and every call's commands behind it, for good.
-                with gevent.Timeout(self.command_timeout_s, SendStalled("socket not writable")):
-                    self.sock.sendall(command.wire_bytes)
-            except (OSError, SendStalled) as exc:
-                self._pending.remove((command, result))
-                self._mark_closed(f"send failed: {exc}")
-                self._shutdown_socket()
-                raise CommandOutcomeUnknown(f"connection lost while sending {_redacted(command)!r}: {exc}") from None
+        outgoing = _Outgoing(command)
+        self._outbox.put(outgoing)
         try:
-            return result.get(timeout=self.command_timeout_s if timeout_s is None else timeout_s)
+            # Bounded by the writer: each write ends, or fails and closes, within the timeout.
+            outgoing.written.wait()
+        except BaseException:
+            outgoing.abandoned = True  # too late if the write has begun: it then goes out whole
+            raise
+        reply_timeout_s = self.command_timeout_s if timeout_s is None else timeout_s
+        try:
+            return outgoing.reply.get(timeout=reply_timeout_s)
         except gevent.Timeout:
-            # The entry stays queued so the late reply pops it and later replies stay aligned.
-            raise CommandTimedOut(f"no reply to {_redacted(command)!r} within {self.command_timeout_s} s") from None
+            # The entry stays pending so the late reply pops it and later replies stay aligned.
+            raise CommandTimedOut(f"no reply to {_redacted(command)!r} within {reply_timeout_s} s") from None
 
     def stop(self) -> None:
         self.close()
@@ -190,11 +229,15 @@ class EslConnection(InboundESL):
     # -- ours -------------------------------------------------------------------------------
 
     def close(self, send_exit: bool = False) -> None:
-        if send_exit and self.connected:
-            try:
-                self.send(commands.exit_(), timeout_s=2.0)
-            except EslError:
-                pass
+        """Close now; from any greenlet, also while :meth:`connect` is under way (it then
+        raises NotConnectedError). ``send_exit``: say ``exit`` first if authenticated, waiting
+        at most EXIT_TIMEOUT_S."""
+        if send_exit and self.authenticated and not self.closed:
+            with gevent.Timeout(EXIT_TIMEOUT_S, False):
+                try:
+                    self.send(commands.exit_(), timeout_s=EXIT_TIMEOUT_S)
+                except EslError:
+                    pass
         sock, self.sock = self.sock, None
         for closeable in (getattr(self, "sock_file", None), sock):
             if closeable is not None:
@@ -202,9 +245,9 @@ class EslConnection(InboundESL):
                     closeable.close()
                 except OSError:
                     pass
-        greenlet = getattr(self, "_receive_events_greenlet", None)
-        if greenlet is not None and greenlet is not gevent.getcurrent():
-            greenlet.kill(block=True, timeout=2)
+        for greenlet in (getattr(self, "_receive_events_greenlet", None), self._writer_greenlet):
+            if greenlet is not None and greenlet is not gevent.getcurrent():
+                greenlet.kill(block=True, timeout=2)
         self._mark_closed(self.close_reason or "closed by the daemon")
 
     def wait_closed(self, timeout_s: float | None = None) -> bool:
@@ -223,10 +266,60 @@ class EslConnection(InboundESL):
         if self._on_closed is not None:
             self._on_closed()
         while self._pending:
-            command, result = self._pending.popleft()
-            result.set_exception(CommandOutcomeUnknown(
-                f"connection lost ({reason}) before FreeSWITCH answered {_redacted(command)!r}"))
+            outgoing = self._pending.popleft()
+            outgoing.fail(CommandOutcomeUnknown(
+                f"connection lost ({reason}) before FreeSWITCH answered {_redacted(outgoing.command)!r}"))
+        while not self._outbox.empty():
+            outgoing = self._outbox.get_nowait()
+            if outgoing is not _STOP_WRITING:
+                outgoing.fail(NotConnectedError(
+                    f"connection lost ({reason}); {_redacted(outgoing.command)!r} not sent"))
+        self._outbox.put(_STOP_WRITING)
         self._closed.set()
+
+    def _write_commands(self) -> None:
+        """The one writer: each command goes on the wire whole, in queue order."""
+        reason = "closed by the daemon"
+        try:
+            while True:
+                outgoing = self._outbox.get()
+                if outgoing is _STOP_WRITING or not self._write(outgoing):
+                    return
+        except Exception as exc:
+            # A bug here must not leave senders waiting for a writer that is gone.
+            log.exception("esl_writer_failed")
+            reason = f"writer failed: {exc}"
+        finally:
+            self._mark_closed(reason)
+
+    def _write(self, outgoing: _Outgoing) -> bool:
+        """Write one command whole (or skip it, if its caller left first); False: the
+        connection is dead."""
+        if outgoing.abandoned:
+            outgoing.written.set()
+            return True
+        sock = self.sock
+        if sock is None:
+            outgoing.fail(NotConnectedError(f"connection closed; {_redacted(outgoing.command)!r} not sent"))
+            return False
+        # Registered as its bytes go out: its reply is the first one no earlier command takes.
+        self._pending.append(outgoing)
+        try:
+            # Bounded: a switch that stops reading would otherwise hold the one writer, and
+            # every call's commands behind it, for good.
+            with gevent.Timeout(self.command_timeout_s, SendStalled("socket not writable")):
+                sock.sendall(outgoing.command.wire_bytes)
+        except (OSError, SendStalled) as exc:
+            if outgoing in self._pending:
+                self._pending.remove(outgoing)
+            outgoing.fail(CommandOutcomeUnknown(
+                f"connection lost while sending {_redacted(outgoing.command)!r}: {exc}"))
+            # Half a command may be on the wire: nothing after it can be trusted.
+            self._mark_closed(f"send failed: {exc}")
+            self._shutdown_socket()
+            return False
+        outgoing.written.set()
+        return True
 
     def _route(self, item: Frame | MalformedFrame) -> None:
         if self._on_frame is not None:
@@ -290,12 +383,13 @@ class EslConnection(InboundESL):
         if not self._pending:
             log.warning("esl_unexpected_reply", content_type=frame.content_type)
             return
-        command, result = self._pending.popleft()
+        # Its caller may be gone (killed while waiting): the entry is popped all the same.
+        outgoing = self._pending.popleft()
         if frame.content_type == commands.API_RESPONSE:
             text = frame.body.decode("utf-8", "replace")
         else:
             text = frame.headers.get("Reply-Text", "")
-        result.set(CommandReply(command=command, text=text, headers=dict(frame.headers)))
+        outgoing.reply.set(CommandReply(command=outgoing.command, text=text, headers=dict(frame.headers)))
 
 
 def _redacted(command: EslCommand) -> str:
@@ -338,8 +432,9 @@ class EslClient:
         self.backoff_max_s = backoff_max_s
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
-        self._connection: EslConnection | None = None
-        self._stopping = False
+        self._connection: EslConnection | None = None  # the one up and subscribed, for send()
+        self._latest: EslConnection | None = None  # the one run() is making or using, for stop()
+        self._stop_requested = gevent.event.Event()
         self._connected_event = gevent.event.Event()
         self.connections_made = 0
 
@@ -362,8 +457,8 @@ class EslClient:
     def run(self) -> None:
         """Connect and stay connected until :meth:`stop`; raises AuthenticationFailed."""
         delay_s = self.backoff_initial_s
-        while not self._stopping:
-            conn = EslConnection(
+        while not self._stop_requested.is_set():
+            conn = self._latest = EslConnection(
                 self.host, self.port, self._password, self._on_event,
                 on_malformed=self._on_malformed, on_frame=self._on_frame,
                 connect_timeout_s=self.connect_timeout_s, command_timeout_s=self.command_timeout_s,
@@ -381,12 +476,17 @@ class EslClient:
                 raise
             except EslError as exc:
                 conn.close()
-                if self._stopping:
+                if self._stop_requested.is_set():
                     break
                 log.warning("esl_connect_failed", host=self.host, port=self.port, error=str(exc), retry_in_s=delay_s)
-                self._sleep(delay_s)
+                self._pause(delay_s)
                 delay_s = min(delay_s * 2, self.backoff_max_s)
                 continue
+            if self._stop_requested.is_set():
+                # Stopped while subscribing: stop() is closing this one; nothing to announce.
+                conn.wait_closed()
+                conn.close()
+                break
 
             self._connection = conn
             self.connections_made += 1
@@ -398,11 +498,21 @@ class EslClient:
             conn.wait_closed()
             conn.close()
             self._connected_event.clear()
-            if self._stopping:
+            if self._stop_requested.is_set():
                 break
             log.warning("esl_connection_lost", reason=conn.close_reason, retry_in_s=delay_s)
-            self._sleep(delay_s)
+            self._pause(delay_s)
         self._connected_event.clear()
+
+    def _pause(self, delay_s: float) -> None:
+        """The backoff: the (injectable) sleep, cut short by :meth:`stop`."""
+        sleeper = gevent.spawn(self._sleep, delay_s)
+        try:
+            gevent.wait([sleeper, self._stop_requested], count=1)
+        finally:
+            sleeper.kill()
+        if sleeper.exception is not None:
+            raise sleeper.exception
 
     def _run_on_connected(self) -> None:
         try:
@@ -411,8 +521,9 @@ class EslClient:
             log.exception("esl_on_connected_failed")
 
     def stop(self, send_exit: bool = True) -> None:
-        """Close cleanly: ``exit`` to FreeSWITCH, then the socket; ``run()`` returns."""
-        self._stopping = True
-        conn = self._connection
+        """Close cleanly: ``exit`` to FreeSWITCH (if authenticated), then the socket; ``run()``
+        returns at once, whether it was connecting, subscribing, connected or sleeping."""
+        self._stop_requested.set()
+        conn = self._latest
         if conn is not None:
             conn.close(send_exit=send_exit)
