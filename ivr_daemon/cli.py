@@ -6,7 +6,6 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
@@ -128,14 +127,21 @@ def cmd_record(args) -> int:
 def cmd_replay(args) -> int:
     from pathlib import Path
 
+    from ivr_daemon.config import ConfigError
     from ivr_daemon.logs import configure_logging
-    from ivr_daemon.replay.replayer import default_base_env, replay_files
+    from ivr_daemon.replay.replayer import replay_environment, replay_files
     from ivr_daemon.tts.base import TtsModelUnavailable
 
-    configure_logging(os.environ.get("LOG_LEVEL", "WARNING"), "console")
+    # The settings `run` and `record` read (the environment over --env-file), but for what the
+    # replay makes itself: the switch, the LLM and TTS_OUTPUT_DIR.
+    base_env = replay_environment(args.env_file)
+    configure_logging(base_env.get("LOG_LEVEL", "WARNING"), "console")
     try:
-        return replay_files(args.fixtures, speed=args.speed, base_env=default_base_env(),
+        return replay_files(args.fixtures, speed=args.speed, base_env=base_env,
                             junit_xml=Path(args.junit_xml) if args.junit_xml else None)
+    except ConfigError as exc:
+        print(f"ivr-daemon: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -15,24 +15,24 @@ import pytest  # noqa: E402
 def replay_tts_engine():
     """The TTS engine replays use: TTS_ENGINE from the environment, ``null`` by default."""
     from ivr_daemon.config import load_settings
-    from ivr_daemon.replay.replayer import default_base_env
+    from ivr_daemon.replay.replayer import replay_environment
     from ivr_daemon.tts import make_tts_engine
 
-    return make_tts_engine(load_settings(environ={"TTS_ENGINE": "null", **default_base_env()}))
+    return make_tts_engine(load_settings(environ={"TTS_ENGINE": "null", **replay_environment()}))
 
 
 @pytest.fixture
 def replay(replay_tts_engine):
     """``replay(path, speed=0.0)`` replays a fixture; a mismatch fails the test with the diff."""
     from ivr_daemon.replay.fixture import FixtureError, load_fixture
-    from ivr_daemon.replay.replayer import default_base_env, replay_fixture
+    from ivr_daemon.replay.replayer import replay_environment, replay_fixture
 
     def run(path, speed: float = 0.0):
         try:
             fixture = load_fixture(path)
         except FixtureError as exc:
             pytest.fail(f"unreadable fixture: {exc}", pytrace=False)
-        result = replay_fixture(fixture, speed=speed, tts=replay_tts_engine, base_env=default_base_env())
+        result = replay_fixture(fixture, speed=speed, tts=replay_tts_engine, base_env=replay_environment())
         if not result.ok:
             pytest.fail(result.report, pytrace=False)
         return result
