@@ -138,7 +138,8 @@ def cmd_replay(args) -> int:
     configure_logging(base_env.get("LOG_LEVEL", "WARNING"), "console")
     try:
         return replay_files(args.fixtures, speed=args.speed, base_env=base_env,
-                            junit_xml=Path(args.junit_xml) if args.junit_xml else None)
+                            junit_xml=Path(args.junit_xml) if args.junit_xml else None,
+                            json_out=Path(args.json) if args.json else None)
     except ConfigError as exc:
         print(f"ivr-daemon: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("fixtures", nargs="+", metavar="FILE")
     replay.add_argument("--speed", type=float, default=0.0, help="time scale: 1 as recorded, 0 as fast as possible")
     replay.add_argument("--junit-xml", default=None, metavar="PATH", help="write a JUnit XML report")
+    replay.add_argument("--json", default=None, metavar="PATH", help="write the results, with every command sent, as JSON")
     replay.set_defaults(func=cmd_replay)
 
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")

@@ -118,6 +118,15 @@ class ReplayResult:
     duration_s: float
     sent: list[SentCommand] = field(default_factory=list)
 
+    def to_json(self) -> dict:
+        return {"fixture": str(self.fixture), "ok": self.ok, "report": self.report, "duration_s": self.duration_s,
+                "sent": [vars(command) for command in self.sent]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ReplayResult":
+        return cls(Path(data["fixture"]), data["ok"], data["report"], data["duration_s"],
+                   [SentCommand(**command) for command in data["sent"]])
+
 
 def _describe_frame(data: bytes, line_no: int) -> tuple[str | None, str]:
     items = FrameParser().feed(data)
@@ -312,8 +321,13 @@ def write_junit(results: list[ReplayResult], path: Path, errors: dict[str, str] 
 
 
 def replay_files(paths: list[str], *, speed: float = 0.0, tts: TtsEngine | None = None, junit_xml: Path | None = None,
-                 base_env: dict[str, str] | None = None, out=None) -> int:
-    """The CLI's job: 0 when every fixture matches, 1 when one differs, 2 when one cannot be read."""
+                 json_out: Path | None = None, base_env: dict[str, str] | None = None, out=None) -> int:
+    """The CLI's job: 0 when every fixture matches, 1 when one differs, 2 when one cannot be read.
+
+    ``json_out``: also write ``{"results": [ReplayResult.to_json(), ...], "errors": {path: message}}``
+    (the pytest plugin reads it back from its child process).
+    """
+    import json
     import sys
 
     from ivr_daemon.replay.fixture import FixtureError
@@ -337,6 +351,8 @@ def replay_files(paths: list[str], *, speed: float = 0.0, tts: TtsEngine | None 
         print(("ok    " if result.ok else "FAIL  ") + result.report, file=out, flush=True)
     if junit_xml is not None:
         write_junit(results, junit_xml, errors)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"results": [r.to_json() for r in results], "errors": errors}))
     print(f"{sum(r.ok for r in results)} passed, {sum(not r.ok for r in results)} failed"
           + (f", {len(errors)} unreadable" if errors else ""), file=out)
     if errors:
