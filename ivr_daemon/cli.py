@@ -6,7 +6,6 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
@@ -128,14 +127,22 @@ def cmd_record(args) -> int:
 def cmd_replay(args) -> int:
     from pathlib import Path
 
+    from ivr_daemon.config import ConfigError
     from ivr_daemon.logs import configure_logging
-    from ivr_daemon.replay.replayer import default_base_env, replay_files
+    from ivr_daemon.replay.replayer import replay_environment, replay_files
     from ivr_daemon.tts.base import TtsModelUnavailable
 
-    configure_logging(os.environ.get("LOG_LEVEL", "WARNING"), "console")
+    # The settings `run` and `record` read (the environment over --env-file), but for what the
+    # replay makes itself: the switch, the LLM and TTS_OUTPUT_DIR.
+    base_env = replay_environment(args.env_file)
+    configure_logging(base_env.get("LOG_LEVEL", "WARNING"), "console")
     try:
-        return replay_files(args.fixtures, speed=args.speed, base_env=default_base_env(),
-                            junit_xml=Path(args.junit_xml) if args.junit_xml else None)
+        return replay_files(args.fixtures, speed=args.speed, base_env=base_env,
+                            junit_xml=Path(args.junit_xml) if args.junit_xml else None,
+                            json_out=Path(args.json) if args.json else None)
+    except ConfigError as exc:
+        print(f"ivr-daemon: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -164,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("fixtures", nargs="+", metavar="FILE")
     replay.add_argument("--speed", type=float, default=0.0, help="time scale: 1 as recorded, 0 as fast as possible")
     replay.add_argument("--junit-xml", default=None, metavar="PATH", help="write a JUnit XML report")
+    replay.add_argument("--json", default=None, metavar="PATH", help="write the results, with every command sent, as JSON")
     replay.set_defaults(func=cmd_replay)
 
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")

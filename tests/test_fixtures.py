@@ -1,5 +1,6 @@
 """Every fixture in tests/fixtures/ replays green, through the pytest plugin as test engineers use it."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_a_mismatch_fails_the_test_with_the_diff(pytester):
         def test_flow(replay):
             replay({str(broken)!r})
     """)
-    result = pytester.runpytest_subprocess("-p", "no:anyio")
+    result = pytester.runpytest_subprocess()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*command 1 differs*", "*expected (fixture line *{wav} both*", "*got: *aleg*"])
 
@@ -46,14 +47,14 @@ def test_a_library_fixture_with_one_changed_command_makes_the_cli_exit_1(tmp_pat
     text = (FIXTURES / "three_turns_history.esl").read_bytes()
     second = text.index(b"@expect", text.index(b"@expect") + 1)
     copy.write_bytes(text[:second] + text[second:].replace(b"uuid_broadcast", b"uuid_break", 1))
-    result = subprocess.run([sys.executable, "-m", "ivr_daemon", "replay", str(copy)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "replay", str(copy)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "command 2 differs" in result.stdout and "uuid_break" in result.stdout
 
 
 def test_replay_with_a_real_tts_engine(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ivr_daemon", "replay", str(FIXTURES / "one_question.esl")],
-                            capture_output=True, text=True, timeout=120,
-                            env={**__import__("os").environ, "TTS_ENGINE": "piper"})
+    result = subprocess.run([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "replay",
+                             str(FIXTURES / "one_question.esl")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "TTS_ENGINE": "piper"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed, 0 failed" in result.stdout

@@ -19,6 +19,10 @@ A fixture is a text file a person can read and diff (see tests/fixtures/README.m
     @end
     @llm-error timeout                        <- the LLM failed on this turn
     > are you there
+    @llm history=2 stopped=unavailable        <- a streamed reply that stopped after this text:
+    > and on saturday                            it broke off (timeout, unavailable, bad-reply),
+    We open at                                   or the daemon stopped reading (abandoned: a
+    @end                                         hangup or barge-in came first)
     @expect api uuid_broadcast 03362ffb-115a-4a3d-9eb6-770e2089d43f {wav} aleg
 
 Every block's bytes are followed by one newline. In ``@expect`` lines ``{wav}`` matches any
@@ -39,6 +43,8 @@ from ivr_daemon.esl.protocol import parse_header_lines, MalformedEvent
 
 FORMAT_VERSION = "v1"
 LLM_ERROR_KINDS = ("timeout", "unavailable", "bad-reply")
+ABANDONED = "abandoned"  # the daemon stopped reading a streamed reply (the call ended, the caller barged in)
+STOPPED_KINDS = (*LLM_ERROR_KINDS, ABANDONED)
 PLACEHOLDERS = {
     "{wav}": r"\S+\.wav",
     "{uuid}": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
@@ -69,7 +75,12 @@ class FixtureFrame:
 
 @dataclass(frozen=True)
 class LlmReply:
-    """What the LLM answered (or how it failed) to the turn with this transcript."""
+    """What the LLM answered (or how it failed) to the turn with this transcript.
+
+    ``error``: the request failed before any text (``@llm-error``). ``stopped``: a streamed
+    reply stopped after ``reply``, the text that had come by then, because it failed (one of
+    LLM_ERROR_KINDS) or because the daemon stopped reading it (ABANDONED).
+    """
 
     transcript: str
     reply: str | None
@@ -77,6 +88,7 @@ class LlmReply:
     history: int | None
     delay_s: float
     line_no: int
+    stopped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -248,9 +260,12 @@ class _Reader:
                 raise self.fail(f"{directive}: unexpected word {word!r}", line_no)
         if directive == "@llm-error" and error not in LLM_ERROR_KINDS:
             raise self.fail(f"@llm-error needs one of {', '.join(LLM_ERROR_KINDS)}", line_no)
-        unknown = set(options) - {"history", "delay"}
+        unknown = set(options) - ({"history", "delay", "stopped"} if directive == "@llm" else {"history", "delay"})
         if unknown:
             raise self.fail(f"{directive}: unknown option {sorted(unknown)[0]!r}", line_no)
+        stopped = options.get("stopped")
+        if stopped is not None and stopped not in STOPPED_KINDS:
+            raise self.fail(f"@llm: stopped= needs one of {', '.join(STOPPED_KINDS)}", line_no)
         try:
             history = int(options["history"]) if "history" in options else None
             delay_s = float(options.get("delay", "0"))
@@ -269,7 +284,7 @@ class _Reader:
             if line == "@end":
                 break
             lines.append(line)
-        return LlmReply(transcript_line[2:], "\n".join(lines), None, history, delay_s, line_no)
+        return LlmReply(transcript_line[2:], "\n".join(lines), None, history, delay_s, line_no, stopped)
 
 
 def render_fixture(timeline: list[TimelineItem], comments: list[str] = ()) -> bytes:
@@ -285,6 +300,8 @@ def render_fixture(timeline: list[TimelineItem], comments: list[str] = ()) -> by
             options = [f"history={item.history}"] if item.history is not None else []
             if item.delay_s:
                 options.append(f"delay={item.delay_s:g}")
+            if item.stopped and not item.error:
+                options.append(f"stopped={item.stopped}")
             head = f"@llm-error {item.error}" if item.error else "@llm"
             out += (" ".join([head, *options]) + "\n").encode()
             out += f"> {item.transcript}\n".encode()

@@ -1,8 +1,9 @@
 """Record a live call flow into a fixture: frames as they came off the socket, LLM replies, commands.
 
 ``ivr-daemon record --out FILE`` runs the daemon for real (as ``run`` does) with three taps:
-every frame the reader cuts (kept byte for byte with its time offset), every LLM exchange
-(the transcript, how much history the request carried, the reply or how it failed) and every
+every frame the reader cuts (kept byte for byte with its time offset), every LLM exchange,
+streamed or not as LLM_STREAM says (the transcript, how much history the request carried, the
+reply or how it failed, and for a stream where it stopped) and every
 ``api`` command sent. Only the IVR's own calls are kept, those that fired DETECTED_SPEECH, unless
 ``all_calls`` is set. WAV paths vary per run, so they are written as ``{wav}``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Generator
 
 import gevent
 import gevent.event
@@ -20,15 +22,28 @@ from ivr_daemon.esl.commands import EslCommand
 from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, parse_event
 from ivr_daemon.llm.base import LlmClient, LlmError, LlmTimeout, LlmUnavailable, Message
 from ivr_daemon.logs import get_logger
-from ivr_daemon.replay.fixture import ExpectedCommand, FixtureFrame, LlmReply, call_uuid_of, render_fixture
+from ivr_daemon.replay.fixture import (ABANDONED, ExpectedCommand, FixtureFrame, LlmReply, call_uuid_of,
+                                       render_fixture)
 
 log = get_logger(__name__)
 
 _WAV_RE = re.compile(r"\S+\.wav\b")
 
 
+def _error_kind(exc: LlmError) -> str:
+    if isinstance(exc, LlmTimeout):
+        return "timeout"
+    if isinstance(exc, LlmUnavailable):
+        return "unavailable"
+    return "bad-reply"
+
+
 class RecordingLlm(LlmClient):
-    """Passes every request to the real client and notes the exchange."""
+    """Passes every request to the real client, the way the daemon makes it, and notes the exchange.
+
+    ``complete`` (LLM_STREAM=false) and ``stream`` (LLM_STREAM=true) both go to the real
+    client's own method, so a recording asks the LLM what a real run asks it.
+    """
 
     def __init__(self, inner: LlmClient, recorder: "Recorder"):
         self.inner, self.recorder = inner, recorder
@@ -39,14 +54,8 @@ class RecordingLlm(LlmClient):
         started_s = time.monotonic()
         try:
             reply = self.inner.complete(messages)
-        except LlmTimeout:
-            self.recorder.note_llm(LlmReply(transcript, None, "timeout", history, 0.0, 0))
-            raise
-        except LlmUnavailable:
-            self.recorder.note_llm(LlmReply(transcript, None, "unavailable", history, 0.0, 0))
-            raise
-        except LlmError:
-            self.recorder.note_llm(LlmReply(transcript, None, "bad-reply", history, 0.0, 0))
+        except LlmError as exc:
+            self.recorder.note_llm(LlmReply(transcript, None, _error_kind(exc), history, 0.0, 0))
             raise
         except gevent.GreenletExit:
             # The call ended while the LLM was thinking: a replay must be as slow to answer.
@@ -56,6 +65,38 @@ class RecordingLlm(LlmClient):
             raise
         self.recorder.note_llm(LlmReply(transcript, reply, None, history, 0.0, 0))
         return reply
+
+    def stream(self, messages: list[Message]) -> Generator[str, None, None]:
+        """The real client's stream, delta by delta; the text the daemon read is noted when it ends.
+
+        A stream that fails after some text, or that the daemon stops reading (a hangup or
+        barge-in kills the turn, or it closes the generator), is noted with the text so far
+        and how it stopped, so that a replay stops at the same place.
+        """
+        transcript, history = messages[-1]["content"], len(messages) - 2
+        started_s = time.monotonic()
+        parts: list[str] = []
+
+        def note(text: str | None, error: str | None = None, stopped: str | None = None) -> None:
+            self.recorder.note_llm(LlmReply(transcript, text, error, history, 0.0, 0, stopped), at_s=started_s)
+
+        inner = self.inner.stream(messages)
+        try:
+            for delta in inner:
+                parts.append(delta)
+                yield delta
+        except LlmError as exc:
+            if parts:
+                note("".join(parts), stopped=_error_kind(exc))
+            else:
+                note(None, error=_error_kind(exc))
+            raise
+        except (gevent.GreenletExit, GeneratorExit):
+            note("".join(parts), stopped=ABANDONED)
+            raise
+        finally:
+            inner.close()
+        note("".join(parts).strip())
 
     def close(self) -> None:
         self.inner.close()
@@ -98,8 +139,9 @@ class Recorder:
             self._started_s = now
         self.timeline.append((now, FixtureFrame(round(now - self._started_s, 3), raw, 0, raw=malformed), uuid))
 
-    def note_llm(self, reply: LlmReply) -> None:
-        self.timeline.append((time.monotonic(), reply, None))
+    def note_llm(self, reply: LlmReply, at_s: float | None = None) -> None:
+        """``at_s``: where in the timeline it goes (monotonic; default now): a stream's at its request."""
+        self.timeline.append((time.monotonic() if at_s is None else at_s, reply, None))
 
     def on_command(self, command: EslCommand) -> None:
         # Stamped as it is sent, before FreeSWITCH's reply or any event it causes.

@@ -2,9 +2,11 @@
 
 Per fixture: a fresh simulator (no media of its own: the recording holds what the switch
 played, and no doubled speech: the recording holds the duplicates it had), the daemon built as
-``ivr-daemon run`` builds it, an LLM that answers from the fixture, and a real TTS engine (or
-``null``). Frames are written to the socket at their recorded offsets divided by ``speed``
-(0: as fast as possible). When the daemon is idle, the ``api``/``bgapi`` commands it sent are
+``ivr-daemon run`` builds it from the same settings (the environment over ``--env-file``/.env;
+the replay sets the switch, the LLM and TTS_OUTPUT_DIR itself, and TTS_ENGINE defaults to
+``null``), an LLM that answers from the fixture (whole or streamed, as LLM_STREAM says), and a
+real TTS engine (or ``null``). Frames are written to the socket at their recorded offsets
+divided by ``speed`` (0: as fast as possible). When the daemon is idle, the ``api``/``bgapi`` commands it sent are
 compared with the fixture's ``@expect`` lines, call by call, in order.
 """
 
@@ -16,6 +18,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generator, Mapping
 
 import gevent
 
@@ -35,9 +38,19 @@ EXPECT_WAIT_S = 15.0  # how long a replay waits for a command the recording had 
 SETTLE_S = 0.2
 NO_CALL = "(no call)"
 
+# Settings a replay makes itself: the switch is the simulator, the LLM is the fixture, and the
+# WAVs go to a temporary directory. Every other setting is the one `run` would use.
+REPLAY_OWNED = frozenset({"FREESWITCH_HOST", "FREESWITCH_PORT", "FREESWITCH_PASSWORD", "LLM_PROVIDER", "LLM_API_URL",
+                          "LLM_MODEL", "LLM_API_KEY", "TTS_OUTPUT_DIR"})
+
 
 class FixtureLlm(LlmClient):
-    """Answers each turn with the reply the fixture recorded for that transcript, in order."""
+    """Answers each turn with the reply the fixture recorded for that transcript, in order.
+
+    ``stream`` yields the recorded text, then stops as the recording did: a reply that broke
+    off raises its error; one the daemon stopped reading (``stopped=abandoned``) stalls until
+    the replay's hangup or barge-in kills the turn, or until ``timeout_s`` as a silent server would.
+    """
 
     provider = "fixture"
 
@@ -46,7 +59,7 @@ class FixtureLlm(LlmClient):
         self._unused = list(replies)
         self.problems: list[str] = []
 
-    def complete(self, messages: list[Message]) -> str:
+    def _take(self, messages: list[Message]) -> LlmReply:
         transcript = messages[-1]["content"]
         reply = next((r for r in self._unused if r.transcript == transcript), None)
         if reply is None:
@@ -60,13 +73,34 @@ class FixtureLlm(LlmClient):
                 f" the fixture expects history={reply.history}")
         if reply.delay_s:
             gevent.sleep(reply.delay_s)
-        if reply.error == "timeout":
+        if reply.error:
+            self._fail(reply.error)
+        return reply
+
+    def _fail(self, kind: str) -> None:
+        if kind == "timeout":
             raise LlmTimeout("fixture: recorded timeout")
-        if reply.error == "unavailable":
+        if kind == "unavailable":
             raise LlmUnavailable("fixture: recorded unavailable")
-        if reply.error == "bad-reply":
+        if kind == "bad-reply":
             raise LlmBadReply("fixture: recorded malformed reply")
+        # ABANDONED: the recording's daemon stopped reading here; this one should too.
+        gevent.sleep(self.timeout_s)
+        raise LlmTimeout(f"fixture: the recorded reply stopped here, and no hangup or barge-in came"
+                         f" within {self.timeout_s:g} s")
+
+    def complete(self, messages: list[Message]) -> str:
+        reply = self._take(messages)
+        if reply.stopped:
+            self._fail(reply.stopped)  # a whole reply cannot carry the part that came before
         return reply.reply or ""
+
+    def stream(self, messages: list[Message]) -> Generator[str, None, None]:
+        reply = self._take(messages)
+        if reply.reply:
+            yield reply.reply
+        if reply.stopped:
+            self._fail(reply.stopped)
 
 
 @dataclass
@@ -83,6 +117,15 @@ class ReplayResult:
     report: str
     duration_s: float
     sent: list[SentCommand] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"fixture": str(self.fixture), "ok": self.ok, "report": self.report, "duration_s": self.duration_s,
+                "sent": [vars(command) for command in self.sent]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ReplayResult":
+        return cls(Path(data["fixture"]), data["ok"], data["report"], data["duration_s"],
+                   [SentCommand(**command) for command in data["sent"]])
 
 
 def _describe_frame(data: bytes, line_no: int) -> tuple[str | None, str]:
@@ -143,15 +186,19 @@ class PlaybackPathMapper:
 
 def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | None = None,
                    base_env: dict[str, str] | None = None) -> ReplayResult:
-    """Replay one fixture; the result says whether the daemon sent what was expected."""
+    """Replay one fixture; the result says whether the daemon sent what was expected.
+
+    ``base_env``: the settings' environment (:func:`replay_environment`; default: none, so
+    every setting has its default); ConfigError for a bad value in it.
+    """
     started_s = time.monotonic()
-    llm = FixtureLlm(fixture.llm_replies)
     with tempfile.TemporaryDirectory(prefix="ivr-replay-") as tts_dir, \
             FreeswitchSimulator(duplicate_speech_while_parked=False, simulate_media=False, auth_timeout_s=None) as sim:
-        env = {"TTS_ENGINE": "null", **(base_env or {})}
+        env = {"TTS_ENGINE": "null", **{k: v for k, v in (base_env or {}).items() if k not in REPLAY_OWNED}}
         env.update({"FREESWITCH_PORT": str(sim.port), "FREESWITCH_HOST": "127.0.0.1", "TTS_OUTPUT_DIR": tts_dir,
                     "FREESWITCH_PASSWORD": sim.password})
         settings: Settings = load_settings(environ=env)
+        llm = FixtureLlm(fixture.llm_replies, timeout_s=settings.llm_timeout_s)
         daemon = build_conversation_daemon(settings, llm=llm, tts=tts)
         daemon.start()
         try:
@@ -274,8 +321,13 @@ def write_junit(results: list[ReplayResult], path: Path, errors: dict[str, str] 
 
 
 def replay_files(paths: list[str], *, speed: float = 0.0, tts: TtsEngine | None = None, junit_xml: Path | None = None,
-                 base_env: dict[str, str] | None = None, out=None) -> int:
-    """The CLI's job: 0 when every fixture matches, 1 when one differs, 2 when one cannot be read."""
+                 json_out: Path | None = None, base_env: dict[str, str] | None = None, out=None) -> int:
+    """The CLI's job: 0 when every fixture matches, 1 when one differs, 2 when one cannot be read.
+
+    ``json_out``: also write ``{"results": [ReplayResult.to_json(), ...], "errors": {path: message}}``
+    (the pytest plugin reads it back from its child process).
+    """
+    import json
     import sys
 
     from ivr_daemon.replay.fixture import FixtureError
@@ -299,6 +351,8 @@ def replay_files(paths: list[str], *, speed: float = 0.0, tts: TtsEngine | None 
         print(("ok    " if result.ok else "FAIL  ") + result.report, file=out, flush=True)
     if junit_xml is not None:
         write_junit(results, junit_xml, errors)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"results": [r.to_json() for r in results], "errors": errors}))
     print(f"{sum(r.ok for r in results)} passed, {sum(not r.ok for r in results)} failed"
           + (f", {len(errors)} unreadable" if errors else ""), file=out)
     if errors:
@@ -306,10 +360,18 @@ def replay_files(paths: list[str], *, speed: float = 0.0, tts: TtsEngine | None 
     return 0 if all(r.ok for r in results) else 1
 
 
-def default_base_env() -> dict[str, str]:
-    """The environment a replay runs with: this process's, minus what the replay sets itself."""
+def replay_environment(env_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a replay's settings come from: ``environ`` (default ``os.environ``) over ``env_file``.
+
+    The same merge as :func:`ivr_daemon.config.load_settings` makes for ``run`` and ``record``
+    (real environment variables win; a missing file is no error), minus :data:`REPLAY_OWNED`.
+    """
     import os
 
-    return {k: v for k, v in os.environ.items() if k in ("SYSTEM_PROMPT", "FALLBACK_PHRASE", "MAX_CONVERSATION_HISTORY",
-                                                         "TTS_ENGINE", "COQUI_MODEL", "COQUI_MODEL_PATH",
-                                                         "COQUI_CONFIG_PATH", "PIPER_VOICE")}
+    from dotenv import dotenv_values
+
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    return {k: v for k, v in merged.items() if k not in REPLAY_OWNED}
