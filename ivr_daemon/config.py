@@ -26,6 +26,11 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 DEFAULT_FALLBACK_PHRASE = "Sorry, I'm having trouble right now. Could you say that again?"
 DEFAULT_COQUI_MODEL = "tts_models/en/ljspeech/vits"
+DEFAULT_GREETING = "Hello, thanks for calling. How can I help you?"
+DEFAULT_REPROMPT_PHRASE = "Are you still there? How can I help you?"
+DEFAULT_GOODBYE_PHRASE = "Thank you for calling. Goodbye."
+DEFAULT_TRANSFER_PHRASE = "Transferring you now."
+DEFAULT_GOODBYE_WORDS = "goodbye, bye, bye bye, that's all, that is all"
 
 # One row per variable: (environment name, Settings field, default, one-line meaning).
 # .env.example and the README's configuration table are written from the same facts.
@@ -48,6 +53,19 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("SYSTEM_PROMPT", "system_prompt", DEFAULT_SYSTEM_PROMPT, "the LLM's instructions"),
     ("FALLBACK_PHRASE", "fallback_phrase", DEFAULT_FALLBACK_PHRASE,
      "what the caller hears when the LLM fails"),
+    ("AGENTS_FILE", "agents_file", "",
+     "TOML file of named agents (see agents.example.toml); empty: one agent, default, from these settings"),
+    ("GREETING", "greeting", DEFAULT_GREETING, "said when the IVR leg parks; empty: no greeting"),
+    ("SILENCE_TIMEOUT_S", "silence_timeout_s", "8",
+     "seconds of caller silence (nothing of ours playing) before the re-prompt; 0 turns it off"),
+    ("MAX_REPROMPTS", "max_reprompts", "2", "re-prompts in a row before the goodbye and hangup"),
+    ("REPROMPT_PHRASE", "reprompt_phrase", DEFAULT_REPROMPT_PHRASE, "said after SILENCE_TIMEOUT_S of silence"),
+    ("GOODBYE_PHRASE", "goodbye_phrase", DEFAULT_GOODBYE_PHRASE, "said before the daemon hangs up"),
+    ("TRANSFER_PHRASE", "transfer_phrase", DEFAULT_TRANSFER_PHRASE, "said before a transfer"),
+    ("GOODBYE_WORDS", "goodbye_words", DEFAULT_GOODBYE_WORDS,
+     "comma-separated final transcripts that end the call (for LLMs without tool calling)"),
+    ("OPERATOR_DESTINATION", "operator_destination", "",
+     "where DTMF 0 transfers to, as 'destination dialplan context' (e.g. '1000 XML default'); empty: no operator"),
     ("TTS_ENGINE", "tts_engine", "coqui", "coqui | piper | null (silence, for tests)"),
     ("COQUI_MODEL", "coqui_model", DEFAULT_COQUI_MODEL,
      "Coqui model name, downloaded on first use"),
@@ -99,6 +117,15 @@ class Settings:
     max_conversation_history: int
     system_prompt: str
     fallback_phrase: str
+    agents_file: str
+    greeting: str
+    silence_timeout_s: float
+    max_reprompts: int
+    reprompt_phrase: str
+    goodbye_phrase: str
+    transfer_phrase: str
+    goodbye_words: tuple[str, ...]
+    operator_destination: str
     tts_engine: str
     coqui_model: str
     coqui_model_path: str
@@ -117,6 +144,18 @@ class Settings:
     @property
     def uses_default_esl_password(self) -> bool:
         return self.freeswitch_password == DEFAULT_ESL_PASSWORD
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as the environment variables that load them again."""
+
+        def text(value: object) -> str:
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if isinstance(value, tuple):
+                return "/".join(map(str, value)) if all(isinstance(v, int) for v in value) else ",".join(value)
+            return str(value)
+
+        return {name: text(getattr(self, field_name)) for name, field_name, _default, _meaning in VARIABLES}
 
     def replace(self, **changes) -> "Settings":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -199,6 +238,37 @@ def _one_line(variable: str, raw: str) -> str:
     return raw
 
 
+def _phrase(variable: str, raw: str) -> str:
+    text = _one_line(variable, raw).strip()
+    if not text:
+        raise ConfigError(variable, "must not be empty: it is said to callers")
+    return text
+
+
+def normalize_words(text: str) -> str:
+    """Lower case, punctuation dropped, whitespace collapsed: how goodbye words are compared."""
+    return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
+
+
+def parse_goodbye_words(raw: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(w for w in (normalize_words(part) for part in raw.split(",")) if w))
+
+
+_DESTINATION_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.+@:/-]+$")
+
+
+def check_transfer_destination(variable: str, destination: str) -> tuple[str, str, str]:
+    """'2000 XML default' -> ('2000', 'XML', 'default'); 'dialplan context' default to XML default.
+
+    The three words go into ``uuid_transfer``: each must be a plain token.
+    """
+    words = destination.split()
+    if not 1 <= len(words) <= 3 or not all(_DESTINATION_TOKEN_RE.match(w) for w in words):
+        raise ConfigError(variable, f"must be 'destination [dialplan [context]]' of plain words, got {destination!r}")
+    destination_number, dialplan, context = words + ["XML", "default"][len(words) - 1:]
+    return destination_number, dialplan, context
+
+
 def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | Path | None = None) -> Settings:
     """Build :class:`Settings` from ``environ`` (default ``os.environ``) over a .env file.
 
@@ -240,6 +310,11 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
     if not fallback:
         raise ConfigError("FALLBACK_PHRASE", "must not be empty: it is what callers hear when the LLM fails")
 
+    agents_file = _existing_file("AGENTS_FILE", raw["agents_file"].strip())
+    operator = " ".join(raw["operator_destination"].split())
+    if operator:
+        check_transfer_destination("OPERATOR_DESTINATION", operator)
+
     return Settings(
         freeswitch_host=host,
         freeswitch_port=_int("FREESWITCH_PORT", raw["freeswitch_port"], 1, 65535),
@@ -254,6 +329,15 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         max_conversation_history=_int("MAX_CONVERSATION_HISTORY", raw["max_conversation_history"], 0, 1000),
         system_prompt=raw["system_prompt"],
         fallback_phrase=fallback,
+        agents_file=agents_file,
+        greeting=_one_line("GREETING", raw["greeting"]).strip(),
+        silence_timeout_s=_float("SILENCE_TIMEOUT_S", raw["silence_timeout_s"], 0, 3600),
+        max_reprompts=_int("MAX_REPROMPTS", raw["max_reprompts"], 0, 20),
+        reprompt_phrase=_phrase("REPROMPT_PHRASE", raw["reprompt_phrase"]),
+        goodbye_phrase=_phrase("GOODBYE_PHRASE", raw["goodbye_phrase"]),
+        transfer_phrase=_phrase("TRANSFER_PHRASE", raw["transfer_phrase"]),
+        goodbye_words=parse_goodbye_words(raw["goodbye_words"]),
+        operator_destination=operator,
         tts_engine=tts_engine,
         coqui_model=raw["coqui_model"].strip(),
         coqui_model_path=model_path,
