@@ -19,7 +19,7 @@ import structlog
 
 from ivr_daemon.esl.dedup import EventDeduplicator
 from ivr_daemon.esl.protocol import EslEvent
-from ivr_daemon.logs import get_logger
+from ivr_daemon.logs import get_logger, spoken_text
 
 log = get_logger(__name__)
 
@@ -54,8 +54,10 @@ HandlerFactory = Callable[[str, structlog.stdlib.BoundLogger], CallHandler]
 class Call:
     """A live channel: its queue of events and the greenlet that works through it."""
 
-    def __init__(self, uuid: str, handler_factory: HandlerFactory, on_done: Callable[["Call"], None]):
+    def __init__(self, uuid: str, handler_factory: HandlerFactory, on_done: Callable[["Call"], None],
+                 log_speech_text: bool = True):
         self.uuid = uuid
+        self._log_speech_text = log_speech_text
         self.log = log.bind(call_uuid=uuid)
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self._on_done = on_done
@@ -70,9 +72,12 @@ class Call:
                 if event is None:
                     break
                 # Partials come every ~200 ms while the caller talks: debug, not info.
-                level = "debug" if event.get("Speech-Type") == "detected-partial-speech" else "info"
-                getattr(self.log, level)("esl_event", event_name=event.name, event_sequence=event.sequence,
-                                         speech_type=event.get("Speech-Type"), body=event.body)
+                partial = event.get("Speech-Type") == "detected-partial-speech"
+                getattr(self.log, "debug" if partial else "info")(
+                    "esl_event", event_name=event.name, event_sequence=event.sequence,
+                    speech_type=event.get("Speech-Type"),
+                    # A DETECTED_SPEECH body is what the caller said (LOG_TRANSCRIPTS).
+                    **spoken_text("body", event.body, verbatim=self._log_speech_text))
                 try:
                     self.handler.handle(event)
                 except Exception:
@@ -97,8 +102,10 @@ class CallRouter:
         on_callless_event: Callable[[EslEvent], None] | None = None,
         remember_ended: int = 4096,
         owns: Callable[[str], bool] | None = None,
+        log_speech_text: bool = True,
     ):
         self._handler_factory = handler_factory
+        self._log_speech_text = log_speech_text
         self._owns = owns
         self.dedup = dedup if dedup is not None else EventDeduplicator()
         self._on_callless_event = on_callless_event
@@ -133,7 +140,7 @@ class CallRouter:
                 return
             if self._owns is not None and not self._owns(uuid):
                 return  # another daemon's shard
-            call = Call(uuid, self._handler_factory, self._call_done)
+            call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text)
             self.calls[uuid] = call
         if event.name == CALL_END_EVENT:
             call.ended = True

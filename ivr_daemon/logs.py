@@ -6,6 +6,7 @@ about a call, so every line of a call can be found with one grep.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 
@@ -74,3 +75,17 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream=None) -> No
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+def spoken_text(field: str, text: str | None, *, verbatim: bool) -> dict[str, object]:
+    """Log fields for a caller's words or a reply: the text itself only when ``verbatim``.
+
+    Otherwise only its length and a short SHA-256, enough to match lines of the same
+    utterance without putting what callers said in every log (``LOG_TRANSCRIPTS``; their words
+    belong in call records).
+    """
+    if text is None:
+        return {field: None}
+    if verbatim:
+        return {field: text}
+    return {f"{field}_chars": len(text), f"{field}_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]}
