@@ -6,13 +6,13 @@ nothing of either.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
 from typing import Callable
 
 import gevent
+import gevent.pool
 import gevent.threadpool
 
 from ivr_daemon.calls import CallHandler, CallRouter, HandlerFactory
@@ -27,11 +27,18 @@ from ivr_daemon.logs import get_logger
 from ivr_daemon.tts import make_tts_engine
 from ivr_daemon.tts.base import TtsEngine
 from ivr_daemon.tts.cache import PhraseCache
+from ivr_daemon.tts.pinned import PinnedPhrases
 
 log = get_logger(__name__)
 
-SHUTDOWN_GRACE_S = 8.0  # SIGTERM to exit stays under 10 s
+# SIGTERM to exit within 10 s, end to end: turns in flight get what is left after the fixed
+# steps (exit to FreeSWITCH, call clean-up, syntheses landing, process exit).
+SHUTDOWN_BUDGET_S = 9.0
+SHUTDOWN_EXIT_S = 1.0  # the "exit" command's reply
+SHUTDOWN_CLEANUP_S = 1.0  # calls' clean-up and syntheses still running
+SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S
 RESYNC_INTERVAL_S = 60.0
+RESYNC_CONCURRENCY = 16  # uuid_exists questions in flight at once during a resync
 
 # What the daemon subscribes to (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Introduction/Event-System/Event-List_7143557/).
 SUBSCRIBED_EVENTS: tuple[str, ...] = (
@@ -72,7 +79,8 @@ class Daemon:
         )
         shard, shards = settings.daemon_shard
         owns = None if shards == 1 else (lambda uuid: shard_of(uuid, shards) == shard)
-        self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event, owns=owns)
+        self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event, owns=owns,
+                                 log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG")
         self.services: TurnServices | None = None  # set by build_conversation_daemon
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
@@ -84,23 +92,41 @@ class Daemon:
         """After a (re)connect, and every minute: end the calls FreeSWITCH no longer has.
 
         Events of the outage are lost (FreeSWITCH does not keep them for an ESL client), so a
-        hangup then is learnt here, from ``show channels as json``.
+        hangup then is learnt here. Each tracked call is asked about with ``uuid_exists``
+        (captures 53 and 64), which looks the session up in the switch's own table. Not
+        ``show channels``: that reads the core database, filled asynchronously, so a channel
+        created a moment ago can be missing from it (and a live call would be ended); and its
+        reply grows ~875 bytes a channel, past the 8 MiB frame cap near 9,600 channels.
         """
-        if not self.router.calls:
-            return
-        try:
-            reply = self.esl.send(commands.show_channels_json())
-            live = live_channel_uuids(reply.text)
-        except (EslError, ValueError) as exc:
-            log.warning("esl_resync_failed", error=str(exc))
-            return
-        ended = [uuid for uuid in list(self.router.calls) if uuid not in live]
-        for uuid in ended:
-            self.router.end_call(uuid, "GONE_AFTER_RECONNECT")
         if after_reconnect:
+            # Purely local, so first: whatever the switch says next, playback state is stale.
             for call in list(self.router.calls.values()):
                 call.handler.after_reconnect()
-        log.info("esl_resynced", calls_kept=len(self.router.calls) - len(ended), calls_ended=len(ended))
+        tracked = list(self.router.calls)
+        if not tracked:
+            return
+        answers: dict[str, bool | None] = {}
+        pool = gevent.pool.Pool(RESYNC_CONCURRENCY)
+        for uuid in tracked:
+            pool.spawn(self._ask_exists, uuid, answers)
+        pool.join()
+        gone = [uuid for uuid, exists in answers.items() if exists is False]
+        for uuid in gone:
+            self.router.end_call(uuid, "GONE_AFTER_RECONNECT")
+        unknown = sum(exists is None for exists in answers.values())
+        log.info("esl_resynced", calls_checked=len(tracked), calls_ended=len(gone), calls_unknown=unknown)
+
+    def _ask_exists(self, uuid: str, answers: dict[str, bool | None]) -> None:
+        """True/False as FreeSWITCH says; None when it cannot tell (then the call is kept)."""
+        try:
+            text = self.esl.send(commands.uuid_exists(uuid)).text.strip()
+        except (EslError, commands.UnsafeCommandArgument) as exc:
+            log.warning("esl_resync_check_failed", call_uuid=uuid, error=str(exc))
+            answers[uuid] = None
+            return
+        if text not in ("true", "false"):
+            log.warning("esl_resync_unexpected_reply", call_uuid=uuid, reply=text[:80])
+        answers[uuid] = {"true": True, "false": False}.get(text)
 
     def run(self) -> None:
         """Block until stopped; raises AuthenticationFailed on a wrong password."""
@@ -131,12 +157,15 @@ class Daemon:
         """SIGTERM: take no new turns, let turns in flight send their audio, then leave cleanly.
 
         ``exit`` to FreeSWITCH (the calls themselves go on: FreeSWITCH owns them), every call's
-        own WAVs deleted, the fallback WAV too when there is no phrase cache.
+        own WAVs deleted, also those of syntheses that land during the clean-up. Pinned phrases
+        (the fallback) stay: other daemons on the same directory use them. Within
+        ``SHUTDOWN_BUDGET_S`` whatever hangs.
         """
         if self._stopping:
             return
         self._stopping = True
         started_s = time.monotonic()
+        deadline_s = started_s + grace_s + SHUTDOWN_EXIT_S + SHUTDOWN_CLEANUP_S
         if self.services is not None:
             self.services.accepting_turns = False
         log.info("daemon_shutting_down", calls=len(self.router.calls), turns_in_flight=len(self.router.busy_calls()))
@@ -145,14 +174,18 @@ class Daemon:
                 log.warning("shutdown_grace_over", turns_cut=len(self.router.busy_calls()))
                 break
             gevent.sleep(0.05)
-        self.esl.stop(send_exit=True)
+        self.esl.stop(send_exit=True, exit_timeout_s=SHUTDOWN_EXIT_S)
         for uuid in list(self.router.calls):
             self.router.end_call(uuid, "DAEMON_SHUTDOWN")
-        self.router.join(timeout_s=2.0)
-        if self.services is not None and self.services.cache is None and self.services.fallback_wav is not None:
-            self.services.fallback_wav.unlink(missing_ok=True)
+        self.router.join(timeout_s=max(0.0, deadline_s - time.monotonic()))
+        if self.services is not None and self.services.in_flight:
+            # Per-call WAVs of syntheses that land now are deleted by their calls' clean-up.
+            running = list(self.services.in_flight)
+            done = gevent.wait(running, timeout=max(0.0, deadline_s - time.monotonic()))
+            if len(done) < len(running):
+                log.warning("shutdown_syntheses_abandoned", count=len(running) - len(done))
         if self._greenlet is not None:
-            self._greenlet.join(timeout=2.0)
+            self._greenlet.join(timeout=max(0.0, deadline_s - time.monotonic()))
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
     def _on_callless_event(self, event: EslEvent) -> None:
@@ -176,7 +209,8 @@ def build_conversation_daemon(
     tts = tts or make_tts_engine(settings)
     cache = (PhraseCache.for_output_dir(settings.tts_output_dir, settings.tts_cache_max_mb * 1024 * 1024)
              if settings.tts_cache_max_mb > 0 else None)
-    fallback_wav = prepare_fallback_wav(tts, settings, cache)
+    pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, tts)
+    fallback_wav = prepare_fallback_wav(pinned, settings)
     # Synthesis is CPU-bound: native threads, as many as cores, never the gevent loop.
     pool = gevent.threadpool.ThreadPool(synth_threads or max(1, os.cpu_count() or 1))
 
@@ -184,7 +218,7 @@ def build_conversation_daemon(
 
     def handlers_for(esl: EslClient) -> HandlerFactory:
         services = TurnServices(settings, llm, tts, esl.send, pool, fallback_wav, on_turn, cache,
-                                wait_connected=esl.wait_connected)
+                                wait_connected=esl.wait_connected, pinned=pinned)
         made.append(services)
         return conversation_factory(services)
 
@@ -199,14 +233,6 @@ def build_conversation_daemon(
 def shard_of(call_uuid: str, shards: int) -> int:
     """Which of ``shards`` daemons answers this call: stable across processes and hosts."""
     return zlib.crc32(call_uuid.lower().encode()) % shards
-
-
-def live_channel_uuids(show_channels_json: str) -> set[str]:
-    """The UUIDs in ``show channels as json``'s reply (captures 11 and 51); ValueError if garbled."""
-    data = json.loads(show_channels_json)
-    if not isinstance(data, dict) or not isinstance(data.get("row_count"), int):
-        raise ValueError("show channels as json: no row_count")
-    return {row["uuid"] for row in data.get("rows", []) if isinstance(row, dict) and "uuid" in row}
 
 
 __all__ = ["Daemon", "SUBSCRIBED_EVENTS", "CallHandler", "build_conversation_daemon"]

@@ -228,14 +228,14 @@ class EslConnection(InboundESL):
 
     # -- ours -------------------------------------------------------------------------------
 
-    def close(self, send_exit: bool = False) -> None:
+    def close(self, send_exit: bool = False, exit_timeout_s: float = EXIT_TIMEOUT_S) -> None:
         """Close now; from any greenlet, also while :meth:`connect` is under way (it then
         raises NotConnectedError). ``send_exit``: say ``exit`` first if authenticated, waiting
-        at most EXIT_TIMEOUT_S."""
+        at most ``exit_timeout_s``."""
         if send_exit and self.authenticated and not self.closed:
-            with gevent.Timeout(EXIT_TIMEOUT_S, False):
+            with gevent.Timeout(exit_timeout_s, False):
                 try:
-                    self.send(commands.exit_(), timeout_s=EXIT_TIMEOUT_S)
+                    self.send(commands.exit_(), timeout_s=exit_timeout_s)
                 except EslError:
                     pass
         sock, self.sock = self.sock, None
@@ -520,10 +520,11 @@ class EslClient:
         except Exception:
             log.exception("esl_on_connected_failed")
 
-    def stop(self, send_exit: bool = True) -> None:
-        """Close cleanly: ``exit`` to FreeSWITCH (if authenticated), then the socket; ``run()``
-        returns at once, whether it was connecting, subscribing, connected or sleeping."""
+    def stop(self, send_exit: bool = True, exit_timeout_s: float = EXIT_TIMEOUT_S) -> None:
+        """Close cleanly: ``exit`` to FreeSWITCH (if authenticated, waiting at most
+        ``exit_timeout_s`` for its reply), then the socket; ``run()`` returns at once, whether
+        it was connecting, subscribing, connected or sleeping."""
         self._stop_requested.set()
         conn = self._latest
         if conn is not None:
-            conn.close(send_exit=send_exit)
+            conn.close(send_exit=send_exit, exit_timeout_s=exit_timeout_s)
