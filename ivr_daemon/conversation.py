@@ -43,15 +43,18 @@ from ivr_daemon.esl.commands import EslCommand
 from ivr_daemon.esl.connection import CommandOutcomeUnknown, CommandReply, EslError, NotConnectedError
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import LlmClient, LlmError, Message
+from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.sentences import SentenceSplitter
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
+from ivr_daemon.tts.pinned import PinnedPhrases
+
+log = get_logger(__name__)
 
 FINAL_SPEECH = "detected-speech"
 PARTIAL_SPEECH = "detected-partial-speech"
 BEGIN_SPEAKING = "begin-speaking"  # other ASR modules send it; mod_vosk never does
 HANGUP_EVENT = "CHANNEL_HANGUP_COMPLETE"
-CLEANUP_WAIT_S = 30.0
 RECONNECT_WAIT_S = 30.0  # how long a ready answer waits for the switch to come back
 RETRY_PAUSE_S = 0.05
 FIRST_AUDIO_MARGIN_S = 0.5
@@ -72,6 +75,15 @@ class ConversationHistory:
 
     def messages(self) -> list[Message]:
         return [{"role": "system", "content": self.system_prompt}, *(dict(m) for m in self._messages)]
+
+    def ask(self, user_text: str) -> list[Message]:
+        """Keep the caller's words; the messages for the LLM, which end with them even when no
+        history is kept at all (``MAX_CONVERSATION_HISTORY=0``)."""
+        self.add("user", user_text)
+        messages = self.messages()
+        if len(messages) == 1:
+            messages.append({"role": "user", "content": user_text})
+        return messages
 
     def __len__(self) -> int:
         return len(self._messages)
@@ -130,24 +142,64 @@ class TurnServices:
     cache: PhraseCache | None = None
     wait_connected: Callable[[float], bool] | None = None
     accepting_turns: bool = True  # False once shutdown begins
+    pinned: PinnedPhrases | None = None  # the phrases the daemon relies on (fallback), never evicted
+    # Syntheses started and not finished, all calls together: shutdown waits for them.
+    in_flight: set[gevent.event.AsyncResult] = field(default_factory=set)
+
+    @property
+    def log_spoken_text(self) -> bool:
+        """Callers' words and replies go into INFO lines only with LOG_TRANSCRIPTS (or at DEBUG)."""
+        return self.settings.log_transcripts or self.settings.log_level == "DEBUG"
+
+    def spoken(self, field_name: str, text: str | None) -> dict[str, object]:
+        """Log fields for caller words or reply text, as LOG_TRANSCRIPTS allows."""
+        return spoken_text(field_name, text, verbatim=self.log_spoken_text)
 
     def spawn_synthesis(self, text: str, per_call_path: Path) -> gevent.event.AsyncResult:
-        """Synthesis on a worker thread: through the phrase cache, or into a per-call file."""
+        """Synthesis on a worker thread: through the phrase cache, or into a per-call file.
+
+        A cache hit is answered here, on the loop, without the pool: a cached phrase must not
+        wait behind other calls' long syntheses.
+        """
         if self.cache is not None:
-            return self.synth_pool.spawn(self.cache.get_or_synthesize, self.tts, text)
-        return self.synth_pool.spawn(self.tts.synthesize_to_wav, text, per_call_path)
+            hit = self.cache.lookup(self.tts, text)
+            if hit is not None:
+                return _ready(hit)
+            pending = self.synth_pool.spawn(self.cache.get_or_synthesize, self.tts, text)
+        else:
+            pending = self.synth_pool.spawn(self.tts.synthesize_to_wav, text, per_call_path)
+        self.in_flight.add(pending)
+        pending.rawlink(self.in_flight.discard)
+        return pending
+
+    def pinned_phrase(self, text: str) -> gevent.event.AsyncResult:
+        """A phrase the daemon relies on (the fallback): its WAV at once, or re-created on a
+        worker thread when someone deleted it (an operator, a full disk clean-up)."""
+        if self.pinned is None:
+            return _ready(self.fallback_wav)
+        path = self.pinned.existing(text)
+        if path is not None:
+            return _ready(path)
+        log.warning("pinned_phrase_missing_recreating", path=str(self.pinned.path_for(text)))
+        pending = self.synth_pool.spawn(self.pinned.prepare, text)
+        self.in_flight.add(pending)
+        pending.rawlink(self.in_flight.discard)
+        return pending
 
 
-def prepare_fallback_wav(tts: TtsEngine, settings: Settings, cache: PhraseCache | None = None) -> Path:
-    """Synthesize FALLBACK_PHRASE once at start-up, so it plays even when the LLM or TTS fails."""
-    settings.tts_output_dir.mkdir(parents=True, exist_ok=True)
+def _ready(path: Path | None) -> gevent.event.AsyncResult:
+    result = gevent.event.AsyncResult()
+    result.set(path)
+    return result
+
+
+def prepare_fallback_wav(pinned: PinnedPhrases, settings: Settings) -> Path:
+    """Synthesize FALLBACK_PHRASE once at start-up, pinned, so it plays even when the LLM or TTS fails."""
     try:
-        if cache is not None:
-            return cache.get_or_synthesize(tts, settings.fallback_phrase)
-        return tts.synthesize_to_wav(settings.fallback_phrase, settings.tts_output_dir / f"fallback-{tts.name}.wav")
+        return pinned.prepare(settings.fallback_phrase)
     except TtsError as exc:
         # An engine that cannot say the fallback phrase at start-up cannot serve callers.
-        raise TtsModelUnavailable(f"{tts.name} cannot synthesize FALLBACK_PHRASE: {exc}") from exc
+        raise TtsModelUnavailable(f"cannot synthesize FALLBACK_PHRASE: {exc}") from exc
 
 
 @dataclass
@@ -201,7 +253,8 @@ class ConversationHandler:
         self.hung_up = False
         self._turn_greenlet: gevent.Greenlet | None = None
         self._reply: _Reply | None = None  # the latest reply that may still be playing
-        self._pending_syntheses: list[gevent.event.AsyncResult] = []
+        # This call's syntheses still running -> the per-call WAV each writes (None: a cache file).
+        self._pending_syntheses: dict[gevent.event.AsyncResult, Path | None] = {}
         self._closed = False
         self.barge_ins = 0
 
@@ -239,7 +292,7 @@ class ConversationHandler:
         if transcript is None or self.hung_up:
             return
         if not self.services.accepting_turns:
-            self.log.info("turn_refused_shutting_down", transcript=transcript)
+            self.log.info("turn_refused_shutting_down", **self.services.spoken("transcript", transcript))
             return
         self._turn_greenlet = gevent.spawn(self._turn, transcript, event.received_s)
         self._turn_greenlet.join()
@@ -247,24 +300,34 @@ class ConversationHandler:
             self.log.error("turn_failed", error=repr(self._turn_greenlet.exception))
 
     def close(self) -> None:
-        """Drop the history and delete this call's own WAVs, after any running synthesis ends."""
+        """Drop the history and delete this call's own WAVs, at once.
+
+        A synthesis still running for the call cannot be stopped (it is native code on a
+        worker thread), so its WAV is deleted when it lands: close() never waits for one, and
+        no file of the call is left behind either way.
+        """
         if self._closed:
             return
         self._closed = True
         self._kill_turn()
-        for pending in self._pending_syntheses:
-            pending.wait(CLEANUP_WAIT_S)
-        removed = 0
-        for path in self.services.settings.tts_output_dir.glob(f"{self.call_uuid}-*.wav"):
-            try:
-                path.unlink()
-                removed += 1
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self.log.warning("wav_delete_failed", path=str(path), error=str(exc))
+        late = 0
+        for pending, per_call_path in list(self._pending_syntheses.items()):
+            if per_call_path is not None and not pending.ready():
+                pending.rawlink(lambda _done, path=per_call_path: self._delete_wav(path))
+                late += 1
+        removed = sum(self._delete_wav(path) for path in self.services.settings.tts_output_dir.glob(f"{self.call_uuid}-*.wav"))
         self.history = ConversationHistory(self.services.settings.system_prompt, 0)
-        self.log.info("call_cleaned_up", wavs_deleted=removed)
+        self.log.info("call_cleaned_up", wavs_deleted=removed, syntheses_still_running=late)
+
+    def _delete_wav(self, path: Path) -> bool:
+        try:
+            path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            self.log.warning("wav_delete_failed", path=str(path), error=str(exc))
+            return False
 
     def after_reconnect(self) -> None:
         """PLAYBACK_* events of the outage are lost: stop believing something still plays, or
@@ -327,7 +390,7 @@ class ConversationHandler:
             reply.history_entry["content"] = f"{heard} {INTERRUPTED_MARK}".strip()
         elif not reply.fallback:
             reply.history_entry = self.history.add("assistant", f"{heard} {INTERRUPTED_MARK}".strip())
-        self.log.info("barge_in", speech_type=event.get("Speech-Type"), heard=heard,
+        self.log.info("barge_in", speech_type=event.get("Speech-Type"), **self.services.spoken("heard", heard),
                       sentences_heard=sum(s.status == "done" for s in reply.spoken), sentences=len(reply.spoken))
 
     def _send_break(self) -> None:
@@ -352,11 +415,11 @@ class ConversationHandler:
         self.turns += 1
         turn = self.turns
         log = self.log.bind(turn=turn)
-        log.info("turn_started", transcript=transcript)
-        self.history.add("user", transcript)
+        log.info("turn_started", **self.services.spoken("transcript", transcript))
+        messages = self.history.ask(transcript)
         reply = self._reply = _Reply()
         sentences: gevent.queue.Queue = gevent.queue.Queue()
-        producer = gevent.spawn(self._produce, self.history.messages(), sentences, log, reply)
+        producer = gevent.spawn(self._produce, messages, sentences, log, reply)
         first_path = first_reply = first_audio_s = None
         tts_ms = 0.0
         # No dead air: the first audio goes out by LLM_TIMEOUT (+ a margin that lets the LLM
@@ -375,21 +438,27 @@ class ConversationHandler:
                 if job is None:
                     break
                 sentence, pending, is_fallback = job
+                if pending is None:
+                    pending = self.services.pinned_phrase(self.services.settings.fallback_phrase)
                 index += 1
                 synth_started_s = time.monotonic()
                 # Before the first audio: what is left until the deadline. After it a sentence
                 # may take as long as the LLM may, then it is skipped: a stuck engine must not
                 # hold the call (the LLM side is bounded by the client's own timeouts).
                 wait_s = self.services.settings.llm_timeout_s if first_path else max(0.0, first_audio_deadline_s - time.monotonic())
-                path = self.services.fallback_wav if pending is None else self._wait_synthesis(pending, sentence, log, wait_s)
+                path = self._wait_synthesis(pending, sentence, log, wait_s)
                 if index == 1:
                     tts_ms = (time.monotonic() - synth_started_s) * 1000
                 if path is None and not first_path and not is_fallback:
                     # The answer cannot be spoken (TTS failed or took too long): say the
                     # fallback instead, and drop the rest of this answer.
-                    path, is_fallback, sentence = self.services.fallback_wav, True, ""
+                    is_fallback, sentence = True, ""
+                    path = self._wait_synthesis(self.services.pinned_phrase(self.services.settings.fallback_phrase),
+                                                "(fallback phrase)", log, self.services.settings.llm_timeout_s)
                 if path is None or self.hung_up or reply.interrupted:
                     reply.settled += counted
+                    if is_fallback:
+                        break  # one fallback per turn, at most: never again on every pass
                     continue
                 # Known before it is sent: FreeSWITCH may start and end it before send() returns
                 # here (the reader handles PLAYBACK_START/STOP before this greenlet runs again).
@@ -399,11 +468,13 @@ class ConversationHandler:
                 text = self._broadcast(path, log)
                 if text is None:
                     item.status = "not-sent"
-                    continue
-                reply.fallback = reply.fallback or is_fallback
-                if first_path is None:
-                    first_path, first_reply, first_audio_s = path, text, time.monotonic()
+                else:
+                    reply.fallback = reply.fallback or is_fallback
+                    if first_path is None:
+                        first_path, first_reply, first_audio_s = path, text, time.monotonic()
                 if is_fallback:
+                    # Sent or refused (-ERR, a call that just went away), the fallback is the
+                    # turn's last word: trying it again would loop until the LLM gives up.
                     break
         finally:
             if not producer.dead:
@@ -418,7 +489,8 @@ class ConversationHandler:
             first_audio_ms=(first_audio_s - started_s) * 1000 if first_audio_s else None,
             sentences=len(said), interrupted=reply.interrupted,
         )
-        log.info("turn_complete", transcript=transcript, reply=result.reply, used_fallback=reply.fallback,
+        log.info("turn_complete", **self.services.spoken("transcript", transcript),
+                 **self.services.spoken("reply", result.reply), used_fallback=reply.fallback,
                  sentences=len(said), wav_path=str(first_path) if first_path else None, broadcast=first_reply,
                  llm_ms=round(result.llm_ms, 1), tts_ms=round(tts_ms, 1), total_ms=round(total_ms, 1),
                  first_audio_ms=round(result.first_audio_ms, 1) if result.first_audio_ms else None,
@@ -430,49 +502,56 @@ class ConversationHandler:
         """Read the LLM, cut sentences, start each one's synthesis; None at the end."""
         started_s = time.monotonic()
         splitter = SentenceSplitter()
-        submitted = 0
+        max_sentences = self.services.settings.max_reply_sentences
+        submitted: list[str] = []
         parts: list[str] = []
 
-        def submit(sentence: str, is_fallback: bool = False) -> None:
-            nonlocal submitted
-            if submitted == 0:
+        def submit(sentence: str) -> bool:
+            """Queue one sentence's synthesis; False once the reply has said enough."""
+            if not submitted:
                 reply.llm_ms = (time.monotonic() - started_s) * 1000
-            submitted += 1
-            if is_fallback and self.services.fallback_wav is not None:
-                ready = gevent.event.AsyncResult()
-                ready.set(self.services.fallback_wav)
-                reply.queued += 1
-                sentences.put((sentence, ready, True))
-                return
-            path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{self.turns:04d}-{submitted:02d}-{os.getpid()}.wav"
+            submitted.append(sentence)
+            path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
             pending = self.services.spawn_synthesis(sentence, path)
-            self._pending_syntheses.append(pending)
-            pending.rawlink(lambda done: self._pending_syntheses.remove(done) if done in self._pending_syntheses else None)
+            if not pending.ready():
+                self._pending_syntheses[pending] = None if self.services.cache is not None else path
+                pending.rawlink(lambda done: self._pending_syntheses.pop(done, None))
             reply.queued += 1
-            sentences.put((sentence, pending, is_fallback))
+            sentences.put((sentence, pending, False))
+            return len(submitted) < max_sentences
+
+        def submit_all(new_sentences: list[str]) -> bool:
+            return all(submit(sentence) for sentence in new_sentences)
 
         stream = None
         try:
+            cut = False
             if self.services.settings.llm_stream:
                 stream = self.services.llm.stream(messages)
                 for delta in stream:
                     parts.append(delta)
-                    for sentence in splitter.feed(delta):
-                        submit(sentence)
-                for sentence in splitter.flush():
-                    submit(sentence)
+                    if not submit_all(splitter.feed(delta)):
+                        cut = True  # a model that loops: stop reading, stop speaking
+                        break
+                else:
+                    submit_all(splitter.flush())
             else:
                 whole = self.services.llm.complete(messages)
                 parts.append(whole)
-                submit(whole)
-            reply.text = "".join(parts).strip()
+                kept, cut = at_most_sentences(whole, max_sentences)
+                submit(kept)  # a batch reply is one broadcast
+            if cut:
+                log.warning("reply_cut", max_reply_sentences=max_sentences)
+            # The history holds what the caller is told, not what a runaway model went on to say.
+            reply.text = " ".join(submitted) if cut else "".join(parts).strip()
         except LlmError as exc:
-            log.error("llm_failed", error=str(exc), error_type=type(exc).__name__, sentences_before=submitted)
-            if submitted == 0:
-                submit(self.services.settings.fallback_phrase, is_fallback=True)
+            log.error("llm_failed", error=str(exc), error_type=type(exc).__name__, sentences_before=len(submitted))
+            if not submitted:
+                reply.queued += 1
+                sentences.put((self.services.settings.fallback_phrase, None, True))
             else:
                 # What was said stands; the history keeps what the LLM produced before it broke.
-                reply.text = "".join(parts).strip()
+                reply.text = " ".join(submitted)
         finally:
             if stream is not None:
                 stream.close()
@@ -483,9 +562,9 @@ class ConversationHandler:
         try:
             return pending.get(timeout=timeout_s)
         except TtsError as exc:
-            log.error("tts_failed", error=str(exc), sentence=sentence[:80])
+            log.error("tts_failed", error=str(exc), **self.services.spoken("sentence", sentence))
         except gevent.Timeout:
-            log.error("tts_too_slow", waited_s=timeout_s, sentence=sentence[:80])
+            log.error("tts_too_slow", waited_s=timeout_s, **self.services.spoken("sentence", sentence))
         return None
 
     def _broadcast(self, wav_path: Path, log) -> str | None:
@@ -522,6 +601,15 @@ class ConversationHandler:
             log.warning("broadcast_rejected", reply=reply.text.strip())
             return None
         return reply.text.strip()
+
+
+def at_most_sentences(text: str, max_sentences: int) -> tuple[str, bool]:
+    """The first ``max_sentences`` sentences of ``text``, and whether anything was cut."""
+    splitter = SentenceSplitter()
+    sentences = [*splitter.feed(text), *splitter.flush()]
+    if len(sentences) <= max_sentences:
+        return text, False
+    return " ".join(sentences[:max_sentences]), True
 
 
 def conversation_factory(services: TurnServices):
