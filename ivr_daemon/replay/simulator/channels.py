@@ -1,0 +1,331 @@
+"""Calls as FreeSWITCH channels: bring-up, speech and DTMF, channel variables in FreeSWITCH's order, apps, hangup."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import uuid as uuid_lib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from ivr_daemon.logs import get_logger
+from ivr_daemon.replay.event_templates import load_event_template
+from ivr_daemon.replay.simulator.errors import CallAlreadyExists, InvalidDtmfDigit, NoSuchCall, UnknownHangupCause
+from ivr_daemon.replay.simulator.events import local_stamp
+from ivr_daemon.replay.simulator.playback import PlaybackItem, PlaybackRecord
+
+log = get_logger(__package__)  # one logger name for the whole simulator
+
+DEFAULT_DTMF_DURATION_SAMPLES = 2000  # switch_core_default_dtmf_duration(): 250 ms at 8 kHz
+# Not in any capture: switch_channel_dequeue_dtmf's line in switch_channel.c varies by version.
+DTMF_CALLING_LINE_NUMBER = "648"
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+# switch_channel.c CAUSE_CHART (name -> Q.850 code); FreeSWITCH-only causes sit above 127.
+HANGUP_CAUSES: Mapping[str, int] = {
+    "NONE": 0, "UNALLOCATED_NUMBER": 1, "NO_ROUTE_TRANSIT_NET": 2, "NO_ROUTE_DESTINATION": 3,
+    "CHANNEL_UNACCEPTABLE": 6, "CALL_AWARDED_DELIVERED": 7, "NORMAL_CLEARING": 16, "USER_BUSY": 17,
+    "NO_USER_RESPONSE": 18, "NO_ANSWER": 19, "SUBSCRIBER_ABSENT": 20, "CALL_REJECTED": 21,
+    "NUMBER_CHANGED": 22, "REDIRECTION_TO_NEW_DESTINATION": 23, "EXCHANGE_ROUTING_ERROR": 25,
+    "DESTINATION_OUT_OF_ORDER": 27, "INVALID_NUMBER_FORMAT": 28, "FACILITY_REJECTED": 29,
+    "RESPONSE_TO_STATUS_ENQUIRY": 30, "NORMAL_UNSPECIFIED": 31, "NORMAL_CIRCUIT_CONGESTION": 34,
+    "NETWORK_OUT_OF_ORDER": 38, "NORMAL_TEMPORARY_FAILURE": 41, "SWITCH_CONGESTION": 42,
+    "ACCESS_INFO_DISCARDED": 43, "REQUESTED_CHAN_UNAVAIL": 44, "PRE_EMPTED": 45,
+    "FACILITY_NOT_SUBSCRIBED": 50, "OUTGOING_CALL_BARRED": 52, "INCOMING_CALL_BARRED": 54,
+    "BEARERCAPABILITY_NOTAUTH": 57, "BEARERCAPABILITY_NOTAVAIL": 58, "SERVICE_UNAVAILABLE": 63,
+    "BEARERCAPABILITY_NOTIMPL": 65, "CHAN_NOT_IMPLEMENTED": 66, "FACILITY_NOT_IMPLEMENTED": 69,
+    "SERVICE_NOT_IMPLEMENTED": 79, "INVALID_CALL_REFERENCE": 81, "INCOMPATIBLE_DESTINATION": 88,
+    "INVALID_MSG_UNSPECIFIED": 95, "MANDATORY_IE_MISSING": 96, "MESSAGE_TYPE_NONEXIST": 97,
+    "WRONG_MESSAGE": 98, "IE_NONEXIST": 99, "INVALID_IE_CONTENTS": 100, "WRONG_CALL_STATE": 101,
+    "RECOVERY_ON_TIMER_EXPIRE": 102, "MANDATORY_IE_LENGTH_ERROR": 103, "PROTOCOL_ERROR": 111,
+    "INTERWORKING": 127, "SUCCESS": 142, "ORIGINATOR_CANCEL": 487, "CRASH": 700,
+    "SYSTEM_SHUTDOWN": 701, "LOSE_RACE": 702, "MANAGER_REQUEST": 703, "BLIND_TRANSFER": 800,
+    "ATTENDED_TRANSFER": 801, "ALLOTTED_TIMEOUT": 802, "USER_CHALLENGE": 803, "MEDIA_TIMEOUT": 804,
+    "PICKED_OFF": 805, "USER_NOT_REGISTERED": 806, "PROGRESS_TIMEOUT": 807,
+}
+
+
+@dataclass(eq=False)
+class CallState:
+    """One simulated leg: its caller profile, channel variables (in order), app, playback and fate."""
+
+    uuid: str
+    a_leg_uuid: str
+    caller_id_number: str
+    caller_id_name: str
+    destination_number: str
+    context: str
+    channel_name: str
+    created_us: int
+    session_id: int
+    variables: dict[str, str] = field(default_factory=dict)
+    live: bool = True
+    parked: bool = True
+    hangup_cause: str = ""
+    hangup_us: int = 0
+    app_name: str = ""
+    app_data: str = ""
+    park_app_uuid: str = ""
+    current: PlaybackItem | None = None
+    queue: collections.deque = field(default_factory=collections.deque)
+    played: list[str] = field(default_factory=list)
+    playback_log: list[PlaybackRecord] = field(default_factory=list)
+    transfers: list[str] = field(default_factory=list)
+
+
+def _q850(cause: str) -> int:
+    # switch_channel_cause_q850(): FreeSWITCH-only causes report 16 (NORMAL_CLEARING).
+    code = HANGUP_CAUSES.get(cause, 16)
+    return code if code <= 127 else 16
+
+
+class ChannelsMixin:
+    """FreeswitchSimulator's calls: the public call API and the channel state behind it.
+
+    The host provides the events (``_emit``, ``_channel_event``, ``_now_us``), the history
+    (``_notify``, ``_call_ended``), playback (``_finish_playback``), ``_count_session`` and the
+    settings ``duplicate_speech_while_parked`` and ``duplicate_speech_delay_s``.
+    """
+
+    def _init_channels(self) -> None:
+        self._calls: dict[str, CallState] = {}
+        self._session_ids = itertools.count(1)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def new_call(
+        self,
+        caller_id_number: str = "5551234",
+        *,
+        uuid: str | None = None,
+        caller_id_name: str = "",
+        destination_number: str = "ai",
+        context: str = "ivr",
+        channel_name: str = "loopback/ai-b",
+        variables: Mapping[str, str] | None = None,
+        a_leg_uuid: str | None = None,
+    ) -> str:
+        """Bring up an answered, parked IVR leg: CHANNEL_ANSWER, CHANNEL_EXECUTE park, CHANNEL_PARK."""
+        call_uuid = uuid or str(uuid_lib.uuid4())
+        existing = self._calls.get(call_uuid)
+        if existing is not None and existing.live:
+            raise CallAlreadyExists(f"call {call_uuid} is already up")
+        call = CallState(
+            uuid=call_uuid,
+            a_leg_uuid=a_leg_uuid or str(uuid_lib.uuid4()),
+            caller_id_number=caller_id_number,
+            caller_id_name=caller_id_name,
+            destination_number=destination_number,
+            context=context,
+            channel_name=channel_name,
+            created_us=self._now_us(),
+            session_id=next(self._session_ids),
+        )
+        call.variables = self._initial_variables(call, variables or {})
+        self._calls[call_uuid] = call
+        self._count_session()
+        log.bind(call_uuid=call_uuid).info("sim_call_up", caller_id_number=caller_id_number)
+
+        self._emit(self._channel_event("CHANNEL_ANSWER", call))
+        # What answer; set fire_asr_events=true; detect_speech; park leave behind (capture 80_all).
+        self._set_var(call, "endpoint_disposition", "ANSWER")
+        self._set_var(call, "fire_asr_events", "true")
+        call.park_app_uuid = self._execute_app(call, "park", None)
+        self._emit(self._channel_event("CHANNEL_PARK", call))
+        self._notify()
+        return call_uuid
+
+    def speak(self, uuid: str, text: str, final: bool = True) -> int:
+        """DETECTED_SPEECH as mod_vosk fires it; returns its Event-Sequence."""
+        call = self._live_call(uuid)
+        speech_type = "detected-speech" if final else "detected-partial-speech"
+        pairs = self._channel_event("DETECTED_SPEECH", call, head={"Speech-Type": speech_type})
+        # Only a parked, idle leg shows the double delivery (playback/README.md point 3).
+        copies = 2 if self.duplicate_speech_while_parked and call.parked and call.current is None else 1
+        return self._emit(pairs, text, copies=copies, copy_delay_s=self.duplicate_speech_delay_s)
+
+    def dtmf(self, uuid: str, digit: str, duration_samples: int = DEFAULT_DTMF_DURATION_SAMPLES, source: str = "RTP") -> int:
+        """A DTMF event (headers of switch_channel_dequeue_dtmf; not in the captures)."""
+        call = self._live_call(uuid)
+        digit = digit.upper()
+        if len(digit) != 1 or digit not in DTMF_DIGITS:
+            raise InvalidDtmfDigit(f"not a DTMF digit: {digit!r}")
+        head = {
+            "Event-Name": "DTMF",
+            "Event-Calling-File": "switch_channel.c",
+            "Event-Calling-Function": "switch_channel_dequeue_dtmf",
+            "Event-Calling-Line-Number": DTMF_CALLING_LINE_NUMBER,
+            "Speech-Type": None,
+        }
+        pairs = self._channel_event("DETECTED_SPEECH", call, head=head)
+        pairs += [("DTMF-Digit", digit), ("DTMF-Duration", str(duration_samples)), ("DTMF-Source", source)]
+        return self._emit(pairs)
+
+    def hangup(self, uuid: str, cause: str = "NORMAL_CLEARING") -> None:
+        """Hang the leg up: playback stops (STOP ``done``), park completes, ASR closes, HANGUP_COMPLETE."""
+        if cause not in HANGUP_CAUSES:
+            raise UnknownHangupCause(f"unknown hangup cause {cause!r}")
+        call = self._live_call(uuid)
+        self._hangup(call, cause)
+
+    def calls(self) -> list[str]:
+        """The uuids of the live calls, oldest first."""
+        return [call.uuid for call in self._calls.values() if call.live]
+
+    def call_exists(self, uuid: str) -> bool:
+        call = self._calls.get(uuid)
+        return call is not None and call.live
+
+    def call_variables(self, uuid: str) -> dict[str, str]:
+        """A copy of the leg's channel variables, in FreeSWITCH's order."""
+        return dict(self._known_call(uuid).variables)
+
+    def transfers(self, uuid: str) -> list[str]:
+        """The uuid_transfer argument lines this leg received."""
+        return list(self._known_call(uuid).transfers)
+
+    # -- hangup ------------------------------------------------------------------------------
+
+    def _hangup(self, call: CallState, cause: str) -> None:
+        call.live = False
+        clog = log.bind(call_uuid=call.uuid)
+        item = call.current
+        call.current = None
+        while call.queue:
+            dropped = call.queue.popleft()
+            call.playback_log.append(PlaybackRecord(dropped.path, "flushed", 0))
+        if item is not None:
+            if item.state == "playing":
+                # Hangup mid-file: STOP says "done" (README point 1), the app "PLAYBACK ERROR".
+                self._finish_playback(call, item, "hangup", "PLAYBACK ERROR", wire_status="done")
+            item.state = "finished"
+            if item.greenlet is not None:
+                item.greenlet.kill(block=False)
+        call.hangup_cause = cause
+        call.hangup_us = self._now_us()
+        response = call.variables.get("current_application_response", "_none_")
+        tail = {"Application": "park", "Application-Response": response, "Application-UUID": call.park_app_uuid}
+        self._emit(self._channel_event("CHANNEL_EXECUTE_COMPLETE_AT_HANGUP", call, tail=tail))
+        self._emit(self._channel_event("DETECTED_SPEECH_CLOSED", call))
+        self._add_hangup_variables(call)
+        self._emit(self._channel_event("CHANNEL_HANGUP_COMPLETE", call))
+        self._call_ended(call)
+        clog.info("sim_call_down", cause=cause)
+        self._notify()
+
+    def _add_hangup_variables(self, call: CallState) -> None:
+        template = load_event_template("CHANNEL_HANGUP_COMPLETE")
+        names = template.variable_names()
+        start_us, end_us = call.created_us, call.hangup_us
+        duration_us = max(end_us - start_us, 0)
+        name, number = call.caller_id_name, call.caller_id_number
+        computed: dict[str, str | None] = {
+            "hangup_cause": call.hangup_cause,
+            "hangup_cause_q850": str(_q850(call.hangup_cause)),
+            "start_stamp": local_stamp(start_us),
+            "profile_start_stamp": local_stamp(start_us),
+            "answer_stamp": local_stamp(start_us),
+            "end_stamp": local_stamp(end_us),
+            "start_epoch": str(start_us // 1_000_000),
+            "start_uepoch": str(start_us),
+            "profile_start_epoch": str(start_us // 1_000_000),
+            "profile_start_uepoch": str(start_us),
+            "answer_epoch": str(start_us // 1_000_000),
+            "answer_uepoch": str(start_us),
+            "end_epoch": str(end_us // 1_000_000),
+            "end_uepoch": str(end_us),
+            "last_app": call.variables.get("current_application"),
+            "last_arg": call.variables.get("current_application_data"),
+            "caller_id": number if not name else f'"{name}" <{number}>',
+        }
+        # The leg is answered as it is created (loopback): bill = whole duration.
+        for prefix in ("", "bill", "flow_bill"):
+            computed[f"{prefix}sec" if prefix else "duration"] = str(duration_us // 1_000_000)
+            computed[f"{prefix}msec" if prefix else "mduration"] = str(duration_us // 1000)
+            computed[f"{prefix}usec" if prefix else "uduration"] = str(duration_us)
+        for var_name, template_value in template.variables[names.index("hangup_cause") :]:
+            value = computed.get(var_name, template_value)
+            if value is not None:
+                self._set_var(call, var_name, value)
+
+    # -- channel variables -------------------------------------------------------------------
+
+    def _initial_variables(self, call: CallState, extra: Mapping[str, str]) -> dict[str, str]:
+        template = load_event_template("CHANNEL_ANSWER")
+        by_name = {
+            "uuid": call.uuid,
+            "session_id": str(call.session_id),
+            "channel_name": call.channel_name,
+            "origination_caller_id_number": call.caller_id_number,
+            "other_loopback_leg_uuid": call.a_leg_uuid,
+            "call_uuid": call.uuid,
+        }
+        variables: dict[str, str] = {}
+        for name, value in template.variables:
+            if name == "origination_caller_id_number":
+                # originate's {k=v} variables come right before it (X14).
+                for key, extra_value in extra.items():
+                    if extra_value:
+                        variables[key] = extra_value
+            variables.pop(name, None)
+            variables[name] = by_name.get(name, value)
+        return variables
+
+    @staticmethod
+    def _set_var(call: CallState, name: str, value: str | None) -> None:
+        # switch_channel_set_variable: delete, then append if non-empty (so it moves last).
+        call.variables.pop(name, None)
+        if value:
+            call.variables[name] = value
+
+    @staticmethod
+    def _get_var(call: CallState, name: str) -> str | None:
+        if name in call.variables:
+            return call.variables[name]
+        # switch_channel_get_variable falls back on the caller profile's fields.
+        profile = {
+            "caller_id_number": call.caller_id_number,
+            "caller_id_name": call.caller_id_name,
+            "ani": call.caller_id_number,
+            "destination_number": call.destination_number,
+            "context": call.context,
+            "dialplan": "xml",
+            "chan_name": call.channel_name,
+            "source": "mod_loopback",
+            "uuid": call.uuid,
+        }
+        return profile.get(name) or None
+
+    def _unset_loop_vars(self, call: CallState) -> None:
+        self._set_var(call, "current_loop", None)
+        self._set_var(call, "total_loops", None)
+
+    def _execute_app(self, call: CallState, app: str, data: str | None, app_uuid: str | None = None) -> str:
+        """switch_core_session_exec(): name the app, its data, clear the last response; CHANNEL_EXECUTE."""
+        app_uuid = app_uuid or str(uuid_lib.uuid4())
+        self._set_var(call, "current_application", app)
+        self._set_var(call, "current_application_data", data)
+        self._set_var(call, "current_application_response", None)
+        call.app_name, call.app_data = app, data or ""
+        tail = {"Application": app, "Application-Data": data, "Application-UUID": app_uuid}
+        self._emit(self._channel_event("CHANNEL_EXECUTE", call, tail=tail))
+        return app_uuid
+
+    def _complete_app(self, call: CallState, app: str, data: str | None, app_uuid: str) -> None:
+        response = call.variables.get("current_application_response", "_none_")
+        tail = {"Application": app, "Application-Data": data, "Application-Response": response, "Application-UUID": app_uuid}
+        self._emit(self._channel_event("CHANNEL_EXECUTE_COMPLETE", call, tail=tail))
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def _live_call(self, uuid: str) -> CallState:
+        call = self._calls.get(uuid)
+        if call is None or not call.live:
+            raise NoSuchCall(f"no live call {uuid}")
+        return call
+
+    def _known_call(self, uuid: str) -> CallState:
+        call = self._calls.get(uuid)
+        if call is None:
+            raise NoSuchCall(f"no call {uuid} was ever made here")
+        return call
