@@ -1,10 +1,11 @@
 """Event templates cut from real FreeSWITCH 1.11.3 captures, split into head, channel variables and tail.
 
 Each file under ``ivr_daemon/replay/templates/`` is the exact byte stream of one frame read
-from a real event socket (copies of ``tests/captures/`` files, or single frames cut from
-``80_all_events_full_stream.txt``). The simulator never invents a header list: it takes a
-template's headers in their captured order and only replaces values (uuids, dates, sequence
-numbers, caller number...), so whatever FreeSWITCH sends, in the order it sends it, stays.
+from a real event socket (copies of ``tests/captures/`` files, ``D*`` of ``tests/captures/dtmf/``,
+or single frames cut from ``80_all_events_full_stream.txt``). The simulator never invents a
+header list: it takes a template's headers in their captured order and only replaces values
+(uuids, dates, sequence numbers, caller number...), so whatever FreeSWITCH sends, in the order
+it sends it, stays.
 
 A channel event is three blocks in FreeSWITCH: the event's own and the channel's headers
 (``head``), the ``variable_*`` headers when the event type carries them (``variables``), and
@@ -36,6 +37,7 @@ EVENT_TEMPLATE_FILES: Mapping[str, str] = {
     "DETECTED_SPEECH": "40_event_plain_DETECTED_SPEECH_detected-speech.txt",
     "DETECTED_SPEECH_CLOSED": "47_event_plain_DETECTED_SPEECH_closed.txt",
     "CHANNEL_HANGUP_COMPLETE": "61_event_plain_CHANNEL_HANGUP_COMPLETE_ivr_leg.txt",
+    "DTMF": "D01_dtmf_event_plain_DTMF.txt",
     "BACKGROUND_JOB": "21_event_plain_BACKGROUND_JOB_originate.txt",
     "API": "80_all_event_plain_API_show_channels_as_json.txt",
 }

@@ -17,8 +17,7 @@ from ivr_daemon.replay.simulator.playback import PlaybackItem, PlaybackRecord
 log = get_logger(__package__)  # one logger name for the whole simulator
 
 DEFAULT_DTMF_DURATION_SAMPLES = 2000  # switch_core_default_dtmf_duration(): 250 ms at 8 kHz
-# Not in any capture: switch_channel_dequeue_dtmf's line in switch_channel.c varies by version.
-DTMF_CALLING_LINE_NUMBER = "648"
+DTMF_SOURCE = "UNKNOWN"  # what a loopback leg reports (dtmf/README.md); RTP, INBAND... on real trunks
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 
 # switch_channel.c CAUSE_CHART (name -> Q.850 code); FreeSWITCH-only causes sit above 127.
@@ -144,22 +143,18 @@ class ChannelsMixin:
         copies = 2 if self.duplicate_speech_while_parked and call.parked and call.current is None else 1
         return self._emit(pairs, text, copies=copies, copy_delay_s=self.duplicate_speech_delay_s)
 
-    def dtmf(self, uuid: str, digit: str, duration_samples: int = DEFAULT_DTMF_DURATION_SAMPLES, source: str = "RTP") -> int:
-        """A DTMF event (headers of switch_channel_dequeue_dtmf; not in the captures)."""
+    def dtmf(self, uuid: str, digit: str, duration_samples: int = DEFAULT_DTMF_DURATION_SAMPLES, source: str = DTMF_SOURCE) -> int:
+        """One DTMF event on the leg, as tests/captures/dtmf/event_plain_DTMF.txt; returns its Event-Sequence.
+
+        FreeSWITCH fires it once per digit (no duplicate, unlike DETECTED_SPEECH while parked)
+        and with no channel variables at all: who the call is must come from an earlier event.
+        """
         call = self._live_call(uuid)
         digit = digit.upper()
         if len(digit) != 1 or digit not in DTMF_DIGITS:
             raise InvalidDtmfDigit(f"not a DTMF digit: {digit!r}")
-        head = {
-            "Event-Name": "DTMF",
-            "Event-Calling-File": "switch_channel.c",
-            "Event-Calling-Function": "switch_channel_dequeue_dtmf",
-            "Event-Calling-Line-Number": DTMF_CALLING_LINE_NUMBER,
-            "Speech-Type": None,
-        }
-        pairs = self._channel_event("DETECTED_SPEECH", call, head=head)
-        pairs += [("DTMF-Digit", digit), ("DTMF-Duration", str(duration_samples)), ("DTMF-Source", source)]
-        return self._emit(pairs)
+        tail = {"DTMF-Digit": digit, "DTMF-Duration": str(duration_samples), "DTMF-Source": source}
+        return self._emit(self._channel_event("DTMF", call, head=tail))
 
     def hangup(self, uuid: str, cause: str = "NORMAL_CLEARING") -> None:
         """Hang the leg up: playback stops (STOP ``done``), park completes, ASR closes, HANGUP_COMPLETE."""
