@@ -8,6 +8,7 @@ from ivr_daemon.esl.protocol import Frame, parse_event
 from test_simulator import (  # noqa: F401  (sim and peer are fixtures)
     CAPTURES,
     RawPeer,
+    capture,
     frames_of,
     header_names,
     peer,
@@ -15,6 +16,8 @@ from test_simulator import (  # noqa: F401  (sim and peer are fixtures)
 )
 
 DTMF_DIR = CAPTURES / "dtmf"
+# What FreeSWITCH typed on the captured switch (dtmf/README.md): both legs park, A runs &park().
+CAPTURED_ORIGINATE = "api originate {origination_caller_id_number=5551234,ivr_agent=sales}loopback/ai/ivr &park()"
 # Headers whose values differ from run to run (uuids, clocks, counters), everything else must match.
 VOLATILE = re.compile(
     r"Core-UUID|Event-Date-.*|Event-Sequence|Unique-ID|Channel-Call-UUID|Caller-Unique-ID|Caller-.*-Time"
@@ -72,3 +75,96 @@ def test_each_digit_is_one_dtmf_event_once_in_order_like_the_captured_stream(sim
     assert [header_names(frame) for frame, _ in got] == [header_names(frame) for frame in real]
     sim.hangup(call)
     assert len([e for e in sim.emitted_events if e.name == "DTMF"]) == 3  # no duplicate delivery
+
+
+# -- 2. both loopback legs park ----------------------------------------------------------------
+
+
+def test_captured_originate_parks_both_legs_like_the_capture(sim, peer):
+    peer.login("event plain CHANNEL_PARK")
+    cmd = RawPeer(sim.port)
+    try:
+        cmd.login()
+        cmd.send(CAPTURED_ORIGINATE)
+        a_leg = re.fullmatch(rb"\+OK (\S+)\n", cmd.reply().body).group(1).decode()
+    finally:
+        cmd.close()
+    ivr_frame, ivr = peer.event("CHANNEL_PARK")
+    a_frame, a = peer.event("CHANNEL_PARK")
+    real_ivr = dtmf_frame("event_plain_CHANNEL_PARK_ivr_leg_with_ivr_agent.txt")
+    real_a = dtmf_frame("event_plain_CHANNEL_PARK_loopback_a_leg.txt")
+    assert header_names(ivr_frame) == header_names(real_ivr)
+    assert header_names(a_frame) == header_names(real_a)
+    assert stable_values(ivr_frame) == stable_values(real_ivr)
+    assert stable_values(a_frame) == stable_values(real_a)
+    assert ivr.get("variable_fire_asr_events") == "true" and a.get("variable_fire_asr_events") is None
+    assert ivr.get("variable_ivr_agent") == a.get("variable_ivr_agent") == "sales"
+    assert a.unique_id == a_leg and sim.calls() == [ivr.unique_id]
+    assert ivr.get("variable_other_loopback_leg_uuid") == a_leg and a.get("variable_other_loopback_leg_uuid") == ivr.unique_id
+    assert int(a.get("Event-Sequence")) > int(ivr.get("Event-Sequence"))
+
+
+def test_bgapi_originate_park_parks_both_legs_but_another_app_only_the_ivr_leg(sim, peer):
+    peer.login("event plain CHANNEL_PARK BACKGROUND_JOB")
+    peer.send("bgapi originate {origination_caller_id_number=5551234}loopback/ai/ivr &park()")
+    parks = [peer.event("CHANNEL_PARK")[1] for _ in range(2)]
+    assert [p.get("Channel-Name") for p in parks] == ["loopback/ai-b", "loopback/ai-a"]
+    assert peer.event("BACKGROUND_JOB")[1].body == f"+OK {parks[1].unique_id}\n"
+    peer.send("bgapi originate {origination_caller_id_number=5551234}loopback/ai/ivr &playback(/tmp/a.wav)")
+    _, ivr_only = peer.event("CHANNEL_PARK")
+    job = peer.event("BACKGROUND_JOB")[1]
+    assert ivr_only.get("Channel-Name") == "loopback/ai-b"
+    assert not [e for e in sim.emitted_events if e.name == "CHANNEL_PARK" and e.unique_id == job.body.split()[1]]
+
+
+def test_new_call_with_a_loopback_a_leg_parks_it_too(sim, peer):
+    peer.login("event plain CHANNEL_PARK")
+    call = sim.new_call(variables={"ivr_agent": "sales"}, loopback_a_leg=True)
+    ivr_frame, ivr = peer.event("CHANNEL_PARK")
+    a_frame, a = peer.event("CHANNEL_PARK")
+    assert ivr.unique_id == call and a.unique_id == ivr.get("variable_other_loopback_leg_uuid") != call
+    assert sorted(header_names(a_frame)) == sorted(header_names(dtmf_frame("event_plain_CHANNEL_PARK_loopback_a_leg.txt")))
+    assert (a.get("Channel-Name"), a.get("variable_loopback_leg"), a.get("variable_ivr_agent")) == ("loopback/ai-a", "A", "sales")
+    assert a.get("variable_fire_asr_events") is None and ivr.get("variable_fire_asr_events") == "true"
+    assert sim.calls() == [call]
+
+
+def test_a_plain_new_call_parks_only_the_ivr_leg_and_carries_its_variables(sim, peer):
+    peer.login("event plain CHANNEL_ANSWER CHANNEL_PARK DTMF")
+    call = sim.new_call(variables={"ivr_agent": "sales"})
+    _, answer = peer.event("CHANNEL_ANSWER")
+    _, park = peer.event("CHANNEL_PARK")
+    sim.dtmf(call, "1")
+    _, next_event = peer.event()
+    assert next_event.name == "DTMF"  # no second CHANNEL_PARK in between
+    assert answer.get("variable_ivr_agent") == park.get("variable_ivr_agent") == "sales"
+    assert park.unique_id == call and park.get("variable_fire_asr_events") == "true"
+
+
+def test_dtmf_sent_to_the_a_leg_arrives_on_the_ivr_leg(sim, peer):
+    peer.login("event plain CHANNEL_PARK DTMF")
+    call = sim.new_call(loopback_a_leg=True)
+    peer.event("CHANNEL_PARK")
+    _, a = peer.event("CHANNEL_PARK")
+    sim.dtmf(a.unique_id, "7")
+    _, event = peer.event("DTMF")
+    assert (event.unique_id, event.get("Channel-Name"), event.get("DTMF-Digit")) == (call, "loopback/ai-b", "7")
+
+
+def test_hanging_up_a_loopback_call_hangs_up_both_legs_a_first_like_capture_80(sim, peer):
+    peer.login("event plain CHANNEL_PARK CHANNEL_HANGUP_COMPLETE")
+    call = sim.new_call(loopback_a_leg=True)
+    peer.event("CHANNEL_PARK")
+    _, a_park = peer.event("CHANNEL_PARK")
+    peer.send(f"api uuid_kill {call} NORMAL_CLEARING")
+    a_frame, a = peer.event("CHANNEL_HANGUP_COMPLETE")
+    _, ivr = peer.event("CHANNEL_HANGUP_COMPLETE")
+    assert (a.unique_id, ivr.unique_id) == (a_park.unique_id, call)
+    assert a.get("Hangup-Cause") == ivr.get("Hangup-Cause") == "NORMAL_CLEARING"
+    real = frames_of(capture("62_event_plain_CHANNEL_HANGUP_COMPLETE_other_leg.txt"))[0]
+    names, real_names = header_names(a_frame), header_names(real)
+    assert [n for n in names if not n.startswith("variable_")] == [n for n in real_names if not n.startswith("variable_")]
+    hangup_block = real_names[real_names.index("variable_hangup_cause"):]
+    hangup_block.remove("variable_last_arg")  # park has no argument
+    assert names[-len(hangup_block):] == hangup_block
+    assert a.get("variable_last_app") == "park" and a.get("variable_ivr_agent") is None

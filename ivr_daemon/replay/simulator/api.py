@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import time
 import uuid as uuid_lib
 from typing import TYPE_CHECKING, Callable, Mapping
@@ -248,17 +249,18 @@ class ApiMixin:
         if parts[0].lower() != "loopback" or len(parts) < 2:
             return "-ERR CHAN_NOT_IMPLEMENTED\n"
         # With loopback the returned uuid is the A leg's (origination_uuid sets it, S8);
-        # the simulated IVR leg (loopback/<dest>-b) gets its own.
+        # the simulated IVR leg (loopback/<dest>-b) gets its own. An A leg running &park()
+        # parks too (tests/captures/dtmf); another app's A leg is not simulated.
         a_leg = variables.get("origination_uuid") or str(uuid_lib.uuid4())
-        extra = {k: v for k, v in variables.items() if k != "origination_caller_id_number"}
         destination = parts[1]
         self.new_call(
             variables.get("origination_caller_id_number", "0000000000"),
             destination_number=destination,
             context=parts[2] if len(parts) > 2 and parts[2] else "default",
             channel_name=f"loopback/{destination}-b",
-            variables=extra,
+            variables=variables,
             a_leg_uuid=a_leg,
+            loopback_a_leg=re.fullmatch(r"&park(\(\))?", argv[1], re.IGNORECASE) is not None,
         )
         return f"+OK {a_leg}\n"
 

@@ -19,6 +19,8 @@ log = get_logger(__package__)  # one logger name for the whole simulator
 DEFAULT_DTMF_DURATION_SAMPLES = 2000  # switch_core_default_dtmf_duration(): 250 ms at 8 kHz
 DTMF_SOURCE = "UNKNOWN"  # what a loopback leg reports (dtmf/README.md); RTP, INBAND... on real trunks
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
+# Variables the captured originates set in their {...} block: a template's copy is not FreeSWITCH's.
+CAPTURED_ORIGINATE_VARIABLES = frozenset({"ivr_agent"})
 
 # switch_channel.c CAUSE_CHART (name -> Q.850 code); FreeSWITCH-only causes sit above 127.
 HANGUP_CAUSES: Mapping[str, int] = {
@@ -46,10 +48,14 @@ HANGUP_CAUSES: Mapping[str, int] = {
 
 @dataclass(eq=False)
 class CallState:
-    """One simulated leg: its caller profile, channel variables (in order), app, playback and fate."""
+    """One simulated leg: its caller profile, channel variables (in order), app, playback and fate.
+
+    ``loopback_leg`` "B" is an IVR leg (``loopback/ai-b``, the one a call is about); "A" is the
+    leg a loopback originate parks with ``&park()``, reached through its IVR leg's ``a_leg``.
+    """
 
     uuid: str
-    a_leg_uuid: str
+    other_leg_uuid: str  # variable_other_loopback_leg_uuid
     caller_id_number: str
     caller_id_name: str
     destination_number: str
@@ -70,6 +76,8 @@ class CallState:
     played: list[str] = field(default_factory=list)
     playback_log: list[PlaybackRecord] = field(default_factory=list)
     transfers: list[str] = field(default_factory=list)
+    loopback_leg: str = "B"
+    a_leg: CallState | None = None
 
 
 def _q850(cause: str) -> int:
@@ -103,22 +111,51 @@ class ChannelsMixin:
         channel_name: str = "loopback/ai-b",
         variables: Mapping[str, str] | None = None,
         a_leg_uuid: str | None = None,
+        loopback_a_leg: bool = False,
     ) -> str:
-        """Bring up an answered, parked IVR leg: CHANNEL_ANSWER, CHANNEL_EXECUTE park, CHANNEL_PARK."""
+        """Bring up an answered, parked IVR leg: CHANNEL_ANSWER, CHANNEL_EXECUTE park, CHANNEL_PARK.
+
+        ``variables`` are the originate's ``{k=v}`` channel variables: they show on every event
+        that carries variables, in their order. The default is a SIP-like call: the IVR leg alone.
+        ``loopback_a_leg``: the call is a loopback originate with ``&park()`` (tests/captures/dtmf):
+        its A leg (``a_leg_uuid``, ``loopback/ai-a``) parks too, after the IVR leg, with the same
+        variables but without ``fire_asr_events``, and hangs up with it. The A leg is not one of
+        :meth:`calls` and api commands do not know it (it only exists to be told apart).
+        """
         call_uuid = uuid or str(uuid_lib.uuid4())
         existing = self._calls.get(call_uuid)
         if existing is not None and existing.live:
             raise CallAlreadyExists(f"call {call_uuid} is already up")
+        other_uuid = a_leg_uuid or str(uuid_lib.uuid4())
+        created_us = self._now_us()
+        # The A leg is created first (session_id 1 and 2 in tests/captures/dtmf).
+        a_leg = None
+        if loopback_a_leg:
+            a_leg = CallState(
+                uuid=other_uuid,
+                other_leg_uuid=call_uuid,
+                caller_id_number=caller_id_number,
+                caller_id_name="",
+                destination_number=destination_number,
+                context=context,
+                channel_name=channel_name[:-2] + "-a" if channel_name.endswith("-b") else f"{channel_name}-a",
+                created_us=created_us,
+                session_id=next(self._session_ids),
+                loopback_leg="A",
+            )
+            a_leg.variables = self._initial_variables(a_leg, variables or {}, "CHANNEL_PARK_A_LEG")
+            a_leg.app_name = "park"
         call = CallState(
             uuid=call_uuid,
-            a_leg_uuid=a_leg_uuid or str(uuid_lib.uuid4()),
+            other_leg_uuid=other_uuid,
             caller_id_number=caller_id_number,
             caller_id_name=caller_id_name,
             destination_number=destination_number,
             context=context,
             channel_name=channel_name,
-            created_us=self._now_us(),
+            created_us=created_us,
             session_id=next(self._session_ids),
+            a_leg=a_leg,
         )
         call.variables = self._initial_variables(call, variables or {})
         self._calls[call_uuid] = call
@@ -131,6 +168,8 @@ class ChannelsMixin:
         self._set_var(call, "fire_asr_events", "true")
         call.park_app_uuid = self._execute_app(call, "park", None)
         self._emit(self._channel_event("CHANNEL_PARK", call))
+        if a_leg is not None:
+            self._emit(self._channel_event("CHANNEL_PARK_A_LEG", a_leg))
         self._notify()
         return call_uuid
 
@@ -148,8 +187,9 @@ class ChannelsMixin:
 
         FreeSWITCH fires it once per digit (no duplicate, unlike DETECTED_SPEECH while parked)
         and with no channel variables at all: who the call is must come from an earlier event.
+        ``uuid`` may be a loopback A leg's (the caller's phone): the digit arrives on its IVR leg.
         """
-        call = self._live_call(uuid)
+        call = self._ivr_leg(uuid)
         digit = digit.upper()
         if len(digit) != 1 or digit not in DTMF_DIGITS:
             raise InvalidDtmfDigit(f"not a DTMF digit: {digit!r}")
@@ -196,6 +236,14 @@ class ChannelsMixin:
             item.state = "finished"
             if item.greenlet is not None:
                 item.greenlet.kill(block=False)
+        a_leg = call.a_leg
+        if a_leg is not None and a_leg.live:
+            # The loopback pair goes down together, the A leg's HANGUP_COMPLETE first (80_all: 583, 592).
+            a_leg.live = False
+            a_leg.hangup_cause = cause
+            a_leg.hangup_us = self._now_us()
+            self._add_hangup_variables(a_leg, "CHANNEL_HANGUP_COMPLETE_A_LEG")
+            self._emit(self._channel_event("CHANNEL_HANGUP_COMPLETE_A_LEG", a_leg))
         call.hangup_cause = cause
         call.hangup_us = self._now_us()
         response = call.variables.get("current_application_response", "_none_")
@@ -208,8 +256,8 @@ class ChannelsMixin:
         clog.info("sim_call_down", cause=cause)
         self._notify()
 
-    def _add_hangup_variables(self, call: CallState) -> None:
-        template = load_event_template("CHANNEL_HANGUP_COMPLETE")
+    def _add_hangup_variables(self, call: CallState, kind: str = "CHANNEL_HANGUP_COMPLETE") -> None:
+        template = load_event_template(kind)
         names = template.variable_names()
         start_us, end_us = call.created_us, call.hangup_us
         duration_us = max(end_us - start_us, 0)
@@ -233,6 +281,8 @@ class ChannelsMixin:
             "last_arg": call.variables.get("current_application_data"),
             "caller_id": number if not name else f'"{name}" <{number}>',
         }
+        if call.loopback_leg == "A":
+            del computed["caller_id"]  # flipped: the template's '"Outbound Call" <ivr>'
         # The leg is answered as it is created (loopback): bill = whole duration.
         for prefix in ("", "bill", "flow_bill"):
             computed[f"{prefix}sec" if prefix else "duration"] = str(duration_us // 1_000_000)
@@ -245,23 +295,30 @@ class ChannelsMixin:
 
     # -- channel variables -------------------------------------------------------------------
 
-    def _initial_variables(self, call: CallState, extra: Mapping[str, str]) -> dict[str, str]:
-        template = load_event_template("CHANNEL_ANSWER")
+    def _initial_variables(self, call: CallState, extra: Mapping[str, str], kind: str = "CHANNEL_ANSWER") -> dict[str, str]:
+        template = load_event_template(kind)
         by_name = {
             "uuid": call.uuid,
             "session_id": str(call.session_id),
             "channel_name": call.channel_name,
             "origination_caller_id_number": call.caller_id_number,
-            "other_loopback_leg_uuid": call.a_leg_uuid,
+            "pre_transfer_caller_id_number": call.caller_id_number,
+            "other_loopback_leg_uuid": call.other_leg_uuid,
             "call_uuid": call.uuid,
         }
+        # originate's {k=v} variables sit where origination_caller_id_number is, in the order
+        # written (X14; dtmf/); variables given without it come right before it.
+        given = {key: value for key, value in extra.items() if value}
+        given.setdefault("origination_caller_id_number", call.caller_id_number)
         variables: dict[str, str] = {}
         for name, value in template.variables:
             if name == "origination_caller_id_number":
-                # originate's {k=v} variables come right before it (X14).
-                for key, extra_value in extra.items():
-                    if extra_value:
-                        variables[key] = extra_value
+                for key, given_value in given.items():
+                    variables.pop(key, None)
+                    variables[key] = call.caller_id_number if key == name else given_value
+                continue
+            if name in CAPTURED_ORIGINATE_VARIABLES:
+                continue
             variables.pop(name, None)
             variables[name] = by_name.get(name, value)
         return variables
@@ -318,6 +375,16 @@ class ChannelsMixin:
         if call is None or not call.live:
             raise NoSuchCall(f"no live call {uuid}")
         return call
+
+    def _ivr_leg(self, uuid: str) -> CallState:
+        """The live IVR leg ``uuid`` names, directly or as its loopback A leg."""
+        call = self._calls.get(uuid)
+        if call is not None and call.live:
+            return call
+        for call in self._calls.values():
+            if call.live and call.a_leg is not None and call.a_leg.uuid == uuid:
+                return call
+        raise NoSuchCall(f"no live call {uuid}")
 
     def _known_call(self, uuid: str) -> CallState:
         call = self._calls.get(uuid)

@@ -83,6 +83,12 @@ class EventsMixin:
     ) -> list[tuple[str, str]]:
         template = load_event_template(kind)
         created = str(call.created_us)
+        if call.loopback_leg == "A":
+            # The A leg's caller id is flipped (variable_channel_cid_flipped): the caller's number
+            # is its callee's, its own stays the template's "Outbound Call" <ivr>.
+            caller_id = {"Caller-Callee-ID-Number": call.caller_id_number}
+        else:
+            caller_id = {"Caller-Caller-ID-Number": call.caller_id_number}
         subst: dict[str, str | None] = {
             **self._common_head(),
             "Unique-ID": call.uuid,
@@ -90,7 +96,7 @@ class EventsMixin:
             "Caller-Unique-ID": call.uuid,
             "Channel-Name": call.channel_name,
             "Caller-Channel-Name": call.channel_name,
-            "Caller-Caller-ID-Number": call.caller_id_number,
+            **caller_id,
             "Caller-Orig-Caller-ID-Number": call.caller_id_number,
             "Caller-ANI": call.caller_id_number,
             "Caller-Destination-Number": call.destination_number,

@@ -215,7 +215,7 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, EventsMixin, H
             elif call is None:
                 self._calls[uuid] = CallState(
                     uuid=uuid,
-                    a_leg_uuid=event.get("variable_other_loopback_leg_uuid") or str(uuid_lib.uuid4()),
+                    other_leg_uuid=event.get("variable_other_loopback_leg_uuid") or str(uuid_lib.uuid4()),
                     caller_id_number=event.get("Caller-Caller-ID-Number", ""),
                     caller_id_name=event.get("Caller-Caller-ID-Name", ""),
                     destination_number=event.get("Caller-Destination-Number", ""),
