@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+
+import gevent
 
 from ivr_daemon.esl.protocol import Frame, parse_event
 from test_simulator import (  # noqa: F401  (sim and peer are fixtures)
@@ -168,3 +172,40 @@ def test_hanging_up_a_loopback_call_hangs_up_both_legs_a_first_like_capture_80(s
     hangup_block.remove("variable_last_arg")  # park has no argument
     assert names[-len(hangup_block):] == hangup_block
     assert a.get("variable_last_app") == "park" and a.get("variable_ivr_agent") is None
+
+
+# -- 3. the interactive CLI ----------------------------------------------------------------------
+
+
+def test_standalone_cli_sends_dtmf_digit_by_digit_and_lists_it_in_help():
+    script = ("from ivr_daemon.logs import configure_logging; configure_logging('WARNING', 'console'); "
+              "from ivr_daemon.replay.simulator import run_standalone; raise SystemExit(run_standalone(0, 'ClueCon'))")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, bufsize=1)
+    try:
+        with gevent.Timeout(30):
+            port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stdout.readline()).group(1))
+            peer_ = RawPeer(port)
+            peer_.login("event plain DTMF")
+            [proc.stdout.readline() for _ in range(2)]  # the echo of auth and event
+            proc.stdin.write("help\n")
+            help_lines = []
+            while not help_lines or not help_lines[-1].startswith("  quit"):
+                help_lines.append(proc.stdout.readline().rstrip("\n"))
+            assert any(line.lstrip().startswith("dtmf <uuid|last> <digits>") for line in help_lines), help_lines
+            proc.stdin.write("call\n")
+            call = proc.stdout.readline().strip()
+            proc.stdin.write("dtmf last 0\n")
+            proc.stdin.write(f"dtmf {call} 5#\n")
+            digits = [peer_.event("DTMF")[1] for _ in range(3)]
+            assert [(e.unique_id, e.get("DTMF-Digit")) for e in digits] == [(call, "0"), (call, "5"), (call, "#")]
+            printed = [proc.stdout.readline().strip() for _ in range(3)]
+            assert all(line.startswith("DTMF Event-Sequence ") for line in printed), printed
+            proc.stdin.write("dtmf last 5x\n")
+            assert proc.stdout.readline().startswith("error: not a DTMF digit")
+            proc.stdin.write("quit\n")
+            assert proc.wait() == 0
+            peer_.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

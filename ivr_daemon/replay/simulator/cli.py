@@ -6,7 +6,8 @@ import sys
 
 import gevent
 
-from ivr_daemon.replay.simulator.errors import NoSuchCall, SimulatorError
+from ivr_daemon.replay.simulator.channels import DTMF_DIGITS
+from ivr_daemon.replay.simulator.errors import InvalidDtmfDigit, NoSuchCall, SimulatorError
 from ivr_daemon.replay.simulator.server import FreeswitchSimulator
 from ivr_daemon.replay.simulator.wire import redacted
 
@@ -14,7 +15,7 @@ _STANDALONE_HELP = """commands:
   call [caller_number]          new parked call (prints its uuid)
   say <uuid|last> <text...>     final DETECTED_SPEECH
   partial <uuid|last> <text...> detected-partial-speech
-  dtmf <uuid|last> <digit>      DTMF event
+  dtmf <uuid|last> <digits>     one DTMF event per digit (0-9 * # A-D), e.g. dtmf last 5#
   hangup <uuid|last>            hang the call up
   drop                          close every client socket abruptly
   calls                         list live calls
@@ -73,7 +74,12 @@ def run_standalone(port: int, password: str, host: str = "127.0.0.1") -> int:
                     print(f"DETECTED_SPEECH Event-Sequence {sequence}", flush=True)
                 elif verb == "dtmf":
                     uuid = target()
-                    sim.dtmf(uuid, args[1] if len(args) > 1 else "")
+                    digits = args[1].upper() if len(args) > 1 else ""
+                    bad = [digit for digit in digits if digit not in DTMF_DIGITS]
+                    if not digits or bad:
+                        raise InvalidDtmfDigit(f"not a DTMF digit: {(bad[0] if bad else digits)!r}")
+                    for digit in digits:
+                        print(f"DTMF Event-Sequence {sim.dtmf(uuid, digit)}", flush=True)
                 elif verb == "hangup":
                     sim.hangup(target())
                 elif verb == "drop":
