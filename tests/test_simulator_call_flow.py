@@ -11,12 +11,16 @@ import gevent
 from ivr_daemon.esl.protocol import Frame, parse_event
 from test_simulator import (  # noqa: F401  (sim and peer are fixtures)
     CAPTURES,
+    DEAD_UUID,
     RawPeer,
+    api_response,
     capture,
+    captured_event,
     frames_of,
     header_names,
     peer,
     sim,
+    variable_names,
 )
 
 DTMF_DIR = CAPTURES / "dtmf"
@@ -209,3 +213,64 @@ def test_standalone_cli_sends_dtmf_digit_by_digit_and_lists_it_in_help():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- 4. transfer and kill ------------------------------------------------------------------------
+
+
+def test_uuid_transfer_answers_like_s6_and_s6b_and_the_call_leaves_the_ivr_context(sim, peer):
+    peer.login("event plain CHANNEL_EXECUTE_COMPLETE DETECTED_SPEECH CHANNEL_HANGUP_COMPLETE")
+    call = sim.new_call()
+    cmd = RawPeer(sim.port)
+    try:
+        cmd.login()
+        cmd.send(f"api uuid_transfer {DEAD_UUID} 1000 XML default")
+        assert cmd.reply().body == b"-ERR No such channel!\n"  # S6, dead uuid
+        cmd.send(f"api uuid_transfer {call} 1000 XML default")
+        assert cmd.reply().raw == api_response(b"+OK\n")  # S6, live uuid
+        frame, park_done = peer.event("CHANNEL_EXECUTE_COMPLETE")
+        real = captured_event("S6_uuid_transfer_plain.txt", "CHANNEL_EXECUTE_COMPLETE", Application="park")
+        assert [n for n in header_names(frame) if not n.startswith("variable_")] == \
+            [n for n in header_names(real) if not n.startswith("variable_")]
+        assert (park_done.get("Application"), park_done.get("Application-Response")) == ("park", "_none_")
+        assert (park_done.get("Caller-Context"), park_done.get("Caller-Destination-Number")) == ("default", "1000")
+        assert (park_done.get("Caller-RDNIS"), park_done.get("Caller-Dialplan"), park_done.get("Caller-Profile-Index")) == ("ai", "XML", "2")
+        assert park_done.get("Caller-Transfer-Source").endswith(":bl_xfer:1000/default/XML")
+        assert park_done.get("variable_transfer_source") == park_done.get("Caller-Transfer-Source")
+        assert variable_names(frame)[-4:] == variable_names(real)[-4:]  # ...park, max_forwards, transfer_*
+        assert sim.transfers(call) == ["1000 XML default"]
+        sim.speak(call, "hello")
+        _, speech = peer.event("DETECTED_SPEECH")
+        assert speech.get("Caller-Context") == "default"
+        cmd.send(f"api uuid_transfer {call} nosuchext XML default")
+        assert cmd.reply().raw == api_response(b"+OK\n")  # S6b: the extension is never checked
+        assert sim.transfers(call) == ["1000 XML default", "nosuchext XML default"]
+        cmd.send(f"api uuid_kill {call} NORMAL_CLEARING")
+        assert cmd.reply().raw == capture("60_api_uuid_kill.txt")
+    finally:
+        cmd.close()
+    # Park already ended at the transfer: at hangup only ASR closes and the leg completes (S6).
+    _, closed = peer.event()
+    assert (closed.name, closed.get("Speech-Type")) == ("DETECTED_SPEECH", "closed")
+    hangup_frame, hangup = peer.event("CHANNEL_HANGUP_COMPLETE")
+    real_hangup = captured_event("S6_uuid_transfer_plain.txt", "CHANNEL_HANGUP_COMPLETE")
+    assert [n for n in header_names(hangup_frame) if not n.startswith("variable_")] == \
+        [n for n in header_names(real_hangup) if not n.startswith("variable_")]
+    assert (hangup.get("Hangup-Cause"), hangup.get("Caller-Context"), hangup.get("Caller-Destination-Number")) == \
+        ("NORMAL_CLEARING", "default", "nosuchext")
+
+
+def test_uuid_kill_with_a_cause_hangs_up_with_that_cause_like_capture_61(sim, peer):
+    peer.login("event plain CHANNEL_HANGUP_COMPLETE")
+    first, second = sim.new_call(), sim.new_call()
+    for call, cause in ((first, "NORMAL_CLEARING"), (second, "USER_BUSY")):
+        peer.send(f"api uuid_kill {call} {cause}")
+        assert peer.reply().raw == capture("60_api_uuid_kill.txt")
+        frame, hangup = peer.event("CHANNEL_HANGUP_COMPLETE")
+        real = frames_of(capture("61_event_plain_CHANNEL_HANGUP_COMPLETE_ivr_leg.txt"))[0]
+        assert [n for n in header_names(frame) if not n.startswith("variable_")] == \
+            [n for n in header_names(real) if not n.startswith("variable_")]
+        assert (hangup.unique_id, hangup.get("Hangup-Cause"), hangup.get("variable_hangup_cause")) == (call, cause, cause)
+        assert not sim.call_exists(call)
+    peer.send("api show channels as json")
+    assert peer.reply().raw == capture("11_api_show_channels_as_json_empty.txt")

@@ -82,7 +82,7 @@ class ApiMixin:
             "uuid_setvar": lambda a: (self._api_uuid_setvar(a), []),
             "uuid_getvar": lambda a: (self._api_uuid_getvar(a), []),
             "uuid_exists": lambda a: ("true" if a is not None and self.call_exists(a) else "false", []),
-            "uuid_transfer": lambda a: (self._api_uuid_transfer(a), []),
+            "uuid_transfer": self._api_uuid_transfer,
             "uuid_dump": lambda a: (self._api_uuid_dump(a), []),
             "originate": lambda a: (self._api_originate(a), []),
             "echo": lambda a: (a or "", []),
@@ -206,17 +206,22 @@ class ApiMixin:
         value = self._get_var(call, argv[1])
         return "_undef_" if value is None else value
 
-    def _api_uuid_transfer(self, arg: str | None) -> str:
+    def _api_uuid_transfer(self, arg: str | None) -> tuple[str, list[Callable[[], None]]]:
         argv = separate(arg, 5)
         if len(argv) < 2:
-            return f"-USAGE: {USAGE['uuid_transfer']}\n"
+            return f"-USAGE: {USAGE['uuid_transfer']}\n", []
         call = self._calls.get(argv[0])
         if call is None or not call.live:
-            return "-ERR No such channel!\n"
-        # No dialplan here: the reply is FreeSWITCH's (S6, S6b), the leg just stops being parked.
+            return "-ERR No such channel!\n", []
         call.transfers.append(" ".join(argv[1:]))
-        call.parked = False
-        return "+OK\n"
+        # -bleg/-both name the bridged leg: there is none here, the leg itself goes.
+        rest = argv[2:] if argv[1].lower() in ("-bleg", "-both") and len(argv) > 2 else argv[1:]
+        destination = rest[0]
+        # switch_ivr_session_transfer(): a missing dialplan or context keeps the profile's.
+        dialplan = rest[1] if len(rest) > 1 else call.dialplan
+        context = rest[2] if len(rest) > 2 else call.context
+        # The extension is never checked: +OK even for one that does not exist (S6b).
+        return "+OK\n", [lambda: self._transfer(call, destination, dialplan, context)]
 
     def _api_uuid_dump(self, arg: str | None) -> str:
         argv = separate(arg, 2)
@@ -278,8 +283,8 @@ class ApiMixin:
             "context": call.context,
             "initial_cid_name": call.caller_id_name,
             "initial_cid_num": call.caller_id_number,
-            "initial_dest": call.destination_number,
-            "initial_context": call.context,
+            "initial_dest": call.initial_destination_number or call.destination_number,
+            "initial_context": call.initial_context or call.context,
         }
         return {key: values.get(key, value) for key, value in load_channel_row_template()}
 

@@ -78,6 +78,14 @@ class CallState:
     transfers: list[str] = field(default_factory=list)
     loopback_leg: str = "B"
     a_leg: CallState | None = None
+    # The caller profile a uuid_transfer replaces (S6: Caller-Profile-Index 2, Caller-RDNIS...).
+    dialplan: str = "xml"
+    profile_index: int = 1
+    profile_created_us: int = 0  # 0: the channel's created_us
+    transfer_source: str = ""
+    rdnis: str = ""
+    initial_destination_number: str = ""
+    initial_context: str = ""
 
 
 def _q850(cause: str) -> int:
@@ -216,7 +224,7 @@ class ChannelsMixin:
         return dict(self._known_call(uuid).variables)
 
     def transfers(self, uuid: str) -> list[str]:
-        """The uuid_transfer argument lines this leg received."""
+        """The uuid_transfer arguments (after the uuid) this leg received, in order."""
         return list(self._known_call(uuid).transfers)
 
     # -- hangup ------------------------------------------------------------------------------
@@ -246,9 +254,10 @@ class ChannelsMixin:
             self._emit(self._channel_event("CHANNEL_HANGUP_COMPLETE_A_LEG", a_leg))
         call.hangup_cause = cause
         call.hangup_us = self._now_us()
-        response = call.variables.get("current_application_response", "_none_")
-        tail = {"Application": "park", "Application-Response": response, "Application-UUID": call.park_app_uuid}
-        self._emit(self._channel_event("CHANNEL_EXECUTE_COMPLETE_AT_HANGUP", call, tail=tail))
+        if call.parked:  # a transfer already ended park (S6)
+            response = call.variables.get("current_application_response", "_none_")
+            tail = {"Application": "park", "Application-Response": response, "Application-UUID": call.park_app_uuid}
+            self._emit(self._channel_event("CHANNEL_EXECUTE_COMPLETE_AT_HANGUP", call, tail=tail))
         self._emit(self._channel_event("DETECTED_SPEECH_CLOSED", call))
         self._add_hangup_variables(call)
         self._emit(self._channel_event("CHANNEL_HANGUP_COMPLETE", call))
@@ -256,23 +265,53 @@ class ChannelsMixin:
         clog.info("sim_call_down", cause=cause)
         self._notify()
 
+    # -- transfer (tests/captures/playback/S6, S6b) ---------------------------------------------
+
+    def _transfer(self, call: CallState, destination: str, dialplan: str, context: str) -> None:
+        """switch_ivr_session_transfer(): a new caller profile; a parked leg's park ends (S6).
+
+        No dialplan runs here: the leg stays up, out of park, until it is hung up.
+        """
+        if not call.live:
+            return
+        now_us = self._now_us()
+        call.initial_destination_number = call.initial_destination_number or call.destination_number
+        call.initial_context = call.initial_context or call.context
+        call.rdnis = call.destination_number
+        call.destination_number, call.dialplan, call.context = destination, dialplan, context
+        call.profile_index += 1
+        call.profile_created_us = now_us
+        call.transfer_source = f"{now_us // 1_000_000}:{uuid_lib.uuid4()}:bl_xfer:{destination}/{context}/{dialplan}"
+        forwards = call.variables.get("max_forwards")
+        self._set_var(call, "max_forwards", str(int(forwards) - 1) if forwards and forwards.isdigit() else "70")
+        history = call.variables.get("transfer_history")
+        if history:  # switch_channel_add_variable_var_check(..., SWITCH_STACK_PUSH)
+            history = f"{history}|:{call.transfer_source}" if history.startswith("ARRAY::") else f"ARRAY::{history}|:{call.transfer_source}"
+        self._set_var(call, "transfer_history", history or call.transfer_source)
+        self._set_var(call, "transfer_source", call.transfer_source)
+        log.bind(call_uuid=call.uuid).info("sim_call_transferred", destination=destination, context=context)
+        if call.parked:
+            call.parked = False
+            self._complete_app(call, "park", None, call.park_app_uuid)
+
     def _add_hangup_variables(self, call: CallState, kind: str = "CHANNEL_HANGUP_COMPLETE") -> None:
         template = load_event_template(kind)
         names = template.variable_names()
         start_us, end_us = call.created_us, call.hangup_us
+        profile_us = call.profile_created_us or start_us
         duration_us = max(end_us - start_us, 0)
         name, number = call.caller_id_name, call.caller_id_number
         computed: dict[str, str | None] = {
             "hangup_cause": call.hangup_cause,
             "hangup_cause_q850": str(_q850(call.hangup_cause)),
             "start_stamp": local_stamp(start_us),
-            "profile_start_stamp": local_stamp(start_us),
+            "profile_start_stamp": local_stamp(profile_us),
             "answer_stamp": local_stamp(start_us),
             "end_stamp": local_stamp(end_us),
             "start_epoch": str(start_us // 1_000_000),
             "start_uepoch": str(start_us),
-            "profile_start_epoch": str(start_us // 1_000_000),
-            "profile_start_uepoch": str(start_us),
+            "profile_start_epoch": str(profile_us // 1_000_000),
+            "profile_start_uepoch": str(profile_us),
             "answer_epoch": str(start_us // 1_000_000),
             "answer_uepoch": str(start_us),
             "end_epoch": str(end_us // 1_000_000),

@@ -101,7 +101,9 @@ class EventsMixin:
             "Caller-ANI": call.caller_id_number,
             "Caller-Destination-Number": call.destination_number,
             "Caller-Context": call.context,
-            "Caller-Profile-Created-Time": created,
+            "Caller-Dialplan": call.dialplan,
+            "Caller-Profile-Index": str(call.profile_index),
+            "Caller-Profile-Created-Time": str(call.profile_created_us or call.created_us),
             "Caller-Channel-Created-Time": created,
             "Caller-Channel-Answered-Time": created,
             "Caller-Channel-Hangup-Time": str(call.hangup_us),
@@ -114,6 +116,11 @@ class EventsMixin:
                 # The caller profile only lists a name when there is one (none on loopback).
                 pairs.append((key.replace("Number", "Name"), call.caller_id_name))
             pairs.append((key, value))
+            # A transferred leg's profile names where it came from (S6).
+            if key == "Caller-Source" and call.transfer_source:
+                pairs.append(("Caller-Transfer-Source", call.transfer_source))
+            elif key == "Caller-Context" and call.rdnis:
+                pairs.append(("Caller-RDNIS", call.rdnis))
         if template.variables:
             pairs.extend((f"variable_{name}", value) for name, value in call.variables.items())
         pairs.extend(render(template.tail, tail or {}))
