@@ -13,12 +13,14 @@ answers ``-ERR command not found`` and the socket stays open (FreeSWITCH's parse
 a wrong password answers ``-ERR invalid``, then ``text/disconnect-notice``, then closes (07).
 
 The calls are one IVR leg each, modelled on the captured ``loopback/ai-b`` leg: answered,
-``fire_asr_events=true``, ``detect_speech``, parked. A loopback originate with ``&park()``
-(or ``new_call(loopback_a_leg=True)``) also parks its A leg (``loopback/ai-a``, tests/captures/dtmf),
-which hangs up with the IVR leg; DTMF arrives on the IVR leg, one event per digit. Channel
-variables are kept in FreeSWITCH's order (setting a variable moves it to the end, as
-``switch_channel_set_variable`` does), so ``variable_*`` headers, ``uuid_getvar`` and
-``uuid_dump`` agree with each other and with the captures. Playback follows ``tests/captures/playback/README.md``.
+``fire_asr_events=true``, ``detect_speech``, parked. A loopback originate with ``&park()`` (or
+``new_call(loopback_a_leg=True)``) also parks its A leg (``loopback/ai-a``, tests/captures/dtmf),
+which hangs up with the IVR leg. DTMF arrives on the IVR leg, one event per digit, with no
+channel variables. Channel variables are kept in FreeSWITCH's order (setting a variable moves it
+to the end, as ``switch_channel_set_variable`` does), so ``variable_*`` headers, ``uuid_getvar``
+and ``uuid_dump`` agree with each other and with the captures. Playback follows
+``tests/captures/playback/README.md``; ``uuid_transfer`` gives the leg a new caller profile and
+ends its park as in S6, but no dialplan runs: the leg stays up until it is hung up.
 
 Not simulated (documented so nobody relies on it): the A leg's events other than its
 CHANNEL_PARK and CHANNEL_HANGUP_COMPLETE, and api commands on it (it is not one of ``calls()``),

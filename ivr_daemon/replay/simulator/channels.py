@@ -201,8 +201,9 @@ class ChannelsMixin:
         digit = digit.upper()
         if len(digit) != 1 or digit not in DTMF_DIGITS:
             raise InvalidDtmfDigit(f"not a DTMF digit: {digit!r}")
-        tail = {"DTMF-Digit": digit, "DTMF-Duration": str(duration_samples), "DTMF-Source": source}
-        return self._emit(self._channel_event("DTMF", call, head=tail))
+        # The frame has no variable block, so its DTMF-* headers are part of the template's head.
+        digit_headers = {"DTMF-Digit": digit, "DTMF-Duration": str(duration_samples), "DTMF-Source": source}
+        return self._emit(self._channel_event("DTMF", call, head=digit_headers))
 
     def hangup(self, uuid: str, cause: str = "NORMAL_CLEARING") -> None:
         """Hang the leg up: playback stops (STOP ``done``), park completes, ASR closes, HANGUP_COMPLETE."""
