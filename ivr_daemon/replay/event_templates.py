@@ -1,8 +1,9 @@
 """Event templates cut from real FreeSWITCH 1.11.3 captures, split into head, channel variables and tail.
 
 Each file under ``ivr_daemon/replay/templates/`` is the exact byte stream of one frame read
-from a real event socket (copies of ``tests/captures/`` files, or single frames cut from
-``80_all_events_full_stream.txt``). The simulator never invents a header list: it takes a
+from a real event socket (copies of ``tests/captures/`` files, ``D*`` of ``tests/captures/dtmf/``,
+or single frames cut from ``80_all_events_full_stream.txt``); the ``*_A_LEG`` kinds are the
+``loopback/ai-a`` leg of a loopback call. The simulator never invents a header list: it takes a
 template's headers in their captured order and only replaces values (uuids, dates, sequence
 numbers, caller number...), so whatever FreeSWITCH sends, in the order it sends it, stays.
 
@@ -28,6 +29,7 @@ TEMPLATE_DIR = "templates"
 EVENT_TEMPLATE_FILES: Mapping[str, str] = {
     "CHANNEL_ANSWER": "31_event_plain_CHANNEL_ANSWER_ivr_leg.txt",
     "CHANNEL_PARK": "80_all_event_plain_CHANNEL_PARK_ivr_leg.txt",
+    "CHANNEL_PARK_A_LEG": "D02_dtmf_event_plain_CHANNEL_PARK_loopback_a_leg.txt",
     "CHANNEL_EXECUTE": "X01_S1_event_plain_CHANNEL_EXECUTE_playback_via_broadcast.txt",
     "CHANNEL_EXECUTE_COMPLETE": "X04_S1_event_plain_CHANNEL_EXECUTE_COMPLETE_playback_FILE_PLAYED.txt",
     "CHANNEL_EXECUTE_COMPLETE_AT_HANGUP": "X08_S1_event_plain_CHANNEL_EXECUTE_COMPLETE_park_at_hangup_stale_response.txt",
@@ -36,6 +38,8 @@ EVENT_TEMPLATE_FILES: Mapping[str, str] = {
     "DETECTED_SPEECH": "40_event_plain_DETECTED_SPEECH_detected-speech.txt",
     "DETECTED_SPEECH_CLOSED": "47_event_plain_DETECTED_SPEECH_closed.txt",
     "CHANNEL_HANGUP_COMPLETE": "61_event_plain_CHANNEL_HANGUP_COMPLETE_ivr_leg.txt",
+    "CHANNEL_HANGUP_COMPLETE_A_LEG": "62_event_plain_CHANNEL_HANGUP_COMPLETE_other_leg.txt",
+    "DTMF": "D01_dtmf_event_plain_DTMF.txt",
     "BACKGROUND_JOB": "21_event_plain_BACKGROUND_JOB_originate.txt",
     "API": "80_all_event_plain_API_show_channels_as_json.txt",
 }
