@@ -73,7 +73,7 @@ class FakeToolCall:
 
     name: str
     arguments: dict | str = dataclasses.field(default_factory=dict)
-    call_id: str | None = None  # OpenAI: None -> "call_fake<n>"; Ollama sends an "id" only when set
+    call_id: str | None = None  # OpenAI's id (None: "call_fake<n>"); Ollama's documented shape has none
     piece_chars: int = 4  # OpenAI streams the arguments string in pieces this long
 
 
@@ -277,10 +277,7 @@ def _ollama_tool_calls(reply: FakeReply) -> list[dict]:
     # Ollama's arguments are an object; "index" numbers the calls of one reply (newer servers send it).
     calls = []
     for index, call in enumerate(reply.tool_calls):
-        entry: dict = {"function": {"index": index, "name": call.name, "arguments": call.arguments}}
-        if call.call_id is not None:
-            entry["id"] = call.call_id
-        calls.append(entry)
+        calls.append({"function": {"index": index, "name": call.name, "arguments": call.arguments}})
     return calls
 
 
