@@ -546,6 +546,7 @@ class LlmClient(abc.ABC):
                 )
             finished = False
             reader = self.stream_reader()
+            connection = getattr(response.raw, "connection", None)
             for event in self._stream_events(response, framing):
                 delta, calls, finished = reader.feed(event)
                 if not progress.chars:
@@ -563,6 +564,12 @@ class LlmClient(abc.ABC):
                 if finished:
                     break
             if not finished:
+                # The body ended cleanly as HTTP goes, so urllib3 has pooled the connection; but a
+                # server that broke off its reply (llama_cpp.server failing a streamed tool call)
+                # may close it a moment later, and the next request would meet a reset. Nothing
+                # ran since the release, so no other greenlet can have taken it yet.
+                if connection is not None:
+                    connection.close()
                 raise LlmBadReply(
                     f"{self.provider}: stream from {self.api_url} ended without its end marker"
                     f" after {progress.chars} chars"
