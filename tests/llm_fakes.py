@@ -32,12 +32,12 @@ The text is cut into word-sized deltas like LLM tokens ("Hi", " there", "."), or
 ``stream_body`` gives the raw chunks to send instead. Tool calls stream after the text: OpenAI
 sends each call's ``index``, ``id``, ``type`` and ``function.name`` with empty arguments first,
 then the arguments string in pieces of ``FakeToolCall.piece_chars`` characters, each in its own
-chunk; Ollama sends all the calls whole in one line before the ``"done": true`` line. Stream knobs: ``stream_first_delay_s``
-(before the first chunk: the headers wait too, as on the real servers), ``stream_gap_s``
-(between chunks), ``stream_hold_after=n`` (after n text deltas, wait until the test sets
-``.release_stream``: proof that the client got them before the rest existed), and
-``stream_break_after=n`` (after n text deltas, cut the connection without ending the body).
-Every text delta and every tool-call chunk counts as a delta for these knobs.
+chunk; Ollama sends all the calls whole in one line before the ``"done": true`` line.
+Stream knobs: ``stream_first_delay_s`` (before the first chunk: the headers wait too, as on
+the real servers), ``stream_gap_s`` (between chunks), ``stream_hold_after=n`` (after n deltas,
+wait until the test sets ``.release_stream``: proof that the client got them before the rest
+existed), and ``stream_break_after=n`` (after n deltas, cut the connection without ending the
+body). A delta is a text delta or a tool-call chunk (every ``stream_body`` chunk is one).
 ``.deltas_sent`` counts deltas written; ``.stream_outcomes`` says how each stream
 ended ("complete", "client_closed", "broken", "server_stopped"), and ``.client_disconnected``
 is set when a client went away mid-stream.
@@ -69,7 +69,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"
 
 @dataclasses.dataclass(frozen=True)
 class FakeToolCall:
-    """A tool call the fake model makes; ``arguments`` as a dict is encoded the provider's way, a str is sent as is."""
+    """A tool call the fake model makes; ``arguments`` as a dict is encoded the provider's way, a str sent as is."""
 
     name: str
     arguments: dict | str = dataclasses.field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""The LLM client interface and its errors: a chat history in, the assistant's text (and tool calls) out, whole or streamed.
+"""The LLM client interface and its errors: a chat history in, the reply's text and tool calls out, whole or streamed.
 
 Every provider module (``ollama``, ``openai``, ``llama3``) turns the same ``messages`` list
 into its own JSON request and reads its own reply shape; the HTTP exchange, the time bound,
@@ -665,7 +665,7 @@ class LlmClient(abc.ABC):
         return text
 
     def node_at(self, reply: object, *path: str | int) -> object:
-        """Whatever is at ``path`` inside ``reply``; LlmBadReply (naming a server error, if any) when it is not there."""
+        """Whatever is at ``path`` inside ``reply``; LlmBadReply (naming any server error) when it is not there."""
         node = reply
         walked = "reply"
         for step in path:
