@@ -13,6 +13,7 @@ from ivr_daemon.llm import (
     Llama3Client,
     LlmBadReply,
     LlmError,
+    LlmTimeout,
     OllamaClient,
     OpenAiClient,
     ToolCall,
@@ -328,6 +329,17 @@ def test_streamed_arguments_past_the_bound_are_a_bad_reply():
     with FakeLlmServer("openai", replies=FakeReply(tool_calls=[call])) as server:
         with pytest.raises(LlmBadReply, match="arguments"):
             list(OpenAiClient(server.url, "m", 5).stream(MESSAGES, TOOLS))
+
+
+def test_a_tool_call_is_one_delta_for_the_time_bound():
+    # Argument pieces give the caller nothing to act on, so they do not reset the per-delta
+    # bound: 40 pieces 50 ms apart cannot all arrive within 0.5 s of the last text delta.
+    call = FakeToolCall("end_call", {"note": "x" * 28}, call_id="call_1", piece_chars=1)
+    with FakeLlmServer("openai", replies=FakeReply("Goodbye.", [call]), stream_gap_s=0.05) as server:
+        stream = OpenAiClient(server.url, "m", 0.5).stream(MESSAGES, TOOLS)
+        assert [next(stream), next(stream)] == ["Goodbye", "."]
+        with pytest.raises(LlmTimeout, match="stalled for 0.5 s after 8 chars"):
+            next(stream)
 
 
 def chunk(delta: dict, finish_reason: str | None = None) -> str:

@@ -23,7 +23,8 @@ each read) *and* a wall-clock ``gevent.Timeout(timeout_s)`` around the whole exc
 server that trickles its reply a byte at a time cannot hold a call for longer than
 ``timeout_s``. ``stream`` applies the same pair per delta instead: from the request to the
 first text delta, and between any two deltas, at most ``timeout_s`` may pass (time the
-caller spends between two ``next()`` calls does not count). The wall-clock bounds need the
+caller spends between two ``next()`` calls does not count); a tool call is one delta, so its
+arguments must all arrive within ``timeout_s``. The wall-clock bounds need the
 process to be gevent monkey-patched (the daemon always is, and so are the tests); without
 patching only the per-operation socket timeouts apply.
 """
