@@ -17,16 +17,28 @@ shapes. Knobs for failure tests: ``status`` (an HTTP error with the provider's e
 ``delay_s`` (wait before answering) and ``trickle_s`` (send the body, or each streamed
 chunk, one byte at a time).
 
+A reply may also call tools: ``FakeReply("Let me put you through.", [FakeToolCall("transfer_call",
+{"target": "sales"})])`` answers with the text and the call in the provider's real shape (OpenAI:
+``message.tool_calls`` with ``id``, ``type`` and the arguments as a JSON string, ``finish_reason``
+"tool_calls"; Ollama: ``message.tool_calls`` with the arguments as an object). The requests'
+``tools``, ``tool_choice`` and tool messages are checked against each provider's rules (OpenAI:
+every assistant ``tool_calls`` id answered by a following ``tool`` message and nothing else;
+Ollama: a ``tool`` message names its tool in ``tool_name``).
+
 A request with ``"stream": true`` (Ollama, OpenAI) gets the reply the way the real server
 streams it: Ollama NDJSON lines ending in a ``"done": true`` line, OpenAI server-sent events
 (a role-only chunk, one chunk per text delta, a ``finish_reason`` chunk, ``data: [DONE]``).
 The text is cut into word-sized deltas like LLM tokens ("Hi", " there", "."), or
-``stream_body`` gives the raw chunks to send instead. Stream knobs: ``stream_first_delay_s``
-(before the first chunk: the headers wait too, as on the real servers), ``stream_gap_s``
-(between chunks), ``stream_hold_after=n`` (after n text deltas, wait until the test sets
-``.release_stream``: proof that the client got them before the rest existed), and
-``stream_break_after=n`` (after n text deltas, cut the connection without ending the body).
-``.deltas_sent`` counts text deltas written; ``.stream_outcomes`` says how each stream
+``stream_body`` gives the raw chunks to send instead. Tool calls stream after the text: OpenAI
+sends each call's ``index``, ``id``, ``type`` and ``function.name`` with empty arguments first,
+then the arguments string in pieces of ``FakeToolCall.piece_chars`` characters, each in its own
+chunk; Ollama sends all the calls whole in one line before the ``"done": true`` line.
+Stream knobs: ``stream_first_delay_s`` (before the first chunk: the headers wait too, as on
+the real servers), ``stream_gap_s`` (between chunks), ``stream_hold_after=n`` (after n deltas,
+wait until the test sets ``.release_stream``: proof that the client got them before the rest
+existed), and ``stream_break_after=n`` (after n deltas, cut the connection without ending the
+body). A delta is a text delta or a tool-call chunk (every ``stream_body`` chunk is one).
+``.deltas_sent`` counts deltas written; ``.stream_outcomes`` says how each stream
 ended ("complete", "client_closed", "broken", "server_stopped"), and ``.client_disconnected``
 is set when a client went away mid-stream.
 The server runs on the gevent hub, so the process must be monkey-patched (tests/conftest.py).
@@ -34,6 +46,7 @@ The server runs on the gevent hub, so the process must be monkey-patched (tests/
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import json
@@ -48,10 +61,32 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 PROVIDER_PATHS = {"ollama": "/api/chat", "openai": "/v1/chat/completions", "llama3": "/chat"}
 _CHAT_ROLES = ("system", "user", "assistant", "tool")
 _HISTORY_ROLES = ("user", "assistant")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 500: "Internal Server Error",
             502: "Bad Gateway", 503: "Service Unavailable"}
 
-Replies = str | Sequence[str] | Callable[[dict], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeToolCall:
+    """A tool call the fake model makes; ``arguments`` as a dict is encoded the provider's way, a str sent as is."""
+
+    name: str
+    arguments: dict | str = dataclasses.field(default_factory=dict)
+    call_id: str | None = None  # OpenAI's id (None: "call_fake<n>"); Ollama's documented shape has none
+    piece_chars: int = 4  # OpenAI streams the arguments string in pieces this long
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeReply:
+    """What the fake model answers: text, tool calls, or both (the text comes first, as real models do)."""
+
+    text: str = ""
+    tool_calls: tuple[FakeToolCall, ...] | list[FakeToolCall] = ()
+
+
+Reply = str | FakeReply
+Replies = Reply | Sequence[Reply] | Callable[[dict], Reply]
 
 
 def _messages_problems(messages: object, where: str, roles: tuple[str, ...], non_empty: bool) -> list[str]:
@@ -70,6 +105,119 @@ def _messages_problems(messages: object, where: str, roles: tuple[str, ...], non
     return problems
 
 
+def _chat_messages_problems(provider: str, messages: object) -> list[str]:
+    """``messages`` of an Ollama or OpenAI chat request, tool rounds included."""
+    if not isinstance(messages, list):
+        return [f"messages must be a list, got {type(messages).__name__}"]
+    if not messages:
+        return ["messages must not be empty"]
+    problems = []
+    unanswered: list[str] = []  # OpenAI: ids of the last assistant tool_calls not yet answered
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            problems.append(f"{where} must be an object")
+            continue
+        role = message.get("role")
+        if role not in _CHAT_ROLES:
+            problems.append(f"{where}.role must be one of {_CHAT_ROLES}, got {role!r}")
+            continue
+        if provider == "openai" and unanswered and role != "tool":
+            problems.append(f"{where}: the tool_calls {unanswered} of the assistant message before must each be"
+                            f" answered by a tool message first")
+            unanswered = []
+        calls = message.get("tool_calls")
+        content = message.get("content")
+        # OpenAI lets an assistant message that calls tools have no content.
+        content_optional = provider == "openai" and role == "assistant" and calls
+        if not isinstance(content, str) and not (content_optional and content is None):
+            problems.append(f"{where}.content must be a string")
+        if calls is not None:
+            if role != "assistant":
+                problems.append(f"{where}: only an assistant message has tool_calls")
+            else:
+                call_problems, ids = _tool_calls_problems(provider, calls, f"{where}.tool_calls")
+                problems += call_problems
+                unanswered = ids
+        if role == "tool":
+            if provider == "openai":
+                call_id = message.get("tool_call_id")
+                if not isinstance(call_id, str):
+                    problems.append(f"{where}.tool_call_id must be a string")
+                elif call_id not in unanswered:
+                    problems.append(f"{where}: tool message answers {call_id!r}, which no assistant tool_calls"
+                                    f" right before it left unanswered")
+                else:
+                    unanswered.remove(call_id)
+            elif not isinstance(message.get("tool_name"), str) or not message["tool_name"]:
+                problems.append(f"{where}.tool_name must name the tool whose result this is")
+    if unanswered:
+        problems.append(f"the tool_calls {unanswered} of the last assistant message are not answered")
+    return problems
+
+
+def _tool_calls_problems(provider: str, calls: object, where: str) -> tuple[list[str], list[str]]:
+    """Problems of an assistant message's ``tool_calls``, and the ids it asks answers for (OpenAI)."""
+    if not isinstance(calls, list) or not calls:
+        return [f"{where} must be a non-empty list"], []
+    problems, ids = [], []
+    for index, call in enumerate(calls):
+        here = f"{where}[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            problems.append(f"{here}.function must be an object")
+            continue
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            problems.append(f"{here}.function.name must be a non-empty string")
+        if provider == "openai":
+            if not isinstance(call.get("id"), str) or not call["id"]:
+                problems.append(f"{here}.id must be a non-empty string")
+            else:
+                ids.append(call["id"])
+            if call.get("type") != "function":
+                problems.append(f"{here}.type must be \"function\"")
+            if not isinstance(function.get("arguments"), str):
+                problems.append(f"{here}.function.arguments must be a JSON string")
+        elif not isinstance(function.get("arguments"), dict):
+            problems.append(f"{here}.function.arguments must be an object")
+    return problems, ids
+
+
+def _tools_problems(tools: object) -> list[str]:
+    """``tools``: the same shape for Ollama and OpenAI."""
+    if not isinstance(tools, list) or not tools:
+        return ["tools must be a non-empty list"]
+    problems = []
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            problems.append(f"{where} must be an object with type \"function\"")
+            continue
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            problems.append(f"{where}.function must be an object")
+            continue
+        if not isinstance(function.get("name"), str) or not _TOOL_NAME.fullmatch(function["name"]):
+            problems.append(f"{where}.function.name must match {_TOOL_NAME.pattern}")
+        if "description" in function and not isinstance(function["description"], str):
+            problems.append(f"{where}.function.description must be a string")
+        parameters = function.get("parameters")
+        if not isinstance(parameters, dict) or parameters.get("type") != "object":
+            problems.append(f"{where}.function.parameters must be a JSON Schema object with type \"object\"")
+    return problems
+
+
+def _tool_choice_problems(request: dict) -> list[str]:
+    choice = request["tool_choice"]
+    if "tools" not in request:
+        return ["tool_choice is only allowed when tools are specified"]
+    if choice in ("none", "auto", "required"):
+        return []
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        return []
+    return [f"tool_choice must be none, auto, required or a named function, got {choice!r}"]
+
+
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -81,7 +229,11 @@ def _body_problems(provider: str, request: object) -> list[str]:
     if provider in ("ollama", "openai"):
         if not isinstance(request.get("model"), str) or not request["model"]:
             problems.append("model must be a non-empty string")
-        problems += _messages_problems(request.get("messages"), "messages", _CHAT_ROLES, non_empty=True)
+        problems += _chat_messages_problems(provider, request.get("messages"))
+        if "tools" in request:
+            problems += _tools_problems(request["tools"])
+    if provider == "openai" and "tool_choice" in request:
+        problems += _tool_choice_problems(request)
     if provider == "ollama" and not isinstance(request.get("stream"), bool):
         problems.append("stream must be true or false: Ollama streams NDJSON chunks when it is absent")
     if provider == "openai" and not isinstance(request.get("stream", False), bool):
@@ -113,12 +265,32 @@ def _error_body(provider: str, status: int, message: str) -> dict:
     return {"error": message}
 
 
-def _success_body(provider: str, request: dict, text: str, sequence: int) -> dict:
+def _openai_call_id(call: FakeToolCall, sequence: int, index: int) -> str:
+    return call.call_id or f"call_fake{sequence}x{index}"
+
+
+def _openai_arguments(call: FakeToolCall) -> str:
+    return call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments)
+
+
+def _ollama_tool_calls(reply: FakeReply) -> list[dict]:
+    # Ollama's arguments are an object; "index" numbers the calls of one reply (newer servers send it).
+    calls = []
+    for index, call in enumerate(reply.tool_calls):
+        calls.append({"function": {"index": index, "name": call.name, "arguments": call.arguments}})
+    return calls
+
+
+def _success_body(provider: str, request: dict, reply: FakeReply, sequence: int) -> dict:
+    text = reply.text
     if provider == "ollama":
+        message: dict = {"role": "assistant", "content": text}
+        if reply.tool_calls:
+            message["tool_calls"] = _ollama_tool_calls(reply)
         return {
             "model": request["model"],
             "created_at": _created_at(),
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "done_reason": "stop",
             "done": True,
             "total_duration": 5_191_566_416,
@@ -130,14 +302,22 @@ def _success_body(provider: str, request: dict, text: str, sequence: int) -> dic
         }
     if provider == "openai":
         completion_tokens = len(text.split())
+        message = {"role": "assistant", "content": text}
+        finish_reason = "stop"
+        if reply.tool_calls:
+            # OpenAI sends null content when the reply is only tool calls.
+            message = {"role": "assistant", "content": text or None, "tool_calls": [
+                {"id": _openai_call_id(call, sequence, index), "type": "function",
+                 "function": {"name": call.name, "arguments": _openai_arguments(call)}}
+                for index, call in enumerate(reply.tool_calls)
+            ]}
+            finish_reason = "tool_calls"
         return {
             "id": f"chatcmpl-fake{sequence}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": request["model"],
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-            ],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": {"prompt_tokens": 26, "completion_tokens": completion_tokens,
                       "total_tokens": 26 + completion_tokens},
         }
@@ -168,19 +348,22 @@ def _created_at() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _stream_chunks(provider: str, request: dict, text: str, sequence: int) -> list[tuple[bytes, bool]]:
-    """The wire chunks of a streamed reply, each with "carries a text delta"."""
-    deltas = split_into_deltas(text)
+def _stream_chunks(provider: str, request: dict, reply: FakeReply, sequence: int) -> list[tuple[bytes, bool]]:
+    """The wire chunks of a streamed reply, each with "carries a delta" (text or tool call)."""
+    deltas = split_into_deltas(reply.text)
     if provider == "ollama":
         def line(content: str, **extra) -> bytes:
+            message = {"role": "assistant", "content": content}
+            if "tool_calls" in extra:
+                message["tool_calls"] = extra.pop("tool_calls")
             return (json.dumps({
-                "model": request["model"], "created_at": _created_at(),
-                "message": {"role": "assistant", "content": content}, **extra,
+                "model": request["model"], "created_at": _created_at(), "message": message, **extra,
             }, ensure_ascii=False) + "\n").encode()  # Go's encoder sends UTF-8 as it is
         final = line("", done_reason="stop", done=True, total_duration=5_191_566_416, load_duration=2_154_458,
                      prompt_eval_count=26, prompt_eval_duration=383_809_000, eval_count=len(deltas),
                      eval_duration=4_799_921_000)
-        return [(line(delta, done=False), True) for delta in deltas] + [(final, False)]
+        calls = [(line("", tool_calls=_ollama_tool_calls(reply), done=False), True)] if reply.tool_calls else []
+        return [(line(delta, done=False), True) for delta in deltas] + calls + [(final, False)]
 
     def event(delta: dict, finish_reason: str | None) -> bytes:
         chunk = {
@@ -189,10 +372,23 @@ def _stream_chunks(provider: str, request: dict, text: str, sequence: int) -> li
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
         return f"data: {json.dumps(chunk)}\n\n".encode()
+    calls = []
+    for index, call in enumerate(reply.tool_calls):
+        # The first chunk of a call names it; its arguments follow in pieces, keyed by index only.
+        calls.append((event({"tool_calls": [{
+            "index": index, "id": _openai_call_id(call, sequence, index), "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }]}, None), True))
+        arguments = _openai_arguments(call)
+        for offset in range(0, len(arguments), call.piece_chars):
+            piece = arguments[offset:offset + call.piece_chars]
+            calls.append((event({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, None), True))
+    first = {"role": "assistant", "content": "" if deltas or not reply.tool_calls else None}
     return (
-        [(event({"role": "assistant", "content": ""}, None), False)]
+        [(event(first, None), False)]
         + [(event({"content": delta}, None), True) for delta in deltas]
-        + [(event({}, "stop"), False), (b"data: [DONE]\n\n", False)]
+        + calls
+        + [(event({}, "tool_calls" if reply.tool_calls else "stop"), False), (b"data: [DONE]\n\n", False)]
     )
 
 
@@ -279,12 +475,18 @@ class FakeLlmServer:
         if exc_type is None:
             self.check()
 
-    def _reply_text(self, request: dict, sequence: int) -> str:
+    def _reply(self, request: dict, sequence: int) -> FakeReply:
         if callable(self._replies):
-            return self._replies(request)
-        if isinstance(self._replies, str):
-            return self._replies
-        return self._replies[min(sequence, len(self._replies) - 1)]
+            reply = self._replies(request)
+        elif isinstance(self._replies, (str, FakeReply)):
+            reply = self._replies
+        else:
+            reply = self._replies[min(sequence, len(self._replies) - 1)]
+        if isinstance(reply, str):
+            return FakeReply(reply)
+        if self.provider == "llama3":
+            return FakeReply(reply.text)  # the llama3 API has no tool calls
+        return reply
 
     def _app(self, environ, start_response) -> Iterator[bytes] | list[bytes]:
         headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
@@ -321,17 +523,17 @@ class FakeLlmServer:
             return self._respond(start_response, self.status, self.body)
         if self.status >= 400:
             return self._respond(start_response, self.status, _error_body(self.provider, self.status, "fake failure"))
-        text = self._reply_text(request, sequence)
+        reply = self._reply(request, sequence)
         if self.provider != "llama3" and request.get("stream") is True:
             if self.stream_body is not None:
                 chunks = [(chunk.encode() if isinstance(chunk, str) else chunk, True) for chunk in self.stream_body]
             else:
-                chunks = _stream_chunks(self.provider, request, text, sequence)
+                chunks = _stream_chunks(self.provider, request, reply, sequence)
             content_type = "application/x-ndjson" if self.provider == "ollama" else "text/event-stream; charset=utf-8"
             # No Content-Length: pywsgi sends each chunk as it comes, with chunked encoding.
             start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-cache")])
             return self._stream(chunks, environ["fake.socket"])
-        return self._respond(start_response, 200, _success_body(self.provider, request, text, sequence))
+        return self._respond(start_response, 200, _success_body(self.provider, request, reply, sequence))
 
     def _stream(self, chunks: list[tuple[bytes, bool]], sock: socket.socket) -> Iterator[bytes]:
         # pywsgi asks for the next chunk only once it wrote the last one, and closes this

@@ -437,3 +437,20 @@ def test_llama_cpp_server_streams_sse_deltas(llama_server):
     stream.close()
     assert first_sentences or splitter.flush()
     assert "".join(client.stream(messages)).strip()
+
+
+@pytest.mark.parametrize("provider, body", [
+    ("ollama", [ollama_line("We are")]),
+    ("openai", [openai_event("We are")]),
+])
+def test_after_a_stream_that_ended_without_its_end_marker_the_next_request_gets_a_new_connection(provider, body):
+    # The body ended cleanly at the HTTP level, so urllib3 pools the connection; but a server
+    # that broke its reply (llama_cpp.server failing a streamed tool call does this) may close
+    # it a moment later, and the next turn would be sent into a reset connection.
+    with FakeLlmServer(provider, stream_body=body) as server:
+        client = client_for(provider, server.url)
+        with pytest.raises(LlmBadReply, match="ended without its end marker"):
+            drain(client.stream(MESSAGES))
+        with pytest.raises(LlmBadReply, match="ended without its end marker"):
+            drain(client.stream(MESSAGES))
+    assert server.client_ports[0] != server.client_ports[1]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ivr_daemon.llm.base import LlmBadReply, LlmClient, LlmError, LlmTimeout, LlmUnavailable, Message
+from ivr_daemon.llm.base import (
+    LlmBadReply,
+    LlmClient,
+    LlmError,
+    LlmTimeout,
+    LlmUnavailable,
+    Message,
+    ToolCall,
+    ToolSpec,
+)
 from ivr_daemon.llm.llama3 import Llama3Client
 from ivr_daemon.llm.ollama import OllamaClient
 from ivr_daemon.llm.openai import OpenAiClient
@@ -26,6 +35,8 @@ __all__ = [
     "Message",
     "OllamaClient",
     "OpenAiClient",
+    "ToolCall",
+    "ToolSpec",
     "make_llm_client",
 ]
 

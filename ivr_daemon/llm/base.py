@@ -1,16 +1,30 @@
-"""The LLM client interface and its errors: a chat history in, the assistant's text out, whole or streamed.
+"""The LLM client interface and its errors: a chat history in, the reply's text and tool calls out, whole or streamed.
 
 Every provider module (``ollama``, ``openai``, ``llama3``) turns the same ``messages`` list
 into its own JSON request and reads its own reply shape; the HTTP exchange, the time bound,
 the stream framing (NDJSON lines, server-sent events) and the mapping of every failure to an
 :class:`LlmError` live here, once.
 
+Tool calling (providers with ``supports_tools``): ``respond(messages, tools)`` and
+``stream(messages, tools)`` offer :class:`ToolSpec` s and hand back the model's
+:class:`ToolCall` s, whatever it called with whatever arguments (checking them is the
+caller's job); a tool round goes back to the model as two kinds of message, which each
+provider writes in its own wire format::
+
+    {"role": "assistant", "content": "Let me put you through.", "tool_calls": [ToolCall, ...]}
+    {"role": "tool", "tool_call_id": "<ToolCall.call_id>", "name": "transfer_call", "content": "<result>"}
+
+A reply is bounded: at most ``MAX_TOOL_CALLS`` calls, each with at most
+``MAX_TOOL_ARGUMENTS_CHARS`` characters of arguments and ``MAX_TOOL_NAME_CHARS`` of name;
+past that it is an LlmBadReply.
+
 Time bound of ``complete``: each request gets ``timeout=(timeout_s, timeout_s)`` (connect,
 each read) *and* a wall-clock ``gevent.Timeout(timeout_s)`` around the whole exchange, so a
 server that trickles its reply a byte at a time cannot hold a call for longer than
 ``timeout_s``. ``stream`` applies the same pair per delta instead: from the request to the
 first text delta, and between any two deltas, at most ``timeout_s`` may pass (time the
-caller spends between two ``next()`` calls does not count). The wall-clock bounds need the
+caller spends between two ``next()`` calls does not count); a tool call is one delta, so its
+arguments must all arrive within ``timeout_s``. The wall-clock bounds need the
 process to be gevent monkey-patched (the daemon always is, and so are the tests); without
 patching only the per-operation socket timeouts apply.
 """
@@ -21,12 +35,13 @@ import abc
 import contextlib
 import dataclasses
 import http.client
+import itertools
 import json
 import re
 import socket
 import time
 from types import MappingProxyType
-from typing import Callable, Generator, Iterable, Iterator, Literal
+from typing import Any, Callable, Generator, Iterable, Iterator, Literal, Sequence
 
 import gevent
 import requests
@@ -39,7 +54,15 @@ log = get_logger(__name__)
 
 LLM_POOL_CONNECTIONS = 256  # keep-alive connections kept per LLM endpoint
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+# {"role": "system" | "user" | "assistant", "content": "..."}, and for a tool round
+# {"role": "assistant", "content": "...", "tool_calls": [ToolCall, ...]} and
+# {"role": "tool", "tool_call_id": "...", "name": "...", "content": "..."}: see check_messages.
+Message = dict[str, Any]
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+MAX_TOOL_CALLS = 16  # in one reply
+MAX_TOOL_ARGUMENTS_CHARS = 64 * 1024  # of one call's arguments, as the model sent them
+MAX_TOOL_NAME_CHARS = 256
 
 # How the body of a streamed reply is cut into events: Ollama sends one JSON object per line,
 # OpenAI-compatible servers send server-sent events ("data: {...}" lines, blank-line separated).
@@ -81,7 +104,37 @@ class LlmUnavailable(LlmError):
 
 
 class LlmBadReply(LlmError):
-    """The server answered, but not with JSON of the provider's shape carrying non-empty text."""
+    """The server answered, but not with JSON of the provider's shape carrying non-empty text or tool calls."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """A tool offered to the model: its name, what it does, and its arguments as a JSON Schema object."""
+
+    name: str
+    description: str
+    parameters: dict  # {"type": "object", "properties": {...}, "required": [...]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A tool the model called, as it called it: the name may be unknown, the arguments anything."""
+
+    name: str
+    arguments: dict | None  # the parsed JSON object; None when the model sent anything else
+    raw_arguments: str  # exactly what the model sent (OpenAI: its JSON string; Ollama: json.dumps of its object)
+    call_id: str  # the server's id; generated ("call_<n>", unique per client) when the server sends none
+
+
+def parse_tool_arguments(raw: str) -> dict | None:
+    """The arguments as a JSON object; ``{}`` for none at all (empty or blank), None for anything but an object."""
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _caused_by_read_timeout(exc: BaseException) -> bool:
@@ -168,10 +221,17 @@ class _StreamProgress:
 
     status: int | None = None
     chars: int = 0
+    tool_calls: int = 0
 
 
 def check_messages(messages: list[Message], minimum: int = 1) -> list[Message]:
-    """Plain ``{"role", "content"}`` copies of ``messages``; ValueError on a caller's mistake."""
+    """Copies of ``messages`` with only the fields each role has; ValueError on a caller's mistake.
+
+    ``{"role": "system" | "user", "content"}``; ``{"role": "assistant", "content"}`` plus
+    ``"tool_calls": [ToolCall, ...]`` when it called tools (an empty list is left out);
+    ``{"role": "tool", "tool_call_id", "name", "content"}`` for a tool's result. Any other
+    key (a caller's annotation) is dropped.
+    """
     if not isinstance(messages, list) or len(messages) < minimum:
         raise ValueError(f"need a list of at least {minimum} message(s), got {messages!r:.80}")
     clean: list[Message] = []
@@ -182,14 +242,84 @@ def check_messages(messages: list[Message], minimum: int = 1) -> list[Message]:
             raise ValueError(f"message {index} is not a {{'role', 'content'}} dict") from None
         if not isinstance(role, str) or not isinstance(content, str):
             raise ValueError(f"message {index}: role and content must be strings")
-        clean.append({"role": role, "content": content})
+        if role not in MESSAGE_ROLES:
+            raise ValueError(f"message {index}: role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r:.40}")
+        copy: Message = {"role": role, "content": content}
+        calls = message.get("tool_calls")
+        if calls:
+            if role != "assistant":
+                raise ValueError(f"message {index}: only an assistant message has tool_calls")
+            if not isinstance(calls, (list, tuple)) or not all(isinstance(call, ToolCall) for call in calls):
+                raise ValueError(f"message {index}: tool_calls must be a list of ToolCall")
+            copy["tool_calls"] = list(calls)
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if not isinstance(message.get(key), str) or not message[key]:
+                    raise ValueError(f"message {index}: a tool message needs a non-empty {key!r} string")
+            copy["tool_call_id"], copy["name"] = message["tool_call_id"], message["name"]
+        clean.append(copy)
     return clean
 
 
+def check_tools(tools: Sequence[ToolSpec]) -> tuple[ToolSpec, ...]:
+    """``tools`` as a tuple; ValueError on a caller's mistake (not ToolSpecs, a name twice, parameters not a dict)."""
+    if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Iterable):
+        raise ValueError(f"tools must be a sequence of ToolSpec, got {type(tools).__name__}")
+    tools = tuple(tools)
+    names = set()
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, ToolSpec):
+            raise ValueError(f"tool {index} is a {type(tool).__name__}, not a ToolSpec")
+        if not isinstance(tool.name, str) or not tool.name or tool.name in names:
+            raise ValueError(f"tool {index}: the name must be a non-empty string used once, got {tool.name!r:.40}")
+        if not isinstance(tool.description, str) or not isinstance(tool.parameters, dict):
+            raise ValueError(f"tool {index} ({tool.name}): description must be a string, parameters a dict")
+        names.add(tool.name)
+    return tools
+
+
+def function_tools(tools: Sequence[ToolSpec]) -> list[dict]:
+    """The ``tools`` of an OpenAI or Ollama request: ``[{"type": "function", "function": {...}}, ...]``."""
+    return [
+        {"type": "function",
+         "function": {"name": tool.name, "description": tool.description, "parameters": tool.parameters}}
+        for tool in tools
+    ]
+
+
+def plain_messages(clean: list[Message]) -> list[Message]:
+    """``clean`` for a provider without tools: tool results dropped, assistant turns without the calls.
+
+    An assistant turn that was only tool calls has nothing left to show and goes too.
+    """
+    plain = []
+    for message in clean:
+        if message["role"] == "tool" or ("tool_calls" in message and not message["content"].strip()):
+            continue
+        plain.append({"role": message["role"], "content": message["content"]})
+    return plain
+
+
+class StreamReader:
+    """Reads the events of one streamed reply, in order: a new one per stream, since it may keep state."""
+
+    def feed(self, event: str) -> tuple[str, list[ToolCall], bool]:
+        """One event (an NDJSON line, an SSE event's data) -> (text delta, tool calls now complete, reply finished).
+
+        Raises LlmBadReply for an event of the wrong shape.
+        """
+        raise NotImplementedError
+
+    def finish(self) -> list[ToolCall]:
+        """The tool calls still being assembled when the reply finished (called once, after the last feed)."""
+        return []
+
+
 class LlmClient(abc.ABC):
-    """One endpoint and model; ``complete`` and ``stream`` block, cooperatively under gevent."""
+    """One endpoint and model; ``complete``, ``respond`` and ``stream`` block, cooperatively under gevent."""
 
     provider: str
+    supports_tools: bool = False  # False: tools are ignored, tool messages dropped (see plain_messages)
 
     def __init__(
         self,
@@ -220,6 +350,7 @@ class LlmClient(abc.ABC):
             session.mount("http://", adapter)
             session.mount("https://", adapter)
         self._session = session
+        self._call_numbers = itertools.count()
 
     @classmethod
     def endpoint_url(cls, api_url: str) -> str:
@@ -235,29 +366,71 @@ class LlmClient(abc.ABC):
         exceptions (a malformed ``messages`` argument is a caller bug: ValueError).
         """
 
-    def stream(self, messages: list[Message]) -> Generator[str, None, None]:
-        """The reply as text deltas, yielded as the server produces them.
+    def respond(self, messages: list[Message], tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
+        """The whole reply: its text, stripped (may be "" when the model only called tools), and its tool calls.
+
+        With ``tools=()`` the request is exactly the one ``complete`` sends. A reply with
+        neither text nor tool calls is an LlmBadReply; otherwise the errors are ``complete``'s.
+        This fallback, for providers without tools, ignores ``tools`` (a debug line says so).
+        """
+        self.ignore_tools(tools)
+        return self.complete(messages), []
+
+    def stream(
+        self, messages: list[Message], tools: Sequence[ToolSpec] = ()
+    ) -> Generator[str | ToolCall, None, None]:
+        """The reply as text deltas, yielded as the server produces them, and its tool calls.
 
         A generator: the request goes out at the first ``next()`` (so does a ValueError for a
-        malformed ``messages``). Leading whitespace is dropped, and ``"".join(deltas).strip()``
-        is what ``complete`` would have returned. Raises LlmError subclasses only, also after
-        some deltas: a stream that breaks off is LlmUnavailable, one that stalls LlmTimeout,
-        one with a wrong shape, an error event, no end marker or no text at all LlmBadReply.
-        ``close()`` abandons the reply (barge-in) and closes its connection at once; to abandon
-        a stream that another greenlet is reading, kill that greenlet.
+        malformed ``messages`` or ``tools``). Leading whitespace is dropped, and
+        ``"".join(deltas).strip()`` is what ``complete`` would have returned. Each tool call
+        comes as one :class:`ToolCall` once it is complete (after the text that precedes it;
+        OpenAI's at the end of the reply, Ollama's as soon as its line arrives). With
+        ``tools=()`` the request is exactly as without tool support. Raises LlmError
+        subclasses only, also after some deltas: a stream that breaks off is LlmUnavailable,
+        one that stalls LlmTimeout, one with a wrong shape, an error event, no end marker or
+        neither text nor tool calls LlmBadReply. ``close()`` abandons the reply (barge-in) and
+        closes its connection at once; to abandon a stream that another greenlet is reading,
+        kill that greenlet.
 
         This fallback, for providers without a streaming API, yields the whole ``complete``
-        reply as one delta.
+        reply as one delta, ignoring ``tools``.
         """
+        self.ignore_tools(tools)
         yield self.complete(messages)
 
-    def stream_delta(self, event: str) -> tuple[str, bool]:
-        """One event of a streamed reply (an NDJSON line, an SSE event's data) -> (text delta, reply finished).
+    def ignore_tools(self, tools: Sequence[ToolSpec]) -> None:
+        """For providers without tools: check ``tools`` as the others would, and say at debug that they go unused."""
+        tools = check_tools(tools)
+        if tools:
+            log.debug("llm_tools_ignored", provider=self.provider, model=self.model, tools=len(tools))
 
-        Providers that stream through :meth:`post_stream` implement it, raising LlmBadReply
-        for an event of the wrong shape.
-        """
+    def stream_reader(self) -> StreamReader:
+        """A reader for the events of one streamed reply; providers that stream through :meth:`post_stream` give one."""
         raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def new_call_id(self) -> str:
+        """An id for a tool call the server sent without one; unique per client, so results match their call."""
+        return f"call_{next(self._call_numbers)}"
+
+    def tool_call(self, name: object, raw_arguments: str, call_id: object, where: str) -> ToolCall:
+        """A ToolCall from what the server sent, within the bounds; LlmBadReply past them or without a name."""
+        if not isinstance(name, str) or not name:
+            raise LlmBadReply(f"{self.provider}: {where} has no function name (got {name!r:.40})")
+        if len(name) > MAX_TOOL_NAME_CHARS:
+            raise LlmBadReply(f"{self.provider}: {where} has a name longer than {MAX_TOOL_NAME_CHARS} characters")
+        if len(raw_arguments) > MAX_TOOL_ARGUMENTS_CHARS:
+            raise LlmBadReply(
+                f"{self.provider}: {where} ({name:.40}) has arguments longer than {MAX_TOOL_ARGUMENTS_CHARS} characters"
+            )
+        if not isinstance(call_id, str) or not call_id:
+            call_id = self.new_call_id()
+        return ToolCall(name=name, arguments=parse_tool_arguments(raw_arguments), raw_arguments=raw_arguments,
+                        call_id=call_id)
+
+    def check_tool_call_count(self, count: int) -> None:
+        if count > MAX_TOOL_CALLS:
+            raise LlmBadReply(f"{self.provider}: reply has more than {MAX_TOOL_CALLS} tool calls")
 
     def close(self) -> None:
         self._session.close()
@@ -312,8 +485,8 @@ class LlmClient(abc.ABC):
             # Read the whole body inside the deadline: a trickling body is the slow part.
             return response.status_code, response.content
 
-    def post_stream(self, payload: dict, framing: StreamFraming) -> Generator[str, None, None]:
-        """POST ``payload`` and yield the text deltas :meth:`stream_delta` finds in the streamed reply.
+    def post_stream(self, payload: dict, framing: StreamFraming) -> Generator[str | ToolCall, None, None]:
+        """POST ``payload`` and yield the text deltas and tool calls a :meth:`stream_reader` finds in the reply.
 
         Each ``next()`` runs under its own ``timeout_s`` deadline; the generator's
         ``finally`` closes the response, so ``close()`` or a kill never leaks the connection.
@@ -347,11 +520,14 @@ class LlmClient(abc.ABC):
                 outcome=outcome,
                 status=progress.status,
                 chars=progress.chars,
+                tool_calls=progress.tool_calls,
                 first_delta_ms=first_delta_ms,
                 elapsed_ms=round((time.monotonic() - started_s) * 1000),
             )
 
-    def _stream_deltas(self, payload: dict, framing: StreamFraming, progress: _StreamProgress) -> Iterator[str]:
+    def _stream_deltas(
+        self, payload: dict, framing: StreamFraming, progress: _StreamProgress
+    ) -> Iterator[str | ToolCall]:
         headers = {
             **self.request_headers(),
             "Accept": _STREAM_ACCEPT[framing],
@@ -370,22 +546,37 @@ class LlmClient(abc.ABC):
                     status=response.status_code,
                 )
             finished = False
+            reader = self.stream_reader()
+            connection = getattr(response.raw, "connection", None)
             for event in self._stream_events(response, framing):
-                delta, finished = self.stream_delta(event)
+                delta, calls, finished = reader.feed(event)
                 if not progress.chars:
                     delta = delta.lstrip()
                 if delta:
                     progress.chars += len(delta)
                     yield delta
                 if finished:
+                    calls = [*calls, *reader.finish()]
+                # The spoken part before the calls: a caller may say it while the calls run.
+                for call in calls:
+                    progress.tool_calls += 1
+                    self.check_tool_call_count(progress.tool_calls)
+                    yield call
+                if finished:
                     break
             if not finished:
+                # The body ended cleanly as HTTP goes, so urllib3 has pooled the connection; but a
+                # server that broke off its reply (llama_cpp.server failing a streamed tool call)
+                # may close it a moment later, and the next request would meet a reset. Nothing
+                # ran since the release, so no other greenlet can have taken it yet.
+                if connection is not None:
+                    connection.close()
                 raise LlmBadReply(
                     f"{self.provider}: stream from {self.api_url} ended without its end marker"
                     f" after {progress.chars} chars"
                 )
-            if not progress.chars:
-                raise LlmBadReply(f"{self.provider}: stream from {self.api_url} carried no text")
+            if not progress.chars and not progress.tool_calls:
+                raise LlmBadReply(f"{self.provider}: stream from {self.api_url} carried no text and no tool call")
             self._drain(response)
         finally:
             response.close()
@@ -465,6 +656,17 @@ class LlmClient(abc.ABC):
 
     def text_at(self, reply: object, *path: str | int) -> str:
         """The non-empty stripped string at ``path`` inside ``reply``, else LlmBadReply."""
+        node = self.node_at(reply, *path)
+        walked = "reply" + "".join(f"[{step!r}]" for step in path)
+        if not isinstance(node, str):
+            raise LlmBadReply(f"{self.provider}: {walked} is {type(node).__name__}, not text")
+        text = node.strip()
+        if not text:
+            raise LlmBadReply(f"{self.provider}: {walked} is empty")
+        return text
+
+    def node_at(self, reply: object, *path: str | int) -> object:
+        """Whatever is at ``path`` inside ``reply``; LlmBadReply (naming any server error) when it is not there."""
         node = reply
         walked = "reply"
         for step in path:
@@ -480,9 +682,21 @@ class LlmClient(abc.ABC):
                     f"{self.provider}: reply has no {walked}[{step!r}]{detail}"
                 ) from None
             walked += f"[{step!r}]"
-        if not isinstance(node, str):
-            raise LlmBadReply(f"{self.provider}: {walked} is {type(node).__name__}, not text")
-        text = node.strip()
-        if not text:
-            raise LlmBadReply(f"{self.provider}: {walked} is empty")
-        return text
+        return node
+
+    def message_parts(self, reply: object, *path: str | int) -> tuple[str, object]:
+        """(stripped text, raw tool_calls) of the message object at ``path``: content may be absent or null."""
+        message = self.node_at(reply, *path)
+        where = "reply" + "".join(f"[{step!r}]" for step in path)
+        if not isinstance(message, dict):
+            raise LlmBadReply(f"{self.provider}: {where} is {type(message).__name__}, not an object")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise LlmBadReply(f"{self.provider}: {where}['content'] is {type(content).__name__}, not text")
+        return (content or "").strip(), message.get("tool_calls")
+
+    def whole_reply(self, text: str, calls: list[ToolCall]) -> tuple[str, list[ToolCall]]:
+        """(text, calls) of a whole reply, or LlmBadReply when it has neither."""
+        if not text and not calls:
+            raise LlmBadReply(f"{self.provider}: reply from {self.api_url} has neither text nor tool calls")
+        return text, calls

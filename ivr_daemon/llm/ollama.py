@@ -18,14 +18,42 @@ is ``application/x-ndjson``, one object per line, each carrying the next piece o
 A failure after the stream started cannot change the HTTP status any more, so Ollama sends it
 as a line of its own: ``{"error": "..."}``. ``api_url`` is the full endpoint URL (default
 http://localhost:11434/api/chat); a bare ``http://host:port`` gets ``/api/chat`` appended.
+
+Tools (https://docs.ollama.com/capabilities/tool-calling): offered as ``"tools": [{"type":
+"function", "function": {"name", "description", "parameters"}}]``. A reply that calls tools has
+``message.tool_calls``, each call whole, its arguments an object; streamed, the calls come
+whole in a line of their own (``"done": false``) after the text, and each is handed out as
+soon as its line arrives::
+
+    <- {"model": "llama3", ..., "message": {"role": "assistant", "content": "",
+        "tool_calls": [{"function": {"index": 0, "name": "transfer_call", "arguments": {"target": "sales"}}}]},
+        "done": false}
+
+Ollama numbers no calls (newer versions may send an ``id``: it is kept), so the client gives
+each an id of its own. The next request tells the model what happened: the assistant message
+with ``"tool_calls": [{"type": "function", "id", "function": {"index", "name", "arguments":
+{object}}}]`` (``{}`` for arguments that were not an object), then one ``{"role": "tool",
+"content", "tool_name", "tool_call_id"}`` per call (``tool_name`` is the field Ollama's docs
+give; ``tool_call_id`` is for newer versions, older ones ignore it).
 """
 
 from __future__ import annotations
 
-from typing import Generator
+import json
+from typing import Generator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from ivr_daemon.llm.base import LlmBadReply, LlmClient, Message, check_messages
+from ivr_daemon.llm.base import (
+    LlmBadReply,
+    LlmClient,
+    Message,
+    StreamReader,
+    ToolCall,
+    ToolSpec,
+    check_messages,
+    check_tools,
+    function_tools,
+)
 
 CHAT_PATH = "/api/chat"
 
@@ -34,6 +62,7 @@ class OllamaClient(LlmClient):
     """A model served by Ollama."""
 
     provider = "ollama"
+    supports_tools = True
 
     @classmethod
     def endpoint_url(cls, api_url: str) -> str:
@@ -45,17 +74,76 @@ class OllamaClient(LlmClient):
     def complete(self, messages: list[Message]) -> str:
         return self.text_at(self.post_json(self._payload(messages, stream=False)), "message", "content")
 
-    def stream(self, messages: list[Message]) -> Generator[str, None, None]:
-        yield from self.post_stream(self._payload(messages, stream=True), "ndjson")
+    def respond(self, messages: list[Message], tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
+        text, raw_calls = self.message_parts(self.post_json(self._payload(messages, stream=False, tools=tools)),
+                                             "message")
+        return self.whole_reply(text, self.tool_calls_of(raw_calls))
 
-    def _payload(self, messages: list[Message], stream: bool) -> dict:
-        payload = {"model": self.model, "messages": check_messages(messages), "stream": stream}
+    def stream(
+        self, messages: list[Message], tools: Sequence[ToolSpec] = ()
+    ) -> Generator[str | ToolCall, None, None]:
+        yield from self.post_stream(self._payload(messages, stream=True, tools=tools), "ndjson")
+
+    def _payload(self, messages: list[Message], stream: bool, tools: Sequence[ToolSpec] = ()) -> dict:
+        payload = {"model": self.model, "messages": [_wire_message(m) for m in check_messages(messages)],
+                   "stream": stream}
         if self.max_tokens is not None:
             payload["options"] = {"num_predict": self.max_tokens}
+        tools = check_tools(tools)
+        if tools:
+            payload["tools"] = function_tools(tools)
         return payload
 
-    def stream_delta(self, event: str) -> tuple[str, bool]:
-        chunk = self.stream_chunk(event)
+    def tool_calls_of(self, raw_calls: object) -> list[ToolCall]:
+        """The ToolCalls of a ``message.tool_calls`` (absent: none); LlmBadReply for a wrong shape."""
+        if raw_calls is None:
+            return []
+        if not isinstance(raw_calls, list):
+            raise LlmBadReply(f"ollama: message.tool_calls is {type(raw_calls).__name__}, not a list")
+        self.check_tool_call_count(len(raw_calls))
+        calls = []
+        for index, item in enumerate(raw_calls):
+            where = f"message.tool_calls[{index}]"
+            function = item.get("function") if isinstance(item, dict) else None
+            if not isinstance(function, dict):
+                raise LlmBadReply(f"ollama: {where} has no function object")
+            arguments = function.get("arguments")
+            if arguments is None:
+                raw = ""
+            elif isinstance(arguments, str):
+                raw = arguments  # not Ollama's shape, but what the model meant is in it
+            else:
+                raw = json.dumps(arguments)
+            calls.append(self.tool_call(function.get("name"), raw, item.get("id"), where))
+        return calls
+
+    def stream_reader(self) -> StreamReader:
+        return _OllamaStreamReader(self)
+
+
+def _wire_message(message: Message) -> dict:
+    """A checked message as Ollama's chat API takes it."""
+    if message["role"] == "tool":
+        return {"role": "tool", "tool_call_id": message["tool_call_id"], "tool_name": message["name"],
+                "content": message["content"]}
+    if "tool_calls" in message:
+        return {"role": "assistant", "content": message["content"], "tool_calls": [
+            {"type": "function", "id": call.call_id,
+             "function": {"index": index, "name": call.name,
+                          "arguments": call.arguments if call.arguments is not None else {}}}
+            for index, call in enumerate(message["tool_calls"])
+        ]}
+    return {"role": message["role"], "content": message["content"]}
+
+
+class _OllamaStreamReader(StreamReader):
+    """Text from ``message.content``; the calls of ``message.tool_calls`` as soon as their line arrives."""
+
+    def __init__(self, client: OllamaClient):
+        self._client = client
+
+    def feed(self, event: str) -> tuple[str, list[ToolCall], bool]:
+        chunk = self._client.stream_chunk(event)
         done = chunk.get("done") is True
         message = chunk.get("message")
         content = message.get("content") if isinstance(message, dict) else None
@@ -65,4 +153,5 @@ class OllamaClient(LlmClient):
             raise LlmBadReply(
                 f"ollama: stream line has no message.content text (keys: {', '.join(sorted(chunk)) or 'none'})"
             )
-        return content, done
+        calls = self._client.tool_calls_of(message.get("tool_calls")) if isinstance(message, dict) else []
+        return content, calls, done
