@@ -14,6 +14,8 @@ from ivr_daemon.replay.fixture import FixtureError, load_fixture
 from ivr_daemon.replay.recorder import record_scripted_calls
 
 CAPTURES = Path(__file__).parent / "captures"
+# These recordings are about record and replay, not the call flow: no greeting, no re-prompts.
+NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
 
 def two_turn_call(sim):
@@ -29,7 +31,8 @@ def two_turn_call(sim):
 def recorded(tmp_path_factory):
     out = tmp_path_factory.mktemp("rec") / "round_trip.esl"
     with FakeLlmServer("ollama", replies=["We open at nine.", "Saturdays from ten."]) as llm:
-        record_scripted_calls(out, two_turn_call, {"LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url, "TTS_ENGINE": "null"},
+        record_scripted_calls(out, two_turn_call, {"LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url, "TTS_ENGINE": "null",
+                                                   **NO_CALL_FLOW_SPEECH},
                               calls=1, playback_speed=0.1)
     return out
 
@@ -48,6 +51,9 @@ def test_recorded_fixture_holds_frames_replies_and_expected_commands(recorded):
     text = recorded.read_bytes()
     assert b"Speech-Type: detected-speech" in text and b"\nwhat are your opening hours\n" in text
     assert fixture.frames[0].offset_s == 0.0
+    # The settings that shape the commands are noted, so the replay runs with them.
+    assert fixture.env["GREETING"] == "" and fixture.env["SILENCE_TIMEOUT_S"] == "0.0"
+    assert fixture.env["LLM_STREAM"] == "true"
 
 
 def test_record_then_replay_is_green(recorded, tmp_path):
@@ -189,6 +195,7 @@ def record_one_question(out, llm, stream=True, sentences_heard=1):
         sim.hangup(call)
 
     record_scripted_calls(out, scenario, {"LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url, "TTS_ENGINE": "null",
+                                          **NO_CALL_FLOW_SPEECH,
                                           "LLM_STREAM": "true" if stream else "false"},
                           calls=1, playback_speed=0.1)
     return load_fixture(out)

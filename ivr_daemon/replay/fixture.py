@@ -4,6 +4,8 @@ A fixture is a text file a person can read and diff (see tests/fixtures/README.m
 
     @fixture v1
     # Free comment lines start with '#' between blocks.
+    @env GREETING=Hello there.                <- a setting the recording ran with; the replay runs
+    @env SILENCE_TIMEOUT_S=0                     with it too (call-flow behaviour, not the switch)
     @frame +0.000
     Content-Length: 1937                      <- one ESL frame, byte for byte as it came off
     Content-Type: text/event-plain               the socket, delimited by its own headers and
@@ -53,6 +55,13 @@ PLACEHOLDERS = {
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
 _UUID_RE = re.compile(PLACEHOLDERS["{uuid}"])
 _OFFSET_RE = re.compile(r"^\+(\d+(?:\.\d+)?)$")
+_ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# The settings that change which commands the daemon sends: a recording notes them (@env).
+BEHAVIOUR_SETTINGS = (
+    "LLM_STREAM", "BARGE_IN", "BARGE_IN_MIN_WORDS", "MAX_REPLY_SENTENCES", "MAX_CONVERSATION_HISTORY",
+    "GREETING", "SILENCE_TIMEOUT_S", "MAX_REPROMPTS", "REPROMPT_PHRASE", "GOODBYE_PHRASE", "TRANSFER_PHRASE",
+    "GOODBYE_WORDS", "OPERATOR_DESTINATION", "FALLBACK_PHRASE",
+)
 
 
 class FixtureError(ValueError):
@@ -114,6 +123,16 @@ class ExpectedCommand:
         return call_uuid_of(self.text)
 
 
+# Commands that check on the switch rather than act on a call (the resync's uuid_exists): their
+# timing depends on when the connection came up, so fixtures neither record nor expect them.
+HOUSEKEEPING_COMMANDS = ("api uuid_exists ",)
+
+
+def is_call_command(command_line: str) -> bool:
+    """An api/bgapi command a fixture records and a replay compares."""
+    return command_line.startswith(("api ", "bgapi ")) and not command_line.startswith(HOUSEKEEPING_COMMANDS)
+
+
 def call_uuid_of(command_line: str) -> str | None:
     """The channel a command is about: the first UUID in the line."""
     match = _UUID_RE.search(command_line)
@@ -128,6 +147,7 @@ class Fixture:
     path: Path
     timeline: list[TimelineItem] = field(default_factory=list)
     comments: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # settings the recording ran with (@env)
 
     @property
     def name(self) -> str:
@@ -205,7 +225,12 @@ class _Reader:
                     raise self.fail(f"expected '@fixture {FORMAT_VERSION}' first, got {line[:60]!r}", line_no)
                 saw_header = True
                 continue
-            if directive == "@frame":
+            if directive == "@env":
+                name, equals, value = rest.partition("=")
+                if not equals or not _ENV_NAME_RE.match(name):
+                    raise self.fail("@env needs NAME=VALUE (an environment variable name)", line_no)
+                fixture.env[name] = value.rstrip("\r")
+            elif directive == "@frame":
                 fixture.timeline.append(FixtureFrame(self._offset(rest, line_no), self._frame_bytes(line_no), line_no))
             elif directive == "@raw":
                 offset_text, _, count_text = rest.partition(" ")
@@ -287,11 +312,13 @@ class _Reader:
         return LlmReply(transcript_line[2:], "\n".join(lines), None, history, delay_s, line_no, stopped)
 
 
-def render_fixture(timeline: list[TimelineItem], comments: list[str] = ()) -> bytes:
+def render_fixture(timeline: list[TimelineItem], comments: list[str] = (), env: dict[str, str] | None = None) -> bytes:
     """Write a fixture from its timeline (line numbers in the items are ignored)."""
     out = bytearray(f"@fixture {FORMAT_VERSION}\n".encode())
     for comment in comments:
         out += f"# {comment}\n".encode()
+    for name, value in (env or {}).items():
+        out += f"@env {name}={value}\n".encode()
     for item in timeline:
         if isinstance(item, FixtureFrame):
             head = f"@raw +{item.offset_s:.3f} {len(item.data)}" if item.raw else f"@frame +{item.offset_s:.3f}"

@@ -22,7 +22,7 @@ from ivr_daemon.esl.commands import EslCommand
 from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, parse_event
 from ivr_daemon.llm.base import LlmClient, LlmError, LlmTimeout, LlmUnavailable, Message
 from ivr_daemon.logs import get_logger
-from ivr_daemon.replay.fixture import (ABANDONED, ExpectedCommand, FixtureFrame, LlmReply, call_uuid_of,
+from ivr_daemon.replay.fixture import (ABANDONED, ExpectedCommand, FixtureFrame, LlmReply, call_uuid_of, is_call_command,
                                        render_fixture)
 
 log = get_logger(__name__)
@@ -44,6 +44,10 @@ class RecordingLlm(LlmClient):
     ``complete`` (LLM_STREAM=false) and ``stream`` (LLM_STREAM=true) both go to the real
     client's own method, so a recording asks the LLM what a real run asks it.
     """
+
+    # The fixture format has no tool calls yet: a recording offers the model none, so the
+    # call flow falls back to goodbye words and DTMF, as with the llama3 provider.
+    supports_tools = False
 
     def __init__(self, inner: LlmClient, recorder: "Recorder"):
         self.inner, self.recorder = inner, recorder
@@ -145,7 +149,7 @@ class Recorder:
 
     def on_command(self, command: EslCommand) -> None:
         # Stamped as it is sent, before FreeSWITCH's reply or any event it causes.
-        if command.line.startswith(("api ", "bgapi ")):
+        if is_call_command(command.line):
             self.timeline.append((time.monotonic(), ExpectedCommand(_WAV_RE.sub("{wav}", command.line), 0),
                                   call_uuid_of(command.line)))
 
@@ -161,7 +165,7 @@ class Recorder:
     def commands(self) -> list[ExpectedCommand]:
         return [item for _, item, _ in self.timeline if isinstance(item, ExpectedCommand)]
 
-    def render(self, comments: list[str] = ()) -> bytes:
+    def render(self, comments: list[str] = (), env: dict[str, str] | None = None) -> bytes:
         def kept(item, uuid) -> bool:
             if isinstance(item, LlmReply) or self.all_calls:
                 return True
@@ -170,10 +174,11 @@ class Recorder:
             return uuid is not None and uuid in self.ivr_calls
 
         ordered = sorted(self.timeline, key=lambda entry: entry[0])
-        return render_fixture([item for _, item, uuid in ordered if kept(item, uuid)], comments)
+        return render_fixture([item for _, item, uuid in ordered if kept(item, uuid)], comments, env)
 
-    def write(self, path: Path, comments: list[str] = ()) -> int:
-        data = self.render(comments)
+    def write(self, path: Path, comments: list[str] = (), env: dict[str, str] | None = None) -> int:
+        """``env``: the settings the recording ran with that shape its commands (@env lines)."""
+        data = self.render(comments, env)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(path)

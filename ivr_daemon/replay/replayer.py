@@ -27,7 +27,8 @@ from ivr_daemon.daemon import build_conversation_daemon
 from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, build_plain_event, parse_event, split_plain_event
 from ivr_daemon.llm.base import LlmBadReply, LlmClient, LlmTimeout, LlmUnavailable, Message
 from ivr_daemon.logs import get_logger
-from ivr_daemon.replay.fixture import ExpectedCommand, Fixture, FixtureFrame, LlmReply, call_uuid_of, load_fixture
+from ivr_daemon.replay.fixture import (
+    ExpectedCommand, Fixture, FixtureFrame, LlmReply, call_uuid_of, is_call_command, load_fixture)
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 from ivr_daemon.tts.base import TtsEngine
 
@@ -53,6 +54,7 @@ class FixtureLlm(LlmClient):
     """
 
     provider = "fixture"
+    supports_tools = False  # as the recording's (RecordingLlm)
 
     def __init__(self, replies: list[LlmReply], timeout_s: float = 30.0):
         super().__init__("http://fixture.invalid", "fixture", timeout_s)
@@ -194,7 +196,10 @@ def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | Non
     started_s = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ivr-replay-") as tts_dir, \
             FreeswitchSimulator(duplicate_speech_while_parked=False, simulate_media=False, auth_timeout_s=None) as sim:
-        env = {"TTS_ENGINE": "null", **{k: v for k, v in (base_env or {}).items() if k not in REPLAY_OWNED}}
+        # The settings the recording ran with (@env), under what the caller sets on purpose
+        # (the environment, --env-file): a replay under other settings shows what would change.
+        env = {"TTS_ENGINE": "null", **{k: v for k, v in fixture.env.items() if k not in REPLAY_OWNED},
+               **{k: v for k, v in (base_env or {}).items() if k not in REPLAY_OWNED}}
         env.update({"FREESWITCH_PORT": str(sim.port), "FREESWITCH_HOST": "127.0.0.1", "TTS_OUTPUT_DIR": tts_dir,
                     "FREESWITCH_PASSWORD": sim.password})
         settings: Settings = load_settings(environ=env)
@@ -230,7 +235,7 @@ def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | Non
             daemon.stop()
     sent = []
     for command in sim.commands:
-        if command.line.startswith(("api ", "bgapi ")):
+        if is_call_command(command.line):
             uuid = call_uuid_of(command.line) or NO_CALL
             before = [d for t, d in written.get(uuid, []) if t <= command.t_monotonic]
             sent.append(SentCommand(command.line, uuid, before[-1] if before else "none of this call yet"))
@@ -239,8 +244,7 @@ def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | Non
 
 
 def _sent_for(sim: FreeswitchSimulator, uuid: str) -> int:
-    return sum(1 for c in sim.commands
-               if c.line.startswith(("api ", "bgapi ")) and (call_uuid_of(c.line) or NO_CALL) == uuid)
+    return sum(1 for c in sim.commands if is_call_command(c.line) and (call_uuid_of(c.line) or NO_CALL) == uuid)
 
 
 def _wait_for_commands(sim: FreeswitchSimulator, uuid: str, count: int, timeout_s: float = EXPECT_WAIT_S) -> None:
