@@ -27,6 +27,17 @@ def _settings_or_exit(args):
         raise SystemExit(EXIT_CONFIG)
 
 
+def _agents_or_exit(settings):
+    from ivr_daemon.agents import load_agents
+    from ivr_daemon.config import ConfigError
+
+    try:
+        return load_agents(settings)
+    except ConfigError as exc:
+        print(f"ivr-daemon: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+
+
 def cmd_run(args) -> int:
     from ivr_daemon.daemon import build_conversation_daemon
     from ivr_daemon.esl.connection import AuthenticationFailed
@@ -38,8 +49,9 @@ def cmd_run(args) -> int:
     log = get_logger("ivr_daemon.cli")
     if settings.uses_default_esl_password:
         log.warning("esl_default_password", hint="FREESWITCH_PASSWORD is FreeSWITCH's well-known default ClueCon: change it on the switch and here")
+    agents = _agents_or_exit(settings)
     try:
-        daemon = build_conversation_daemon(settings)
+        daemon = build_conversation_daemon(settings, agents=agents)
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -100,7 +112,8 @@ def cmd_record(args) -> int:
     out_path = Path(args.out)
     recorder = Recorder(all_calls=args.all_calls, stop_after_calls=args.calls)
     try:
-        daemon = build_conversation_daemon(settings, llm=RecordingLlm(make_llm_client(settings), recorder),
+        daemon = build_conversation_daemon(settings, agents=_agents_or_exit(settings),
+                                           llm=RecordingLlm(make_llm_client(settings), recorder),
                                            on_frame=recorder.on_frame, on_command=recorder.on_command)
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
@@ -118,7 +131,11 @@ def cmd_record(args) -> int:
         return EXIT_AUTH
     wait_until_idle(daemon, timeout_s=30)
     daemon.stop()
-    size = recorder.write(out_path, comments=[f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"])
+    from ivr_daemon.replay.fixture import BEHAVIOUR_SETTINGS
+
+    recorded_with = {k: v for k, v in settings.as_environment().items() if k in BEHAVIOUR_SETTINGS}
+    size = recorder.write(out_path, comments=[f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"],
+                          env=recorded_with)
     print(f"wrote {out_path}: {len(recorder.frames)} frames seen, {len(recorder.llm)} LLM replies, "
           f"{len(recorder.commands)} commands, {size} bytes", file=sys.stderr)
     return EXIT_OK

@@ -37,12 +37,13 @@ import gevent.queue
 import gevent.threadpool
 import structlog
 
+from ivr_daemon.agents import Agent
 from ivr_daemon.config import Settings
 from ivr_daemon.esl import commands
 from ivr_daemon.esl.commands import EslCommand
 from ivr_daemon.esl.connection import CommandOutcomeUnknown, CommandReply, EslError, NotConnectedError
 from ivr_daemon.esl.protocol import EslEvent
-from ivr_daemon.llm.base import LlmClient, LlmError, Message
+from ivr_daemon.llm.base import LlmClient, LlmError, Message, ToolCall, ToolSpec
 from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.sentences import SentenceSplitter
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
@@ -143,6 +144,7 @@ class TurnServices:
     wait_connected: Callable[[float], bool] | None = None
     accepting_turns: bool = True  # False once shutdown begins
     pinned: PinnedPhrases | None = None  # the phrases the daemon relies on (fallback), never evicted
+    agent: Agent | None = None  # whose settings these are: its transfer targets and DTMF map
     # Syntheses started and not finished, all calls together: shutdown waits for them.
     in_flight: set[gevent.event.AsyncResult] = field(default_factory=set)
 
@@ -225,6 +227,13 @@ class _Reply:
     queued: int = 0  # sentences the LLM gave (each queued for synthesis)
     settled: int = 0  # of those, broadcast (in ``spoken``) or dropped
     llm_done: bool = False  # the LLM's answer is over: no sentence will be queued any more
+    barge_in: bool = True  # caller speech may cut it (not a goodbye)
+    started_s: float = field(default_factory=time.monotonic)
+    first_path: Path | None = None  # the first broadcast's WAV
+    first_broadcast: str | None = None  # FreeSWITCH's reply to it
+    first_audio_s: float | None = None  # when it was sent
+    tts_ms: float = 0.0  # synthesis of the first sentence
+    tool_calls: list[ToolCall] = field(default_factory=list)  # what the LLM asked for besides words
 
     @property
     def playing(self) -> bool:
@@ -257,6 +266,9 @@ class ConversationHandler:
         self._pending_syntheses: dict[gevent.event.AsyncResult, Path | None] = {}
         self._closed = False
         self.barge_ins = 0
+        # Set whenever what plays may have changed (PLAYBACK_*, barge-in, a reply's end):
+        # waits for "our audio is over" wake on it.
+        self._playback_changed = gevent.event.Event()
 
     @property
     def busy(self) -> bool:
@@ -294,10 +306,15 @@ class ConversationHandler:
         if not self.services.accepting_turns:
             self.log.info("turn_refused_shutting_down", **self.services.spoken("transcript", transcript))
             return
-        self._turn_greenlet = gevent.spawn(self._turn, transcript, event.received_s)
-        self._turn_greenlet.join()
-        if self._turn_greenlet.exception is not None:
-            self.log.error("turn_failed", error=repr(self._turn_greenlet.exception))
+        self._run_turn(self._turn, transcript, event.received_s)
+
+    def _run_turn(self, work: Callable[..., object], *args, **kwargs) -> None:
+        """Run ``work`` as the call's one turn (what barge-in and hangup cut short) and wait for it."""
+        turn = self._turn_greenlet = gevent.spawn(work, *args, **kwargs)
+        turn.join()
+        self._playback_changed.set()  # "busy" just ended
+        if turn.exception is not None:
+            self.log.error("turn_failed", error=repr(turn.exception))
 
     def close(self) -> None:
         """Drop the history and delete this call's own WAVs, at once.
@@ -342,6 +359,7 @@ class ConversationHandler:
     # -- playback and barge-in ----------------------------------------------------------------
 
     def _follow_playback(self, event: EslEvent) -> None:
+        self._playback_changed.set()
         reply = self._reply
         if reply is None:
             return
@@ -367,7 +385,7 @@ class ConversationHandler:
 
     def _is_barge_in(self, event: EslEvent) -> bool:
         mode = self.services.settings.barge_in
-        if mode == "off" or self.hung_up or not self.playing:
+        if mode == "off" or self.hung_up or not self.playing or not self._reply.barge_in:
             return False
         speech_type = event.get("Speech-Type")
         if speech_type == BEGIN_SPEAKING:
@@ -379,6 +397,7 @@ class ConversationHandler:
     def _barge_in(self, event: EslEvent) -> None:
         reply = self._reply
         reply.interrupted = True
+        self._playback_changed.set()
         self.barge_ins += 1
         gevent.spawn(self._send_break)  # the one writer; the reader must not wait for its reply
         self._kill_turn()
@@ -417,23 +436,71 @@ class ConversationHandler:
         log = self.log.bind(turn=turn)
         log.info("turn_started", **self.services.spoken("transcript", transcript))
         messages = self.history.ask(transcript)
-        reply = self._reply = _Reply()
+        reply = self._speak(lambda reply, sentences: self._produce(messages, sentences, log, reply), log)
+        said = [s.sentence for s in reply.spoken if s.status != "not-sent"]
+        if not reply.fallback and reply.text and not reply.interrupted:
+            reply.history_entry = self.history.add("assistant", reply.text)
+        total_ms = (time.monotonic() - started_s) * 1000
+        first_audio_ms = (reply.first_audio_s - started_s) * 1000 if reply.first_audio_s else None
+        result = TurnResult(
+            self.call_uuid, turn, transcript, " ".join(said) if said else "", reply.fallback, reply.first_path,
+            reply.first_broadcast, reply.llm_ms, reply.tts_ms, total_ms, first_audio_ms=first_audio_ms,
+            sentences=len(said), interrupted=reply.interrupted,
+        )
+        log.info("turn_complete", **self.services.spoken("transcript", transcript),
+                 **self.services.spoken("reply", result.reply), used_fallback=reply.fallback,
+                 sentences=len(said), wav_path=str(reply.first_path) if reply.first_path else None,
+                 broadcast=reply.first_broadcast, llm_ms=round(result.llm_ms, 1), tts_ms=round(reply.tts_ms, 1),
+                 total_ms=round(total_ms, 1), first_audio_ms=round(first_audio_ms, 1) if first_audio_ms else None,
+                 queued_ms=round(queued_ms, 2) if queued_ms is not None else None, received_s=received_s or None,
+                 tool_calls=[call.name for call in reply.tool_calls] or None)
+        if self.services.on_turn is not None:
+            self.services.on_turn(result)
+        self._after_reply(reply, messages, log)
+
+    def _after_reply(self, reply: _Reply, messages: list[Message], log) -> None:
+        """What a reply leads to once spoken (tool calls: transfer, end the call); the call flow's."""
+
+    def _tools(self) -> tuple[ToolSpec, ...]:
+        """The tools the LLM is offered; none for a plain conversation."""
+        return ()
+
+    def _say(self, text: str, log, kind: str, barge_in: bool = True) -> _Reply:
+        """Speak one of the daemon's own phrases (pinned: at once, even with the LLM down), like a
+        reply: barge-in works on it when ``barge_in``, and the history keeps what was heard."""
+
+        def produce(reply: _Reply, sentences: gevent.queue.Queue) -> None:
+            reply.text = text
+            reply.queued = 1
+            sentences.put((text, self.services.pinned_phrase(text), False))
+            reply.llm_done = True
+            sentences.put(None)
+
+        reply = self._speak(produce, log, barge_in=barge_in)
+        if reply.first_path is not None and not reply.interrupted and not reply.fallback:
+            reply.history_entry = self.history.add("assistant", text)
+        log.info("phrase_said", kind=kind, sent=reply.first_path is not None, interrupted=reply.interrupted,
+                 first_audio_ms=round((reply.first_audio_s - reply.started_s) * 1000, 1) if reply.first_audio_s else None)
+        return reply
+
+    def _speak(self, produce: Callable[[_Reply, gevent.queue.Queue], None], log, barge_in: bool = True) -> _Reply:
+        """Broadcast, in order and as each is ready, the sentences ``produce`` queues (with their
+        pending syntheses); the fallback phrase if nothing is ready by the first-audio deadline."""
+        reply = self._reply = _Reply(barge_in=barge_in)
         sentences: gevent.queue.Queue = gevent.queue.Queue()
-        producer = gevent.spawn(self._produce, messages, sentences, log, reply)
-        first_path = first_reply = first_audio_s = None
-        tts_ms = 0.0
+        producer = gevent.spawn(produce, reply, sentences)
         # No dead air: the first audio goes out by LLM_TIMEOUT (+ a margin that lets the LLM
         # client's own timeout, which says more, fire first), or the fallback phrase does.
-        first_audio_deadline_s = started_s + self.services.settings.llm_timeout_s + FIRST_AUDIO_MARGIN_S
+        first_audio_deadline_s = reply.started_s + self.services.settings.llm_timeout_s + FIRST_AUDIO_MARGIN_S
         try:
             index = 0
             while True:
-                wait_s = None if first_path else max(0.0, first_audio_deadline_s - time.monotonic())
+                wait_s = None if reply.first_path else max(0.0, first_audio_deadline_s - time.monotonic())
                 try:
                     job = sentences.get(timeout=wait_s)
                     counted = 1
                 except gevent.queue.Empty:
-                    log.error("no_answer_in_time", waited_s=round(time.monotonic() - started_s, 2))
+                    log.error("no_answer_in_time", waited_s=round(time.monotonic() - reply.started_s, 2))
                     job, counted = ("", None, True), 0
                 if job is None:
                     break
@@ -445,11 +512,12 @@ class ConversationHandler:
                 # Before the first audio: what is left until the deadline. After it a sentence
                 # may take as long as the LLM may, then it is skipped: a stuck engine must not
                 # hold the call (the LLM side is bounded by the client's own timeouts).
-                wait_s = self.services.settings.llm_timeout_s if first_path else max(0.0, first_audio_deadline_s - time.monotonic())
+                wait_s = (self.services.settings.llm_timeout_s if reply.first_path
+                          else max(0.0, first_audio_deadline_s - time.monotonic()))
                 path = self._wait_synthesis(pending, sentence, log, wait_s)
                 if index == 1:
-                    tts_ms = (time.monotonic() - synth_started_s) * 1000
-                if path is None and not first_path and not is_fallback:
+                    reply.tts_ms = (time.monotonic() - synth_started_s) * 1000
+                if path is None and not reply.first_path and not is_fallback:
                     # The answer cannot be spoken (TTS failed or took too long): say the
                     # fallback instead, and drop the rest of this answer.
                     is_fallback, sentence = True, ""
@@ -470,8 +538,8 @@ class ConversationHandler:
                     item.status = "not-sent"
                 else:
                     reply.fallback = reply.fallback or is_fallback
-                    if first_path is None:
-                        first_path, first_reply, first_audio_s = path, text, time.monotonic()
+                    if reply.first_path is None:
+                        reply.first_path, reply.first_broadcast, reply.first_audio_s = path, text, time.monotonic()
                 if is_fallback:
                     # Sent or refused (-ERR, a call that just went away), the fallback is the
                     # turn's last word: trying it again would loop until the LLM gives up.
@@ -479,27 +547,12 @@ class ConversationHandler:
         finally:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
-        said = [s.sentence for s in reply.spoken if s.status != "not-sent"]
-        if not reply.fallback and reply.text and not reply.interrupted:
-            reply.history_entry = self.history.add("assistant", reply.text)
-        total_ms = (time.monotonic() - started_s) * 1000
-        result = TurnResult(
-            self.call_uuid, turn, transcript, " ".join(said) if said else "", reply.fallback, first_path, first_reply,
-            reply.llm_ms, tts_ms, total_ms,
-            first_audio_ms=(first_audio_s - started_s) * 1000 if first_audio_s else None,
-            sentences=len(said), interrupted=reply.interrupted,
-        )
-        log.info("turn_complete", **self.services.spoken("transcript", transcript),
-                 **self.services.spoken("reply", result.reply), used_fallback=reply.fallback,
-                 sentences=len(said), wav_path=str(first_path) if first_path else None, broadcast=first_reply,
-                 llm_ms=round(result.llm_ms, 1), tts_ms=round(tts_ms, 1), total_ms=round(total_ms, 1),
-                 first_audio_ms=round(result.first_audio_ms, 1) if result.first_audio_ms else None,
-                 queued_ms=round(queued_ms, 2) if queued_ms is not None else None, received_s=received_s or None)
-        if self.services.on_turn is not None:
-            self.services.on_turn(result)
+            self._playback_changed.set()
+        return reply
 
     def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, log, reply: _Reply) -> None:
-        """Read the LLM, cut sentences, start each one's synthesis; None at the end."""
+        """Read the LLM, cut sentences, start each one's synthesis; None at the end. Tool calls
+        the LLM makes are kept in ``reply.tool_calls``."""
         started_s = time.monotonic()
         splitter = SentenceSplitter()
         max_sentences = self.services.settings.max_reply_sentences
@@ -524,11 +577,15 @@ class ConversationHandler:
             return all(submit(sentence) for sentence in new_sentences)
 
         stream = None
+        tools = self._tools()
         try:
             cut = False
             if self.services.settings.llm_stream:
-                stream = self.services.llm.stream(messages)
+                stream = self.services.llm.stream(messages, tools) if tools else self.services.llm.stream(messages)
                 for delta in stream:
+                    if isinstance(delta, ToolCall):
+                        reply.tool_calls.append(delta)  # acted on once the words before it are said
+                        continue
                     parts.append(delta)
                     if not submit_all(splitter.feed(delta)):
                         cut = True  # a model that loops: stop reading, stop speaking
@@ -536,10 +593,14 @@ class ConversationHandler:
                 else:
                     submit_all(splitter.flush())
             else:
-                whole = self.services.llm.complete(messages)
+                if tools:
+                    whole, reply.tool_calls[:] = self.services.llm.respond(messages, tools)
+                else:
+                    whole = self.services.llm.complete(messages)
                 parts.append(whole)
                 kept, cut = at_most_sentences(whole, max_sentences)
-                submit(kept)  # a batch reply is one broadcast
+                if kept.strip():
+                    submit(kept)  # a batch reply is one broadcast
             if cut:
                 log.warning("reply_cut", max_reply_sentences=max_sentences)
             # The history holds what the caller is told, not what a runaway model went on to say.

@@ -15,17 +15,19 @@ import gevent
 import gevent.pool
 import gevent.threadpool
 
+from ivr_daemon.agents import Agent, AgentBook, load_agents
+from ivr_daemon.call_flow import CallFlowServices, call_flow_factory
 from ivr_daemon.calls import CallHandler, CallRouter, HandlerFactory
 from ivr_daemon.config import Settings
 from ivr_daemon.esl import commands
 from ivr_daemon.esl.connection import EslClient, EslError
 from ivr_daemon.esl.protocol import EslEvent
-from ivr_daemon.conversation import TurnResult, TurnServices, conversation_factory, prepare_fallback_wav
+from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_wav
 from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger
 from ivr_daemon.tts import make_tts_engine
-from ivr_daemon.tts.base import TtsEngine
+from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
 
@@ -81,7 +83,8 @@ class Daemon:
         owns = None if shards == 1 else (lambda uuid: shard_of(uuid, shards) == shard)
         self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event, owns=owns,
                                  log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG")
-        self.services: TurnServices | None = None  # set by build_conversation_daemon
+        self.services: TurnServices | None = None  # the default agent's, set by build_conversation_daemon
+        self.flow: CallFlowServices | None = None  # every agent's
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
 
@@ -166,8 +169,8 @@ class Daemon:
         self._stopping = True
         started_s = time.monotonic()
         deadline_s = started_s + grace_s + SHUTDOWN_EXIT_S + SHUTDOWN_CLEANUP_S
-        if self.services is not None:
-            self.services.accepting_turns = False
+        for services in self._all_services():
+            services.accepting_turns = False
         log.info("daemon_shutting_down", calls=len(self.router.calls), turns_in_flight=len(self.router.busy_calls()))
         while self.router.busy_calls():
             if time.monotonic() - started_s > grace_s:
@@ -188,6 +191,11 @@ class Daemon:
             self._greenlet.join(timeout=max(0.0, deadline_s - time.monotonic()))
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
+    def _all_services(self) -> list[TurnServices]:
+        if self.flow is not None:
+            return list(self.flow.by_agent.values())
+        return [self.services] if self.services is not None else []
+
     def _on_callless_event(self, event: EslEvent) -> None:
         log.debug("esl_event", event_name=event.name, event_sequence=event.sequence)
 
@@ -199,35 +207,91 @@ def build_conversation_daemon(
     tts: TtsEngine | None = None,
     on_turn: Callable[[TurnResult], None] | None = None,
     synth_threads: int | None = None,
+    agents: AgentBook | None = None,
     **esl_options,
 ) -> Daemon:
-    """The daemon ``ivr-daemon run`` runs: LLM and TTS loaded once, a conversation per call.
+    """The daemon ``ivr-daemon run`` runs: every agent's LLM and voice loaded once, and its
+    phrases (fallback, greeting, re-prompt, goodbye, transfer) synthesized and pinned, so they
+    play at once and even with the LLM down; a :class:`PhoneCall` per call.
 
-    Raises TtsModelUnavailable when the TTS model cannot be loaded.
+    ``llm``/``tts`` given: every agent uses them. Raises ConfigError for a bad agents file and
+    TtsModelUnavailable (naming the agent) when a voice cannot be loaded or speak.
     """
-    llm = llm or make_llm_client(settings)
-    tts = tts or make_tts_engine(settings)
+    agents = agents or load_agents(settings)
     cache = (PhraseCache.for_output_dir(settings.tts_output_dir, settings.tts_cache_max_mb * 1024 * 1024)
              if settings.tts_cache_max_mb > 0 else None)
-    pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, tts)
-    fallback_wav = prepare_fallback_wav(pinned, settings)
     # Synthesis is CPU-bound: native threads, as many as cores, never the gevent loop.
     pool = gevent.threadpool.ThreadPool(synth_threads or max(1, os.cpu_count() or 1))
-
-    made: list[TurnServices] = []
+    in_flight: set = set()  # one set for all agents: shutdown waits for every synthesis
+    engines: dict[tuple, TtsEngine] = {}
+    clients: dict[tuple, LlmClient] = {}
+    prepared: dict[str, tuple[Agent, LlmClient, TtsEngine, PinnedPhrases, object]] = {}
+    for name, agent in agents.agents.items():
+        agent_settings = agent.settings
+        engine = tts or engines.get(_voice_key(agent_settings))
+        if engine is None:
+            engine = engines[_voice_key(agent_settings)] = _load_voice(agent_settings, name, agents)
+        client = llm or clients.get(_llm_key(agent_settings))
+        if client is None:
+            client = clients[_llm_key(agent_settings)] = make_llm_client(agent_settings)
+        pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, engine)
+        try:
+            fallback_wav = prepare_fallback_wav(pinned, agent_settings)
+            for phrase in agent_phrases(agent_settings):
+                pinned.prepare(phrase)
+        except TtsError as exc:
+            raise TtsModelUnavailable(f"agent {name}{_where(agents)}: {exc}") from exc
+        prepared[name] = (agent, client, engine, pinned, fallback_wav)
 
     def handlers_for(esl: EslClient) -> HandlerFactory:
-        services = TurnServices(settings, llm, tts, esl.send, pool, fallback_wav, on_turn, cache,
-                                wait_connected=esl.wait_connected, pinned=pinned)
-        made.append(services)
-        return conversation_factory(services)
+        by_agent = {
+            name: TurnServices(agent.settings, client, engine, esl.send, pool, fallback_wav, on_turn, cache,
+                               wait_connected=esl.wait_connected, pinned=pinned, agent=agent, in_flight=in_flight)
+            for name, (agent, client, engine, pinned, fallback_wav) in prepared.items()
+        }
+        flow = CallFlowServices(by_agent, agents.default_name)
+        made.append(flow)
+        return call_flow_factory(flow)
 
-    log.info("daemon_ready", llm_provider=settings.llm_provider, llm_api_url=settings.llm_api_url,
-             tts_engine=tts.name, tts_voice=tts.voice_id, fallback_wav=str(fallback_wav),
+    made: list[CallFlowServices] = []
+    default = agents.default
+    log.info("daemon_ready", agents=list(agents.agents), default_agent=agents.default_name,
+             llm_provider=default.settings.llm_provider, llm_api_url=default.settings.llm_api_url,
+             tts_engine=prepared[agents.default_name][2].name, tts_voice=prepared[agents.default_name][2].voice_id,
              shard="/".join(map(str, settings.daemon_shard)))
     daemon = Daemon(settings, handlers_for, **esl_options)
-    daemon.services = made[0]
+    daemon.flow = made[0]
+    daemon.services = made[0].by_agent[agents.default_name]
     return daemon
+
+
+def agent_phrases(settings: Settings) -> list[str]:
+    """The phrases of an agent that must play at once: pinned at start-up."""
+    return [p for p in (settings.greeting, settings.reprompt_phrase, settings.goodbye_phrase,
+                        settings.transfer_phrase) if p]
+
+
+def _voice_key(settings: Settings) -> tuple:
+    return (settings.tts_engine, settings.coqui_model, settings.coqui_model_path, settings.coqui_config_path,
+            settings.piper_voice)
+
+
+def _llm_key(settings: Settings) -> tuple:
+    return (settings.llm_provider, settings.llm_api_url, settings.llm_model, settings.llm_api_key,
+            settings.llm_timeout_s, settings.llm_max_tokens)
+
+
+def _where(agents: AgentBook) -> str:
+    agents_file = next(iter(agents.agents.values())).settings.agents_file
+    return f" ({agents_file})" if agents_file else ""
+
+
+def _load_voice(settings: Settings, agent_name: str, agents: AgentBook) -> TtsEngine:
+    try:
+        return make_tts_engine(settings)
+    except TtsModelUnavailable as exc:
+        raise TtsModelUnavailable(f"agent {agent_name}{_where(agents)}, tts_engine={settings.tts_engine}: {exc}") \
+            from exc
 
 
 def shard_of(call_uuid: str, shards: int) -> int:

@@ -18,6 +18,9 @@ def settings_for(sim: FreeswitchSimulator, tts_dir: Path, **env: str) -> Setting
         "TTS_OUTPUT_DIR": str(tts_dir),
         "LLM_TIMEOUT": "5",
         "LOG_FORMAT": "console",
+        # The call flow's own speech is off unless a test turns it on: most tests are about turns.
+        "GREETING": "",
+        "SILENCE_TIMEOUT_S": "0",
     }
     values.update(env)
     return load_settings(environ=values)
@@ -61,12 +64,13 @@ def wait_heard(sim, call_uuid: str, count: int = 1, timeout_s: float = 10.0) -> 
 def captured_event(capture_name: str, body: str | None = None, transform=None, **replace: str) -> bytes:
     """A real captured plain event, rebuilt with some headers replaced (``Unique_ID`` -> ``Unique-ID``).
 
-    ``transform(key, value)`` may rewrite every other value (e.g. to make them all hostile).
+    ``transform(key, value)`` may rewrite every other value (e.g. to make them all hostile);
+    a header it maps to None is left out.
     """
     from ivr_daemon.esl.protocol import FrameParser, build_plain_event, split_plain_event
 
     frame = FrameParser().feed((Path(__file__).parent / "captures" / capture_name).read_bytes())[0]
     pairs, _ = split_plain_event(frame.body)
     replace = {key.replace("_", "-"): value for key, value in replace.items()}
-    return build_plain_event([(k, replace[k] if k in replace else transform(k, v) if transform else v)
-                              for k, v in pairs], body)
+    headers = [(k, replace[k] if k in replace else transform(k, v) if transform else v) for k, v in pairs]
+    return build_plain_event([(k, v) for k, v in headers if v is not None], body)

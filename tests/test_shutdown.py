@@ -28,7 +28,7 @@ def test_sigterm_with_a_hung_turn_exits_within_the_budget(tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
         env.update({"FREESWITCH_PORT": str(sim.port), "LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url,
                     "LLM_TIMEOUT": "60", "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(tts_dir),
-                    "TTS_CACHE_MAX_MB": "0", "LOG_FORMAT": "json"})
+                    "TTS_CACHE_MAX_MB": "0", "LOG_FORMAT": "json", "GREETING": "", "SILENCE_TIMEOUT_S": "0"})
         log_path = tmp_path / "daemon.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen([str(Path(sys.executable).parent / "ivr-daemon"), "--env-file", os.devnull, "run"],
@@ -50,23 +50,25 @@ def test_sigterm_with_a_hung_turn_exits_within_the_budget(tmp_path):
     assert list(tts_dir.glob(f"{call}-*")) == []
 
 
-class StuckEngine(NullEngine):
-    """Null audio, but every text except the fallback phrase waits until the test lets it go."""
+STUCK_ANSWER = "This answer never finishes synthesizing."
 
-    def __init__(self, fallback_phrase: str):
-        self.fallback_phrase = fallback_phrase
+
+class StuckEngine(NullEngine):
+    """Null audio, but the answer's synthesis waits until the test lets it go."""
+
+    def __init__(self):
         self.started = get_original("threading", "Event")()
         self.release = get_original("threading", "Event")()
 
     def synthesize(self, text):
-        if text != self.fallback_phrase:
+        if text == STUCK_ANSWER:
             self.started.set()
             self.release.wait(60)
         return super().synthesize(text)
 
 
 def test_shutdown_fits_the_budget_when_the_turn_the_synthesis_and_the_switch_all_hang(tmp_path, monkeypatch):
-    with FakeLlmServer("ollama", replies="This answer never finishes synthesizing.") as llm, \
+    with FakeLlmServer("ollama", replies=STUCK_ANSWER) as llm, \
             FreeswitchSimulator() as sim:
         dispatch = sim._dispatch
         # A switch too busy to answer "exit".
@@ -74,7 +76,7 @@ def test_shutdown_fits_the_budget_when_the_turn_the_synthesis_and_the_switch_all
                             else dispatch(conn, packet))
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, LLM_TIMEOUT="60",
                                 TTS_CACHE_MAX_MB="0")
-        engine = StuckEngine(settings.fallback_phrase)
+        engine = StuckEngine()
         daemon = build_conversation_daemon(settings, tts=engine)
         daemon.start()
         try:

@@ -1,0 +1,359 @@
+"""The phone call around the turns: its agent, the greeting, silence, DTMF, transfers and the goodbye.
+
+:class:`PhoneCall` is the call handler ``ivr-daemon run`` uses. From answer to hangup:
+
+1. **Agent**: the channel variable ``ivr_agent`` (``variable_ivr_agent`` on CHANNEL_ANSWER and
+   CHANNEL_PARK; DTMF and DETECTED_SPEECH events carry no variables) picks the agent; an
+   unknown name gets the default agent and a warning.
+2. **Greeting** when the IVR leg parks: the leg whose CHANNEL_PARK carries
+   ``variable_fire_asr_events: true`` (the dialplan sets it for mod_vosk). A loopback ``&park()``
+   A leg parks too, with ``ivr_agent`` but without it, and a PBX parks calls for its own reasons:
+   neither is greeted (captures dtmf/).
+3. **Silence**: nothing of ours queued or playing, no turn in flight, and no caller speech or
+   DTMF for ``silence_timeout_s``: the re-prompt; after ``max_reprompts`` in a row, the goodbye.
+4. **Goodbye** (the LLM's ``end_call`` tool; goodbye words for LLMs without tools; DTMF
+   ``hangup``; silence): the goodbye phrase, and after its PLAYBACK_STOP (or a bounded wait)
+   ``uuid_kill <uuid> NORMAL_CLEARING``.
+5. **DTMF**: the agent's map from digit to ``transfer:<target>``, ``hangup``, ``repeat`` or ``llm``.
+6. **Transfer**: only to a *name* in the agent's allowlist; the destination comes from the
+   agents file, never from the caller or the LLM. The transfer phrase plays, then
+   ``uuid_transfer``; FreeSWITCH answers ``+OK`` even for a missing extension (capture S6b), so
+   after it the call is left alone. Anything else is refused: nothing is sent, a warning and a
+   counter, and the LLM is told (the caller hears its answer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import gevent
+import gevent.event
+import gevent.lock
+import soundfile
+import structlog
+
+from ivr_daemon.config import normalize_words
+from ivr_daemon.conversation import (
+    FINAL_SPEECH, ConversationHandler, ConversationHistory, TurnServices, _Reply, speech_text, transcript_of)
+from ivr_daemon.esl import commands
+from ivr_daemon.esl.connection import EslError
+from ivr_daemon.esl.protocol import EslEvent
+from ivr_daemon.llm.base import Message, ToolCall, ToolSpec
+
+HANGUP_CAUSE = "NORMAL_CLEARING"
+# How long past its own length a goodbye or transfer phrase may take to report PLAYBACK_STOP.
+PHRASE_STOP_MARGIN_S = 3.0
+MAX_TOOL_ROUNDS = 2  # LLM answers to refused tool calls, per turn
+END_CALL_TOOL = ToolSpec(
+    "end_call",
+    "End the phone call, after the caller said goodbye or has nothing more to ask. The caller hears a goodbye.",
+    {"type": "object", "properties": {}, "additionalProperties": False},
+)
+
+
+def transfer_tool(target_names: list[str]) -> ToolSpec:
+    """``transfer_call``: the target is one of the allowlisted names, nothing else."""
+    return ToolSpec(
+        "transfer_call",
+        "Transfer the caller to a person or department. Use only when the caller asks for it.",
+        {"type": "object", "properties": {"target": {"type": "string", "enum": target_names,
+                                                     "description": "who to transfer to"}},
+         "required": ["target"], "additionalProperties": False},
+    )
+
+
+@dataclass
+class CallFlowCounters:
+    """Counted across calls (for logs now, metrics later)."""
+
+    transfers: int = 0
+    transfers_refused: int = 0
+    hangups_by_ivr: int = 0
+    unknown_agents: int = 0
+
+
+@dataclass
+class CallFlowServices:
+    """The services of every agent, and which one a call gets when it names none."""
+
+    by_agent: Mapping[str, TurnServices]
+    default_agent: str
+    counters: CallFlowCounters = field(default_factory=CallFlowCounters)
+
+
+class PhoneCall(ConversationHandler):
+    """One call from answer to hangup; turns are :class:`ConversationHandler`'s."""
+
+    def __init__(self, call_uuid: str, call_log: structlog.stdlib.BoundLogger, flow: CallFlowServices):
+        super().__init__(call_uuid, call_log, flow.by_agent[flow.default_agent])
+        self.flow = flow
+        self.agent_name: str | None = None  # as the call named it (ivr_agent)
+        self.greeted = False
+        self.ended = False  # goodbye said or transferred: no more turns, no silence timer
+        self.transferred_to: str | None = None
+        self.reprompts = 0
+        self._activity = gevent.event.Event()  # caller speech or DTMF
+        self._exclusive = gevent.lock.Semaphore()  # one thing speaks at a time: turn, phrase
+        self._silence_watch: gevent.Greenlet | None = None
+        self._last_reply_text = ""
+
+    @property
+    def agent(self):
+        return self.services.agent
+
+    # -- CallHandler ----------------------------------------------------------------------------
+
+    def interrupt(self, event: EslEvent) -> None:
+        super().interrupt(event)
+        if event.name == "DTMF" or (event.name == "DETECTED_SPEECH" and _caller_spoke(event)):
+            self.reprompts = 0  # any speech resets the count
+            self._activity.set()
+        if (event.name == "DTMF" and self.agent is not None and event.get("DTMF-Digit") in self.agent.dtmf
+                and not self.ended and self._reply is not None and self._reply.barge_in
+                and not self._reply.interrupted and (self.playing or self.busy)):
+            self._barge_in(event)  # a key that does something cuts what plays, as speech does
+
+    def handle(self, event: EslEvent) -> None:
+        if event.name == "CHANNEL_HANGUP_COMPLETE":
+            super().handle(event)
+            return
+        self._learn_agent(event)
+        if self.ended or self.hung_up:
+            return
+        if event.name == "CHANNEL_PARK" and event.get("variable_fire_asr_events") == "true":
+            self._on_ivr_leg_parked()
+        elif event.name == "DTMF":
+            self._on_dtmf(event.get("DTMF-Digit") or "")
+        else:
+            transcript = transcript_of(event)
+            if transcript is None:
+                return
+            self._start_silence_watch()  # a call already up when the daemon started
+            if not self.services.accepting_turns:
+                super().handle(event)  # says why it does nothing
+            elif self._is_goodbye(transcript):
+                self.log.info("goodbye_words_heard", **self.services.spoken("transcript", transcript))
+                self._exclusively(self._goodbye, "goodbye_words")
+            else:
+                with self._exclusive:
+                    super().handle(event)
+
+    def close(self) -> None:
+        watch = self._silence_watch
+        if watch is not None and watch is not gevent.getcurrent():
+            watch.kill(block=False)
+        super().close()
+
+    # -- agent, greeting --------------------------------------------------------------------------
+
+    def _learn_agent(self, event: EslEvent) -> None:
+        name = event.get("variable_ivr_agent")
+        if name is None or self.agent_name is not None:
+            return
+        self.agent_name = name
+        services = self.flow.by_agent.get(name)
+        if services is None:
+            self.flow.counters.unknown_agents += 1
+            self.log.warning("unknown_agent", agent=name[:64], using=self.flow.default_agent)
+            return
+        self.log.info("call_agent", agent=name)
+        if services is not self.services:
+            self.services = services
+            self.history = ConversationHistory(services.settings.system_prompt,
+                                               services.settings.max_conversation_history)
+
+    def _on_ivr_leg_parked(self) -> None:
+        if self.greeted:
+            return
+        self.greeted = True
+        greeting = self.services.settings.greeting
+        if greeting and self.services.accepting_turns:
+            self._exclusively(self._say, greeting, self.log, "greeting")
+        self._start_silence_watch()
+
+    # -- silence --------------------------------------------------------------------------------
+
+    def _start_silence_watch(self) -> None:
+        if self._silence_watch is None and self.services.settings.silence_timeout_s > 0:
+            self._silence_watch = gevent.spawn(self._watch_silence)
+
+    def _watch_silence(self) -> None:
+        """Re-prompt after ``silence_timeout_s`` of silence while nothing of ours plays; the
+        goodbye after ``max_reprompts`` re-prompts in a row. The clock runs only while idle."""
+        while not (self.hung_up or self.ended or self._closed) and self.services.accepting_turns:
+            timeout_s = self.services.settings.silence_timeout_s
+            self._activity.clear()
+            self._playback_changed.clear()
+            if self.busy or self.playing:
+                gevent.wait([self._activity, self._playback_changed], count=1)
+                continue
+            if self._activity.wait(timeout_s):
+                continue  # the caller spoke or pressed a key: the clock starts again
+            if self.hung_up or self.ended or self.busy or self.playing or not self.services.accepting_turns:
+                continue
+            if self.reprompts >= self.services.settings.max_reprompts:
+                self.log.info("silence_goodbye", reprompts=self.reprompts)
+                self._exclusively(self._goodbye, "silence")
+                return
+            self.reprompts += 1
+            self.log.info("silence_reprompt", reprompt=self.reprompts, silence_s=timeout_s)
+            self._exclusively(self._say, self.services.settings.reprompt_phrase, self.log, "reprompt")
+
+    # -- DTMF -----------------------------------------------------------------------------------
+
+    def _on_dtmf(self, digit: str) -> None:
+        action = self.agent.dtmf.get(digit) if self.agent is not None else None
+        if action is None:
+            self.log.info("dtmf_ignored", digit=digit[:4])
+            return
+        self.log.info("dtmf", digit=digit, action=action.kind, target=action.target)
+        if action.kind == "transfer":
+            self._exclusively(self._transfer, action.target, "dtmf")
+        elif action.kind == "hangup":
+            self._exclusively(self._goodbye, "dtmf")
+        elif action.kind == "repeat":
+            if self._last_reply_text:
+                self._exclusively(self._say_again, self._last_reply_text)
+        elif action.kind == "llm":
+            with self._exclusive:
+                self._run_turn(self._turn, f"[the caller pressed {digit}]")
+
+    def _say_again(self, text: str) -> None:
+        def produce(reply: _Reply, sentences) -> None:
+            reply.text, reply.queued = text, 1
+            path = self.services.settings.tts_output_dir / f"{self.call_uuid}-repeat-{self.turns:04d}.wav"
+            sentences.put((text, self.services.spawn_synthesis(text, path), False))
+            reply.llm_done = True
+            sentences.put(None)
+
+        self._speak(produce, self.log.bind(repeat=True))
+
+    # -- goodbye and transfer ---------------------------------------------------------------------
+
+    def _goodbye(self, reason: str) -> None:
+        self.ended = True
+        reply = self._say(self.services.settings.goodbye_phrase, self.log, "goodbye", barge_in=False)
+        self._wait_played(reply)
+        if self.hung_up:
+            return
+        try:
+            answer = self.services.send(commands.uuid_kill(self.call_uuid, HANGUP_CAUSE))
+            self.flow.counters.hangups_by_ivr += 1
+            self.log.info("call_hung_up_by_ivr", reason=reason, reply=answer.text.strip()[:80])
+        except (EslError, commands.UnsafeCommandArgument) as exc:
+            self.log.error("uuid_kill_not_sent", reason=reason, error=str(exc))
+
+    def _transfer(self, requested: object, source: str) -> str | None:
+        """Transfer to the allowlisted target called exactly ``requested``: None once done (or
+        tried); else, sending nothing, why it was refused (what the LLM is told)."""
+        targets = self.agent.transfer_targets if self.agent is not None else {}
+        target = targets.get(requested) if isinstance(requested, str) else None
+        if target is None:
+            self.flow.counters.transfers_refused += 1
+            self.log.warning("transfer_refused", requested=repr(requested)[:120], source=source,
+                             allowed=sorted(targets))
+            allowed = ", ".join(sorted(targets)) or "none"
+            return f"Transfer refused: {str(requested)[:60]!r} is not an allowed target. Allowed: {allowed}."
+        self.ended = True
+        reply = self._say(self.services.settings.transfer_phrase, self.log, "transfer", barge_in=False)
+        self._wait_played(reply)
+        if self.hung_up:
+            return None
+        try:
+            answer = self.services.send(
+                commands.uuid_transfer(self.call_uuid, target.destination, target.dialplan, target.context))
+        except (EslError, commands.UnsafeCommandArgument) as exc:
+            self.log.error("transfer_not_sent", target=target.name, error=str(exc))
+            return None
+        self.transferred_to = target.name
+        self.flow.counters.transfers += 1
+        # +OK even for an extension that does not exist (capture S6b): the switch owns the call now.
+        self.log.info("call_transferred", target=target.name, source=source, reply=answer.text.strip()[:80],
+                      destination=f"{target.destination} {target.dialplan} {target.context}")
+        return None
+
+    def _wait_played(self, reply: _Reply) -> None:
+        """Until every broadcast of ``reply`` has stopped playing, at most its length + a margin."""
+        paths = [item.path for item in reply.spoken if item.status is None]
+        if not paths:
+            return
+        try:
+            budget_s = sum(soundfile.info(path).duration for path in paths) + PHRASE_STOP_MARGIN_S
+        except (OSError, RuntimeError):
+            budget_s = 30.0
+        with gevent.Timeout(budget_s, False):
+            while not self.hung_up and any(item.status is None for item in reply.spoken):
+                self._playback_changed.clear()
+                self._playback_changed.wait()
+        if any(item.status is None for item in reply.spoken) and not self.hung_up:
+            self.log.warning("playback_stop_not_seen", waited_s=round(budget_s, 1))
+
+    def _exclusively(self, work, *args) -> None:
+        """Run ``work`` as the call's turn once nothing else speaks; not after the call ended."""
+        with self._exclusive:
+            if not (self.hung_up or self.ended):
+                self._run_turn(work, *args)
+
+    # -- the LLM's tools -------------------------------------------------------------------------
+
+    def _tools(self) -> tuple[ToolSpec, ...]:
+        if not getattr(self.services.llm, "supports_tools", False):
+            return ()
+        targets = sorted(self.agent.transfer_targets) if self.agent is not None else []
+        return (*((transfer_tool(targets),) if targets else ()), END_CALL_TOOL)
+
+    def _is_goodbye(self, transcript: str) -> bool:
+        if getattr(self.services.llm, "supports_tools", False):
+            return False  # the LLM decides, with end_call
+        return normalize_words(transcript) in self.services.settings.goodbye_words
+
+    def _after_reply(self, reply: _Reply, messages: list[Message], log, tool_round: int = 0) -> None:
+        if reply.text and not reply.fallback:
+            self._last_reply_text = reply.text
+        if not reply.tool_calls or self.hung_up or reply.interrupted:
+            return
+        refused: list[tuple[ToolCall, str]] = []
+        for call in reply.tool_calls:
+            log.info("llm_tool_call", tool=call.name[:64], arguments=call.raw_arguments[:200])
+            if call.name == END_CALL_TOOL.name:
+                self._goodbye("llm_end_call")
+                return
+            if call.name == "transfer_call":
+                arguments = call.arguments
+                requested = arguments.get("target") if isinstance(arguments, dict) and set(arguments) == {"target"} \
+                    else call.raw_arguments
+                refusal = self._transfer(requested, "llm")
+                if refusal is None:
+                    return
+                refused.append((call, refusal))
+            else:
+                refused.append((call, f"There is no tool called {call.name[:60]!r}."))
+        if tool_round >= MAX_TOOL_ROUNDS:
+            log.warning("llm_tool_rounds_exhausted", rounds=tool_round)
+            return
+        # Tell the model why, and speak what it says to that.
+        follow_up = [*messages, {"role": "assistant", "content": reply.text, "tool_calls": list(reply.tool_calls)},
+                     *({"role": "tool", "tool_call_id": call.call_id, "name": call.name,
+                        "content": json.dumps({"error": why})} for call, why in refused)]
+        answer = self._speak(lambda r, sentences: self._produce(follow_up, sentences, log, r), log)
+        if answer.text and not answer.fallback and not answer.interrupted:
+            self.history.add("assistant", answer.text)
+        self._after_reply(answer, follow_up, log, tool_round + 1)
+
+
+def _caller_spoke(event: EslEvent) -> bool:
+    speech_type = event.get("Speech-Type")
+    if speech_type == FINAL_SPEECH or speech_type == "begin-speaking":
+        return True
+    return speech_type == "detected-partial-speech" and bool(speech_text(event))
+
+
+def call_flow_factory(flow: CallFlowServices):
+    """The handler factory the router calls for each new call UUID."""
+
+    def make(call_uuid: str, call_log: structlog.stdlib.BoundLogger) -> PhoneCall:
+        return PhoneCall(call_uuid, call_log, flow)
+
+    return make
