@@ -251,11 +251,7 @@ class PhoneCall(ConversationHandler):
         targets = self.agent.transfer_targets if self.agent is not None else {}
         target = targets.get(requested) if isinstance(requested, str) else None
         if target is None:
-            self.flow.counters.transfers_refused += 1
-            self.log.warning("transfer_refused", requested=repr(requested)[:120], source=source,
-                             allowed=sorted(targets))
-            allowed = ", ".join(sorted(targets)) or "none"
-            return f"Transfer refused: {str(requested)[:60]!r} is not an allowed target. Allowed: {allowed}."
+            return self._refuse_transfer(requested, source)
         self.ended = True
         reply = self._say(self.services.settings.transfer_phrase, self.log, "transfer", barge_in=False)
         self._wait_played(reply)
@@ -273,6 +269,14 @@ class PhoneCall(ConversationHandler):
         self.log.info("call_transferred", target=target.name, source=source, reply=answer.text.strip()[:80],
                       destination=f"{target.destination} {target.dialplan} {target.context}")
         return None
+
+    def _refuse_transfer(self, requested: object, source: str) -> str:
+        """Send nothing; log and count it; what the LLM is told."""
+        targets = self.agent.transfer_targets if self.agent is not None else {}
+        self.flow.counters.transfers_refused += 1
+        self.log.warning("transfer_refused", requested=repr(requested)[:120], source=source, allowed=sorted(targets))
+        allowed = ", ".join(sorted(targets)) or "none"
+        return f"Transfer refused: {str(requested)[:60]!r} is not an allowed target. Allowed: {allowed}."
 
     def _wait_played(self, reply: _Reply) -> None:
         """Until every broadcast of ``reply`` has stopped playing, at most its length + a margin."""
@@ -322,9 +326,11 @@ class PhoneCall(ConversationHandler):
                 return
             if call.name == "transfer_call":
                 arguments = call.arguments
-                requested = arguments.get("target") if isinstance(arguments, dict) and set(arguments) == {"target"} \
-                    else call.raw_arguments
-                refusal = self._transfer(requested, "llm")
+                if isinstance(arguments, dict) and set(arguments) == {"target"}:
+                    refusal = self._transfer(arguments["target"], "llm")
+                else:
+                    # Not exactly {"target": ...}: refused whatever it holds (even a bare "sales").
+                    refusal = self._refuse_transfer(call.raw_arguments, "llm")
                 if refusal is None:
                     return
                 refused.append((call, refusal))
