@@ -34,6 +34,7 @@ import gevent.lock
 import soundfile
 import structlog
 
+from ivr_daemon.agents import OPERATOR_TARGET
 from ivr_daemon.config import normalize_words
 from ivr_daemon.conversation import (
     FINAL_SPEECH, ConversationHandler, ConversationHistory, TurnServices, _Reply, speech_text, transcript_of)
@@ -136,6 +137,9 @@ class PhoneCall(ConversationHandler):
             elif self._is_goodbye(transcript):
                 self.log.info("goodbye_words_heard", **self.services.spoken("transcript", transcript))
                 self._exclusively(self._goodbye, "goodbye_words")
+            elif self._asks_for_operator(transcript):
+                self.log.info("operator_words_heard", **self.services.spoken("transcript", transcript))
+                self._exclusively(self._transfer, OPERATOR_TARGET, "operator_words")
             else:
                 with self._exclusive:
                     super().handle(event)
@@ -302,16 +306,27 @@ class PhoneCall(ConversationHandler):
 
     # -- the LLM's tools -------------------------------------------------------------------------
 
+    @property
+    def _llm_has_tools(self) -> bool:
+        return self.services.settings.llm_tools and getattr(self.services.llm, "supports_tools", False)
+
     def _tools(self) -> tuple[ToolSpec, ...]:
-        if not getattr(self.services.llm, "supports_tools", False):
+        if not self._llm_has_tools:
             return ()
         targets = sorted(self.agent.transfer_targets) if self.agent is not None else []
         return (*((transfer_tool(targets),) if targets else ()), END_CALL_TOOL)
 
     def _is_goodbye(self, transcript: str) -> bool:
-        if getattr(self.services.llm, "supports_tools", False):
+        if self._llm_has_tools:
             return False  # the LLM decides, with end_call
         return normalize_words(transcript) in self.services.settings.goodbye_words
+
+    def _asks_for_operator(self, transcript: str) -> bool:
+        """An operator word in the transcript, when the LLM cannot transfer and there is an operator."""
+        if self._llm_has_tools or self.agent is None or OPERATOR_TARGET not in self.agent.transfer_targets:
+            return False
+        spoken = f" {normalize_words(transcript)} "
+        return any(f" {words} " in spoken for words in self.services.settings.operator_words)
 
     def _after_reply(self, reply: _Reply, messages: list[Message], log, tool_round: int = 0) -> None:
         if reply.text and not reply.fallback:

@@ -31,6 +31,7 @@ DEFAULT_REPROMPT_PHRASE = "Are you still there? How can I help you?"
 DEFAULT_GOODBYE_PHRASE = "Thank you for calling. Goodbye."
 DEFAULT_TRANSFER_PHRASE = "Transferring you now."
 DEFAULT_GOODBYE_WORDS = "goodbye, bye, bye bye, that's all, that is all"
+DEFAULT_OPERATOR_WORDS = "operator, human, real person, a person, someone real"
 
 # One row per variable: (environment name, Settings field, default, one-line meaning).
 # .env.example and the README's configuration table are written from the same facts.
@@ -66,6 +67,10 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "comma-separated final transcripts that end the call (for LLMs without tool calling)"),
     ("OPERATOR_DESTINATION", "operator_destination", "",
      "where DTMF 0 transfers to, as 'destination dialplan context' (e.g. '1000 XML default'); empty: no operator"),
+    ("OPERATOR_WORDS", "operator_words", DEFAULT_OPERATOR_WORDS,
+     "comma-separated words that, in a final transcript, transfer to the operator (for LLMs without tool calling)"),
+    ("LLM_TOOLS", "llm_tools", "true",
+     "offer the LLM the transfer_call and end_call tools (openai and ollama); false for models that cannot call tools"),
     ("TTS_ENGINE", "tts_engine", "coqui", "coqui | piper | null (silence, for tests)"),
     ("COQUI_MODEL", "coqui_model", DEFAULT_COQUI_MODEL,
      "Coqui model name, downloaded on first use"),
@@ -126,6 +131,8 @@ class Settings:
     transfer_phrase: str
     goodbye_words: tuple[str, ...]
     operator_destination: str
+    operator_words: tuple[str, ...]
+    llm_tools: bool
     tts_engine: str
     coqui_model: str
     coqui_model_path: str
@@ -251,6 +258,7 @@ def normalize_words(text: str) -> str:
 
 
 def parse_goodbye_words(raw: str) -> tuple[str, ...]:
+    """Comma-separated phrases, each normalized as :func:`normalize_words` does; used for operator words too."""
     return tuple(dict.fromkeys(w for w in (normalize_words(part) for part in raw.split(",")) if w))
 
 
@@ -338,6 +346,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         transfer_phrase=_phrase("TRANSFER_PHRASE", raw["transfer_phrase"]),
         goodbye_words=parse_goodbye_words(raw["goodbye_words"]),
         operator_destination=operator,
+        operator_words=parse_goodbye_words(raw["operator_words"]),
+        llm_tools=_bool("LLM_TOOLS", raw["llm_tools"]),
         tts_engine=tts_engine,
         coqui_model=raw["coqui_model"].strip(),
         coqui_model_path=model_path,

