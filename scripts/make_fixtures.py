@@ -4,6 +4,7 @@
 The events come from the simulator, which builds them from real FreeSWITCH captures; the
 LLM is the real SmolLM2 on llama.cpp's server (its replies are stored in the fixtures, so
 replays need no LLM). Run from the repository root: .venv/bin/python scripts/make_fixtures.py
+[NAME ...] (the names of the fixtures to re-record; none: all).
 """
 
 from gevent import monkey
@@ -106,6 +107,36 @@ def barge_in(sim):
     sim.hangup(call)
 
 
+def greeting(sim):
+    call = sim.new_call(caller_id_number="5551009")
+    hear_answer(sim, call, 0)  # the greeting
+    ask(sim, call, "what are your opening hours")
+    sim.hangup(call)
+
+
+def silence_goodbye(sim):
+    call = sim.new_call(caller_id_number="5551010")
+    # The caller says nothing: greeting, two re-prompts, the goodbye, and the daemon hangs up.
+    sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_kill {call} "), 60)
+
+
+def dtmf_transfer(sim):
+    call = sim.new_call(caller_id_number="5551011")
+    hear_answer(sim, call, 0)  # the greeting
+    sim.dtmf(call, "0")
+    sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_transfer {call} "), 60)
+    hear_answer(sim, call, 1)  # the transfer phrase was heard before the transfer
+    sim.hangup(call)
+
+
+def goodbye_words(sim):
+    call = sim.new_call(caller_id_number="5551012")
+    hear_answer(sim, call, 0)  # the greeting
+    ask(sim, call, "do you deliver")
+    sim.speak(call, "goodbye")
+    sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_kill {call} "), 60)
+
+
 MALFORMED = [
     b"Content-Length: 12x\nContent-Type: text/event-plain\n\n",          # a length that is not a number
     b"Content-Length: 5\n\nhello",                                        # no Content-Type
@@ -130,7 +161,14 @@ def main() -> int:
     with LlamaCppServer(find_or_fetch_smollm2(CACHE)) as llm:
         good = {**base, "LLM_API_URL": llm.chat_completions_url}
         down = {**base, "LLM_API_URL": f"http://127.0.0.1:{pick_free_port()}/v1/chat/completions", "LLM_TIMEOUT": "2"}
+        # Recorded before the call flow existed (their @env says so); re-recorded, they would greet.
+        no_call_flow = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
+        call_flow = {"SILENCE_TIMEOUT_S": "0", "OPERATOR_DESTINATION": "1000 XML default"}
         scenarios = [
+            ("greeting", greeting, {**good, **call_flow}, 1),
+            ("silence_goodbye", silence_goodbye, {**good, "SILENCE_TIMEOUT_S": "1", "MAX_REPROMPTS": "2"}, 1),
+            ("dtmf_transfer", dtmf_transfer, {**good, **call_flow}, 1),
+            ("goodbye_words", goodbye_words, {**good, **call_flow}, 1),
             ("one_question", one_question, good, 1),
             ("three_turns_history", three_turns, good, 1),
             ("hangup_mid_reply", hangup_mid_reply, good, 1),
@@ -139,7 +177,12 @@ def main() -> int:
             ("malformed_frames", malformed_frames, good, 1),
             ("barge_in", barge_in, good, 1),
         ]
+        only = set(sys.argv[1:])  # names to re-record; none: all
         for name, scenario, env, calls in scenarios:
+            if only and name not in only:
+                continue
+            if name not in ("greeting", "silence_goodbye", "dtmf_transfer", "goodbye_words"):
+                env = {**env, **no_call_flow}
             out = FIXTURES / f"{name}.esl"
             # WAVs play 5x faster than real time: the flow is the same, the recording shorter.
             print(record_scripted_calls(out, scenario, env, calls, playback_speed=0.2).strip().splitlines()[-1])

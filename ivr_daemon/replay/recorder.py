@@ -132,7 +132,10 @@ class Recorder:
                 malformed = True
             else:
                 uuid = event.unique_id
-                if event.name == "DETECTED_SPEECH" and uuid:
+                # An IVR call: it spoke to mod_vosk, or it parked with speech detection on (the
+                # daemon greets it; a caller who never speaks still gets the call flow).
+                if uuid and (event.name == "DETECTED_SPEECH" or (
+                        event.name == "CHANNEL_PARK" and event.get("variable_fire_asr_events") == "true")):
                     self.ivr_calls.add(uuid)
                 if event.name == "CHANNEL_HANGUP_COMPLETE" and uuid and (self.all_calls or uuid in self.ivr_calls):
                     self.ended_calls.add(uuid)
