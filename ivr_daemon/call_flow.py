@@ -165,8 +165,11 @@ class PhoneCall(ConversationHandler):
         self.log.info("call_agent", agent=name)
         if services is not self.services:
             self.services = services
-            self.history = ConversationHistory(services.settings.system_prompt,
-                                               services.settings.max_conversation_history)
+            if len(self.history) == 0:
+                self.history = ConversationHistory(services.settings.system_prompt,
+                                                   services.settings.max_conversation_history)
+            else:  # learnt late (a call up before the daemon started): keep what was said
+                self.history.system_prompt = services.settings.system_prompt
 
     def _on_ivr_leg_parked(self) -> None:
         if self.greeted:

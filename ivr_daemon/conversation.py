@@ -355,6 +355,7 @@ class ConversationHandler:
         for item in reply.spoken:
             if item.status is None:
                 item.status = "unknown"
+        self._playback_changed.set()
 
     # -- playback and barge-in ----------------------------------------------------------------
 
