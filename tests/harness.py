@@ -55,6 +55,49 @@ def wait_until(condition, timeout_s: float = 10.0, step_s: float = 0.01) -> None
         gevent.sleep(step_s)
 
 
+class TurnLog:
+    """The daemon's ``on_turn``: every finished turn, to wait on.
+
+    A turn reports only after it has written its history, so waiting here (not on the
+    broadcast, which goes out before) is what makes reading the history afterwards safe.
+    """
+
+    def __init__(self):
+        self.results: list = []
+
+    def __call__(self, result) -> None:
+        self.results.append(result)
+
+    def of(self, call_uuid: str) -> list:
+        return [r for r in self.results if r.call_uuid == call_uuid]
+
+    def wait(self, count: int, call_uuid: str | None = None, timeout_s: float = 10.0) -> list:
+        """Until ``count`` turns (of this call, or in all) have finished; returns those turns."""
+        def done() -> list:
+            return self.of(call_uuid) if call_uuid is not None else list(self.results)
+
+        wait_until(lambda: len(done()) >= count, timeout_s)
+        return done()
+
+
+def routed_events(daemon: Daemon) -> list:
+    """Every event the daemon's reader hands to its router from now on, duplicates included."""
+    seen: list = []
+    route = daemon.router.route
+
+    def recording_route(event) -> None:
+        seen.append(event)
+        route(event)
+
+    daemon.router.route = recording_route  # Daemon._route looks it up per event
+    return seen
+
+
+def wait_idle(daemon: Daemon, timeout_s: float = 10.0) -> None:
+    """Until no call of the daemon has an event queued or a turn in flight."""
+    wait_until(lambda: not daemon.router.busy_calls(), timeout_s)
+
+
 def wait_heard(sim, call_uuid: str, count: int = 1, timeout_s: float = 10.0) -> None:
     """Wait until ``count`` more broadcasts to this call have finished playing (PLAYBACK_STOP)."""
     for _ in range(count):

@@ -14,8 +14,11 @@ without an exception raises AssertionError if there were any, so a test cannot p
 request the real server would refuse. Replies use each provider's real success and error
 shapes. Knobs for failure tests: ``status`` (an HTTP error with the provider's error body),
 ``body`` (raw bytes/str/JSON sent instead of the reply: malformed or wrong-shaped),
-``delay_s`` (wait before answering) and ``trickle_s`` (send the body, or each streamed
-chunk, one byte at a time).
+``delay_s`` (wait before answering), ``hold_reply`` (answer nothing, headers included, until
+the test sets ``.release_reply``: a client that still waits then cannot be told apart from
+one that timed out only by the clock) and ``trickle_s`` (send the body, or each streamed
+chunk, one byte at a time). ``.bodies_completed`` counts non-streamed bodies written to
+their last byte.
 
 A reply may also call tools: ``FakeReply("Let me put you through.", [FakeToolCall("transfer_call",
 {"target": "sales"})])`` answers with the text and the call in the provider's real shape (OpenAI:
@@ -405,6 +408,7 @@ class FakeLlmServer:
         status: int = 200,
         body: bytes | str | dict | list | None = None,
         delay_s: float = 0.0,
+        hold_reply: bool = False,
         trickle_s: float = 0.0,
         stream_body: Sequence[bytes | str] | None = None,
         stream_first_delay_s: float = 0.0,
@@ -420,6 +424,9 @@ class FakeLlmServer:
         self.status = status
         self.body = body
         self.delay_s = delay_s
+        self.hold_reply = hold_reply
+        self.release_reply = gevent.event.Event()
+        self.bodies_completed = 0
         self.trickle_s = trickle_s
         self._replies = replies
         self.stream_body = stream_body
@@ -519,6 +526,10 @@ class FakeLlmServer:
 
         if self.delay_s and self._closing.wait(self.delay_s):
             return self._respond(start_response, 503, _error_body(self.provider, 503, "server shutting down"))
+        if self.hold_reply:
+            gevent.wait([self.release_reply, self._closing], count=1)
+            if self._closing.is_set():
+                return self._respond(start_response, 503, _error_body(self.provider, 503, "server shutting down"))
         if self.body is not None:
             return self._respond(start_response, self.status, self.body)
         if self.status >= 400:
@@ -584,12 +595,14 @@ class FakeLlmServer:
             f"{status} {_REASONS.get(status, 'Status')}",
             [("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(body)))],
         )
-        if not self.trickle_s:
-            return [body]
         return self._trickle(body)
 
     def _trickle(self, body: bytes) -> Iterator[bytes]:
-        for offset in range(len(body)):
-            yield body[offset:offset + 1]
-            if self._closing.wait(self.trickle_s):
-                return
+        if not self.trickle_s:
+            yield body
+        else:
+            for offset in range(len(body)):
+                yield body[offset:offset + 1]
+                if offset + 1 < len(body) and self._closing.wait(self.trickle_s):
+                    return
+        self.bodies_completed += 1

@@ -3,6 +3,7 @@
 import gevent
 import gevent.event
 
+from harness import wait_until
 from ivr_daemon.calls import CallRouter
 from ivr_daemon.esl.protocol import EslEvent
 
@@ -20,13 +21,16 @@ class Recorder:
         self.uuid, self.seen = uuid, seen
         self.slow_uuid, self.gate, self.fail_on = slow_uuid, gate, fail_on
         self.interrupted = []
+        self.at_gate = False
 
     def interrupt(self, ev):
         self.interrupted.append(ev.name)
 
     def handle(self, ev):
         if self.uuid == self.slow_uuid and self.gate is not None:
+            self.at_gate = True
             self.gate.wait(5)
+            self.at_gate = False
         if self.fail_on is not None and ev.body == self.fail_on:
             raise RuntimeError("handler bug")
         self.seen.append((self.uuid, ev.sequence))
@@ -36,14 +40,19 @@ class Recorder:
 
 
 def test_interleaved_calls_keep_per_call_order_and_do_not_wait_on_each_other():
-    seen = []
+    seen, handlers = [], {}
     gate = gevent.event.Event()
-    router = CallRouter(lambda uuid, log: Recorder(uuid, log, seen, slow_uuid=A, gate=gate))
+
+    def factory(uuid, log):
+        handlers[uuid] = Recorder(uuid, log, seen, slow_uuid=A, gate=gate)
+        return handlers[uuid]
+
+    router = CallRouter(factory)
     for i in range(1, 11):
         router.route(event(A if i % 2 else B, "DETECTED_SPEECH", i))
-    gevent.sleep(0.05)  # let B's greenlet run while A is held at its gate
-    assert [s for u, s in seen if u == B] == [2, 4, 6, 8, 10]
-    assert not [s for u, s in seen if u == A]
+    # B works through all of its events while A's first one is held at the gate.
+    wait_until(lambda: [s for u, s in seen if u == B] == [2, 4, 6, 8, 10], 5)
+    assert handlers[A].at_gate and not [s for u, s in seen if u == A]
     gate.set()
     router.route(event(A, "CHANNEL_HANGUP_COMPLETE", 11))
     router.route(event(B, "CHANNEL_HANGUP_COMPLETE", 12))

@@ -1,13 +1,12 @@
 """The conversational turn on the simulator: history, fallback, hangup, concurrency."""
 
-import time
-
 import numpy
 from gevent.monkey import get_original
 import pytest
 import soundfile
+from structlog.testing import capture_logs
 
-from harness import broadcasts, running_daemon, settings_for, wait_heard, wait_until
+from harness import TurnLog, broadcasts, routed_events, running_daemon, settings_for, wait_heard, wait_idle, wait_until
 from llm_fakes import FakeLlmServer
 from ivr_daemon.conversation import ConversationHistory, transcript_of
 from ivr_daemon.esl.protocol import EslEvent
@@ -61,17 +60,24 @@ def test_two_turns_second_request_carries_first_exchange(tmp_path):
     with FakeLlmServer("ollama", replies=["We open at nine.", "Yes, on Saturdays too."]) as llm, \
             FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, MAX_CONVERSATION_HISTORY="10")
-        with running_daemon(sim, settings):
+        with running_daemon(sim, settings) as daemon:
+            routed = routed_events(daemon)
             call = sim.new_call()
-            sim.speak(call, "when do you open")
+            asked = [sim.speak(call, "when do you open")]
             first = _read_wav_when_broadcast(sim, call, 1)
             wait_heard(sim, call)  # the caller listens to the answer before asking again
-            sim.speak(call, "and on weekends")
+            asked.append(sim.speak(call, "and on weekends"))
             both = first + _read_wav_when_broadcast(sim, call, 1)
             for line, info in both:
                 assert line.endswith(" aleg")
                 assert (info.samplerate, info.channels, info.subtype) == (8000, 1, "PCM_16")
-            assert len(llm.requests) == 2  # each utterance answered once despite duplicate events
+            # Each utterance came twice (the leg was parked): both copies reached the daemon,
+            # and whatever they started has ended.
+            wait_until(lambda: sorted(e.sequence for e in routed if e.name == "DETECTED_SPEECH") ==
+                       sorted(asked * 2))
+            wait_idle(daemon)
+            assert len(llm.requests) == 2  # each utterance answered once despite the duplicates
+            assert len(broadcasts(sim, call)) == 2
             second = llm.requests[1]["messages"]
             assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
             assert [m["content"] for m in second[1:]] == ["when do you open", "We open at nine.", "and on weekends"]
@@ -94,21 +100,31 @@ def test_history_is_capped_in_what_the_llm_receives(tmp_path):
 @pytest.mark.parametrize("provider", ["ollama", "llama3"])
 @pytest.mark.parametrize("failure", ["timeout", "malformed", "http500"])
 def test_llm_failure_plays_fallback_within_timeout_plus_one_second(tmp_path, provider, failure):
-    knobs = {"timeout": {"delay_s": 5}, "malformed": {"body": b"{not json"}, "http500": {"status": 500}}[failure]
+    # A slow LLM holds its reply until the test lets it go: a fallback heard while it still holds
+    # was sent because the daemon stopped waiting after LLM_TIMEOUT (the log says so), not by luck.
+    knobs = {"timeout": {"hold_reply": True}, "malformed": {"body": b"{not json"}, "http500": {"status": 500}}[failure]
+    expected = {"timeout": ("LlmTimeout", "within 1 s"), "malformed": ("LlmBadReply", ""),
+                "http500": ("LlmUnavailable", "HTTP 500")}[failure]
+    turns = TurnLog()
     with FakeLlmServer(provider, replies="never used", **knobs) as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER=provider, LLM_API_URL=llm.url, LLM_TIMEOUT="1")
-        with running_daemon(sim, settings) as daemon:
+        with capture_logs() as logs, running_daemon(sim, settings, on_turn=turns) as daemon:
             call = sim.new_call()
-            started = time.monotonic()
             sim.speak(call, "hello")
-            command = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 5)
-            assert command.t_monotonic - started <= 1 + 1
+            command = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 10)
+            if failure == "timeout":
+                assert len(llm.requests) == 1 and llm.bodies_completed == 0  # the LLM still holds its reply
             fallback_wav = command.line.split()[3]
             handler = daemon.router.calls[call].handler
             assert fallback_wav == str(handler.services.fallback_wav)  # synthesized at start-up
             assert soundfile.info(fallback_wav).samplerate == 8000
+            [failed] = [e for e in logs if e["event"] == "llm_failed" and e.get("call_uuid") == call]
+            assert failed["error_type"] == expected[0] and expected[1] in failed["error"]
             # The user's words stay in history once; the fallback is not stored as the model's reply.
+            [turn] = turns.wait(1, call)
+            assert turn.used_fallback
             assert [m["content"] for m in handler.history.messages()[1:]] == ["hello"]
+            llm.release_reply.set()
 
 
 class GatedEngine(TtsEngine):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import broadcasts, captured_event, running_daemon, settings_for, wait_heard, wait_until
+from harness import (TurnLog, broadcasts, captured_event, routed_events, running_daemon, settings_for, wait_heard,
+                     wait_idle, wait_until)
 from llm_fakes import FakeLlmServer
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 from ivr_daemon.tts.null import NullEngine
@@ -34,9 +35,10 @@ def history_of(daemon, call):
 
 def test_first_sentence_is_broadcast_while_the_llm_is_still_writing_and_all_play_in_order(tmp_path):
     # The fake LLM stops after " Saturdays" (the word that proves sentence 1 ended) until released.
+    turns = TurnLog()
     with FakeLlmServer("ollama", replies=THREE, stream_hold_after=6) as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
-        with running_daemon(sim, settings) as daemon:
+        with running_daemon(sim, settings, on_turn=turns) as daemon:
             call = sim.new_call()
             sim.speak(call, "when do you open")
             first = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 10)
@@ -50,18 +52,21 @@ def test_first_sentence_is_broadcast_while_the_llm_is_still_writing_and_all_play
             assert [line.split()[3] for line in broadcasts(sim, call)] == expected
             assert first.line.split()[3] == expected[0]
             assert sim.played_files(call) == expected  # FreeSWITCH played them in order
+            [turn] = turns.wait(1, call)  # the history is written before the turn reports
+            assert turn.sentences == 3 and not turn.interrupted
             assert history_of(daemon, call) == [("user", "when do you open"), ("assistant", THREE)]
 
 
 def test_batch_mode_waits_for_the_whole_reply_and_plays_one_file(tmp_path):
+    turns = TurnLog()
     with FakeLlmServer("ollama", replies=THREE) as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, LLM_STREAM="false")
-        with running_daemon(sim, settings):
+        with running_daemon(sim, settings, on_turn=turns):
             call = sim.new_call()
             sim.speak(call, "when do you open")
-            sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 10)
-            wait_heard(sim, call)
-            assert len(broadcasts(sim, call)) == 1
+            [turn] = turns.wait(1, call)  # the turn is over: it broadcasts nothing more
+            assert turn.sentences == 1 and turn.reply == THREE
+            assert [line.split()[3] for line in broadcasts(sim, call)] == [str(turn.wav_path)]
             assert llm.requests[0]["stream"] is False
 
 
@@ -141,13 +146,13 @@ def test_barge_in_settings(tmp_path, mode, min_words, speech, breaks):
             call = sim.new_call()
             sim.speak(call, "when do you open")
             sim.wait_for_event(lambda e: e.name == "PLAYBACK_START" and e.unique_id == call, 10)
-            routed = daemon.router.events_routed
+            routed = routed_events(daemon)
             sim.send_event_frame(_speech_frame(call, speech[0], speech[1], 10_000))
-            wait_until(lambda: daemon.router.events_routed > routed)  # the daemon has seen it
+            wait_until(lambda: any(e.sequence == 10_000 for e in routed))  # the daemon has seen this very frame
             if breaks:
                 sim.wait_for_command(f"api uuid_break {call} all", 5)
             else:
-                wait_until(lambda: daemon.router.calls[call].queue.empty())
+                wait_idle(daemon)  # whatever the frame started (a turn, a uuid_break) has run
                 assert not any(c.line.startswith("api uuid_break") for c in sim.commands)
             assert handler_of(daemon, call).barge_ins == (1 if breaks else 0)
 
@@ -190,6 +195,7 @@ def test_speech_after_the_answer_played_is_not_barge_in_even_if_playback_beat_th
                 wait_heard(sim, call)
                 wait_until(lambda: not handler_of(daemon, call).busy)
             assert not any(c.line.startswith("api uuid_break") for c in sim.commands)
+            assert handler_of(daemon, call).barge_ins == 0
             assert INTERRUPTED not in str(handler_of(daemon, call).history.messages())
 
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import fuzz_strategies as fz
-from harness import running_daemon, settings_for
+from harness import running_daemon, settings_for, wait_until
 from llm_fakes import FakeLlmServer
 from ivr_daemon.calls import CallRouter
 from ivr_daemon.config import load_settings
@@ -472,10 +472,8 @@ def test_real_conversation_handlers_survive_fuzzed_events_and_only_command_valid
 def test_dedup_and_ended_call_memory_stay_at_their_caps_under_distinct_unique_ids():
     rng = random.Random(7)
     book = new_book()
-    router = CallRouter(lambda uuid, log: Recorder(uuid, log, book), remember_ended=256)
-    # Set after construction: CallRouter's "dedup or EventDeduplicator()" drops a passed-in
-    # deduplicator while it is empty (it has __len__, so an empty one is falsy).
-    router.dedup = EventDeduplicator(max_keys=512)
+    router = CallRouter(lambda uuid, log: Recorder(uuid, log, book), remember_ended=256,
+                        dedup=EventDeduplicator(max_keys=512))
     for n in range(5000):
         uuid = f"{rng.getrandbits(32):08x}-0000-4000-8000-{n:012d}"
         router.route(EslEvent(headers={"Event-Name": "DETECTED_SPEECH", "Unique-ID": uuid, "Event-Sequence": str(2 * n)}))
@@ -512,9 +510,8 @@ def test_calls_without_hangup_are_bounded_only_by_their_number():
     for n in range(10_000):
         router.route(EslEvent(headers={"Event-Name": "CHANNEL_ANSWER", "Unique-ID": f"f0220000-0000-4000-8000-{n:012d}",
                                        "Event-Sequence": str(n)}))
-    gevent.sleep(0)
+    wait_until(lambda: sum(len(events) for events in book["handled"].values()) == 10_000, 30)
     assert len(router.calls) == 10_000 and all(not c.greenlet.dead for c in router.calls.values())
-    assert sum(len(events) for events in book["handled"].values()) == 10_000
     for n, uuid in enumerate(list(router.calls)):
         router.route(EslEvent(headers={"Event-Name": HANGUP, "Unique-ID": uuid, "Event-Sequence": str(10**6 + n)}))
     assert router.join(20)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import gevent
 import pytest
@@ -20,6 +19,7 @@ from ivr_daemon.llm import (
     OpenAiClient,
     make_llm_client,
 )
+from harness import wait_until
 from llm_fakes import FakeLlmServer
 
 PROVIDERS = ("ollama", "openai", "llama3")
@@ -129,32 +129,34 @@ def test_turns_get_scripted_replies_in_order_over_one_kept_alive_connection(prov
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_a_slow_server_times_out_within_the_bound(provider):
-    with FakeLlmServer(provider, delay_s=5) as server:
+    # The server holds its reply until the test lets it go: only the client's own bound can end
+    # the wait, and the error names that bound.
+    with FakeLlmServer(provider, hold_reply=True) as server:
         client = client_for(provider, server.url, timeout_s=0.5)
-        started_s = time.monotonic()
-        with pytest.raises(LlmTimeout, match="within 0.5 s"):
-            client.complete(MESSAGES)
-        assert time.monotonic() - started_s < 0.5 + 1
-    assert len(server.requests) == 1
+        with gevent.Timeout(10, AssertionError("the client waited for the held reply")):
+            with pytest.raises(LlmTimeout, match="within 0.5 s"):
+                client.complete(MESSAGES)
+        assert len(server.requests) == 1 and server.bodies_completed == 0
+        server.release_reply.set()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_a_trickling_reply_is_cut_at_the_wall_clock_bound(provider):
     # Each byte arrives well inside the socket read timeout; only the overall bound stops it.
-    with FakeLlmServer(provider, trickle_s=0.05) as server:
+    # The whole body takes over 20 s to trickle: the client gave up before its last byte.
+    with FakeLlmServer(provider, replies="Hello there. " * 40, trickle_s=0.05) as server:
         client = client_for(provider, server.url, timeout_s=0.6)
-        started_s = time.monotonic()
-        with pytest.raises(LlmTimeout):
+        with pytest.raises(LlmTimeout, match="within 0.6 s"):
             client.complete(MESSAGES)
-        assert time.monotonic() - started_s < 0.6 + 1
+        assert len(server.requests) == 1 and server.bodies_completed == 0
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_connection_refused_is_unavailable(provider, refusing_url):
-    started_s = time.monotonic()
-    with pytest.raises(LlmUnavailable, match="cannot reach") as caught:
-        client_for(provider, refusing_url, timeout_s=5).complete(MESSAGES)
-    assert time.monotonic() - started_s < 1
+    # Refused is final at once: no retrying until the (long) timeout runs out.
+    with gevent.Timeout(10, AssertionError("a refused connection waited for the 60 s timeout")):
+        with pytest.raises(LlmUnavailable, match="cannot reach") as caught:
+            client_for(provider, refusing_url, timeout_s=60).complete(MESSAGES)
     assert caught.value.status is None
 
 
@@ -298,18 +300,20 @@ def test_make_llm_client_defaults_to_ollama_on_localhost():
 
 
 def test_calls_from_greenlets_run_concurrently():
-    with FakeLlmServer("ollama", delay_s=0.5) as server:
+    # The server answers nobody until all four requests are in: calls that waited for each
+    # other (one connection, a lock) could never all arrive.
+    with FakeLlmServer("ollama", hold_reply=True) as server:
         client = OllamaClient(server.url, "m", 5)
-        started_s = time.monotonic()
         calls = [gevent.spawn(client.complete, MESSAGES) for _ in range(4)]
+        wait_until(lambda: len(server.requests) == 4, 5)
+        assert len(set(server.client_ports)) == 4  # four connections at once
+        server.release_reply.set()
         gevent.joinall(calls, raise_error=True)
-        elapsed_s = time.monotonic() - started_s
     assert [call.value for call in calls] == ["Hello from the fake LLM."] * 4
-    assert elapsed_s < 4 * 0.5
 
 
 def test_a_callers_own_gevent_timeout_is_not_swallowed():
-    with FakeLlmServer("ollama", delay_s=5) as server:
+    with FakeLlmServer("ollama", hold_reply=True) as server:
         client = OllamaClient(server.url, "m", timeout_s=10)
         outer = gevent.Timeout(0.3)
         with pytest.raises(gevent.Timeout) as caught:
@@ -320,13 +324,15 @@ def test_a_callers_own_gevent_timeout_is_not_swallowed():
 
 def test_a_killed_call_leaves_the_client_usable():
     # Barge-in and hangup kill the call's greenlet mid-request.
-    with FakeLlmServer("ollama", replies=lambda request: request["messages"][-1]["content"], delay_s=0.3) as server:
+    with FakeLlmServer("ollama", replies=lambda request: request["messages"][-1]["content"], hold_reply=True) as server:
         client = OllamaClient(server.url, "m", 5)
         call = gevent.spawn(client.complete, MESSAGES)
-        gevent.sleep(0.05)
+        wait_until(lambda: len(server.requests) == 1, 5)  # mid-request: sent, its reply held
         call.kill(block=True, timeout=1)
         assert call.dead and isinstance(call.value, gevent.GreenletExit)
+        server.release_reply.set()
         assert client.complete(MESSAGES) == NEW_USER["content"]
+    assert server.client_ports[1] != server.client_ports[0]  # not the half-read connection
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -117,9 +117,10 @@ def test_closing_the_stream_early_closes_the_connection_and_the_client_stays_usa
         client = client_for(provider, server.url)
         stream = client.stream(MESSAGES)
         assert next(stream) == "One"
-        started_s = time.monotonic()
-        stream.close()  # barge-in
-        assert time.monotonic() - started_s < 0.5
+        # The rest is held by the server until released below: a close() that read it first
+        # would never return.
+        with gevent.Timeout(10, AssertionError("close() waited for the rest of the reply")):
+            stream.close()  # barge-in
         server.release_stream.set()
         # The server's next writes fail: it saw the client go away.
         assert server.client_disconnected.wait(timeout=5)
@@ -150,12 +151,15 @@ def test_a_killed_reader_closes_the_connection_and_the_client_stays_usable(provi
 
 @pytest.mark.parametrize("provider", STREAMING)
 def test_no_first_delta_within_the_timeout_is_a_timeout(provider):
-    with FakeLlmServer(provider, stream_first_delay_s=5) as server:
+    # The server holds everything, headers included, until the test lets it go: only the
+    # client's own bound can end the wait, and the error names that bound.
+    with FakeLlmServer(provider, hold_reply=True) as server:
         client = client_for(provider, server.url, timeout_s=0.5)
-        started_s = time.monotonic()
-        with pytest.raises(LlmTimeout, match="no reply from .* within 0.5 s"):
-            drain(client.stream(MESSAGES))
-        assert time.monotonic() - started_s < 0.5 + 1
+        with gevent.Timeout(10, AssertionError("the client waited for the held reply")):
+            with pytest.raises(LlmTimeout, match="no reply from .* within 0.5 s"):
+                drain(client.stream(MESSAGES))
+        assert len(server.requests) == 1 and server.deltas_sent == 0
+        server.release_reply.set()
 
 
 @pytest.mark.parametrize("provider", STREAMING)
@@ -163,30 +167,33 @@ def test_a_stream_that_stalls_after_some_text_times_out(provider):
     with FakeLlmServer(provider, replies=REPLY, stream_hold_after=2) as server:
         stream = client_for(provider, server.url, timeout_s=0.5).stream(MESSAGES)
         assert [next(stream), next(stream)] == ["We", " are"]
-        started_s = time.monotonic()
-        with pytest.raises(LlmTimeout, match=r"stalled for 0.5 s after 6 chars"):
-            next(stream)
-        assert time.monotonic() - started_s < 0.5 + 1
+        # The server holds the rest until released, which never happens here.
+        with gevent.Timeout(10, AssertionError("the client waited for the held rest of the stream")):
+            with pytest.raises(LlmTimeout, match=r"stalled for 0.5 s after 6 chars"):
+                next(stream)
+        assert server.deltas_sent == 2 and server.stream_outcomes == []
 
 
 @pytest.mark.parametrize("provider", STREAMING)
 def test_a_trickling_stream_that_never_completes_a_delta_times_out(provider):
     # Each byte comes well inside the socket read timeout; only the per-delta deadline stops it.
+    # The first chunk alone takes over 5 s to trickle: the client gave up before it was whole.
     with FakeLlmServer(provider, replies=REPLY, trickle_s=0.05) as server:
         client = client_for(provider, server.url, timeout_s=0.6)
-        started_s = time.monotonic()
-        with pytest.raises(LlmTimeout):
+        with pytest.raises(LlmTimeout, match="0.6 s"):
             drain(client.stream(MESSAGES))
-        assert time.monotonic() - started_s < 0.6 + 1
+        assert server.deltas_sent == 0
 
 
 @pytest.mark.parametrize("provider", STREAMING)
 def test_the_timeout_bounds_each_gap_not_the_whole_stream(provider):
-    with FakeLlmServer(provider, replies="One two three four five.", stream_gap_s=0.15) as server:
-        client = client_for(provider, server.url, timeout_s=0.5)
+    # 13 gaps of 0.1 s: the stream outlasts the 1 s timeout, each gap stays far inside it.
+    reply = "One two three four five six seven eight nine ten eleven twelve."
+    with FakeLlmServer(provider, replies=reply, stream_gap_s=0.1) as server:
+        client = client_for(provider, server.url, timeout_s=1.0)
         started_s = time.monotonic()
-        assert "".join(client.stream(MESSAGES)) == "One two three four five."
-        assert time.monotonic() - started_s > 0.5
+        assert "".join(client.stream(MESSAGES)) == reply
+        assert time.monotonic() - started_s > 1.0  # the test's premise: longer than the timeout
 
 
 def test_time_the_caller_spends_between_deltas_does_not_count():

@@ -138,7 +138,7 @@ def test_server_ignores_llama_settings_in_the_environment_and_stop_reaps_it(smol
 
 def test_broken_model_file_fails_start_quickly(tmp_path):
     broken = tmp_path / "x.gguf"
-    broken.write_bytes(os.urandom(100))
+    broken.write_bytes(b"not a GGUF model" * 6)  # the same bytes on every run
     server = LlamaCppServer(broken, start_timeout_s=60)
     started_s = time.monotonic()
     with pytest.raises(LlamaServerDidNotStart, match="exited with code") as raised:
