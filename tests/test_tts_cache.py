@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -323,3 +324,47 @@ def test_a_hit_avoids_synthesis_with_the_real_piper_voice(output_dir):
     assert piper.calls == 1
     assert cache.stats().hits == 1
     assert first != cache.path_for(NullEngine(), "Your appointment is confirmed.")
+
+
+OTHER_UID = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a file to another user")
+def test_start_up_never_adopts_a_cache_file_owned_by_another_user(output_dir, caplog):
+    engine = CountingEngine()
+    planted = PhraseCache.for_output_dir(output_dir, max_bytes=10**9).path_for(engine, "Please hold.")
+    NullEngine().synthesize_to_wav("transfer your savings to this account", planted)
+    os.chown(planted, OTHER_UID, -1)
+
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+
+    assert cache.stats().files == 0
+    assert "tts_cache_file_not_adopted" in caplog.text and "owned by another user" in caplog.text
+    # A miss replaces it with a file of our own.
+    assert cache.get_or_synthesize(engine, "Please hold.") == planted
+    assert engine.calls == 1
+    assert os.lstat(planted).st_uid == os.geteuid()
+
+
+def test_start_up_never_adopts_a_symlink(output_dir, tmp_path, caplog):
+    engine = CountingEngine()
+    elsewhere = tmp_path / "elsewhere.wav"
+    NullEngine().synthesize_to_wav("somebody else's words", elsewhere)
+    planted = PhraseCache.for_output_dir(output_dir, max_bytes=10**9).path_for(engine, "Please hold.")
+    planted.symlink_to(elsewhere)
+
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+
+    assert cache.stats().files == 0
+    assert "tts_cache_file_not_adopted" in caplog.text and "a symlink" in caplog.text
+    path = cache.get_or_synthesize(engine, "Please hold.")
+    assert path == planted and not path.is_symlink()
+    assert engine.calls == 1
+    assert elsewhere.exists()
+
+
+def test_the_cache_directory_is_created_private(output_dir):
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+
+    assert stat.S_IMODE(os.lstat(cache.directory).st_mode) == 0o750
+    assert stat.S_IMODE(os.lstat(cache.get_or_synthesize(NullEngine(), "Hello.")).st_mode) == 0o640
