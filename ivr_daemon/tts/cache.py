@@ -101,6 +101,24 @@ class PhraseCache:
         """Where ``text`` spoken by ``engine`` is (or would be) cached."""
         return self._path(cache_key(engine, text))
 
+    def lookup(self, engine: TtsEngine, text: str) -> Path | None:
+        """The cached WAV for ``text`` if there is one, else None; never synthesizes.
+
+        Non-blocking, safe on the gevent loop: a dict lookup under the lock (which no thread
+        holds for longer than a few file-system calls) and one utime. A hit is counted and
+        refreshes the recency; a miss counts nothing (get_or_synthesize counts it next).
+        """
+        spoken = normalize_text(text)
+        if not spoken:
+            return None
+        key = cache_key(engine, spoken)
+        path = self._path(key)
+        with self._lock:
+            if key in self._sizes and self._refresh(key, path):
+                self._hits += 1
+                return path
+        return None
+
     def get_or_synthesize(self, engine: TtsEngine, text: str) -> Path:
         """The cached WAV for ``text``, synthesizing it on a miss; blocking, raises TtsError as the engine does."""
         spoken = normalize_text(text)
