@@ -31,7 +31,15 @@ def default_voice_path() -> Path:
 
 
 class PiperEngine(TtsEngine):
-    """One Piper voice loaded once; synthesis is serialized (piper's phonemizer is a shared global)."""
+    """One Piper voice loaded once, shared by the worker threads.
+
+    Only phonemization is serialized: piper drives espeak-ng, one process-wide C state, and
+    guards it with a ``threading.Lock`` that gevent's monkey-patching turns into a gevent lock,
+    which native worker threads should not contend on; our native lock keeps it uncontended.
+    The inference runs concurrently: onnxruntime's ``InferenceSession.run`` is thread-safe, so a
+    short sentence does not wait for another call's long one (each run already spreads over
+    every core, so throughput stays about the same).
+    """
 
     name = "piper"
 
@@ -50,17 +58,25 @@ class PiperEngine(TtsEngine):
                 f"Piper voice {model_path} could not be loaded ({one_line(exc)}): {fix}"
             ) from exc
         self.sample_rate_hz = int(self._voice.config.sample_rate)
-        self._lock = native_lock()
+        self._phonemize_lock = native_lock()
+        # PiperVoice.synthesize calls self.phonemize(text) first: locked, on this instance only.
+        voice = self._voice
+        unlocked_phonemize = type(voice).phonemize
+
+        def phonemize(text: str):
+            with self._phonemize_lock:
+                return unlocked_phonemize(voice, text)
+
+        voice.phonemize = phonemize
         log.info("tts_model_loaded", engine=self.name, voice_id=self.voice_id, sample_rate_hz=self.sample_rate_hz)
 
     def synthesize(self, text: str) -> tuple[numpy.ndarray, int]:
         pause = silence(SENTENCE_PAUSE_S, self.sample_rate_hz)
         pieces: list[numpy.ndarray] = []
-        with self._lock:
-            for chunk in self._voice.synthesize(text):
-                if pieces:
-                    pieces.append(pause)
-                pieces.append(chunk.audio_float_array)
+        for chunk in self._voice.synthesize(text):
+            if pieces:
+                pieces.append(pause)
+            pieces.append(chunk.audio_float_array)
         if not pieces:
             return numpy.zeros(0, dtype=numpy.float32), self.sample_rate_hz
         return numpy.concatenate(pieces), self.sample_rate_hz
