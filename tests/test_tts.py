@@ -281,6 +281,13 @@ def test_a_piper_synthesis_does_not_wait_for_another_ones_inference(piper_engine
     assert samples.size > short.size
 
 
+def test_each_piper_synthesis_runs_on_one_core(piper_engine):
+    # Concurrency comes from the pool's threads (one per core); onnxruntime's default per-run
+    # pool over every core would oversubscribe them once runs overlap.
+    assert piper_engine._voice.session.get_session_options().intra_op_num_threads == 1
+    assert piper_engine._voice.session.get_providers() == ["CPUExecutionProvider"]
+
+
 def test_concurrent_piper_phonemization_gives_what_a_lone_one_gives(piper_engine):
     # espeak-ng keeps global state: piper's own lock around it is a gevent lock once
     # monkey-patched, so the engine serializes phonemize() with a native one.

@@ -31,14 +31,16 @@ def default_voice_path() -> Path:
 
 
 class PiperEngine(TtsEngine):
-    """One Piper voice loaded once, shared by the worker threads.
+    """One Piper voice loaded once, shared by the worker threads: as many syntheses run at once
+    as there are threads in the pool (one per core), each on one core.
 
-    Only phonemization is serialized: piper drives espeak-ng, one process-wide C state, and
-    guards it with a ``threading.Lock`` that gevent's monkey-patching turns into a gevent lock,
-    which native worker threads should not contend on; our native lock keeps it uncontended.
-    The inference runs concurrently: onnxruntime's ``InferenceSession.run`` is thread-safe, so a
-    short sentence does not wait for another call's long one (each run already spreads over
-    every core, so throughput stays about the same).
+    Only phonemization (milliseconds) is serialized: piper drives espeak-ng, one process-wide C
+    state, guarded by a ``threading.Lock`` that gevent's monkey-patching turns into a gevent
+    lock, which native worker threads must not contend on; our native lock keeps it uncontended.
+    The inference runs concurrently (onnxruntime's ``InferenceSession.run`` is thread-safe), so
+    a short sentence no longer waits for another call's long one. Each run is single-threaded
+    (``intra_op_num_threads=1``): onnxruntime's default, a spinning pool over every core per run,
+    was slower here even for a lone sentence and oversubscribes the cores once runs overlap.
     """
 
     name = "piper"
@@ -50,6 +52,13 @@ class PiperEngine(TtsEngine):
             from piper import PiperVoice
 
             self._voice = PiperVoice.load(model_path)
+            # PiperVoice.load takes no session options: the same model again, one thread per run
+            # (through the session piper made: onnxruntime is piper's dependency, not ours).
+            session = self._voice.session
+            options = session.get_session_options()
+            options.intra_op_num_threads = 1
+            self._voice.session = type(session)(str(model_path), sess_options=options,
+                                                providers=session.get_providers())
             self.voice_id = f"piper:{model_path.stem}:{file_fingerprint(model_path)}"
         except ImportError as exc:
             raise TtsModelUnavailable(f"piper-tts is not installed ({one_line(exc)}): pip install piper-tts") from exc
