@@ -29,6 +29,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -300,24 +301,36 @@ def bench_cached_phrase(args):
         warm = rig.sim.new_call()
         rig.sim.speak(warm, "cached warm-up")  # puts CACHED_PHRASE in the cache
         rig.wait_turn(warm)
-        busy = [rig.sim.new_call() for _ in range(args.busy_calls)]
-        for index, call in enumerate(busy):
-            rig.sim.speak(call, f"busy {index}")
-        # Every busy call has spoken its first sentence: the rest of its reply (BUSY_SENTENCES - 1
-        # long sentences each) is being synthesized or waits for a worker thread.
-        for call in busy:
+        busy: set[str] = set()
+        asked = itertools.count()
+
+        def start_busy_call():
+            call = rig.sim.new_call()
+            rig.sim.speak(call, f"busy {next(asked)}")
+            busy.add(call)
+            return call
+
+        for call in [start_busy_call() for _ in range(args.busy_calls)]:
+            # Its first sentence is out: the rest of its reply (BUSY_SENTENCES - 1 long sentences)
+            # is being synthesized or waits for a worker thread.
             rig.sim.wait_for_command(lambda c, call=call: c.line.startswith(f"api uuid_broadcast {call} "), 300,
                                      consume=False)
-        samples, busy_done_before = [], []
+        samples, replaced = [], 0
         for index in range(args.cached_runs):
+            # A busy call whose reply is all out makes way for a new one: the load never stops.
+            rig._read_log()
+            for call in [c for c in busy if c in rig.turns]:
+                busy.discard(call)
+                rig.sim.hangup(call)
+                start_busy_call()
+                replaced += 1
             call = rig.sim.new_call()
             sequence = rig.sim.speak(call, f"cached {index}")
             turn = rig.wait_turn(call)
             assert said(turn) == said({"reply": CACHED_PHRASE}), turn
             samples.append(_first_broadcast_ms(rig.sim, call, sequence) - turn["llm_ms"])
-            busy_done_before.append(sum(1 for c in busy if c in rig.turns))
             rig.sim.hangup(call)
-        return samples, busy_done_before
+        return samples, replaced
     finally:
         rig.close()
 
@@ -370,12 +383,11 @@ def main(argv=None) -> int:
         figures.update(barge_in_p99_ms=round(percentile(barge, 99), 2))
 
     if "cached-phrase" in selected:
-        cached, busy_done = bench_cached_phrase(args)
+        cached, replaced = bench_cached_phrase(args)
         print(f"cached phrase -> uuid_broadcast while {args.busy_calls} calls synthesize with Piper: "
               f"p50 {percentile(cached, 50):.2f} ms, p99 {percentile(cached, 99):.2f} ms, max {max(cached):.2f} ms "
-              f"({len(cached)} samples; busy calls done by the last sample: {busy_done[-1]} of {args.busy_calls})")
-        figures.update(cached_phrase_broadcast_p99_ms=round(percentile(cached, 99), 2),
-                       cached_phrase_busy_calls_done=busy_done[-1])
+              f"({len(cached)} samples; {replaced} busy calls done and replaced meanwhile)")
+        figures.update(cached_phrase_broadcast_p99_ms=round(percentile(cached, 99), 2))
 
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))
