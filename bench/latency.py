@@ -15,8 +15,12 @@ Prints a table, and as its last line one JSON object:
   loop_lag_p99_ms                   lag of a 10 ms ticker on the gevent loop while 8 calls
                                     synthesize with Piper at once
   barge_in_p99_ms                   partial-speech frame written -> uuid_break read
+  cached_phrase_broadcast_p99_ms    a reply the phrase cache holds: DETECTED_SPEECH frame written
+                                    -> its uuid_broadcast read, minus the LLM's time to that
+                                    sentence, while 8 (--busy-calls) other calls synthesize uncached Piper
+                                    sentences (the daemon in its own process, the cache on)
 
-Usage: .venv/bin/python bench/latency.py [--calls 200]
+Usage: .venv/bin/python bench/latency.py [--calls 200] [--only cached-phrase ...]
 """
 
 from gevent import monkey
@@ -24,6 +28,8 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -49,6 +55,13 @@ from ivr_daemon.tts import make_tts_engine  # noqa: E402
 
 REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four in the afternoon. "
          "Is there anything else I can help you with today?")
+# The cached-phrase measurement: callers asking "cached ..." get CACHED_PHRASE, synthesized
+# once beforehand; callers asking "busy <n>" get BUSY_SENTENCES sentences nobody asked before.
+CACHED_PHRASE = "Thank you for calling, how can I help you today?"
+BUSY_SENTENCES = 12
+
+
+MEASUREMENTS = ("overhead", "first-audio", "loop-lag", "barge-in", "cached-phrase")
 
 
 def percentile(values, q):
@@ -88,19 +101,20 @@ class DaemonProcessRig:
     """The daemon as users run it (``ivr-daemon run``, its own process and hub), the fake LLM
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
-    def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None):
+    def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
+                 extra_env=None):
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
-        llm_cmd = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
-                   "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)]
+        llm_cmd = llm_cmd or [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
+                              "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)]
         self.llm = subprocess.Popen(llm_cmd + ([] if llm_stream else ["--batch"]), stdout=subprocess.PIPE, text=True)
         llm_url = self.llm.stdout.readline().strip()
         self.sim = FreeswitchSimulator(**(sim_options or {})).start()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
         env.update({"FREESWITCH_PORT": str(self.sim.port), "LLM_PROVIDER": "openai", "LLM_API_URL": llm_url,
                     "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
-                    "TTS_CACHE_MAX_MB": "0", "LLM_STREAM": "true" if llm_stream else "false",
-                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"})
+                    "TTS_CACHE_MAX_MB": str(cache_mb), "LLM_STREAM": "true" if llm_stream else "false",
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(extra_env or {})})
         # Logs to a file, as in production: a pipe the benchmark reads late would stall the
         # daemon's writes to stderr, and with them its whole loop.
         self.log_path = Path(self.tmp.name) / "daemon.log"
@@ -120,6 +134,15 @@ class DaemonProcessRig:
                 if '"turn_complete"' in line:
                     record = json.loads(line)
                     self.turns[record["call_uuid"]] = record
+
+    def wait_turn(self, call, timeout_s=180):
+        """The turn_complete record of ``call``'s (first) turn."""
+        deadline = time.monotonic() + timeout_s
+        while call not in self.turns:
+            assert time.monotonic() < deadline, f"no turn_complete for {call}"
+            self._read_log()
+            gevent.sleep(0.05)
+        return self.turns[call]
 
     def wait_turns(self, count, timeout_s=180):
         deadline = time.monotonic() + timeout_s
@@ -239,6 +262,79 @@ def bench_barge_in(args):
         rig.close()
 
 
+def busy_reply(question: str) -> str:
+    """BUSY_SENTENCES sentences unique to ``question`` (e.g. "busy 3"): never in the cache."""
+    caller = question.split()[-1]
+    return " ".join(f"Caller {caller}, note {k}: the store on Main Street opens at nine, closes at six on weekdays, "
+                    f"and the branch on Oak Avenue keeps the same hours except on holidays."
+                    for k in range(1, BUSY_SENTENCES + 1))
+
+
+def said(turn: dict) -> str:
+    """What a turn_complete line says the reply was: its text, or (LOG_TRANSCRIPTS off) its hash."""
+    if "reply" in turn:
+        return hashlib.sha256(turn["reply"].encode("utf-8")).hexdigest()[:12]
+    return turn["reply_sha256"]
+
+
+def serve_llm(args) -> int:
+    """The fake LLM of the cached-phrase measurement, in its own process: prints its URL, serves until killed."""
+    def reply(request):
+        question = request["messages"][-1]["content"]
+        return CACHED_PHRASE if question.startswith("cached") else busy_reply(question)
+
+    server = FakeLlmServer("openai", replies=reply, stream_first_delay_s=args.first_token_ms / 1000,
+                           stream_gap_s=1 / args.tokens_per_s, delay_s=0).start()
+    print(server.url, flush=True)
+    gevent.wait()
+    return 0
+
+
+def bench_cached_phrase(args):
+    """A cached reply's broadcast, less the LLM's time, while --busy-calls calls synthesize with Piper."""
+    llm_cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-llm",
+               "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)]
+    rig = DaemonProcessRig(args, tts_engine="piper", cache_mb=200, llm_cmd=llm_cmd,
+                           extra_env={"MAX_REPLY_SENTENCES": str(BUSY_SENTENCES)},
+                           sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0})
+    try:
+        warm = rig.sim.new_call()
+        rig.sim.speak(warm, "cached warm-up")  # puts CACHED_PHRASE in the cache
+        rig.wait_turn(warm)
+        busy: set[str] = set()
+        asked = itertools.count()
+
+        def start_busy_call():
+            call = rig.sim.new_call()
+            rig.sim.speak(call, f"busy {next(asked)}")
+            busy.add(call)
+            return call
+
+        for call in [start_busy_call() for _ in range(args.busy_calls)]:
+            # Its first sentence is out: the rest of its reply (BUSY_SENTENCES - 1 long sentences)
+            # is being synthesized or waits for a worker thread.
+            rig.sim.wait_for_command(lambda c, call=call: c.line.startswith(f"api uuid_broadcast {call} "), 300,
+                                     consume=False)
+        samples, replaced = [], 0
+        for index in range(args.cached_runs):
+            # A busy call whose reply is all out makes way for a new one: the load never stops.
+            rig._read_log()
+            for call in [c for c in busy if c in rig.turns]:
+                busy.discard(call)
+                rig.sim.hangup(call)
+                start_busy_call()
+                replaced += 1
+            call = rig.sim.new_call()
+            sequence = rig.sim.speak(call, f"cached {index}")
+            turn = rig.wait_turn(call)
+            assert said(turn) == said({"reply": CACHED_PHRASE}), turn
+            samples.append(_first_broadcast_ms(rig.sim, call, sequence) - turn["llm_ms"])
+            rig.sim.hangup(call)
+        return samples, replaced
+    finally:
+        rig.close()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
@@ -247,35 +343,53 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens-per-s", type=float, default=30.0)
     parser.add_argument("--first-audio-runs", type=int, default=5)
     parser.add_argument("--barge-in-runs", type=int, default=50)
+    parser.add_argument("--cached-runs", type=int, default=100, help="cached-phrase samples")
+    parser.add_argument("--busy-calls", type=int, default=8, help="calls synthesizing during the cached-phrase samples")
+    parser.add_argument("--only", action="append", choices=MEASUREMENTS,
+                        help="run only this measurement (repeatable); default: all")
+    parser.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)  # the cached-phrase LLM
     args = parser.parse_args(argv)
+    if args.serve_llm:
+        return serve_llm(args)
     configure_logging(os.environ.get("LOG_LEVEL", "ERROR"), "console")
     started = time.monotonic()
+    selected = set(args.only or MEASUREMENTS)
+    figures = {}
 
-    overheads, answered = bench_overhead(args)
-    print(f"overhead with {args.calls} concurrent calls asking within {args.spread_s:g} s ({answered} answered): "
-          f"p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms")
+    if "overhead" in selected:
+        overheads, answered = bench_overhead(args)
+        print(f"overhead with {args.calls} concurrent calls asking within {args.spread_s:g} s ({answered} answered): "
+              f"p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms")
+        figures.update(overhead_p50_ms=round(percentile(overheads, 50), 2),
+                       overhead_p99_ms=round(percentile(overheads, 99), 2), calls=args.calls)
 
-    stream_ms, batch_ms = bench_first_audio(args)
-    print(f"first audio (Piper): streaming {stream_ms:.0f} ms, batch {batch_ms:.0f} ms, ratio {stream_ms / batch_ms:.2f}")
+    if "first-audio" in selected:
+        stream_ms, batch_ms = bench_first_audio(args)
+        print(f"first audio (Piper): streaming {stream_ms:.0f} ms, batch {batch_ms:.0f} ms, "
+              f"ratio {stream_ms / batch_ms:.2f}")
+        figures.update(first_audio_stream_ms=round(stream_ms, 1), first_audio_batch_ms=round(batch_ms, 1),
+                       stream_over_batch=round(stream_ms / batch_ms, 3))
 
-    lags = bench_loop_lag(args, make_tts_engine(load_settings(environ={"TTS_ENGINE": "piper"})))
-    print(f"gevent loop lag while 8 calls synthesize with Piper: p50 {percentile(lags, 50):.2f} ms, "
-          f"p99 {percentile(lags, 99):.2f} ms, max {max(lags):.2f} ms ({len(lags)} ticks)")
+    if "loop-lag" in selected:
+        lags = bench_loop_lag(args, make_tts_engine(load_settings(environ={"TTS_ENGINE": "piper"})))
+        print(f"gevent loop lag while 8 calls synthesize with Piper: p50 {percentile(lags, 50):.2f} ms, "
+              f"p99 {percentile(lags, 99):.2f} ms, max {max(lags):.2f} ms ({len(lags)} ticks)")
+        figures.update(loop_lag_p99_ms=round(percentile(lags, 99), 2))
 
-    barge = bench_barge_in(args)
-    print(f"barge-in (partial frame -> uuid_break): p50 {percentile(barge, 50):.2f} ms, p99 {percentile(barge, 99):.2f} ms")
+    if "barge-in" in selected:
+        barge = bench_barge_in(args)
+        print(f"barge-in (partial frame -> uuid_break): p50 {percentile(barge, 50):.2f} ms, "
+              f"p99 {percentile(barge, 99):.2f} ms")
+        figures.update(barge_in_p99_ms=round(percentile(barge, 99), 2))
 
-    figures = {
-        "overhead_p50_ms": round(percentile(overheads, 50), 2),
-        "overhead_p99_ms": round(percentile(overheads, 99), 2),
-        "first_audio_stream_ms": round(stream_ms, 1),
-        "first_audio_batch_ms": round(batch_ms, 1),
-        "stream_over_batch": round(stream_ms / batch_ms, 3),
-        "loop_lag_p99_ms": round(percentile(lags, 99), 2),
-        "barge_in_p99_ms": round(percentile(barge, 99), 2),
-        "calls": args.calls,
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    if "cached-phrase" in selected:
+        cached, replaced = bench_cached_phrase(args)
+        print(f"cached phrase -> uuid_broadcast while {args.busy_calls} calls synthesize with Piper: "
+              f"p50 {percentile(cached, 50):.2f} ms, p99 {percentile(cached, 99):.2f} ms, max {max(cached):.2f} ms "
+              f"({len(cached)} samples; {replaced} busy calls done and replaced meanwhile)")
+        figures.update(cached_phrase_broadcast_p99_ms=round(percentile(cached, 99), 2))
+
+    figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))
     return 0
 

@@ -11,8 +11,9 @@ import soundfile
 import soxr
 
 TELEPHONY_RATE_HZ = 8000
-# FreeSWITCH may run as another user than the daemon: the WAV must be readable by it.
-_WAV_FILE_MODE = 0o644
+# FreeSWITCH runs as another user than the daemon, in the group the WAVs get (the daemon's
+# group, or the directory's with a set-group-ID directory): group-readable, nothing for others.
+WAV_FILE_MODE = 0o640
 
 
 def to_mono_float32(samples) -> np.ndarray:
@@ -58,7 +59,7 @@ def write_telephony_wav(samples, sample_rate_hz: int, path: str | os.PathLike) -
             soundfile.write(temp_file, audio, TELEPHONY_RATE_HZ, subtype="PCM_16", format="WAV")
             temp_file.flush()
             os.fsync(temp_file.fileno())
-        os.chmod(temp_name, _WAV_FILE_MODE)
+        os.chmod(temp_name, WAV_FILE_MODE)  # mkstemp made it 0600
         os.replace(temp_name, final_path)
     except BaseException:
         try:

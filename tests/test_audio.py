@@ -103,13 +103,25 @@ def test_nan_samples_become_silence(tmp_path):
     assert np.all(written[100:200] == 0)
 
 
-def test_write_leaves_only_the_final_file_readable_by_others(tmp_path):
+def test_write_leaves_only_the_final_file_readable_by_the_group_not_others(tmp_path):
     for name in ("a.wav", "b.wav", "a.wav"):
         write_telephony_wav(sine(440, 0.3, 16000), 16000, tmp_path / name)
 
     assert sorted(os.listdir(tmp_path)) == ["a.wav", "b.wav"]
-    # FreeSWITCH may run as another user; mkstemp alone would leave the file 0600.
-    assert stat.S_IMODE(os.stat(tmp_path / "a.wav").st_mode) == 0o644
+    # FreeSWITCH runs as another user in the WAVs' group (mkstemp alone would leave 0600);
+    # other local users must not read callers' replies.
+    for name in ("a.wav", "b.wav"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640
+
+
+def test_the_mode_does_not_depend_on_the_umask(tmp_path):
+    previous = os.umask(0o077)
+    try:
+        path = write_telephony_wav(sine(440, 0.3, 16000), 16000, tmp_path / "a.wav")
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
 
 
 def test_missing_output_directory_is_created(tmp_path):

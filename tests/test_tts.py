@@ -6,9 +6,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gevent
+import gevent.threadpool
 import numpy as np
 import pytest
 import soundfile
@@ -17,6 +19,7 @@ import soxr
 from ivr_daemon.config import load_settings
 from ivr_daemon.tts import TtsEngine, TtsModelUnavailable, TtsSynthesisFailed, make_tts_engine
 from ivr_daemon.tts import piper as piper_module
+from ivr_daemon.tts.base import native_lock
 from ivr_daemon.tts.null import NullEngine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +31,13 @@ def wav_facts(path) -> soundfile._SoundFileInfo:
     info = soundfile.info(str(path))
     assert (info.samplerate, info.channels, info.subtype, info.format) == (8000, 1, "PCM_16", "WAV")
     return info
+
+
+def wait_for(predicate, timeout_s: float = 60.0) -> None:
+    deadline_s = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline_s, "condition not met in time"
+        gevent.sleep(0.005)
 
 
 def closed_local_port() -> int:
@@ -227,6 +237,70 @@ def test_piper_serves_concurrent_worker_threads(piper_engine, tmp_path):
     assert all(duration > 0.5 for duration in durations)
     assert durations[2] > durations[0]
     assert sorted(os.listdir(tmp_path)) == ["0.wav", "1.wav", "2.wav"]
+
+
+class GatedSession:
+    """Piper's onnxruntime session whose first run() waits for ``gate``; counts the runs begun."""
+
+    def __init__(self, session, gate):
+        self._session = session
+        self._gate = gate
+        self._count_lock = native_lock()
+        self.runs = 0
+
+    def run(self, *args, **kwargs):
+        with self._count_lock:
+            self.runs += 1
+            first = self.runs == 1
+        if first:
+            self._gate.acquire()
+            self._gate.release()
+        return self._session.run(*args, **kwargs)
+
+
+def test_a_piper_synthesis_does_not_wait_for_another_ones_inference(piper_engine, monkeypatch):
+    # Call B's short sentence must not wait behind call A's long one: only espeak-ng's
+    # phonemization is serialized, the onnxruntime inference (thread-safe) is not.
+    gate = native_lock()
+    gate.acquire()
+    session = GatedSession(piper_engine._voice.session, gate)
+    monkeypatch.setattr(piper_engine._voice, "session", session)
+    pool = gevent.threadpool.ThreadPool(2)
+    try:
+        long_one = pool.spawn(piper_engine.synthesize, "A long answer that is still being synthesized.")
+        wait_for(lambda: session.runs == 1)  # A is inside its inference, held there by the gate
+
+        short, rate_hz = pool.spawn(piper_engine.synthesize, "Hello.").get(timeout=60)
+
+        assert not long_one.ready()
+        assert short.size > 0.3 * rate_hz
+    finally:
+        gate.release()
+        samples, _ = long_one.get(timeout=60)
+        pool.kill()
+    assert samples.size > short.size
+
+
+def test_each_piper_synthesis_runs_on_one_core(piper_engine):
+    # Concurrency comes from the pool's threads (one per core); onnxruntime's default per-run
+    # pool over every core would oversubscribe them once runs overlap.
+    assert piper_engine._voice.session.get_session_options().intra_op_num_threads == 1
+    assert piper_engine._voice.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_concurrent_piper_phonemization_gives_what_a_lone_one_gives(piper_engine):
+    # espeak-ng keeps global state: piper's own lock around it is a gevent lock once
+    # monkey-patched, so the engine serializes phonemize() with a native one.
+    texts = [f"Order {n} ships on day {n + 3}, at {n} o'clock." for n in range(12)]
+    alone = [piper_engine._voice.phonemize(text) for text in texts]
+    pool = gevent.threadpool.ThreadPool(4)
+    try:
+        together = [pool.spawn(piper_engine._voice.phonemize, text) for text in texts * 3]
+        results = [job.get(timeout=60) for job in together]
+    finally:
+        pool.kill()
+
+    assert results == alone * 3
 
 
 def test_piper_missing_voice_file_is_unavailable(tmp_path):

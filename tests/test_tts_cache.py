@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -323,3 +324,116 @@ def test_a_hit_avoids_synthesis_with_the_real_piper_voice(output_dir):
     assert piper.calls == 1
     assert cache.stats().hits == 1
     assert first != cache.path_for(NullEngine(), "Your appointment is confirmed.")
+
+
+def test_lookup_serves_a_hit_without_synthesis_and_counts_it(output_dir):
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+    engine = CountingEngine()
+    stored = cache.get_or_synthesize(engine, "Thank you for calling.")
+
+    assert cache.lookup(engine, "  Thank you\n for calling. ") == stored
+    assert cache.lookup(engine, "Not cached yet.") is None
+    assert cache.lookup(engine, " ") is None
+
+    assert engine.calls == 1
+    assert not cache.path_for(engine, "Not cached yet.").exists()
+    # The miss is counted by the get_or_synthesize the caller makes next, not twice.
+    assert cache.stats() == CacheStats(hits=1, misses=1, coalesced=0, evictions=0, bytes=stored.stat().st_size,
+                                       files=1)
+
+
+def test_lookup_refreshes_recency(output_dir, one_file_bytes):
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=3 * one_file_bytes)
+    engine = CountingEngine()
+    a, b, c, d = same_size_texts(4)
+    for text in (a, b, c):
+        cache.get_or_synthesize(engine, text)
+
+    assert cache.lookup(engine, a) is not None  # a is now the most recent: b is the oldest
+    cache.get_or_synthesize(engine, d)
+
+    assert not cache.path_for(engine, b).exists()
+    assert all(cache.path_for(engine, text).exists() for text in (a, c, d))
+
+
+def test_lookup_of_a_vanished_file_is_a_miss_and_forgets_it(output_dir):
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+    engine = CountingEngine()
+    cache.get_or_synthesize(engine, "Goodbye.").unlink()
+
+    assert cache.lookup(engine, "Goodbye.") is None
+
+    assert (cache.stats().files, cache.stats().bytes, cache.stats().hits) == (0, 0, 0)
+    assert cache.get_or_synthesize(engine, "Goodbye.").exists()
+    assert engine.calls == 2
+
+
+def test_lookup_answers_while_every_worker_thread_is_busy_synthesizing(output_dir):
+    # The daemon's pool has as many threads as cores; a hit must not queue behind them.
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+    greeting = cache.get_or_synthesize(NullEngine(), "Welcome to the store.")
+    slow = CountingEngine()
+    slow.gate = native_lock()
+    slow.gate.acquire()
+    pool = gevent.threadpool.ThreadPool(2)
+    try:
+        busy = [pool.spawn(cache.get_or_synthesize, slow, f"a long uncached sentence {n}") for n in range(2)]
+        wait_until(lambda: slow.calls == 2)
+        # Through the pool the hit waits for a free thread (spawn itself blocks on a full pool).
+        queued_hit = gevent.spawn(pool.apply, cache.get_or_synthesize, (NullEngine(), "Welcome to the store."))
+        gevent.sleep(0)
+
+        # Served on this (the gevent loop's) thread while both workers are stuck in synthesis.
+        assert cache.lookup(NullEngine(), "Welcome to the store.") == greeting
+        assert not queued_hit.ready()
+    finally:
+        slow.gate.release()
+        for result in busy:
+            result.get(timeout=10)
+        assert queued_hit.get(timeout=10) == greeting
+        pool.kill()
+
+
+OTHER_UID = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a file to another user")
+def test_start_up_never_adopts_a_cache_file_owned_by_another_user(output_dir, caplog):
+    engine = CountingEngine()
+    planted = PhraseCache.for_output_dir(output_dir, max_bytes=10**9).path_for(engine, "Please hold.")
+    NullEngine().synthesize_to_wav("transfer your savings to this account", planted)
+    os.chown(planted, OTHER_UID, -1)
+
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+
+    assert cache.stats().files == 0
+    assert "tts_cache_file_not_adopted" in caplog.text and "owned by another user" in caplog.text
+    assert cache.lookup(engine, "Please hold.") is None
+    # A miss replaces it with a file of our own.
+    assert cache.get_or_synthesize(engine, "Please hold.") == planted
+    assert engine.calls == 1
+    assert os.lstat(planted).st_uid == os.geteuid()
+
+
+def test_start_up_never_adopts_a_symlink(output_dir, tmp_path, caplog):
+    engine = CountingEngine()
+    elsewhere = tmp_path / "elsewhere.wav"
+    NullEngine().synthesize_to_wav("somebody else's words", elsewhere)
+    planted = PhraseCache.for_output_dir(output_dir, max_bytes=10**9).path_for(engine, "Please hold.")
+    planted.symlink_to(elsewhere)
+
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+
+    assert cache.stats().files == 0
+    assert "tts_cache_file_not_adopted" in caplog.text and "a symlink" in caplog.text
+    path = cache.get_or_synthesize(engine, "Please hold.")
+    assert path == planted and not path.is_symlink()
+    assert engine.calls == 1
+    assert elsewhere.exists()
+
+
+def test_the_cache_directory_is_created_private(output_dir):
+    cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+
+    assert stat.S_IMODE(os.lstat(cache.directory).st_mode) == 0o750
+    assert stat.S_IMODE(os.lstat(cache.get_or_synthesize(NullEngine(), "Hello.")).st_mode) == 0o640

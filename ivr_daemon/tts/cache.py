@@ -6,23 +6,26 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from ivr_daemon.logs import get_logger
+from ivr_daemon.storage import CACHE_SUBDIR, make_private_dir, owned_by_us
 from ivr_daemon.tts.base import TtsEngine, TtsSynthesisFailed, native_lock, one_line
 
 log = get_logger(__name__)
 
-CACHE_SUBDIR = "cache"
+__all__ = ["CACHE_SUBDIR", "CacheStats", "InFlight", "PhraseCache", "cache_key", "normalize_text"]
+
 # Part of every key: bump it when the WAV format changes so old files stop matching (and age out).
 _KEY_VERSION = "phrase-cache-v1"
 # Names are a bare SHA-256 in hex: no "-", so no "<call-uuid>-*.wav" hangup glob can ever match one.
 _CACHED_NAME = re.compile(r"^[0-9a-f]{64}\.wav$")
 # write_telephony_wav's temp files: mkstemp(prefix=".<final name>.", suffix=".part").
-_TEMP_NAME = re.compile(r"^\.[0-9a-f]{64}\.wav\..+\.part$")
+TEMP_NAME = re.compile(r"^\.[0-9a-f]{64}\.wav\..+\.part$")
 # Another daemon sharing the directory may be writing a young temp file right now; only
 # one this old is certainly left over from a crash.
 STRAY_TEMP_MIN_AGE_S = 300.0
@@ -51,7 +54,7 @@ def cache_key(engine: TtsEngine, text: str) -> str:
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
-class _InFlight:
+class InFlight:
     """One synthesis under way; other threads wanting the same key wait for it to finish."""
 
     def __init__(self) -> None:
@@ -80,13 +83,13 @@ class PhraseCache:
         self._lock = native_lock()
         # key -> file size in bytes, least recently used first.
         self._sizes: OrderedDict[str, int] = OrderedDict()
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[str, InFlight] = {}
         self._total_bytes = 0
         self._hits = self._misses = self._coalesced = self._evictions = 0
         # Recency is persisted as each file's mtime; strictly increasing stamps keep the order
         # exact across a restart even when the filesystem clock is coarser than our calls.
         self._last_stamp_ns = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.directory)  # raises UnsafeOutputDir
         self._index_existing_files()
 
     @classmethod
@@ -97,6 +100,24 @@ class PhraseCache:
     def path_for(self, engine: TtsEngine, text: str) -> Path:
         """Where ``text`` spoken by ``engine`` is (or would be) cached."""
         return self._path(cache_key(engine, text))
+
+    def lookup(self, engine: TtsEngine, text: str) -> Path | None:
+        """The cached WAV for ``text`` if there is one, else None; never synthesizes.
+
+        Non-blocking, safe on the gevent loop: a dict lookup under the lock (which no thread
+        holds for longer than a few file-system calls) and one utime. A hit is counted and
+        refreshes the recency; a miss counts nothing (get_or_synthesize counts it next).
+        """
+        spoken = normalize_text(text)
+        if not spoken:
+            return None
+        key = cache_key(engine, spoken)
+        path = self._path(key)
+        with self._lock:
+            if key in self._sizes and self._refresh(key, path):
+                self._hits += 1
+                return path
+        return None
 
     def get_or_synthesize(self, engine: TtsEngine, text: str) -> Path:
         """The cached WAV for ``text``, synthesizing it on a miss; blocking, raises TtsError as the engine does."""
@@ -114,7 +135,7 @@ class PhraseCache:
                     return path
                 flight = self._in_flight.get(key)
                 if flight is None:
-                    flight = self._in_flight[key] = _InFlight()
+                    flight = self._in_flight[key] = InFlight()
                     self._misses += 1
                     break
                 self._coalesced += 1
@@ -141,7 +162,7 @@ class PhraseCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.wav"
 
-    def _synthesize(self, engine: TtsEngine, spoken: str, key: str, path: Path, flight: _InFlight) -> Path:
+    def _synthesize(self, engine: TtsEngine, spoken: str, key: str, path: Path, flight: InFlight) -> Path:
         # No lock held here: synthesis takes seconds and other keys must not wait for it.
         try:
             engine.synthesize_to_wav(spoken, path)
@@ -215,21 +236,29 @@ class PhraseCache:
             )
 
     def _index_existing_files(self) -> None:
-        """Adopt the phrases a previous run left, oldest use first; delete old stray temp files."""
+        """Adopt the phrases a previous run left, oldest use first; delete old stray temp files.
+
+        Only regular files we own are adopted: a symlink or a file of another user's may be a
+        planted WAV under a name anyone can compute. They are skipped (and logged), never
+        served: a miss on that key later replaces the file with our own.
+        """
         found: list[tuple[int, str, int]] = []
         stray_temps_removed = 0
         now_s = time.time()
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 try:
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
                     info = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                if not owned_by_us(info):
+                    if _CACHED_NAME.match(entry.name):
+                        log.warning("tts_cache_file_not_adopted", path=entry.path, owner_uid=info.st_uid,
+                                    reason=_why_not_ours(info))
+                    continue
                 if _CACHED_NAME.match(entry.name):
                     found.append((info.st_mtime_ns, entry.name[: -len(".wav")], info.st_size))
-                elif _TEMP_NAME.match(entry.name) and now_s - info.st_mtime > STRAY_TEMP_MIN_AGE_S:
+                elif TEMP_NAME.match(entry.name) and now_s - info.st_mtime > STRAY_TEMP_MIN_AGE_S:
                     _unlink_quietly(Path(entry.path))
                     stray_temps_removed += 1
         found.sort()
@@ -250,6 +279,14 @@ class PhraseCache:
                 evictions=self._evictions,
                 stray_temps_removed=stray_temps_removed,
             )
+
+
+def _why_not_ours(info: os.stat_result) -> str:
+    if stat.S_ISLNK(info.st_mode):
+        return "a symlink"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    return "owned by another user"
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -31,7 +31,17 @@ def default_voice_path() -> Path:
 
 
 class PiperEngine(TtsEngine):
-    """One Piper voice loaded once; synthesis is serialized (piper's phonemizer is a shared global)."""
+    """One Piper voice loaded once, shared by the worker threads: as many syntheses run at once
+    as there are threads in the pool (one per core), each on one core.
+
+    Only phonemization (milliseconds) is serialized: piper drives espeak-ng, one process-wide C
+    state, guarded by a ``threading.Lock`` that gevent's monkey-patching turns into a gevent
+    lock, which native worker threads must not contend on; our native lock keeps it uncontended.
+    The inference runs concurrently (onnxruntime's ``InferenceSession.run`` is thread-safe), so
+    a short sentence no longer waits for another call's long one. Each run is single-threaded
+    (``intra_op_num_threads=1``): onnxruntime's default, a spinning pool over every core per run,
+    was slower here even for a lone sentence and oversubscribes the cores once runs overlap.
+    """
 
     name = "piper"
 
@@ -42,6 +52,13 @@ class PiperEngine(TtsEngine):
             from piper import PiperVoice
 
             self._voice = PiperVoice.load(model_path)
+            # PiperVoice.load takes no session options: the same model again, one thread per run
+            # (through the session piper made: onnxruntime is piper's dependency, not ours).
+            session = self._voice.session
+            options = session.get_session_options()
+            options.intra_op_num_threads = 1
+            self._voice.session = type(session)(str(model_path), sess_options=options,
+                                                providers=session.get_providers())
             self.voice_id = f"piper:{model_path.stem}:{file_fingerprint(model_path)}"
         except ImportError as exc:
             raise TtsModelUnavailable(f"piper-tts is not installed ({one_line(exc)}): pip install piper-tts") from exc
@@ -50,17 +67,25 @@ class PiperEngine(TtsEngine):
                 f"Piper voice {model_path} could not be loaded ({one_line(exc)}): {fix}"
             ) from exc
         self.sample_rate_hz = int(self._voice.config.sample_rate)
-        self._lock = native_lock()
+        self._phonemize_lock = native_lock()
+        # PiperVoice.synthesize calls self.phonemize(text) first: locked, on this instance only.
+        voice = self._voice
+        unlocked_phonemize = type(voice).phonemize
+
+        def phonemize(text: str):
+            with self._phonemize_lock:
+                return unlocked_phonemize(voice, text)
+
+        voice.phonemize = phonemize
         log.info("tts_model_loaded", engine=self.name, voice_id=self.voice_id, sample_rate_hz=self.sample_rate_hz)
 
     def synthesize(self, text: str) -> tuple[numpy.ndarray, int]:
         pause = silence(SENTENCE_PAUSE_S, self.sample_rate_hz)
         pieces: list[numpy.ndarray] = []
-        with self._lock:
-            for chunk in self._voice.synthesize(text):
-                if pieces:
-                    pieces.append(pause)
-                pieces.append(chunk.audio_float_array)
+        for chunk in self._voice.synthesize(text):
+            if pieces:
+                pieces.append(pause)
+            pieces.append(chunk.audio_float_array)
         if not pieces:
             return numpy.zeros(0, dtype=numpy.float32), self.sample_rate_hz
         return numpy.concatenate(pieces), self.sample_rate_hz
