@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Latency benchmark: daemon overhead under load, streaming vs batch, loop lag, barge-in.
+"""Latency benchmark: daemon overhead under load, streaming vs batch, loop lag, barge-in, greeting.
 
 Runs the real daemon against the FreeSWITCH simulator and a local streaming LLM server of
 known timing (first token after --first-token-ms, then --tokens-per-s, a 3-sentence reply).
@@ -19,6 +19,8 @@ Prints a table, and as its last line one JSON object:
                                     -> its uuid_broadcast read, minus the LLM's time to that
                                     sentence, while 8 (--busy-calls) other calls synthesize uncached Piper
                                     sentences (the daemon in its own process, the cache on)
+  greeting_broadcast_p99_ms         CHANNEL_PARK of the IVR leg written -> the greeting's
+                                    uuid_broadcast read, --calls calls arriving within --spread-s
 
 Usage: .venv/bin/python bench/latency.py [--calls 200] [--only cached-phrase ...]
 """
@@ -61,7 +63,9 @@ CACHED_PHRASE = "Thank you for calling, how can I help you today?"
 BUSY_SENTENCES = 12
 
 
-MEASUREMENTS = ("overhead", "first-audio", "loop-lag", "barge-in", "cached-phrase")
+MEASUREMENTS = ("overhead", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting")
+# The turn measurements time a call's first broadcast: no greeting before it, no re-prompts.
+NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
 
 def percentile(values, q):
@@ -83,7 +87,8 @@ class Rig:
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
         values = {"FREESWITCH_PORT": str(self.sim.port), "LLM_PROVIDER": "openai", "LLM_API_URL": self.llm.url,
                   "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
-                  "LLM_STREAM": "true" if llm_stream else "false", "LOG_LEVEL": "WARNING", **(env or {})}
+                  "LLM_STREAM": "true" if llm_stream else "false", "LOG_LEVEL": "WARNING", **NO_CALL_FLOW_SPEECH,
+                  **(env or {})}
         self.settings = load_settings(environ=values)
         self.daemon = build_conversation_daemon(self.settings, tts=tts, on_turn=self.turns.append)
         self.daemon.start()
@@ -114,7 +119,7 @@ class DaemonProcessRig:
         env.update({"FREESWITCH_PORT": str(self.sim.port), "LLM_PROVIDER": "openai", "LLM_API_URL": llm_url,
                     "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
                     "TTS_CACHE_MAX_MB": str(cache_mb), "LLM_STREAM": "true" if llm_stream else "false",
-                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(extra_env or {})})
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **NO_CALL_FLOW_SPEECH, **(extra_env or {})})
         # Logs to a file, as in production: a pipe the benchmark reads late would stall the
         # daemon's writes to stderr, and with them its whole loop.
         self.log_path = Path(self.tmp.name) / "daemon.log"
@@ -262,6 +267,27 @@ def bench_barge_in(args):
         rig.close()
 
 
+def bench_greeting(args):
+    """CHANNEL_PARK of the IVR leg written -> the greeting's uuid_broadcast read, for --calls calls
+    arriving at random within --spread-s (the daemon in its own process, as users run it)."""
+    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0}, extra_env={"GREETING": "Hello, how can I help?"})
+    try:
+        rng = random.Random(11)
+        calls: list[str] = []
+        greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), lambda: calls.append(rig.sim.new_call()))
+                     for _ in range(args.calls)]
+        gevent.joinall(greenlets)
+        samples = []
+        for call in calls:
+            park = next(e for e in rig.sim.emitted_events if e.name == "CHANNEL_PARK" and e.unique_id == call)
+            sent = rig.sim.wait_for_command(lambda c, call=call: c.line.startswith(f"api uuid_broadcast {call} "), 60,
+                                            consume=False).t_monotonic
+            samples.append((sent - rig.sim.written_at(park.sequence)) * 1000)
+        return samples
+    finally:
+        rig.close()
+
+
 def busy_reply(question: str) -> str:
     """BUSY_SENTENCES sentences unique to ``question`` (e.g. "busy 3"): never in the cache."""
     caller = question.split()[-1]
@@ -388,6 +414,12 @@ def main(argv=None) -> int:
               f"p50 {percentile(cached, 50):.2f} ms, p99 {percentile(cached, 99):.2f} ms, max {max(cached):.2f} ms "
               f"({len(cached)} samples; {replaced} busy calls done and replaced meanwhile)")
         figures.update(cached_phrase_broadcast_p99_ms=round(percentile(cached, 99), 2))
+
+    if "greeting" in selected:
+        greet = bench_greeting(args)
+        print(f"greeting (CHANNEL_PARK -> uuid_broadcast) for {args.calls} calls arriving within {args.spread_s:g} s: "
+              f"p50 {percentile(greet, 50):.2f} ms, p99 {percentile(greet, 99):.2f} ms")
+        figures.update(greeting_broadcast_p99_ms=round(percentile(greet, 99), 2))
 
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))

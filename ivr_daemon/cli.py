@@ -40,6 +40,7 @@ def _agents_or_exit(settings):
 
 def cmd_run(args) -> int:
     from ivr_daemon.daemon import build_conversation_daemon
+    from ivr_daemon.storage import UnsafeOutputDir
     from ivr_daemon.esl.connection import AuthenticationFailed
     from ivr_daemon.logs import configure_logging, get_logger
     from ivr_daemon.tts.base import TtsModelUnavailable
@@ -54,6 +55,9 @@ def cmd_run(args) -> int:
         daemon = build_conversation_daemon(settings, agents=agents)
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except UnsafeOutputDir as exc:
+        print(f"ivr-daemon: configuration error: TTS_OUTPUT_DIR: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     # Signal handlers run on the loop; the shutdown waits, so it gets its own greenlet.
     shutting_down: list[gevent.Greenlet] = []
@@ -104,6 +108,7 @@ def cmd_record(args) -> int:
     from ivr_daemon.logs import configure_logging, get_logger
     from ivr_daemon.replay.recorder import Recorder, RecordingLlm
     from ivr_daemon.replay.replayer import wait_until_idle
+    from ivr_daemon.storage import UnsafeOutputDir
     from ivr_daemon.tts.base import TtsModelUnavailable
 
     settings = _settings_or_exit(args)
@@ -117,6 +122,9 @@ def cmd_record(args) -> int:
                                            on_frame=recorder.on_frame, on_command=recorder.on_command)
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except UnsafeOutputDir as exc:
+        print(f"ivr-daemon: configuration error: TTS_OUTPUT_DIR: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)

@@ -26,6 +26,7 @@ from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_w
 from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger
+from ivr_daemon.storage import prepare_output_dir
 from ivr_daemon.tts import make_tts_engine
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
@@ -215,8 +216,10 @@ def build_conversation_daemon(
     play at once and even with the LLM down; a :class:`PhoneCall` per call.
 
     ``llm``/``tts`` given: every agent uses them. Raises ConfigError for a bad agents file and
-    TtsModelUnavailable (naming the agent) when a voice cannot be loaded or speak.
+    TtsModelUnavailable (naming the agent) when a voice cannot be loaded or speak, and
+    UnsafeOutputDir when TTS_OUTPUT_DIR is not private to the daemon's user.
     """
+    prepare_output_dir(settings.tts_output_dir)  # before anything is written or adopted there
     agents = agents or load_agents(settings)
     cache = (PhraseCache.for_output_dir(settings.tts_output_dir, settings.tts_cache_max_mb * 1024 * 1024)
              if settings.tts_cache_max_mb > 0 else None)

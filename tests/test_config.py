@@ -121,3 +121,16 @@ def test_default_tts_output_dir_is_private_state_not_tmp(tmp_path, monkeypatch):
         tmp_path / "state" / "ivr-daemon" / "tts"
     assert config.default_tts_output_dir({"HOME": str(tmp_path / "home")}) == \
         tmp_path / "home" / ".local" / "state" / "ivr-daemon" / "tts"
+
+
+def test_run_refuses_an_output_dir_others_can_write_with_exit_2(tmp_path):
+    unsafe = tmp_path / "tts"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)  # anyone could plant a WAV under a name anyone can compute
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_"))}
+    env.update({"TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(unsafe)})
+    result = subprocess.run([sys.executable, "-m", "ivr_daemon", "--env-file", str(tmp_path / "none.env"), "run"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "TTS_OUTPUT_DIR" in result.stderr and str(unsafe) in result.stderr
+    assert not (unsafe / "phrases").exists()  # nothing was written there
