@@ -252,7 +252,8 @@ def test_sigterm_finishes_the_turn_in_flight_exits_cleanly_and_leaves_no_files(t
         assert len(llm.requests) == 1
         assert lines[-1] == "exit"
         # The call's WAVs are gone; only the pinned phrases (the fallback) stay, for other shards.
-        assert sorted(p.name for p in tts_dir.iterdir()) == ["phrases"]
+        assert sorted(p.name for p in tts_dir.iterdir()) == ["cache", "phrases"]
+        assert list((tts_dir / "cache").iterdir()) == []  # TTS_CACHE_MAX_MB=0: an empty, private dir
         assert logged("daemon_shut_down")
 
 
