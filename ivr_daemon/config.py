@@ -262,17 +262,22 @@ def parse_goodbye_words(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(w for w in (normalize_words(part) for part in raw.split(",")) if w))
 
 
-_DESTINATION_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.+@:/-]+$")
-
-
 def check_transfer_destination(variable: str, destination: str) -> tuple[str, str, str]:
     """'2000 XML default' -> ('2000', 'XML', 'default'); 'dialplan context' default to XML default.
 
     The three words go into ``uuid_transfer``: each must be a plain token.
     """
+    from ivr_daemon.esl.commands import UnsafeCommandArgument, check_token  # the one rule for command words
+
     words = destination.split()
-    if not 1 <= len(words) <= 3 or not all(_DESTINATION_TOKEN_RE.match(w) for w in words):
-        raise ConfigError(variable, f"must be 'destination [dialplan [context]]' of plain words, got {destination!r}")
+    try:
+        if not 1 <= len(words) <= 3:
+            raise ValueError
+        for word in words:
+            check_token(word, "destination")
+    except (ValueError, UnsafeCommandArgument):
+        raise ConfigError(variable, f"must be 'destination [dialplan [context]]' of plain words, got {destination!r}") \
+            from None
     destination_number, dialplan, context = words + ["XML", "default"][len(words) - 1:]
     return destination_number, dialplan, context
 
