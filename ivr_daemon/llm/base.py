@@ -428,6 +428,27 @@ class LlmClient(abc.ABC):
         return ToolCall(name=name, arguments=parse_tool_arguments(raw_arguments), raw_arguments=raw_arguments,
                         call_id=call_id)
 
+    def tool_calls_of(self, raw_calls: object) -> list[ToolCall]:
+        """The ToolCalls of a whole reply's ``message.tool_calls`` (absent: none), OpenAI's or
+        Ollama's shape: arguments a JSON string (OpenAI) or the object itself (Ollama, and some
+        OpenAI-compatible servers). LlmBadReply for a wrong shape."""
+        if raw_calls is None:
+            return []
+        if not isinstance(raw_calls, list):
+            raise LlmBadReply(f"{self.provider}: message.tool_calls is {type(raw_calls).__name__}, not a list")
+        self.check_tool_call_count(len(raw_calls))
+        calls = []
+        for index, item in enumerate(raw_calls):
+            where = f"message.tool_calls[{index}]"
+            function = item.get("function") if isinstance(item, dict) else None
+            if not isinstance(function, dict):
+                raise LlmBadReply(f"{self.provider}: {where} has no function object")
+            arguments = function.get("arguments")
+            # Anything but a JSON object becomes ToolCall.arguments None: the daemon refuses it.
+            raw = "" if arguments is None else arguments if isinstance(arguments, str) else json.dumps(arguments)
+            calls.append(self.tool_call(function.get("name"), raw, item.get("id"), where))
+        return calls
+
     def check_tool_call_count(self, count: int) -> None:
         if count > MAX_TOOL_CALLS:
             raise LlmBadReply(f"{self.provider}: reply has more than {MAX_TOOL_CALLS} tool calls")

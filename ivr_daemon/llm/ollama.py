@@ -39,7 +39,6 @@ give; ``tool_call_id`` is for newer versions, older ones ignore it).
 
 from __future__ import annotations
 
-import json
 from typing import Generator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -93,29 +92,6 @@ class OllamaClient(LlmClient):
         if tools:
             payload["tools"] = function_tools(tools)
         return payload
-
-    def tool_calls_of(self, raw_calls: object) -> list[ToolCall]:
-        """The ToolCalls of a ``message.tool_calls`` (absent: none); LlmBadReply for a wrong shape."""
-        if raw_calls is None:
-            return []
-        if not isinstance(raw_calls, list):
-            raise LlmBadReply(f"ollama: message.tool_calls is {type(raw_calls).__name__}, not a list")
-        self.check_tool_call_count(len(raw_calls))
-        calls = []
-        for index, item in enumerate(raw_calls):
-            where = f"message.tool_calls[{index}]"
-            function = item.get("function") if isinstance(item, dict) else None
-            if not isinstance(function, dict):
-                raise LlmBadReply(f"ollama: {where} has no function object")
-            arguments = function.get("arguments")
-            if arguments is None:
-                raw = ""
-            elif isinstance(arguments, str):
-                raw = arguments  # not Ollama's shape, but what the model meant is in it
-            else:
-                raw = json.dumps(arguments)
-            calls.append(self.tool_call(function.get("name"), raw, item.get("id"), where))
-        return calls
 
     def stream_reader(self) -> StreamReader:
         return _OllamaStreamReader(self)

@@ -50,7 +50,6 @@ and a query string is kept either way.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Generator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -121,26 +120,7 @@ class OpenAiClient(LlmClient):
     def reply_of(self, reply: object) -> tuple[str, list[ToolCall]]:
         """(text, tool calls) of a whole ``chat.completion``."""
         text, raw_calls = self.message_parts(reply, "choices", 0, "message")
-        if raw_calls is None:
-            return self.whole_reply(text, [])
-        if not isinstance(raw_calls, list):
-            raise LlmBadReply(f"openai: message.tool_calls is {type(raw_calls).__name__}, not a list")
-        self.check_tool_call_count(len(raw_calls))
-        calls = []
-        for index, item in enumerate(raw_calls):
-            where = f"message.tool_calls[{index}]"
-            function = item.get("function") if isinstance(item, dict) else None
-            if not isinstance(function, dict):
-                raise LlmBadReply(f"openai: {where} has no function object")
-            arguments = function.get("arguments")
-            if arguments is None:
-                arguments = ""
-            elif isinstance(arguments, dict):
-                arguments = json.dumps(arguments)  # some servers send the object itself
-            elif not isinstance(arguments, str):
-                raise LlmBadReply(f"openai: {where}.function.arguments is {type(arguments).__name__}, not a string")
-            calls.append(self.tool_call(function.get("name"), arguments, item.get("id"), where))
-        return self.whole_reply(text, calls)
+        return self.whole_reply(text, self.tool_calls_of(raw_calls))
 
     def stream_reader(self) -> StreamReader:
         return _OpenAiStreamReader(self)
