@@ -222,20 +222,10 @@ class PhoneCall(ConversationHandler):
             self._exclusively(self._goodbye, "dtmf")
         elif action.kind == "repeat":
             if self._last_reply_text:
-                self._exclusively(self._say_again, self._last_reply_text)
+                self._exclusively(self._say, self._last_reply_text, self.log, "repeat", True, False)
         elif action.kind == "llm":
             with self._exclusive:
                 self._run_turn(self._turn, f"[the caller pressed {digit}]")
-
-    def _say_again(self, text: str) -> None:
-        def produce(reply: _Reply, sentences) -> None:
-            reply.text, reply.queued = text, 1
-            path = self.services.settings.tts_output_dir / f"{self.call_uuid}-repeat-{self.turns:04d}.wav"
-            sentences.put((text, self.services.spawn_synthesis(text, path), False))
-            reply.llm_done = True
-            sentences.put(None)
-
-        self._speak(produce, self.log.bind(repeat=True))
 
     # -- goodbye and transfer ---------------------------------------------------------------------
 

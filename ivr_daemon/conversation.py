@@ -466,14 +466,18 @@ class ConversationHandler:
         """The tools the LLM is offered; none for a plain conversation."""
         return ()
 
-    def _say(self, text: str, log, kind: str, barge_in: bool = True) -> _Reply:
-        """Speak one of the daemon's own phrases (pinned: at once, even with the LLM down), like a
-        reply: barge-in works on it when ``barge_in``, and the history keeps what was heard."""
+    def _say(self, text: str, log, kind: str, barge_in: bool = True, pinned: bool = True) -> _Reply:
+        """Speak a fixed text like a reply: one of the daemon's own phrases (``pinned``: at once,
+        even with the LLM down), or words said before (through the cache or a per-call WAV).
+        Barge-in works on it when ``barge_in``, and the history keeps what was heard."""
 
         def produce(reply: _Reply, sentences: gevent.queue.Queue) -> None:
             reply.text = text
             reply.queued = 1
-            sentences.put((text, self.services.pinned_phrase(text), False))
+            per_call_path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{kind}-{self.turns:04d}.wav"
+            pending = (self.services.pinned_phrase(text) if pinned
+                       else self.services.spawn_synthesis(text, per_call_path))
+            sentences.put((text, pending, False))
             reply.llm_done = True
             sentences.put(None)
 
