@@ -26,6 +26,7 @@ from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_w
 from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger
+from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.storage import prepare_output_dir
 from ivr_daemon.tts import make_tts_engine
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
@@ -71,6 +72,8 @@ class Daemon:
         **esl_options,
     ):
         self.settings = settings
+        self.metrics = DaemonMetrics()
+        self.started_s = time.monotonic()
         self.esl = EslClient(
             settings.freeswitch_host,
             settings.freeswitch_port,

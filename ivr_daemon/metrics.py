@@ -9,14 +9,18 @@ Names follow Prometheus conventions: ``_total`` counters, ``_seconds`` histogram
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ivr_daemon.llm.base import LlmError, LlmTimeout, LlmUnavailable
 
 # Telephone latencies: a caller notices 300 ms; anything past 5 s is a failure anyway.
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 TURN_OUTCOMES = ("answered", "fallback", "interrupted")
-LLM_ERROR_KINDS = ("timeout", "connection", "http", "bad_reply", "other")
+LLM_ERROR_KINDS = ("timeout", "connection", "http", "bad_reply")
 
 
 class DaemonMetrics:
@@ -52,10 +56,27 @@ class DaemonMetrics:
             self.turns_total.labels(outcome=outcome)
         for kind in LLM_ERROR_KINDS:
             self.llm_errors_total.labels(kind=kind)
+        # For GET /health: what went wrong last, so an administrator sees it without the logs.
+        self.last_llm_error: dict[str, object] | None = None
+
+    def note_llm_error(self, exc: LlmError) -> None:
+        """Count an LLM failure by kind and keep it as the last one."""
+        kind = llm_error_kind(exc)
+        self.llm_errors_total.labels(kind=kind).inc()
+        self.last_llm_error = {"kind": kind, "error": str(exc), "at_unix_s": round(time.time(), 3)}
 
     def exposition(self) -> tuple[bytes, str]:
         """The text ``GET /metrics`` answers with, and its Content-Type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-__all__ = ["DaemonMetrics", "LATENCY_BUCKETS_S", "LLM_ERROR_KINDS", "TURN_OUTCOMES"]
+def llm_error_kind(exc: LlmError) -> str:
+    """timeout | connection (no answer at all) | http (an error status) | bad_reply."""
+    if isinstance(exc, LlmTimeout):
+        return "timeout"
+    if isinstance(exc, LlmUnavailable):
+        return "http" if exc.status is not None else "connection"
+    return "bad_reply"
+
+
+__all__ = ["DaemonMetrics", "LATENCY_BUCKETS_S", "LLM_ERROR_KINDS", "TURN_OUTCOMES", "llm_error_kind"]
