@@ -26,24 +26,26 @@ A fixture is a text file a person can read and diff (see tests/fixtures/README.m
     We open at                                   or the daemon stopped reading (abandoned: a
     @end                                         hangup or barge-in came first)
     @expect api uuid_broadcast 03362ffb-115a-4a3d-9eb6-770e2089d43f {wav} aleg
-    @llm history=1 tools=transfer_call,end_call  <- the request offered these tools (by name)
-    > billing please
-    One moment.                                  <- the reply's text, then its tool calls: name,
-    @tool transfer_call id=call_7 {"target": "billing"}  the server's id, the arguments verbatim
-    @end
-    @llm history=3 tools=transfer_call,end_call  <- a tool round: the request ends with the results
-    < transfer_call {"error": "Transfer refused: ..."}  the daemon gave the tool calls (one '< '
-    Sorry, I cannot transfer you to billing.        line each: the tool's name, the content
-    @end                                            verbatim) instead of a caller's '> ' line
+    @llm history=1 tools=transfer_call,end_call
+    > billing please                          <- tools=: what the request offered, by name
+    One moment.                               <- the reply's text, then one @tool line per
+    @tool transfer_call id=call_7 {"target": "billing"}
+    @end                                         call: its name, the server's id, the arguments
+    @llm history=3 tools=transfer_call,end_call
+    < transfer_call {"error": "Transfer refused: ..."}
+    Sorry, I cannot transfer you to billing.  <- a tool round: the request ends with what the
+    @end                                         daemon told the model about its calls, one
+                                                 '< ' line each (tool name, content), not '> '
 
 Every block's bytes are followed by one newline. In ``@expect`` lines ``{wav}`` matches any
 path ending in ``.wav``, ``{uuid}`` any UUID and ``{any}`` any word; everything else is literal.
 
-A request offered no tools unless its block says ``tools=``; a replay offers tools (the LLM
-``supports_tools``) only when some block of the fixture does, so fixtures recorded without
-tools replay exactly as before. ``@tool`` lines follow the reply's text, in the order the calls
-came (a replay gives them after the text: the daemon acts on them only once the words are
-said). A name or id that is not a plain word is written as a JSON string; arguments (and a
+A replay answers a request with the block of its ``> `` transcript, or in a tool round of its
+``< `` lines, and checks ``history=`` and ``tools=``. A request offered no tools unless its
+block says ``tools=``; a replay offers tools (the LLM ``supports_tools``) only when some block
+of the fixture does, so fixtures recorded without tools replay exactly as before. ``@tool``
+lines follow the reply's text, in the order the calls came (a replay gives them after the
+text: the daemon acts on them only once the reply's words are broadcast). A name or id that is not a plain word is written as a JSON string; arguments (and a
 tool result's content) are written verbatim unless they are empty, span lines, have leading
 or trailing blanks, or start with ``raw=`` or ``id=``: then as ``raw=`` and a JSON string.
 
