@@ -45,9 +45,10 @@ A replay answers a request with the block of its ``> `` transcript, or in a tool
 block says ``tools=``; a replay offers tools (the LLM ``supports_tools``) only when some block
 of the fixture does, so fixtures recorded without tools replay exactly as before. ``@tool``
 lines follow the reply's text, in the order the calls came (a replay gives them after the
-text: the daemon acts on them only once the reply's words are broadcast). A name or id that is not a plain word is written as a JSON string; arguments (and a
-tool result's content) are written verbatim unless they are empty, span lines, have leading
-or trailing blanks, or start with ``raw=`` or ``id=``: then as ``raw=`` and a JSON string.
+text: the daemon acts on them only once the reply's words are broadcast). A name or id that
+is not a plain word is written as a JSON string; arguments (and a tool result's content) are
+written verbatim unless they are empty, span lines, have leading or trailing blanks, or start
+with ``raw=`` or ``id=``: then as ``raw=`` and a JSON string.
 
 File settings (``AGENTS_FILE``) in ``@env`` are relative to the fixture's directory.
 
@@ -144,10 +145,6 @@ class LlmReply:
     tools: tuple[str, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
     tool_results: tuple[ToolResult, ...] = ()
-
-    @property
-    def asked(self) -> str:
-        return describe_request(self.transcript, self.tool_results)
 
 
 def describe_request(transcript: str, tool_results: tuple[ToolResult, ...]) -> str:
