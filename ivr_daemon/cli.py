@@ -139,11 +139,10 @@ def cmd_record(args) -> int:
         return EXIT_AUTH
     wait_until_idle(daemon, timeout_s=30)
     daemon.stop()
-    from ivr_daemon.replay.fixture import BEHAVIOUR_SETTINGS
+    from ivr_daemon.replay.fixture import recorded_settings
 
-    recorded_with = {k: v for k, v in settings.as_environment().items() if k in BEHAVIOUR_SETTINGS}
-    size = recorder.write(out_path, comments=[f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"],
-                          env=recorded_with)
+    comments = [*args.comment, f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"]
+    size = recorder.write(out_path, comments=comments, env=recorded_settings(settings.as_environment(), out_path))
     print(f"wrote {out_path}: {len(recorder.frames)} frames seen, {len(recorder.llm)} LLM replies, "
           f"{len(recorder.commands)} commands, {size} bytes", file=sys.stderr)
     return EXIT_OK
@@ -190,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--out", required=True, help="fixture file to write")
     record.add_argument("--calls", type=int, default=None, help="stop after this many calls have ended")
     record.add_argument("--all-calls", action="store_true", help="keep frames of every call, not only the IVR's")
+    record.add_argument("--comment", action="append", default=[],
+                        help="a '#' line to write at the top of the fixture (repeatable): what the recording is")
     record.set_defaults(func=cmd_record)
 
     replay = sub.add_parser("replay", help="replay fixtures against the daemon and check the commands it sends")
