@@ -128,7 +128,7 @@ class HttpServer:
         if daemon.flow is None:
             raise ValueError("the HTTP server needs a daemon made by build_conversation_daemon")
         self.daemon = daemon
-        self.test_calls = test_calls or TestCalls(daemon.flow)
+        self.test_calls = test_calls if test_calls is not None else TestCalls(daemon.flow)
         app = make_app(daemon, self.test_calls, token=settings.http_api_token, turn_slots=turn_slots)
         self._server = WSGIServer((settings.http_host, settings.http_port if port is None else port), app,
                                   spawn=gevent.pool.Pool(max_connections), handler_class=BoundedHandler,

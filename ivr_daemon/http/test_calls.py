@@ -76,6 +76,7 @@ class TestCall(PhoneCall):
     """One test conversation: a phone call's turns, answered into a WAV instead of a channel."""
 
     __test__ = False  # not a pytest test class, whatever its name says
+    follows_playback = False  # nothing plays what it "broadcasts": a turn is over once all is sent
 
     def __init__(self, call_uuid: str, flow: CallFlowServices, agent_name: str, now_s: float):
         call_log = log.bind(call_uuid=call_uuid, test_call=True, agent=agent_name)
@@ -133,8 +134,8 @@ class TestCall(PhoneCall):
         self._said.append((item.sentence or self.services.settings.fallback_phrase, wav_path))
         return "+OK (test call: kept for the HTTP answer)"
 
-    def _speak(self, produce, log, barge_in: bool = True) -> _Reply:
-        reply = super()._speak(produce, log, barge_in)
+    def _speak(self, *args, **kwargs) -> _Reply:
+        reply = super()._speak(*args, **kwargs)
         self._replies.append(reply)
         return reply
 

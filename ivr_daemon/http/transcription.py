@@ -88,9 +88,9 @@ def read_json_object(req: falcon.Request, max_bytes: int = MAX_BODY_BYTES) -> di
     except gevent.Timeout as exc:
         if exc is not timer:
             raise
-        raise falcon.HTTPRequestTimeout(title="408 Request Timeout",
-                                        description=f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s",
-                                        headers={"Connection": "close"})
+        raise falcon.HTTPError(falcon.HTTP_408, title="408 Request Timeout",
+                               description=f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s",
+                               headers={"Connection": "close"})
     except (OSError, ValueError) as exc:
         raise _bad(f"the body could not be read: {exc}")
     finally:
