@@ -71,7 +71,6 @@ def _json_errors(req: falcon.Request, resp: falcon.Response, exception: falcon.H
     """Every error as JSON, whatever the client's Accept says (audio/wav included)."""
     resp.data = exception.to_json()
     resp.content_type = falcon.MEDIA_JSON
-    resp.append_header("Vary", "Accept")
 
 
 def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params) -> None:
