@@ -44,6 +44,7 @@ def test_every_route_but_health_needs_the_bearer_token(tmp_path):
             assert llm.requests == []
             health = requests.get(http.url + "/health", timeout=10)
             assert health.status_code == 200 and health.json()["esl_connected"] is True
+            assert requests.head(http.url + "/health", timeout=10).status_code == 200
             good = {"Authorization": f"Bearer {TOKEN}"}
             assert requests.get(http.url + "/calls", headers=good, timeout=10).status_code == 200
             assert requests.get(http.url + "/metrics", headers=good, timeout=10).status_code == 200
@@ -71,6 +72,7 @@ def test_health_is_503_while_the_switch_is_away_and_200_after_the_reconnect(tmp_
                 down = requests.get(http.url + "/health", timeout=10)
                 assert down.status_code == 503
                 assert down.json()["status"] == "esl_disconnected" and down.json()["esl_connected"] is False
+                assert requests.head(http.url + "/health", timeout=10).status_code == 503
 
                 sim = FreeswitchSimulator(port=port).start()
                 assert daemon.esl.wait_connected(30)

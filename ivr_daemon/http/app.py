@@ -31,7 +31,7 @@ from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
 
-OPEN_ROUTES = frozenset({("GET", "/health")})  # what a load balancer asks without a token
+OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})  # what a load balancer asks without a token
 QUIET_ROUTES = frozenset({("GET", "/health"), ("GET", "/metrics")})  # scraped every few seconds: DEBUG
 
 

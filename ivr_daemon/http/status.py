@@ -30,6 +30,8 @@ class HealthResource:
         }
         resp.status = falcon.HTTP_200 if connected else falcon.HTTP_503
 
+    on_head = on_get  # some load balancers ask with HEAD: the same status, no body
+
 
 class MetricsResource:
     """The daemon's registry in Prometheus' text format, written by prometheus_client."""

@@ -180,6 +180,8 @@ class TranscriptionResource:
             raise _busy(call_uuid)
         self.turn_slots.acquire()
         try:
+            if call.forgotten:  # deleted (or made room for another) while it waited for a slot
+                raise _forgotten(call_uuid)
             answer = call.answer(transcription)
         except TestCallBusy:
             raise _busy(call_uuid)
@@ -187,8 +189,12 @@ class TranscriptionResource:
             self.turn_slots.release()
             self.test_calls.touch(call)
         if call.forgotten:
-            raise falcon.HTTPConflict(title="409 Conflict", description=f"test call {call_uuid} was deleted during its turn")
+            raise _forgotten(call_uuid)
         return answer
+
+
+def _forgotten(call_uuid: str) -> falcon.HTTPConflict:
+    return falcon.HTTPConflict(title="409 Conflict", description=f"test call {call_uuid} was deleted during this request")
 
 
 def _busy(call_uuid: str) -> falcon.HTTPConflict:
