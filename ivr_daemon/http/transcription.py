@@ -39,7 +39,7 @@ MAX_TRANSCRIPTION_CHARS = 4000
 CALL_UUID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 BODY_READ_TIMEOUT_S = 10.0  # the whole body, however slowly it trickles in
 # Test turns share the LLM and the synthesis threads with live calls: only so many at once.
-TEST_TURNS_AT_ONCE = 8
+TEST_TURNS_AT_ONCE = 4
 TURN_SLOT_WAIT_S = 30.0
 FIELDS = ("call_uuid", "transcription", "agent")
 # What X-LLM-Response keeps as it is: printable ASCII but "%", the escape character itself.
