@@ -68,7 +68,7 @@ def transfer_tool(target_names: list[str]) -> ToolSpec:
 
 @dataclass
 class CallFlowCounters:
-    """Counted across calls (for logs now, metrics later)."""
+    """Counted across calls (the Prometheus metrics count the same, in ``services.metrics``)."""
 
     transfers: int = 0
     transfers_refused: int = 0
@@ -246,6 +246,7 @@ class PhoneCall(ConversationHandler):
         try:
             answer = self.services.send(commands.uuid_kill(self.call_uuid, HANGUP_CAUSE))
             self.flow.counters.hangups_by_ivr += 1
+            self.services.metrics.hangups_by_ivr_total.labels(reason=reason).inc()
             self.log.info("call_hung_up_by_ivr", reason=reason, reply=answer.text.strip()[:80])
         except (EslError, commands.UnsafeCommandArgument) as exc:
             self.log.error("uuid_kill_not_sent", reason=reason, error=str(exc))
@@ -275,6 +276,7 @@ class PhoneCall(ConversationHandler):
             return
         self.transferred_to = target.name
         self.flow.counters.transfers += 1
+        self.services.metrics.transfers_total.inc()
         # +OK even for an extension that does not exist (capture S6b): the switch owns the call now.
         self.log.info("call_transferred", target=target.name, source=source, reply=answer.text.strip()[:80],
                       destination=f"{target.destination} {target.dialplan} {target.context}")
@@ -283,6 +285,7 @@ class PhoneCall(ConversationHandler):
         """Send nothing; log and count it; what the LLM is told."""
         targets = self.agent.transfer_targets if self.agent is not None else {}
         self.flow.counters.transfers_refused += 1
+        self.services.metrics.transfers_refused_total.inc()
         self.log.warning("transfer_refused", requested=repr(requested)[:120], source=source, allowed=sorted(targets))
         allowed = ", ".join(sorted(targets)) or "none"
         return f"Transfer refused: {str(requested)[:60]!r} is not an allowed target. Allowed: {allowed}."

@@ -105,8 +105,10 @@ class CallRouter:
         remember_ended: int = 4096,
         owns: Callable[[str], bool] | None = None,
         log_speech_text: bool = True,
+        on_call_started: Callable[[str], None] | None = None,
     ):
         self._handler_factory = handler_factory
+        self._on_call_started = on_call_started  # the daemon's count of calls; gets the UUID
         self._log_speech_text = log_speech_text
         self._owns = owns
         self.dedup = dedup if dedup is not None else EventDeduplicator()
@@ -144,6 +146,8 @@ class CallRouter:
                 return  # another daemon's shard
             call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text)
             self.calls[uuid] = call
+            if self._on_call_started is not None:
+                self._on_call_started(uuid)
         if event.name == CALL_END_EVENT:
             call.ended = True
             self._remember(uuid)

@@ -45,6 +45,7 @@ from ivr_daemon.esl.connection import CommandOutcomeUnknown, CommandReply, EslEr
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import LlmClient, LlmError, Message, ToolCall, ToolSpec
 from ivr_daemon.logs import get_logger, spoken_text
+from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.sentences import SentenceSplitter
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
@@ -147,6 +148,8 @@ class TurnServices:
     agent: Agent | None = None  # whose settings these are: its transfer targets and DTMF map
     # Syntheses started and not finished, all calls together: shutdown waits for them.
     in_flight: set[gevent.event.AsyncResult] = field(default_factory=set)
+    # The daemon's, shared by every agent's services (build_conversation_daemon).
+    metrics: DaemonMetrics = field(default_factory=DaemonMetrics)
 
     @property
     def log_spoken_text(self) -> bool:
@@ -163,16 +166,13 @@ class TurnServices:
         A cache hit is answered here, on the loop, without the pool: a cached phrase must not
         wait behind other calls' long syntheses.
         """
-        if self.cache is not None:
-            hit = self.cache.lookup(self.tts, text)
+        cache, engine = self.cache, self.tts
+        if cache is not None:
+            hit = cache.lookup(engine, text)
             if hit is not None:
                 return _ready(hit)
-            pending = self.synth_pool.spawn(self.cache.get_or_synthesize, self.tts, text)
-        else:
-            pending = self.synth_pool.spawn(self.tts.synthesize_to_wav, text, per_call_path)
-        self.in_flight.add(pending)
-        pending.rawlink(self.in_flight.discard)
-        return pending
+            return self._on_worker(lambda timed: cache.get_or_synthesize(engine, text, on_synthesized=timed))
+        return self._on_worker(lambda timed: _timed(timed, engine.synthesize_to_wav, text, per_call_path))
 
     def pinned_phrase(self, text: str) -> gevent.event.AsyncResult:
         """A phrase the daemon relies on (the fallback): its WAV at once, or re-created on a
@@ -183,10 +183,35 @@ class TurnServices:
         if path is not None:
             return _ready(path)
         log.warning("pinned_phrase_missing_recreating", path=str(self.pinned.path_for(text)))
-        pending = self.synth_pool.spawn(self.pinned.prepare, text)
+        pinned = self.pinned
+        return self._on_worker(lambda timed: pinned.prepare(text, on_synthesized=timed))
+
+    def _on_worker(self, work: Callable[[Callable[[float], None]], Path]) -> gevent.event.AsyncResult:
+        """Run ``work(timed)`` on a worker thread, in ``in_flight`` until it lands; ``timed(seconds)``
+        is called there for each real synthesis, and each is observed once the work has landed.
+
+        Observed on the loop, not on the worker: under monkey-patching prometheus_client's locks
+        are gevent's, which a native thread must not take.
+        """
+        seconds: list[float] = []  # appended on the worker thread, read on the loop after it
+        pending = self.synth_pool.spawn(work, seconds.append)
         self.in_flight.add(pending)
-        pending.rawlink(self.in_flight.discard)
+
+        def landed(done: gevent.event.AsyncResult) -> None:
+            self.in_flight.discard(done)
+            for synthesis_s in seconds:
+                self.metrics.tts_synthesis_seconds.observe(synthesis_s)
+
+        pending.rawlink(landed)
         return pending
+
+
+def _timed(timed: Callable[[float], None], synthesize: Callable[..., Path], *args) -> Path:
+    """``synthesize(*args)``, its seconds given to ``timed`` when it succeeded. On a worker thread."""
+    started_s = time.monotonic()
+    path = synthesize(*args)
+    timed(time.monotonic() - started_s)
+    return path
 
 
 def _ready(path: Path | None) -> gevent.event.AsyncResult:
@@ -234,6 +259,11 @@ class _Reply:
     first_audio_s: float | None = None  # when it was sent
     tts_ms: float = 0.0  # synthesis of the first sentence
     tool_calls: list[ToolCall] = field(default_factory=list)  # what the LLM asked for besides words
+    # A turn's answer (not a phrase of the call flow): when the turn began. It is counted in
+    # ivr_turns_total once it is over: sent and played, cut by the caller, or the call ended.
+    turn_started_s: float | None = None
+    sent_all: bool = False  # the turn sent everything it will: no more sentences of it
+    counted: bool = False
 
     @property
     def playing(self) -> bool:
@@ -251,6 +281,11 @@ class _Reply:
 
 class ConversationHandler:
     """One call's conversation: implements :class:`ivr_daemon.calls.CallHandler`."""
+
+    # FreeSWITCH reports the playback of what we broadcast (PLAYBACK_START/STOP), so a turn is
+    # counted once its answer has played. False for a handler whose broadcasts nothing plays
+    # (no switch behind ``send``): its turns are counted as soon as they have sent everything.
+    follows_playback = True
 
     def __init__(self, call_uuid: str, call_log: structlog.stdlib.BoundLogger, services: TurnServices):
         self.call_uuid = call_uuid
@@ -336,6 +371,8 @@ class ConversationHandler:
             return
         self._closed = True
         self._kill_turn()
+        if self._reply is not None and self._reply.sent_all:
+            self._count_turn(self._reply)  # the call ended while it played: it was answered
         removed, late = self.delete_own_wavs()
         self.history = ConversationHistory(self.services.settings.system_prompt, 0)
         self.log.info("call_cleaned_up", wavs_deleted=removed, syntheses_still_running=late)
@@ -370,6 +407,7 @@ class ConversationHandler:
         for item in reply.spoken:
             if item.status is None:
                 item.status = "unknown"
+        self._count_turn_if_over(reply)
         self._playback_changed.set()
 
     # -- playback and barge-in ----------------------------------------------------------------
@@ -386,6 +424,7 @@ class ConversationHandler:
                 if item is not None:
                     item.status = "not-found"
                     self.log.error("playback_file_not_found", path=item.path)
+                    self._count_turn_if_over(reply)
             return
         path = event.get("Playback-File-Path")
         if not path:
@@ -398,6 +437,7 @@ class ConversationHandler:
             item = next((s for s in reply.spoken if s.path == path and s.started and s.status is None), None)
             if item is not None:
                 item.status = event.get("Playback-Status") or "done"
+                self._count_turn_if_over(reply)
 
     def _is_barge_in(self, event: EslEvent) -> bool:
         mode = self.services.settings.barge_in
@@ -415,6 +455,8 @@ class ConversationHandler:
         reply.interrupted = True
         self._playback_changed.set()
         self.barge_ins += 1
+        self.services.metrics.barge_ins_total.inc()
+        self._count_turn(reply)  # interrupted, whether the turn still runs or its answer plays
         gevent.spawn(self._send_break)  # the one writer; the reader must not wait for its reply
         self._kill_turn()
         for item in reply.spoken:
@@ -441,6 +483,20 @@ class ConversationHandler:
         if turn is not None and not turn.dead and turn is not gevent.getcurrent():
             turn.kill(block=False)
 
+    def _count_turn_if_over(self, reply: _Reply) -> None:
+        """Count a turn's answer once it has sent everything and nothing of it plays any more."""
+        if reply.sent_all and not (self.follows_playback and reply.playing):
+            self._count_turn(reply)
+
+    def _count_turn(self, reply: _Reply | None, outcome: str | None = None) -> None:
+        """ivr_turns_total, once per turn: interrupted (the caller cut it: barge-in, or hung up
+        before it was sent) over fallback over answered. Phrases of the call flow do not count."""
+        if reply is None or reply.turn_started_s is None or reply.counted:
+            return
+        reply.counted = True
+        outcome = outcome or ("interrupted" if reply.interrupted else "fallback" if reply.fallback else "answered")
+        self.services.metrics.turns_total.labels(outcome=outcome).inc()
+
     # -- the turn -----------------------------------------------------------------------------
 
     def _turn(self, transcript: str, received_s: float = 0.0) -> None:
@@ -452,7 +508,15 @@ class ConversationHandler:
         log = self.log.bind(turn=turn)
         log.info("turn_started", **self.services.spoken("transcript", transcript))
         messages = self.history.ask(transcript)
-        reply = self._speak(lambda reply, sentences: self._produce(messages, sentences, log, reply), log)
+        try:
+            reply = self._speak(lambda reply, sentences: self._produce(messages, sentences, log, reply), log,
+                                turn_started_s=started_s)
+        except gevent.GreenletExit:
+            # Killed: by a barge-in (counted there already) or by the hangup.
+            self._count_turn(self._reply, "interrupted")
+            raise
+        reply.sent_all = True
+        self._count_turn_if_over(reply)
         said = [s.sentence for s in reply.spoken if s.status != "not-sent"]
         if not reply.fallback and reply.text and not reply.interrupted:
             reply.history_entry = self.history.add("assistant", reply.text)
@@ -503,10 +567,15 @@ class ConversationHandler:
                  first_audio_ms=round((reply.first_audio_s - reply.started_s) * 1000, 1) if reply.first_audio_s else None)
         return reply
 
-    def _speak(self, produce: Callable[[_Reply, gevent.queue.Queue], None], log, barge_in: bool = True) -> _Reply:
+    def _speak(self, produce: Callable[[_Reply, gevent.queue.Queue], None], log, barge_in: bool = True,
+               turn_started_s: float | None = None) -> _Reply:
         """Broadcast, in order and as each is ready, the sentences ``produce`` queues (with their
-        pending syntheses); the fallback phrase if nothing is ready by the first-audio deadline."""
-        reply = self._reply = _Reply(barge_in=barge_in)
+        pending syntheses); the fallback phrase if nothing is ready by the first-audio deadline.
+        ``turn_started_s``: this is a turn's answer (metrics)."""
+        previous = self._reply
+        if previous is not None and previous.sent_all:
+            self._count_turn(previous)  # something else speaks now: that answer is over
+        reply = self._reply = _Reply(barge_in=barge_in, turn_started_s=turn_started_s)
         sentences: gevent.queue.Queue = gevent.queue.Queue()
         producer = gevent.spawn(produce, reply, sentences)
         # No dead air: the first audio goes out by LLM_TIMEOUT (+ a margin that lets the LLM
@@ -560,6 +629,9 @@ class ConversationHandler:
                     reply.fallback = reply.fallback or is_fallback
                     if reply.first_path is None:
                         reply.first_path, reply.first_broadcast, reply.first_audio_s = path, text, time.monotonic()
+                        if reply.turn_started_s is not None:
+                            self.services.metrics.turn_first_audio_seconds.observe(
+                                reply.first_audio_s - reply.turn_started_s)
                 if is_fallback:
                     # Sent or refused (-ERR, a call that just went away), the fallback is the
                     # turn's last word: trying it again would loop until the LLM gives up.
@@ -583,6 +655,7 @@ class ConversationHandler:
             """Queue one sentence's synthesis; False once the reply has said enough."""
             if not submitted:
                 reply.llm_ms = (time.monotonic() - started_s) * 1000
+                self.services.metrics.llm_first_sentence_seconds.observe(reply.llm_ms / 1000)
             submitted.append(sentence)
             path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
             pending = self.services.spawn_synthesis(sentence, path)
@@ -627,6 +700,7 @@ class ConversationHandler:
             reply.text = " ".join(submitted) if cut else "".join(parts).strip()
         except LlmError as exc:
             log.error("llm_failed", error=str(exc), error_type=type(exc).__name__, sentences_before=len(submitted))
+            self.services.metrics.note_llm_error(exc)
             if not submitted:
                 reply.queued += 1
                 sentences.put((self.services.settings.fallback_phrase, None, True))

@@ -69,24 +69,32 @@ class Daemon:
         self,
         settings: Settings,
         handlers_for: Callable[[EslClient], HandlerFactory],
+        *,
+        metrics: DaemonMetrics | None = None,
         **esl_options,
     ):
         self.settings = settings
-        self.metrics = DaemonMetrics()
+        # Given when the handlers count into it too (build_conversation_daemon); each daemon its own.
+        self.metrics = metrics if metrics is not None else DaemonMetrics()
         self.started_s = time.monotonic()
+        self._connects = 0
         self.esl = EslClient(
             settings.freeswitch_host,
             settings.freeswitch_port,
             settings.freeswitch_password,
             SUBSCRIBED_EVENTS,
             self._route,
-            on_connected=self.resync,
+            on_connected=self._on_esl_connected,
             **esl_options,
         )
         shard, shards = settings.daemon_shard
         owns = None if shards == 1 else (lambda uuid: shard_of(uuid, shards) == shard)
         self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event, owns=owns,
-                                 log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG")
+                                 log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG",
+                                 on_call_started=lambda _uuid: self.metrics.calls_total.inc())
+        # Read when scraped: the router's table and the connection are the truth, never a copy.
+        self.metrics.calls_active.set_function(lambda: len(self.router.calls))
+        self.metrics.esl_connected.set_function(lambda: 1 if self.esl.connected else 0)
         self.services: TurnServices | None = None  # the default agent's, set by build_conversation_daemon
         self.flow: CallFlowServices | None = None  # every agent's
         self._greenlet: gevent.Greenlet | None = None
@@ -94,6 +102,13 @@ class Daemon:
 
     def _route(self, event: EslEvent) -> None:
         self.router.route(event)
+
+    def _on_esl_connected(self) -> None:
+        # Counted here, not in the ESL layer, which knows nothing of metrics.
+        self._connects += 1
+        if self._connects > 1:
+            self.metrics.esl_reconnects_total.inc()
+        self.resync()
 
     def resync(self, after_reconnect: bool = True) -> None:
         """After a (re)connect, and every minute: end the calls FreeSWITCH no longer has.
@@ -226,6 +241,9 @@ def build_conversation_daemon(
     agents = agents or load_agents(settings)
     cache = (PhraseCache.for_output_dir(settings.tts_output_dir, settings.tts_cache_max_mb * 1024 * 1024)
              if settings.tts_cache_max_mb > 0 else None)
+    metrics = DaemonMetrics()  # one for the daemon and every agent's turns
+    if cache is not None:
+        metrics.watch_cache(cache.stats)
     # Synthesis is CPU-bound: native threads, as many as cores, never the gevent loop.
     pool = gevent.threadpool.ThreadPool(synth_threads or max(1, os.cpu_count() or 1))
     in_flight: set = set()  # one set for all agents: shutdown waits for every synthesis
@@ -252,7 +270,8 @@ def build_conversation_daemon(
     def handlers_for(esl: EslClient) -> HandlerFactory:
         by_agent = {
             name: TurnServices(agent.settings, client, engine, esl.send, pool, fallback_wav, on_turn, cache,
-                               wait_connected=esl.wait_connected, pinned=pinned, agent=agent, in_flight=in_flight)
+                               wait_connected=esl.wait_connected, pinned=pinned, agent=agent, in_flight=in_flight,
+                               metrics=metrics)
             for name, (agent, client, engine, pinned, fallback_wav) in prepared.items()
         }
         flow = CallFlowServices(by_agent, agents.default_name)
@@ -265,7 +284,7 @@ def build_conversation_daemon(
              llm_provider=default.settings.llm_provider, llm_api_url=default.settings.llm_api_url,
              tts_engine=prepared[agents.default_name][2].name, tts_voice=prepared[agents.default_name][2].voice_id,
              shard="/".join(map(str, settings.daemon_shard)))
-    daemon = Daemon(settings, handlers_for, **esl_options)
+    daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)
     daemon.flow = made[0]
     daemon.services = made[0].by_agent[agents.default_name]
     return daemon

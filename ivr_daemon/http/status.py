@@ -40,6 +40,5 @@ class MetricsResource:
         self.daemon = daemon
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        # The router's table is the truth about live calls: read at scrape time.
-        self.daemon.metrics.calls_active.set(len(self.daemon.router.calls))
+        # Gauges such as ivr_calls_active read the router and the connection as this collects them.
         resp.data, resp.content_type = self.daemon.metrics.exposition()
