@@ -102,7 +102,7 @@ def test_metrics_are_prometheus_text_and_show_the_live_calls(tmp_path):
 
 
 def test_metrics_count_a_phone_turn_and_a_test_turn(tmp_path):
-    """Needs the metrics branch (turns counted in ConversationHandler); see the HTTP notes."""
+    """A test turn is counted like a phone turn: the same turn machinery."""
     turns = TurnLog()
     with FakeLlmServer("ollama", replies="Fine.") as llm, FreeswitchSimulator() as sim:
         settings = settings_for(sim, tmp_path / "tts", LLM_PROVIDER="ollama", LLM_API_URL=llm.url)

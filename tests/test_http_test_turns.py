@@ -235,6 +235,8 @@ def test_when_the_llm_fails_the_answer_is_the_fallback_phrase(sim, tmp_path):
                                 FALLBACK_PHRASE=fallback)
         with running_daemon(sim, settings) as daemon, http_server(daemon) as http:
             answer = post_turn(http, "down", "hello?")
+            health = requests.get(f"{http.url}/health", timeout=10).json()
+    assert health["last_llm_error"]["kind"] == "http"  # what went wrong, for the administrator
     assert answer.status_code == 200
     assert answer.headers["X-Used-Fallback"] == "true"
     assert urllib.parse.unquote(answer.headers["X-LLM-Response"]) == fallback
