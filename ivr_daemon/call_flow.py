@@ -34,7 +34,7 @@ import gevent.lock
 import soundfile
 import structlog
 
-from ivr_daemon.agents import OPERATOR_TARGET
+from ivr_daemon.agents import OPERATOR_TARGET, TransferTarget
 from ivr_daemon.config import normalize_words
 from ivr_daemon.conversation import (
     FINAL_SPEECH, ConversationHandler, ConversationHistory, TurnServices, _Reply, speech_text, transcript_of)
@@ -47,6 +47,7 @@ HANGUP_CAUSE = "NORMAL_CLEARING"
 # How long past its own length a goodbye or transfer phrase may take to report PLAYBACK_STOP.
 PHRASE_STOP_MARGIN_S = 3.0
 MAX_TOOL_ROUNDS = 2  # LLM answers to refused tool calls, per turn
+MAX_CALLER_NUMBER_CHARS = 64  # caller ID is the caller's to set: kept short
 END_CALL_TOOL = ToolSpec(
     "end_call",
     "End the phone call, after the caller said goodbye or has nothing more to ask. The caller hears a goodbye.",
@@ -91,6 +92,7 @@ class PhoneCall(ConversationHandler):
         super().__init__(call_uuid, call_log, flow.by_agent[flow.default_agent])
         self.flow = flow
         self.agent_name: str | None = None  # as the call named it (ivr_agent)
+        self.caller_number: str | None = None  # Caller-Caller-ID-Number, for GET /calls
         self.greeted = False
         self.ended = False  # goodbye said or transferred: no more turns, no silence timer
         self.transferred_to: str | None = None
@@ -121,6 +123,8 @@ class PhoneCall(ConversationHandler):
             super().handle(event)
             return
         self._learn_agent(event)
+        if self.caller_number is None and event.get("Caller-Caller-ID-Number"):
+            self.caller_number = event.get("Caller-Caller-ID-Number")[:MAX_CALLER_NUMBER_CHARS]
         if self.ended or self.hung_up:
             return
         if event.name == "CHANNEL_PARK" and event.get("variable_fire_asr_events") == "true":
@@ -235,6 +239,10 @@ class PhoneCall(ConversationHandler):
         self._wait_played(reply)
         if self.hung_up:
             return
+        self._hang_up(reason)
+
+    def _hang_up(self, reason: str) -> None:
+        """``uuid_kill``: the IVR ends the call, once its goodbye has played."""
         try:
             answer = self.services.send(commands.uuid_kill(self.call_uuid, HANGUP_CAUSE))
             self.flow.counters.hangups_by_ivr += 1
@@ -255,19 +263,23 @@ class PhoneCall(ConversationHandler):
         self._wait_played(reply)
         if self.hung_up:
             return None
+        self._send_transfer(target, source)
+        return None
+
+    def _send_transfer(self, target: TransferTarget, source: str) -> None:
+        """``uuid_transfer`` to an allowlisted target, once the transfer phrase has played."""
         try:
             answer = self.services.send(
                 commands.uuid_transfer(self.call_uuid, target.destination, target.dialplan, target.context))
         except (EslError, commands.UnsafeCommandArgument) as exc:
             self.log.error("transfer_not_sent", target=target.name, error=str(exc))
-            return None
+            return
         self.transferred_to = target.name
         self.flow.counters.transfers += 1
         self.services.metrics.transfers_total.inc()
         # +OK even for an extension that does not exist (capture S6b): the switch owns the call now.
         self.log.info("call_transferred", target=target.name, source=source, reply=answer.text.strip()[:80],
                       destination=f"{target.destination} {target.dialplan} {target.context}")
-        return None
 
     def _refuse_transfer(self, requested: object, source: str) -> str:
         """Send nothing; log and count it; what the LLM is told."""

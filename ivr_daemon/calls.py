@@ -10,6 +10,7 @@ barge-in) reach :meth:`CallHandler.interrupt` at once, before they are queued.
 from __future__ import annotations
 
 import re
+import time
 from collections import OrderedDict
 from typing import Callable, Protocol
 
@@ -57,6 +58,7 @@ class Call:
     def __init__(self, uuid: str, handler_factory: HandlerFactory, on_done: Callable[["Call"], None],
                  log_speech_text: bool = True):
         self.uuid = uuid
+        self.started_unix_s = time.time()  # when the daemon first heard of it (GET /calls)
         self._log_speech_text = log_speech_text
         self.log = log.bind(call_uuid=uuid)
         self.queue: gevent.queue.Queue = gevent.queue.Queue()

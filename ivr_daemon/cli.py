@@ -39,7 +39,10 @@ def _agents_or_exit(settings):
 
 
 def cmd_run(args) -> int:
-    from ivr_daemon.daemon import build_conversation_daemon
+    import time
+
+    from ivr_daemon.daemon import SHUTDOWN_BUDGET_S, build_conversation_daemon
+    from ivr_daemon.http.server import STOP_TIMEOUT_S
     from ivr_daemon.storage import UnsafeOutputDir
     from ivr_daemon.esl.connection import AuthenticationFailed
     from ivr_daemon.logs import configure_logging, get_logger
@@ -59,12 +62,23 @@ def cmd_run(args) -> int:
     except UnsafeOutputDir as exc:
         print(f"ivr-daemon: configuration error: TTS_OUTPUT_DIR: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    http = _http_server_or_exit(daemon, settings)
     # Signal handlers run on the loop; the shutdown waits, so it gets its own greenlet.
     shutting_down: list[gevent.Greenlet] = []
 
+    def shutdown() -> None:
+        started_s = time.monotonic()
+        if http is not None:
+            http.close()  # no new connections; new test turns are refused like calls' turns
+        daemon.shutdown()
+        if http is not None:
+            # Requests still running (a test turn) get what is left of the budget, at most STOP_TIMEOUT_S.
+            left_s = SHUTDOWN_BUDGET_S - (time.monotonic() - started_s)
+            http.stop(timeout_s=max(0.0, min(STOP_TIMEOUT_S, left_s)))
+
     def on_signal() -> None:
         if not shutting_down:
-            shutting_down.append(gevent.spawn(daemon.shutdown))
+            shutting_down.append(gevent.spawn(shutdown))
 
     gevent.signal_handler(signal.SIGTERM, on_signal)
     gevent.signal_handler(signal.SIGINT, on_signal)
@@ -78,6 +92,23 @@ def cmd_run(args) -> int:
         greenlet.join(timeout=10)
     log.info("daemon_stopped")
     return EXIT_OK
+
+
+def _http_server_or_exit(daemon, settings):
+    """The HTTP server listening (None with HTTP_PORT=0); exit 2 when its address cannot be had."""
+    if not settings.http_port:
+        return None
+    from ivr_daemon.http import HttpServer
+
+    http = HttpServer(daemon, settings)
+    try:
+        http.bind()
+    except OSError as exc:
+        print(f"ivr-daemon: configuration error: HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    http.start()
+    return http
 
 
 def cmd_simulator(args) -> int:

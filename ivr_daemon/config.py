@@ -7,6 +7,7 @@ exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, fields
@@ -91,6 +92,11 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "words the caller must say before playback is interrupted"),
     ("DAEMON_SHARD", "daemon_shard", "0/1",
      "k/N: with N daemons on one switch, this one answers the calls whose UUID hashes to k"),
+    ("HTTP_HOST", "http_host", "127.0.0.1",
+     "address of the HTTP server (test turns, /health, /metrics, /calls); a non-loopback one needs HTTP_API_TOKEN"),
+    ("HTTP_PORT", "http_port", "8000", "port of the HTTP server; 0 turns it off"),
+    ("HTTP_API_TOKEN", "http_api_token", "",
+     "when set, every HTTP route but GET /health needs 'Authorization: Bearer <token>' (at least 16 characters)"),
     ("LOG_LEVEL", "log_level", "INFO", "DEBUG | INFO | WARNING | ERROR"),
     ("LOG_FORMAT", "log_format", "json", "json | console"),
     ("LOG_TRANSCRIPTS", "log_transcripts", "false",
@@ -144,6 +150,9 @@ class Settings:
     barge_in: str
     barge_in_min_words: int
     daemon_shard: tuple[int, int]
+    http_host: str
+    http_port: int
+    http_api_token: str
     log_level: str
     log_format: str
     log_transcripts: bool
@@ -188,6 +197,7 @@ def default_tts_output_dir(environ: Mapping[str, str]) -> Path:
 
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-:\[\]]+$")
+MIN_HTTP_TOKEN_CHARS = 16
 
 
 def _int(variable: str, raw: str, lo: int, hi: int) -> int:
@@ -250,6 +260,33 @@ def _phrase(variable: str, raw: str) -> str:
     if not text:
         raise ConfigError(variable, "must not be empty: it is said to callers")
     return text
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _http(raw: Mapping[str, str]) -> tuple[str, int, str]:
+    """HTTP_HOST, HTTP_PORT, HTTP_API_TOKEN; an HTTP server others can reach must ask for the token."""
+    host = raw["http_host"].strip()
+    if not host or not _HOST_RE.match(host):
+        raise ConfigError("HTTP_HOST", f"not a host name or address: {raw['http_host']!r}")
+    port = _int("HTTP_PORT", raw["http_port"], 0, 65535)
+    token = raw["http_api_token"].strip()
+    if token and (len(token) < MIN_HTTP_TOKEN_CHARS or not all("!" <= c <= "~" for c in token)):
+        raise ConfigError("HTTP_API_TOKEN", f"must be at least {MIN_HTTP_TOKEN_CHARS} printable ASCII characters "
+                                            "without spaces")
+    if port and not token and not is_loopback_host(host):
+        # Test turns spend LLM and TTS time and /calls shows callers' numbers and words.
+        raise ConfigError("HTTP_HOST", f"{host} is not a loopback address: anyone who can reach it could use the "
+                                       "HTTP API, so set HTTP_API_TOKEN too (or HTTP_HOST=127.0.0.1)")
+    return host, port, token
 
 
 def normalize_words(text: str) -> str:
@@ -323,6 +360,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
     if not fallback:
         raise ConfigError("FALLBACK_PHRASE", "must not be empty: it is what callers hear when the LLM fails")
 
+    http_host, http_port, http_token = _http(raw)
+
     agents_file = _existing_file("AGENTS_FILE", raw["agents_file"].strip())
     operator = " ".join(raw["operator_destination"].split())
     if operator:
@@ -365,6 +404,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         barge_in=_choice("BARGE_IN", raw["barge_in"], BARGE_IN_MODES),
         barge_in_min_words=_int("BARGE_IN_MIN_WORDS", raw["barge_in_min_words"], 1, 50),
         daemon_shard=_shard("DAEMON_SHARD", raw["daemon_shard"]),
+        http_host=http_host,
+        http_port=http_port,
+        http_api_token=http_token,
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
         log_transcripts=_bool("LOG_TRANSCRIPTS", raw["log_transcripts"]),

@@ -289,6 +289,8 @@ class ConversationHandler:
 
     def __init__(self, call_uuid: str, call_log: structlog.stdlib.BoundLogger, services: TurnServices):
         self.call_uuid = call_uuid
+        # What this call's own WAVs are named after (and found by, at clean-up): its UUID.
+        self.wav_stem = call_uuid
         self.log = call_log
         self.services = services
         settings = services.settings
@@ -318,6 +320,13 @@ class ConversationHandler:
         # one has played it does not, even if the turn's greenlet has not finished yet.
         return reply is not None and not reply.interrupted and (
             reply.playing or (self.busy and bool(reply.spoken) and reply.more_to_come))
+
+    @property
+    def state(self) -> str:
+        """speaking (something of ours is queued or playing), thinking (a turn is in flight) or listening."""
+        if self.playing:
+            return "speaking"
+        return "thinking" if self.busy else "listening"
 
     # -- CallHandler: interrupt runs in the reader, at once, and never blocks ------------------
 
@@ -364,14 +373,20 @@ class ConversationHandler:
         self._kill_turn()
         if self._reply is not None and self._reply.sent_all:
             self._count_turn(self._reply)  # the call ended while it played: it was answered
+        removed, late = self.delete_own_wavs()
+        self.history = ConversationHistory(self.services.settings.system_prompt, 0)
+        self.log.info("call_cleaned_up", wavs_deleted=removed, syntheses_still_running=late)
+
+    def delete_own_wavs(self) -> tuple[int, int]:
+        """Delete the call's own WAVs now, and those of its syntheses still running when they
+        land (never the cache's or pinned phrases). Returns (deleted now, still running)."""
         late = 0
         for pending, per_call_path in list(self._pending_syntheses.items()):
             if per_call_path is not None and not pending.ready():
                 pending.rawlink(lambda _done, path=per_call_path: self._delete_wav(path))
                 late += 1
-        removed = sum(self._delete_wav(path) for path in self.services.settings.tts_output_dir.glob(f"{self.call_uuid}-*.wav"))
-        self.history = ConversationHistory(self.services.settings.system_prompt, 0)
-        self.log.info("call_cleaned_up", wavs_deleted=removed, syntheses_still_running=late)
+        removed = sum(self._delete_wav(path) for path in self.services.settings.tts_output_dir.glob(f"{self.wav_stem}-*.wav"))
+        return removed, late
 
     def _delete_wav(self, path: Path) -> bool:
         try:
@@ -538,7 +553,7 @@ class ConversationHandler:
         def produce(reply: _Reply, sentences: gevent.queue.Queue) -> None:
             reply.text = text
             reply.queued = 1
-            per_call_path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{kind}-{self.turns:04d}.wav"
+            per_call_path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{kind}-{self.turns:04d}.wav"
             pending = (self.services.pinned_phrase(text) if pinned
                        else self.services.spawn_synthesis(text, per_call_path))
             sentences.put((text, pending, False))
@@ -642,7 +657,7 @@ class ConversationHandler:
                 reply.llm_ms = (time.monotonic() - started_s) * 1000
                 self.services.metrics.llm_first_sentence_seconds.observe(reply.llm_ms / 1000)
             submitted.append(sentence)
-            path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
+            path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
             pending = self.services.spawn_synthesis(sentence, path)
             if not pending.ready():
                 self._pending_syntheses[pending] = None if self.services.cache is not None else path

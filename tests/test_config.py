@@ -127,8 +127,8 @@ def test_run_refuses_an_output_dir_others_can_write_with_exit_2(tmp_path):
     unsafe = tmp_path / "tts"
     unsafe.mkdir()
     unsafe.chmod(0o777)  # anyone could plant a WAV under a name anyone can compute
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_"))}
-    env.update({"TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(unsafe)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "HTTP_"))}
+    env.update({"TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(unsafe), "HTTP_PORT": "0"})
     result = subprocess.run([sys.executable, "-m", "ivr_daemon", "--env-file", str(tmp_path / "none.env"), "run"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
