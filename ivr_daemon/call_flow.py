@@ -20,6 +20,11 @@
    ``uuid_transfer``; FreeSWITCH answers ``+OK`` even for a missing extension (capture S6b), so
    after it the call is left alone. Anything else is refused: nothing is sent, a warning and a
    counter, and the LLM is told (the caller hears its answer).
+7. **HTTP tools** (the agent's ``tools``, see :mod:`ivr_daemon.tools`): each runs on its own
+   greenlet once the words before it are said; if one takes longer than
+   ``tool_filler_after_s`` the pinned filler phrase plays; the results (or errors) go back to
+   the LLM, whose answer the caller hears. At most ``max_tool_calls`` tool rounds per turn: the
+   last request offers no tools, so the model must answer in words.
 """
 
 from __future__ import annotations
@@ -42,12 +47,18 @@ from ivr_daemon.esl import commands
 from ivr_daemon.esl.connection import EslError
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import Message, ToolCall, ToolSpec
+from ivr_daemon.tools import CallContext, HttpTool, ToolOutcome, run_tool
 
 HANGUP_CAUSE = "NORMAL_CLEARING"
 # How long past its own length a goodbye or transfer phrase may take to report PLAYBACK_STOP.
 PHRASE_STOP_MARGIN_S = 3.0
-MAX_TOOL_ROUNDS = 2  # LLM answers to refused tool calls, per turn
 MAX_CALLER_NUMBER_CHARS = 64  # caller ID is the caller's to set: kept short
+MAX_VARIABLE_CHARS = 256
+# What the call knows of itself, sent to HTTP tools as its variables (event header -> name).
+# Dialplan-set dynamic variables have no convention yet (the outbound-call work brings one).
+CALL_VARIABLES = {"Caller-Destination-Number": "destination_number", "Caller-Caller-ID-Name": "caller_name"}
+# A tool greenlet's own gevent.Timeout ends it by timeout_s; this margin only guards a bug.
+TOOL_JOIN_MARGIN_S = 2.0
 END_CALL_TOOL = ToolSpec(
     "end_call",
     "End the phone call, after the caller said goodbye or has nothing more to ask. The caller hears a goodbye.",
@@ -74,6 +85,9 @@ class CallFlowCounters:
     transfers_refused: int = 0
     hangups_by_ivr: int = 0
     unknown_agents: int = 0
+    http_tool_calls: int = 0  # asked for by the LLM (valid arguments or not)
+    http_tool_failures: int = 0  # of those, what the LLM was told failed
+    tool_fillers: int = 0
 
 
 @dataclass
@@ -93,6 +107,7 @@ class PhoneCall(ConversationHandler):
         self.flow = flow
         self.agent_name: str | None = None  # as the call named it (ivr_agent)
         self.caller_number: str | None = None  # Caller-Caller-ID-Number, for GET /calls
+        self.variables: dict[str, str] = {}  # CALL_VARIABLES, for the HTTP tools
         self.greeted = False
         self.ended = False  # goodbye said or transferred: no more turns, no silence timer
         self.transferred_to: str | None = None
@@ -125,6 +140,9 @@ class PhoneCall(ConversationHandler):
         self._learn_agent(event)
         if self.caller_number is None and event.get("Caller-Caller-ID-Number"):
             self.caller_number = event.get("Caller-Caller-ID-Number")[:MAX_CALLER_NUMBER_CHARS]
+        for header, name in CALL_VARIABLES.items():
+            if name not in self.variables and event.get(header):
+                self.variables[name] = event.get(header)[:MAX_VARIABLE_CHARS]
         if self.ended or self.hung_up:
             return
         if event.name == "CHANNEL_PARK" and event.get("variable_fire_asr_events") == "true":
@@ -322,7 +340,8 @@ class PhoneCall(ConversationHandler):
         if not self._llm_has_tools:
             return ()
         targets = sorted(self.agent.transfer_targets) if self.agent is not None else []
-        return (*((transfer_tool(targets),) if targets else ()), END_CALL_TOOL)
+        http_tools = tuple(tool.spec() for tool in self.agent.tools) if self.agent is not None else ()
+        return (*((transfer_tool(targets),) if targets else ()), END_CALL_TOOL, *http_tools)
 
     def _is_goodbye(self, transcript: str) -> bool:
         if self._llm_has_tools:
@@ -341,7 +360,14 @@ class PhoneCall(ConversationHandler):
             self._last_reply_text = reply.text
         if not reply.tool_calls or self.hung_up or reply.interrupted:
             return
-        refused: list[tuple[ToolCall, str]] = []
+        max_rounds = self.services.settings.max_tool_calls
+        if tool_round >= max_rounds:
+            # Asked without tools: a model that calls one anyway is not obeyed.
+            log.warning("llm_tool_rounds_exhausted", rounds=tool_round, ignored=[c.name[:64] for c in reply.tool_calls])
+            return
+        http_tools = {tool.name: tool for tool in self.agent.tools} if self.agent is not None else {}
+        results: list[str | None] = []  # the tool message of each call, in order
+        http_calls: list[tuple[int, ToolCall, HttpTool]] = []
         for call in reply.tool_calls:
             log.info("llm_tool_call", tool=call.name[:64], arguments=call.raw_arguments[:200])
             if call.name == END_CALL_TOOL.name:
@@ -356,20 +382,63 @@ class PhoneCall(ConversationHandler):
                     refusal = self._refuse_transfer(call.raw_arguments, "llm")
                 if refusal is None:
                     return
-                refused.append((call, refusal))
+                results.append(json.dumps({"error": refusal}))
+            elif call.name in http_tools:
+                http_calls.append((len(results), call, http_tools[call.name]))
+                results.append(None)
             else:
-                refused.append((call, f"There is no tool called {call.name[:60]!r}."))
-        if tool_round >= MAX_TOOL_ROUNDS:
-            log.warning("llm_tool_rounds_exhausted", rounds=tool_round)
+                results.append(json.dumps({"error": f"There is no tool called {call.name[:60]!r}."}))
+        for index, outcome in self._run_http_tools(http_calls, log).items():
+            results[index] = outcome.content
+        if self.hung_up:
             return
-        # Tell the model why, and speak what it says to that.
+        # Tell the model what came of its calls, and speak what it says to that; in the last
+        # round without tools, so that it answers in words.
         follow_up = [*messages, {"role": "assistant", "content": reply.text, "tool_calls": list(reply.tool_calls)},
-                     *({"role": "tool", "tool_call_id": call.call_id, "name": call.name,
-                        "content": json.dumps({"error": why})} for call, why in refused)]
-        answer = self._speak(lambda r, sentences: self._produce(follow_up, sentences, log, r), log)
+                     *({"role": "tool", "tool_call_id": call.call_id, "name": call.name, "content": content}
+                       for call, content in zip(reply.tool_calls, results))]
+        tools = None if tool_round + 1 < max_rounds else ()
+        answer = self._speak(lambda r, sentences: self._produce(follow_up, sentences, log, r, tools), log)
         if answer.text and not answer.fallback and not answer.interrupted:
             self.history.add("assistant", answer.text)
         self._after_reply(answer, follow_up, log, tool_round + 1)
+
+    def _run_http_tools(self, calls: list[tuple[int, ToolCall, HttpTool]], log) -> dict[int, ToolOutcome]:
+        """Run the calls, each on its own greenlet; the filler phrase if they take longer than
+        ``tool_filler_after_s``. Killed with the turn (hangup), they are killed too."""
+        if not calls:
+            return {}
+        context = CallContext(self.call_uuid, self.agent_name if self.agent is not None else None,
+                              self.caller_number, dict(self.variables))
+        self.flow.counters.http_tool_calls += len(calls)
+        running = {index: gevent.spawn(run_tool, tool, call.arguments, context, log) for index, call, tool in calls}
+        try:
+            settings = self.services.settings
+            gevent.joinall(list(running.values()), timeout=settings.tool_filler_after_s)
+            if not all(greenlet.ready() for greenlet in running.values()):
+                # No dead air while the endpoint thinks: the filler, from the pinned cache.
+                self.flow.counters.tool_fillers += 1
+                self._say(settings.tool_filler_phrase, log, "tool_filler", barge_in=False)
+                budget_s = max(tool.timeout_s for _, _, tool in calls) + TOOL_JOIN_MARGIN_S
+                gevent.joinall(list(running.values()), timeout=budget_s)
+        finally:
+            for greenlet in running.values():
+                if not greenlet.ready():
+                    greenlet.kill(block=False)
+        outcomes: dict[int, ToolOutcome] = {}
+        for index, call, tool in calls:
+            greenlet = running[index]
+            outcome = greenlet.value if greenlet.successful() and greenlet.value is not None else ToolOutcome(
+                json.dumps({"error": f"The tool {tool.name} failed. Tell the caller it cannot be done now."}),
+                False, "error", True)
+            if not greenlet.ready():
+                log.error("tool_call_overran", tool=tool.name, timeout_s=tool.timeout_s)
+            elif not greenlet.successful():
+                log.error("tool_call_crashed", tool=tool.name, error=repr(greenlet.exception)[:200])
+            if not outcome.ok:
+                self.flow.counters.http_tool_failures += 1
+            outcomes[index] = outcome
+        return outcomes
 
 
 def _caller_spoke(event: EslEvent) -> bool:

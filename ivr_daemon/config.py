@@ -31,6 +31,7 @@ DEFAULT_GREETING = "Hello, thanks for calling. How can I help you?"
 DEFAULT_REPROMPT_PHRASE = "Are you still there? How can I help you?"
 DEFAULT_GOODBYE_PHRASE = "Thank you for calling. Goodbye."
 DEFAULT_TRANSFER_PHRASE = "Transferring you now."
+DEFAULT_TOOL_FILLER_PHRASE = "One moment, please."
 DEFAULT_GOODBYE_WORDS = "goodbye, bye, bye bye, that's all, that is all"
 DEFAULT_OPERATOR_WORDS = "operator, human, real person, a person, someone real"
 
@@ -72,6 +73,12 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "comma-separated words that, in a final transcript, transfer to the operator (for LLMs without tool calling)"),
     ("LLM_TOOLS", "llm_tools", "true",
      "offer the LLM the transfer_call and end_call tools (openai and ollama); false for models that cannot call tools"),
+    ("MAX_TOOL_CALLS", "max_tool_calls", "3",
+     "tool rounds (the LLM calls tools, hears the results) per turn; after that it is asked without tools"),
+    ("TOOL_FILLER_PHRASE", "tool_filler_phrase", DEFAULT_TOOL_FILLER_PHRASE,
+     "said when an agent's HTTP tool takes longer than TOOL_FILLER_AFTER_S"),
+    ("TOOL_FILLER_AFTER_S", "tool_filler_after_s", "1",
+     "seconds an HTTP tool may take before the caller hears TOOL_FILLER_PHRASE"),
     ("TTS_ENGINE", "tts_engine", "coqui", "coqui | piper | null (silence, for tests)"),
     ("COQUI_MODEL", "coqui_model", DEFAULT_COQUI_MODEL,
      "Coqui model name, downloaded on first use"),
@@ -139,6 +146,9 @@ class Settings:
     operator_destination: str
     operator_words: tuple[str, ...]
     llm_tools: bool
+    max_tool_calls: int
+    tool_filler_phrase: str
+    tool_filler_after_s: float
     tts_engine: str
     coqui_model: str
     coqui_model_path: str
@@ -392,6 +402,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         operator_destination=operator,
         operator_words=parse_goodbye_words(raw["operator_words"]),
         llm_tools=_bool("LLM_TOOLS", raw["llm_tools"]),
+        max_tool_calls=_int("MAX_TOOL_CALLS", raw["max_tool_calls"], 1, 10),
+        tool_filler_phrase=_phrase("TOOL_FILLER_PHRASE", raw["tool_filler_phrase"]),
+        tool_filler_after_s=_float("TOOL_FILLER_AFTER_S", raw["tool_filler_after_s"], 0, 60),
         tts_engine=tts_engine,
         coqui_model=raw["coqui_model"].strip(),
         coqui_model_path=model_path,

@@ -642,9 +642,11 @@ class ConversationHandler:
             self._playback_changed.set()
         return reply
 
-    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, log, reply: _Reply) -> None:
+    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, log, reply: _Reply,
+                 tools: tuple[ToolSpec, ...] | None = None) -> None:
         """Read the LLM, cut sentences, start each one's synthesis; None at the end. Tool calls
-        the LLM makes are kept in ``reply.tool_calls``."""
+        the LLM makes are kept in ``reply.tool_calls``. ``tools``: offered instead of ``_tools()``
+        (``()``: the LLM must answer in words)."""
         started_s = time.monotonic()
         splitter = SentenceSplitter()
         max_sentences = self.services.settings.max_reply_sentences
@@ -670,7 +672,7 @@ class ConversationHandler:
             return all(submit(sentence) for sentence in new_sentences)
 
         stream = None
-        tools = self._tools()
+        tools = self._tools() if tools is None else tools
         try:
             cut = False
             if self.services.settings.llm_stream:

@@ -261,7 +261,7 @@ def build_conversation_daemon(
         pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, engine)
         try:
             fallback_wav = prepare_fallback_wav(pinned, agent_settings)
-            for phrase in agent_phrases(agent_settings):
+            for phrase in agent_phrases(agent_settings, has_tools=bool(agent.tools)):
                 pinned.prepare(phrase)
         except TtsError as exc:
             raise TtsModelUnavailable(f"agent {name}{_where(agents)}: {exc}") from exc
@@ -290,10 +290,12 @@ def build_conversation_daemon(
     return daemon
 
 
-def agent_phrases(settings: Settings) -> list[str]:
-    """The phrases of an agent that must play at once: pinned at start-up."""
+def agent_phrases(settings: Settings, has_tools: bool = False) -> list[str]:
+    """The phrases of an agent that must play at once: pinned at start-up (the tool filler
+    only for an agent with HTTP tools)."""
+    filler = settings.tool_filler_phrase if has_tools else ""
     return [p for p in (settings.greeting, settings.reprompt_phrase, settings.goodbye_phrase,
-                        settings.transfer_phrase) if p]
+                        settings.transfer_phrase, filler) if p]
 
 
 def _voice_key(settings: Settings) -> tuple:
