@@ -408,7 +408,7 @@ class PhoneCall(ConversationHandler):
         ``tool_filler_after_s``. Killed with the turn (hangup), they are killed too."""
         if not calls:
             return {}
-        context = CallContext(self.call_uuid, self.agent_name if self.agent is not None else None,
+        context = CallContext(self.call_uuid, self.agent.name if self.agent is not None else None,
                               self.caller_number, dict(self.variables))
         self.flow.counters.http_tool_calls += len(calls)
         running = {index: gevent.spawn(run_tool, tool, call.arguments, context, log) for index, call, tool in calls}
