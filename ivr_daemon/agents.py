@@ -16,7 +16,8 @@ default agent. The file format, with every key, is in ``agents.example.toml``::
 
 Every agent key is the lower-case name of the environment variable it overrides and is
 validated exactly as that variable is; transfer destinations come only from this file, never
-from a caller or the LLM.
+from a caller or the LLM. An agent's ``[[agents.NAME.tools]]`` are its HTTP tools
+(:mod:`ivr_daemon.tools`), checked here too.
 """
 
 from __future__ import annotations
