@@ -287,3 +287,20 @@ def test_a_slow_tool_delays_only_its_own_call(tmp_path):
             wait_until(lambda: len(broadcasts(sim, slow_call)) == 2)
             wait_until(lambda: not daemon.router.calls[slow_call].handler.busy)
             assert history_of(daemon, slow_call)[-1]["content"] == "Your order is shipped and arrives Friday."
+
+
+def test_a_hangup_while_a_tool_works_ends_the_turn_and_asks_the_llm_nothing_more(tmp_path):
+    with ToolEndpoint(hold=True) as endpoint, FakeLlmServer("openai", replies=answer_from_tool) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim:
+        settings = start(tmp_path, sim, llm, agents_toml(endpoint.url))
+        with running_daemon(sim, settings) as daemon:
+            call = sim.new_call()
+            sim.speak(call, "where is my order 1234")
+            assert endpoint.arrived.wait(10)
+            handler = daemon.router.calls[call].handler
+            sim.hangup(call)
+            wait_until(lambda: call not in daemon.router.calls)
+            wait_until(lambda: handler._turn_greenlet is None or handler._turn_greenlet.dead)
+            endpoint.release.set()
+            assert len(llm.requests) == 1 and len(broadcasts(sim, call)) == 1
+            assert not daemon.router.busy_calls()
