@@ -46,7 +46,7 @@ from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import LlmClient, LlmError, Message, ToolCall, ToolSpec
 from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.metrics import DaemonMetrics
-from ivr_daemon.sentences import SentenceSplitter
+from ivr_daemon.sentences import FIRST_CLAUSE_MIN_WORDS, SentenceSplitter
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
@@ -646,13 +646,17 @@ class ConversationHandler:
         """Read the LLM, cut sentences, start each one's synthesis; None at the end. Tool calls
         the LLM makes are kept in ``reply.tool_calls``."""
         started_s = time.monotonic()
-        splitter = SentenceSplitter()
+        # FIRST_CHUNK=clause: the first chunk may be the first sentence's first clause, spoken
+        # while the rest of that sentence is synthesized. A clause and its rest are two chunks
+        # (two broadcasts) but one sentence for MAX_REPLY_SENTENCES.
+        splitter = SentenceSplitter(
+            first_clause_min_words=FIRST_CLAUSE_MIN_WORDS if self.services.settings.first_chunk == "clause" else 0)
         max_sentences = self.services.settings.max_reply_sentences
         submitted: list[str] = []
         parts: list[str] = []
 
         def submit(sentence: str) -> bool:
-            """Queue one sentence's synthesis; False once the reply has said enough."""
+            """Queue one chunk's synthesis; False once the reply has said enough sentences."""
             if not submitted:
                 reply.llm_ms = (time.monotonic() - started_s) * 1000
                 self.services.metrics.llm_first_sentence_seconds.observe(reply.llm_ms / 1000)
@@ -664,7 +668,7 @@ class ConversationHandler:
                 pending.rawlink(lambda done: self._pending_syntheses.pop(done, None))
             reply.queued += 1
             sentences.put((sentence, pending, False))
-            return len(submitted) < max_sentences
+            return len(submitted) - (1 if splitter.first_chunk_is_clause else 0) < max_sentences
 
         def submit_all(new_sentences: list[str]) -> bool:
             return all(submit(sentence) for sentence in new_sentences)
@@ -693,7 +697,9 @@ class ConversationHandler:
                 parts.append(whole)
                 kept, cut = at_most_sentences(whole, max_sentences)
                 if kept.strip():
-                    submit(kept)  # a batch reply is one broadcast
+                    # A batch reply is one broadcast, first clause or not: the LLM's whole wait
+                    # is already paid, and LLM_STREAM=false is the one-file-per-answer mode.
+                    submit(kept)
             if cut:
                 log.warning("reply_cut", max_reply_sentences=max_sentences)
             # The history holds what the caller is told, not what a runaway model went on to say.
