@@ -259,6 +259,8 @@ class _Reply:
     first_audio_s: float | None = None  # when it was sent
     tts_ms: float = 0.0  # synthesis of the first sentence
     tool_calls: list[ToolCall] = field(default_factory=list)  # what the LLM asked for besides words
+    # Syntheses waiting for the first clause's to land: killed with the turn (barge-in, hangup).
+    waiting_syntheses: list[gevent.Greenlet] = field(default_factory=list)
     # A turn's answer (not a phrase of the call flow): when the turn began. It is counted in
     # ivr_turns_total once it is over: sent and played, cut by the caller, or the call ended.
     turn_started_s: float | None = None
@@ -639,6 +641,7 @@ class ConversationHandler:
         finally:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
+            gevent.killall([g for g in reply.waiting_syntheses if not g.dead], block=False)
             self._playback_changed.set()
         return reply
 
@@ -654,6 +657,7 @@ class ConversationHandler:
         max_sentences = self.services.settings.max_reply_sentences
         submitted: list[str] = []
         parts: list[str] = []
+        first_clause: list[gevent.event.AsyncResult] = []  # the first chunk's synthesis, when a clause
 
         def submit(sentence: str) -> bool:
             """Queue one chunk's synthesis; False once the reply has said enough sentences."""
@@ -662,7 +666,9 @@ class ConversationHandler:
                 self.services.metrics.llm_first_sentence_seconds.observe(reply.llm_ms / 1000)
             submitted.append(sentence)
             path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
-            pending = self.services.spawn_synthesis(sentence, path)
+            pending = self._synthesis_after_first_clause(sentence, path, reply, first_clause)
+            if not submitted[1:] and splitter.first_chunk_is_clause:
+                first_clause.append(pending)
             if not pending.ready():
                 self._pending_syntheses[pending] = None if self.services.cache is not None else path
                 pending.rawlink(lambda done: self._pending_syntheses.pop(done, None))
@@ -718,6 +724,26 @@ class ConversationHandler:
                 stream.close()
             reply.llm_done = True
             sentences.put(None)
+
+    def _synthesis_after_first_clause(self, sentence: str, path: Path, reply: _Reply,
+                                      first_clause: list[gevent.event.AsyncResult]) -> gevent.event.AsyncResult:
+        """``sentence``'s synthesis; after a first clause, started once that clause's has landed.
+
+        The clause is cut to be heard sooner: the rest of its sentence synthesized beside it
+        would take a core (or a share of a loaded one) from it, and the rest is needed only
+        when the clause has played (seconds of audio later, for a few hundred ms of work).
+        """
+        first = first_clause[0] if first_clause else None
+        if first is None or first.ready():
+            return self.services.spawn_synthesis(sentence, path)
+        chained = gevent.event.AsyncResult()
+
+        def after_first() -> None:
+            first.wait()  # its outcome is the first chunk's business, not this one's
+            self.services.spawn_synthesis(sentence, path).rawlink(chained)  # lands as the real one lands
+
+        reply.waiting_syntheses.append(gevent.spawn(after_first))
+        return chained
 
     def _wait_synthesis(self, pending: gevent.event.AsyncResult, sentence: str, log, timeout_s: float | None) -> Path | None:
         try:

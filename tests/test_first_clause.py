@@ -4,9 +4,12 @@ Behaviour only (which broadcasts, in which order, what the history keeps); how m
 first audio comes is measured by ``bench/latency.py --only first-clause``.
 """
 
+from gevent.monkey import get_original
+
 from harness import TurnLog, broadcasts, running_daemon, settings_for, wait_heard, wait_until
 from llm_fakes import FakeLlmServer
 from ivr_daemon.replay.simulator import FreeswitchSimulator
+from ivr_daemon.tts.null import NullEngine
 
 REPLY = "We open at nine tomorrow, and we close at six tonight. Goodbye for now."
 CHUNKS = ["We open at nine tomorrow,", "and we close at six tonight.", "Goodbye for now."]
@@ -108,3 +111,42 @@ def test_barge_in_after_the_first_clause_played_keeps_that_clause_as_heard(tmp_p
             sim.speak(call, "hold on a second")
             wait_until(lambda: len(llm.requests) == 2)
             assert llm.requests[1]["messages"][2]["content"] == heard
+
+
+class GatedEngine(NullEngine):
+    """Records the reply's chunks it is asked to say (not the daemon's own phrases, pinned at
+    start-up); the first clause's synthesis waits for ``gate``."""
+
+    def __init__(self):
+        super().__init__()
+        self.texts = []
+        self.gate = get_original("threading", "Event")()  # waited on by a native worker thread
+
+    def synthesize(self, text):
+        if text in CHUNKS:
+            self.texts.append(text)
+        if text == CHUNKS[0]:
+            assert self.gate.wait(10)
+        return super().synthesize(text)
+
+
+def test_the_rest_is_synthesized_only_once_the_first_clause_is(tmp_path):
+    engine = GatedEngine()
+    with FakeLlmServer("ollama", replies=REPLY) as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, TTS_CACHE_MAX_MB="0")
+        turns = TurnLog()
+        with running_daemon(sim, settings, tts=engine, on_turn=turns) as daemon:
+            call = sim.new_call()
+            sim.speak(call, "when are you open")
+            def reply():
+                routed = daemon.router.calls.get(call)
+                return routed.handler._reply if routed is not None else None
+
+            wait_until(lambda: reply() is not None and reply().llm_done)
+            # The whole reply is written and queued (3 chunks): only the clause is being synthesized.
+            assert reply().queued == 3
+            assert engine.texts == [CHUNKS[0]] and broadcasts(sim, call) == []
+            engine.gate.set()
+            turns.wait(1, call)
+            assert engine.texts == CHUNKS
+            assert len(broadcasts(sim, call)) == 3
