@@ -4,7 +4,8 @@ Per call: a rolling history (system prompt + the last ``MAX_CONVERSATION_HISTORY
 messages). On ``DETECTED_SPEECH`` with ``Speech-Type: detected-speech`` and a non-empty body
 (plain text, or vosk JSON ``{"text": ...}`` when mod_vosk runs with ``return-json``), the
 history gets the user message and the LLM is asked. With ``LLM_STREAM`` on, its reply is cut
-into sentences as it streams; each sentence is synthesized off the gevent loop into an 8 kHz
+into sentences as it streams (the first may be cut after its first clause, ``FIRST_CHUNK``,
+to be heard sooner); each sentence is synthesized off the gevent loop into an 8 kHz
 WAV (through the phrase cache) and broadcast as soon as it and every sentence before it are
 ready. FreeSWITCH queues back-to-back ``uuid_broadcast``s and plays them in order (capture
 playback/S1), so sentence 1 plays while the LLM still writes sentence 3. An LLM failure before
@@ -126,7 +127,7 @@ class TurnResult:
     tts_ms: float  # synthesis of the first sentence
     total_ms: float
     first_audio_ms: float | None = None  # turn start to the first uuid_broadcast sent
-    sentences: int = 0
+    sentences: int = 0  # broadcasts: a first clause and the rest of its sentence are two
     interrupted: bool = False
 
 
@@ -259,8 +260,7 @@ class _Reply:
     first_audio_s: float | None = None  # when it was sent
     tts_ms: float = 0.0  # synthesis of the first sentence
     tool_calls: list[ToolCall] = field(default_factory=list)  # what the LLM asked for besides words
-    # Syntheses waiting for the first clause's to land: killed with the turn (barge-in, hangup).
-    waiting_syntheses: list[gevent.Greenlet] = field(default_factory=list)
+    waiting_syntheses: list[gevent.Greenlet] = field(default_factory=list)  # for the first clause's; die with the turn
     # A turn's answer (not a phrase of the call flow): when the turn began. It is counted in
     # ivr_turns_total once it is over: sent and played, cut by the caller, or the call ended.
     turn_started_s: float | None = None
@@ -649,11 +649,10 @@ class ConversationHandler:
         """Read the LLM, cut sentences, start each one's synthesis; None at the end. Tool calls
         the LLM makes are kept in ``reply.tool_calls``."""
         started_s = time.monotonic()
-        # FIRST_CHUNK=clause: the first chunk may be the first sentence's first clause, spoken
-        # while the rest of that sentence is synthesized. A clause and its rest are two chunks
-        # (two broadcasts) but one sentence for MAX_REPLY_SENTENCES.
-        splitter = SentenceSplitter(
-            first_clause_min_words=FIRST_CLAUSE_MIN_WORDS if self.services.settings.first_chunk == "clause" else 0)
+        # FIRST_CHUNK=clause: the first chunk may be a clause, heard while the rest of its sentence
+        # is synthesized: two broadcasts, one sentence for MAX_REPLY_SENTENCES.
+        clause = self.services.settings.first_chunk == "clause"
+        splitter = SentenceSplitter(first_clause_min_words=FIRST_CLAUSE_MIN_WORDS if clause else 0)
         max_sentences = self.services.settings.max_reply_sentences
         submitted: list[str] = []
         parts: list[str] = []
@@ -703,9 +702,7 @@ class ConversationHandler:
                 parts.append(whole)
                 kept, cut = at_most_sentences(whole, max_sentences)
                 if kept.strip():
-                    # A batch reply is one broadcast, first clause or not: the LLM's whole wait
-                    # is already paid, and LLM_STREAM=false is the one-file-per-answer mode.
-                    submit(kept)
+                    submit(kept)  # one broadcast, FIRST_CHUNK or not: the LLM's whole wait is paid
             if cut:
                 log.warning("reply_cut", max_reply_sentences=max_sentences)
             # The history holds what the caller is told, not what a runaway model went on to say.
@@ -727,12 +724,8 @@ class ConversationHandler:
 
     def _synthesis_after_first_clause(self, sentence: str, path: Path, reply: _Reply,
                                       first_clause: list[gevent.event.AsyncResult]) -> gevent.event.AsyncResult:
-        """``sentence``'s synthesis; after a first clause, started once that clause's has landed.
-
-        The clause is cut to be heard sooner: the rest of its sentence synthesized beside it
-        would take a core (or a share of a loaded one) from it, and the rest is needed only
-        when the clause has played (seconds of audio later, for a few hundred ms of work).
-        """
+        """``sentence``'s synthesis; after a first clause, started once the clause's has landed: beside
+        it, it would take a core from the clause, and it is needed only once the clause has played."""
         first = first_clause[0] if first_clause else None
         if first is None or first.ready():
             return self.services.spawn_synthesis(sentence, path)
@@ -740,7 +733,7 @@ class ConversationHandler:
 
         def after_first() -> None:
             first.wait()  # its outcome is the first chunk's business, not this one's
-            self.services.spawn_synthesis(sentence, path).rawlink(chained)  # lands as the real one lands
+            self.services.spawn_synthesis(sentence, path).rawlink(chained)  # lands when the real one does
 
         reply.waiting_syntheses.append(gevent.spawn(after_first))
         return chained
