@@ -142,11 +142,13 @@ def test_the_rest_is_synthesized_only_once_the_first_clause_is(tmp_path):
                 routed = daemon.router.calls.get(call)
                 return routed.handler._reply if routed is not None else None
 
-            wait_until(lambda: reply() is not None and reply().llm_done)
-            # The whole reply is written and queued (3 chunks): only the clause is being synthesized.
+            wait_until(lambda: reply() is not None and reply().llm_done and engine.texts)
+            # The whole reply is written and queued (3 chunks): only the clause is being synthesized,
+            # the other two wait for it to land (they are not in the pool at all).
             assert reply().queued == 3
+            assert [g.dead for g in reply().waiting_syntheses] == [False, False]
             assert engine.texts == [CHUNKS[0]] and broadcasts(sim, call) == []
             engine.gate.set()
+            wait_until(lambda: len(broadcasts(sim, call)) == 3)
             turns.wait(1, call)
             assert engine.texts == CHUNKS
-            assert len(broadcasts(sim, call)) == 3
