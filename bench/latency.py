@@ -21,6 +21,13 @@ Prints a table, and as its last line one JSON object:
                                     sentences (the daemon in its own process, the cache on)
   greeting_broadcast_p99_ms         CHANNEL_PARK of the IVR leg written -> the greeting's
                                     uuid_broadcast read, --calls calls arriving within --spread-s
+  first_clause_ms, piper_whole_sentence_ms, first_clause_over_piper_whole, first_sentence_ms
+                                    an instant LLM and Piper, a 12-word one-sentence reply with a
+                                    comma after 5 words (FIRST_CLAUSE_REPLY): DETECTED_SPEECH frame
+                                    written -> first uuid_broadcast read with FIRST_CHUNK=clause
+                                    (and =sentence, a second daemon), and Piper synthesizing the
+                                    whole sentence here, in the same run, turn by turn (medians of
+                                    --first-clause-runs; the goal is a ratio <= 0.5)
 
 Usage: .venv/bin/python bench/latency.py [--calls 200] [--only cached-phrase ...]
 """
@@ -61,9 +68,11 @@ REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four i
 # once beforehand; callers asking "busy <n>" get BUSY_SENTENCES sentences nobody asked before.
 CACHED_PHRASE = "Thank you for calling, how can I help you today?"
 BUSY_SENTENCES = 12
+# The first-clause measurement's reply: one sentence of 12 words, a comma after the 5th.
+FIRST_CLAUSE_REPLY = "We open at nine tomorrow, and we close at six in the evening."
 
 
-MEASUREMENTS = ("overhead", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting")
+MEASUREMENTS = ("overhead", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting", "first-clause")
 # The turn measurements time a call's first broadcast: no greeting before it, no re-prompts.
 NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
@@ -221,6 +230,48 @@ def bench_first_audio(args):
     return results[True], results[False]
 
 
+def bench_first_clause(args):
+    """Final transcript -> first broadcast of FIRST_CLAUSE_REPLY with FIRST_CHUNK=clause and
+    =sentence (two daemons as users run them, an instant LLM, Piper, no phrase cache: every turn
+    synthesizes), and Piper synthesizing the whole sentence in this process, one after the other
+    on an otherwise idle machine, round after round. Returns the samples of each, in ms."""
+    instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", FIRST_CLAUSE_REPLY,
+                   "--first-token-ms", "0", "--tokens-per-s", "1000000"]
+    piper = make_tts_engine(load_settings(environ={"TTS_ENGINE": "piper"}))
+    samples = {"clause": [], "sentence": [], "piper_whole": [], "clause_tts": []}
+    rigs = {}
+    try:
+        for mode in ("clause", "sentence"):
+            rigs[mode] = DaemonProcessRig(args, tts_engine="piper", llm_cmd=instant_llm,
+                                          extra_env={"FIRST_CHUNK": mode}, sim_options={"playback_speed": 0.0})
+        with tempfile.TemporaryDirectory(prefix="ivr-bench-piper-") as tmp:
+            wav = Path(tmp) / "whole.wav"
+
+            def one_round(record: bool) -> None:
+                for mode, rig in rigs.items():
+                    call = rig.sim.new_call()
+                    sequence = rig.sim.speak(call, "when are you open")
+                    first_ms = _first_broadcast_ms(rig.sim, call, sequence)
+                    turn = rig.wait_turn(call)
+                    rig.sim.hangup(call)
+                    if record:
+                        samples[mode].append(first_ms)
+                        if mode == "clause":
+                            samples["clause_tts"].append(turn["tts_ms"])
+                started_s = time.perf_counter()
+                piper.synthesize_to_wav(FIRST_CLAUSE_REPLY, wav)  # as the daemon does: 8 kHz WAV out
+                if record:
+                    samples["piper_whole"].append((time.perf_counter() - started_s) * 1000)
+
+            one_round(record=False)  # every onnxruntime session's first runs are slow: not measured
+            for _ in range(args.first_clause_runs):
+                one_round(record=True)
+        return samples
+    finally:
+        for rig in rigs.values():
+            rig.close()
+
+
 def bench_loop_lag(args, tts):
     rig = Rig(args, tts_engine="piper", tts=tts, sim_options={"playback_speed": 0.0}, env={"TTS_CACHE_MAX_MB": "0"})
     lags, stop = [], False
@@ -370,6 +421,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens-per-s", type=float, default=30.0)
     parser.add_argument("--first-audio-runs", type=int, default=5)
     parser.add_argument("--barge-in-runs", type=int, default=50)
+    parser.add_argument("--first-clause-runs", type=int, default=10)
     parser.add_argument("--cached-runs", type=int, default=100, help="cached-phrase samples")
     parser.add_argument("--busy-calls", type=int, default=8, help="calls synthesizing during the cached-phrase samples")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
@@ -421,6 +473,21 @@ def main(argv=None) -> int:
         print(f"greeting (CHANNEL_PARK -> uuid_broadcast) for {args.calls} calls arriving within {args.spread_s:g} s: "
               f"p50 {percentile(greet, 50):.2f} ms, p99 {percentile(greet, 99):.2f} ms")
         figures.update(greeting_broadcast_p99_ms=round(percentile(greet, 99), 2))
+
+    if "first-clause" in selected:
+        clause = bench_first_clause(args)
+        clause_ms, whole_ms = statistics.median(clause["clause"]), statistics.median(clause["piper_whole"])
+        sentence_ms = statistics.median(clause["sentence"])
+        ratios = [c / w for c, w in zip(clause["clause"], clause["piper_whole"])]
+        print(f"first clause (instant LLM, Piper, 12-word sentence): transcript -> first broadcast "
+              f"{clause_ms:.0f} ms with FIRST_CHUNK=clause, {sentence_ms:.0f} ms with =sentence; Piper on the whole "
+              f"sentence {whole_ms:.0f} ms; ratio {clause_ms / whole_ms:.2f} (goal <= 0.5; per round "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+        figures.update(first_clause_ms=round(clause_ms, 1), piper_whole_sentence_ms=round(whole_ms, 1),
+                       first_clause_over_piper_whole=round(clause_ms / whole_ms, 3),
+                       first_sentence_ms=round(sentence_ms, 1),
+                       first_clause_tts_ms=round(statistics.median(clause["clause_tts"]), 1),
+                       first_clause_ratio_max=round(max(ratios), 3))
 
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))

@@ -18,6 +18,7 @@ LLM_PROVIDERS = ("ollama", "openai", "llama3")
 TTS_ENGINES = ("coqui", "piper", "null")
 LOG_FORMATS = ("json", "console")
 BARGE_IN_MODES = ("off", "partial", "final")
+FIRST_CHUNK_MODES = ("clause", "sentence")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 DEFAULT_ESL_PASSWORD = "ClueCon"
@@ -93,6 +94,9 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "size cap of the phrase cache in TTS_OUTPUT_DIR/cache; 0 turns it off"),
     ("LLM_STREAM", "llm_stream", "true",
      "true: speak sentence 1 while the LLM writes the rest; false: wait for the whole reply"),
+    ("FIRST_CHUNK", "first_chunk", "clause",
+     "clause: a streamed reply's first broadcast may be its first clause (4+ words, cut at , ; : or a dash, "
+     "or after 12 words), for sooner first audio; sentence: whole sentences only"),
     ("BARGE_IN", "barge_in", "partial",
      "off | partial | final: which caller speech interrupts playback"),
     ("BARGE_IN_MIN_WORDS", "barge_in_min_words", "1",
@@ -166,6 +170,7 @@ class Settings:
     log_level: str
     log_format: str
     log_transcripts: bool
+    first_chunk: str = "clause"  # last, with a default: Settings built by hand before it existed stay valid
 
     @property
     def uses_default_esl_password(self) -> bool:
@@ -415,6 +420,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         tts_cache_max_mb=_int("TTS_CACHE_MAX_MB", raw["tts_cache_max_mb"], 0, 1_000_000),
         llm_stream=_bool("LLM_STREAM", raw["llm_stream"]),
         barge_in=_choice("BARGE_IN", raw["barge_in"], BARGE_IN_MODES),
+        first_chunk=_choice("FIRST_CHUNK", raw["first_chunk"], FIRST_CHUNK_MODES),
         barge_in_min_words=_int("BARGE_IN_MIN_WORDS", raw["barge_in_min_words"], 1, 50),
         daemon_shard=_shard("DAEMON_SHARD", raw["daemon_shard"]),
         http_host=http_host,

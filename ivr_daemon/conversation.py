@@ -4,7 +4,8 @@ Per call: a rolling history (system prompt + the last ``MAX_CONVERSATION_HISTORY
 messages). On ``DETECTED_SPEECH`` with ``Speech-Type: detected-speech`` and a non-empty body
 (plain text, or vosk JSON ``{"text": ...}`` when mod_vosk runs with ``return-json``), the
 history gets the user message and the LLM is asked. With ``LLM_STREAM`` on, its reply is cut
-into sentences as it streams; each sentence is synthesized off the gevent loop into an 8 kHz
+into sentences as it streams (the first may be cut after its first clause, ``FIRST_CHUNK``,
+to be heard sooner); each sentence is synthesized off the gevent loop into an 8 kHz
 WAV (through the phrase cache) and broadcast as soon as it and every sentence before it are
 ready. FreeSWITCH queues back-to-back ``uuid_broadcast``s and plays them in order (capture
 playback/S1), so sentence 1 plays while the LLM still writes sentence 3. An LLM failure before
@@ -46,7 +47,7 @@ from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import LlmClient, LlmError, Message, ToolCall, ToolSpec
 from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.metrics import DaemonMetrics
-from ivr_daemon.sentences import SentenceSplitter
+from ivr_daemon.sentences import FIRST_CLAUSE_MIN_WORDS, SentenceSplitter
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
@@ -126,7 +127,7 @@ class TurnResult:
     tts_ms: float  # synthesis of the first sentence
     total_ms: float
     first_audio_ms: float | None = None  # turn start to the first uuid_broadcast sent
-    sentences: int = 0
+    sentences: int = 0  # broadcasts: a first clause and the rest of its sentence are two
     interrupted: bool = False
 
 
@@ -259,6 +260,7 @@ class _Reply:
     first_audio_s: float | None = None  # when it was sent
     tts_ms: float = 0.0  # synthesis of the first sentence
     tool_calls: list[ToolCall] = field(default_factory=list)  # what the LLM asked for besides words
+    waiting_syntheses: list[gevent.Greenlet] = field(default_factory=list)  # for the first clause's; die with the turn
     # A turn's answer (not a phrase of the call flow): when the turn began. It is counted in
     # ivr_turns_total once it is over: sent and played, cut by the caller, or the call ended.
     turn_started_s: float | None = None
@@ -639,6 +641,7 @@ class ConversationHandler:
         finally:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
+            gevent.killall([g for g in reply.waiting_syntheses if not g.dead], block=False)
             self._playback_changed.set()
         return reply
 
@@ -648,25 +651,31 @@ class ConversationHandler:
         the LLM makes are kept in ``reply.tool_calls``. ``tools``: offered instead of ``_tools()``
         (``()``: the LLM must answer in words)."""
         started_s = time.monotonic()
-        splitter = SentenceSplitter()
+        # FIRST_CHUNK=clause: the first chunk may be a clause, heard while the rest of its sentence
+        # is synthesized: two broadcasts, one sentence for MAX_REPLY_SENTENCES.
+        clause = self.services.settings.first_chunk == "clause"
+        splitter = SentenceSplitter(first_clause_min_words=FIRST_CLAUSE_MIN_WORDS if clause else 0)
         max_sentences = self.services.settings.max_reply_sentences
         submitted: list[str] = []
         parts: list[str] = []
+        first_clause: list[gevent.event.AsyncResult] = []  # the first chunk's synthesis, when a clause
 
         def submit(sentence: str) -> bool:
-            """Queue one sentence's synthesis; False once the reply has said enough."""
+            """Queue one chunk's synthesis; False once the reply has said enough sentences."""
             if not submitted:
                 reply.llm_ms = (time.monotonic() - started_s) * 1000
                 self.services.metrics.llm_first_sentence_seconds.observe(reply.llm_ms / 1000)
             submitted.append(sentence)
             path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
-            pending = self.services.spawn_synthesis(sentence, path)
+            pending = self._synthesis_after_first_clause(sentence, path, reply, first_clause)
+            if not submitted[1:] and splitter.first_chunk_is_clause:
+                first_clause.append(pending)
             if not pending.ready():
                 self._pending_syntheses[pending] = None if self.services.cache is not None else path
                 pending.rawlink(lambda done: self._pending_syntheses.pop(done, None))
             reply.queued += 1
             sentences.put((sentence, pending, False))
-            return len(submitted) < max_sentences
+            return len(submitted) - (1 if splitter.first_chunk_is_clause else 0) < max_sentences
 
         def submit_all(new_sentences: list[str]) -> bool:
             return all(submit(sentence) for sentence in new_sentences)
@@ -695,7 +704,7 @@ class ConversationHandler:
                 parts.append(whole)
                 kept, cut = at_most_sentences(whole, max_sentences)
                 if kept.strip():
-                    submit(kept)  # a batch reply is one broadcast
+                    submit(kept)  # one broadcast, FIRST_CHUNK or not: the LLM's whole wait is paid
             if cut:
                 log.warning("reply_cut", max_reply_sentences=max_sentences)
             # The history holds what the caller is told, not what a runaway model went on to say.
@@ -714,6 +723,22 @@ class ConversationHandler:
                 stream.close()
             reply.llm_done = True
             sentences.put(None)
+
+    def _synthesis_after_first_clause(self, sentence: str, path: Path, reply: _Reply,
+                                      first_clause: list[gevent.event.AsyncResult]) -> gevent.event.AsyncResult:
+        """``sentence``'s synthesis; after a first clause, started once the clause's has landed: beside
+        it, it would take a core from the clause, and it is needed only once the clause has played."""
+        first = first_clause[0] if first_clause else None
+        if first is None or first.ready():
+            return self.services.spawn_synthesis(sentence, path)
+        chained = gevent.event.AsyncResult()
+
+        def after_first() -> None:
+            first.wait()  # its outcome is the first chunk's business, not this one's
+            self.services.spawn_synthesis(sentence, path).rawlink(chained)  # lands when the real one does
+
+        reply.waiting_syntheses.append(gevent.spawn(after_first))
+        return chained
 
     def _wait_synthesis(self, pending: gevent.event.AsyncResult, sentence: str, log, timeout_s: float | None) -> Path | None:
         try:

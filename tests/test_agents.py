@@ -92,3 +92,10 @@ def test_a_missing_agents_file_is_a_config_error(tmp_path):
 def test_operator_destination_must_be_plain_words():
     with pytest.raises(ConfigError, match="OPERATOR_DESTINATION"):
         load_settings(environ={"OPERATOR_DESTINATION": "1000 XML default\napi hupall"})
+
+
+def test_an_agent_may_speak_whole_sentences_only(tmp_path):
+    book = agents_from(tmp_path, '[agents.a]\n[agents.b]\nfirst_chunk = "sentence"\n')
+    assert book.agents["a"].settings.first_chunk == "clause" and book.agents["b"].settings.first_chunk == "sentence"
+    with pytest.raises(ConfigError, match=r"\[agents.c\]: first_chunk: must be one of clause \| sentence"):
+        agents_from(tmp_path, '[agents.c]\nfirst_chunk = "word"\n')

@@ -87,7 +87,12 @@ BEHAVIOUR_SETTINGS = (
     "LLM_STREAM", "BARGE_IN", "BARGE_IN_MIN_WORDS", "MAX_REPLY_SENTENCES", "MAX_CONVERSATION_HISTORY",
     "GREETING", "SILENCE_TIMEOUT_S", "MAX_REPROMPTS", "REPROMPT_PHRASE", "GOODBYE_PHRASE", "TRANSFER_PHRASE",
     "GOODBYE_WORDS", "OPERATOR_DESTINATION", "OPERATOR_WORDS", "LLM_TOOLS", "FALLBACK_PHRASE", "AGENTS_FILE",
+    "FIRST_CHUNK",
 )
+# Behaviour settings added after fixtures were recorded without them: a fixture that does not
+# name one replays with the behaviour it was recorded under, not today's default. (Recordings
+# note every behaviour setting, so newer fixtures always name them.)
+BEHAVIOUR_BEFORE_THE_SETTING = {"FIRST_CHUNK": "sentence"}
 # Settings that name a file: a fixture holds them relative to its own directory, so that the
 # library replays from any checkout.
 FILE_SETTINGS = ("AGENTS_FILE",)
@@ -268,8 +273,9 @@ class Fixture:
         return bytes(out)
 
     def settings_env(self) -> dict[str, str]:
-        """``env`` with its file settings made relative to the working directory (not to the fixture's)."""
-        env = dict(self.env)
+        """``env`` with its file settings made relative to the working directory (not to the fixture's),
+        and the behaviour of its time for settings it predates (:data:`BEHAVIOUR_BEFORE_THE_SETTING`)."""
+        env = {**BEHAVIOUR_BEFORE_THE_SETTING, **self.env}
         for name in FILE_SETTINGS:
             value = env.get(name, "").strip()
             if value and not os.path.isabs(value):
