@@ -24,10 +24,8 @@ reader as each event arrives and only flips state, kills the turn and spawns the
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,6 +42,9 @@ from ivr_daemon.esl import commands
 from ivr_daemon.esl.commands import EslCommand
 from ivr_daemon.esl.connection import CommandOutcomeUnknown, CommandReply, EslError, NotConnectedError
 from ivr_daemon.esl.protocol import EslEvent
+from ivr_daemon.history import (  # noqa: F401 (the turn's vocabulary, imported from here too)
+    BEGIN_SPEAKING, FINAL_SPEECH, PARTIAL_SPEECH, ConversationHistory, speech_text, transcript_of,
+)
 from ivr_daemon.llm.base import LlmClient, LlmError, Message, ToolCall, ToolSpec
 from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.metrics import DaemonMetrics
@@ -54,62 +55,11 @@ from ivr_daemon.tts.pinned import PinnedPhrases
 
 log = get_logger(__name__)
 
-FINAL_SPEECH = "detected-speech"
-PARTIAL_SPEECH = "detected-partial-speech"
-BEGIN_SPEAKING = "begin-speaking"  # other ASR modules send it; mod_vosk never does
 HANGUP_EVENT = "CHANNEL_HANGUP_COMPLETE"
 RECONNECT_WAIT_S = 30.0  # how long a ready answer waits for the switch to come back
 RETRY_PAUSE_S = 0.05
 FIRST_AUDIO_MARGIN_S = 0.5
 INTERRUPTED_MARK = "[interrupted by the caller]"
-
-
-class ConversationHistory:
-    """The system prompt plus the last ``max_messages`` user/assistant messages."""
-
-    def __init__(self, system_prompt: str, max_messages: int):
-        self.system_prompt = system_prompt
-        self._messages: deque[Message] = deque(maxlen=max_messages if max_messages > 0 else 0)
-
-    def add(self, role: str, content: str) -> Message:
-        message = {"role": role, "content": content}
-        self._messages.append(message)
-        return message
-
-    def messages(self) -> list[Message]:
-        return [{"role": "system", "content": self.system_prompt}, *(dict(m) for m in self._messages)]
-
-    def ask(self, user_text: str) -> list[Message]:
-        """Keep the caller's words; the messages for the LLM, which end with them even when no
-        history is kept at all (``MAX_CONVERSATION_HISTORY=0``)."""
-        self.add("user", user_text)
-        messages = self.messages()
-        if len(messages) == 1:
-            messages.append({"role": "user", "content": user_text})
-        return messages
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-
-def speech_text(event: EslEvent) -> str:
-    """The recognised words of a DETECTED_SPEECH body: plain text or vosk JSON."""
-    text = (event.body or "").strip()
-    if text.startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict):
-            text = str(parsed.get("text", parsed.get("partial", ""))).strip()
-    return text
-
-
-def transcript_of(event: EslEvent) -> str | None:
-    """The final recognised text of a DETECTED_SPEECH event, or None if it starts no turn."""
-    if event.name != "DETECTED_SPEECH" or event.get("Speech-Type") != FINAL_SPEECH:
-        return None
-    return speech_text(event) or None
 
 
 @dataclass(frozen=True)
