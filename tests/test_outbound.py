@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from harness import broadcasts, http_server, running_daemon, settings_for, wait_until
+from harness import broadcasts, http_server, running_daemon, settings_for, wait_heard, wait_until
 from llm_fakes import FakeLlmServer
 from ivr_daemon.esl import commands
 from ivr_daemon.esl.protocol import EslEvent
@@ -147,3 +147,114 @@ def test_job_waiters_match_by_job_uuid_keep_an_early_result_and_stay_bounded():
     assert job_result("+OK 7238f352-c251-4b17-9ee4-9b0b82980f46\n") == "7238f352-c251-4b17-9ee4-9b0b82980f46"
     with pytest.raises(OriginateFailed, match="-ERR USER_NOT_REGISTERED"):
         job_result("-ERR USER_NOT_REGISTERED\n")
+
+
+# -- end to end on the simulator --------------------------------------------------------------
+
+
+def _greeted_call(sim, llm, call_uuid):
+    """The call the originate made: up, greeted, then one caller turn so the LLM sees the prompt."""
+    wait_until(lambda: broadcasts(sim, call_uuid), timeout_s=15)
+    wait_heard(sim, call_uuid)  # played to the end: the caller's words are not a barge-in
+    sim.speak(call_uuid, "yes that is me")
+    wait_until(lambda: llm.requests, timeout_s=15)
+    return llm.requests[0]["messages"]
+
+
+def test_cli_call_originates_into_the_ivr_with_its_variables_and_the_call_is_greeted_with_them(tmp_path, agents_file):
+    with FakeLlmServer("ollama", replies="Great.") as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        sim.registered_users.add("1001")
+        with running_daemon(sim, flow_settings(sim, tmp_path, llm, agents_file)) as daemon:
+            result = run_cli(sim, tmp_path, agents_file, llm.url, "user/1001", "--agent", "sales",
+                             "--var", "customer_name=Ann Lee", "--var", "order_id=A-1042", "--caller-id", "5551234")
+            assert result.returncode == 0, result.stderr
+            call_uuid = result.stdout.strip()
+            (line,) = originates(sim)
+            assert line == (f"bgapi originate {{origination_uuid={call_uuid},ivr_agent=sales,customer_name='Ann Lee',"
+                            "order_id=A-1042,origination_caller_id_number=5551234}user/1001 ai XML ivr")
+            messages = _greeted_call(sim, llm, call_uuid)
+            assert messages[0] == {"role": "system", "content": "You are calling Ann Lee about order A-1042."}
+            assert messages[1] == {"role": "assistant", "content": "Hi Ann Lee, this is Acme about order A-1042."}
+            handler = daemon.router.calls[call_uuid].handler
+            assert handler.variables["customer_name"] == "Ann Lee" and handler.variables["order_id"] == "A-1042"
+            # Not pinned: the per-call greeting went through the phrase cache, not the pinned dir.
+            assert not daemon.flow.by_agent["sales"].pinned.existing("Hi {customer_name}, this is Acme about order {order_id}.")
+
+
+def test_cli_call_to_an_unregistered_user_exits_1_with_freeswitchs_error(tmp_path, agents_file):
+    with FakeLlmServer("ollama") as llm, FreeswitchSimulator() as sim:
+        result = run_cli(sim, tmp_path, agents_file, llm.url, "user/1002", "--agent", "reception")
+        assert result.returncode == 1
+        assert "-ERR USER_NOT_REGISTERED" in result.stderr and result.stdout == ""
+        assert len(originates(sim)) == 1 and not sim.calls()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--agent", "nobody"], "unknown agent 'nobody'"),
+    (["--agent", "sales", "--var", "customer_name=Ann"], "order_id"),  # a placeholder without a value
+    (["--agent", "sales", "--var", "customer_name=a,b=c", "--var", "order_id=1"], "customer_name"),
+    (["--agent", "sales", "--var", "customer_name=}bgapi originate user/666 &park()", "--var", "order_id=1"], "customer_name"),
+    (["--agent", "sales", "--var", "customer_name=Ann", "--var", "order_id=1\nbgapi x"], "order_id"),
+    (["--var", "nokey"], "KEY=VALUE"),
+    (["--var", "Bad-Key=1"], "Bad-Key"),
+    (["--caller-id", "555 1234"], "caller id"),
+])
+def test_cli_call_refuses_a_bad_request_with_exit_2_and_dials_nothing(tmp_path, agents_file, args, needle):
+    with FakeLlmServer("ollama") as llm, FreeswitchSimulator() as sim:
+        sim.registered_users.add("1001")
+        result = run_cli(sim, tmp_path, agents_file, llm.url, "user/1001", *args)
+        assert result.returncode == 2, result.stderr
+        assert needle in result.stderr
+        assert originates(sim) == [] and sim.originate_args == []
+
+
+def test_post_calls_places_the_call_through_the_daemon_and_greets_it(tmp_path, agents_file):
+    with FakeLlmServer("ollama", replies="Great.") as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        sim.registered_users.add("1001")
+        with running_daemon(sim, flow_settings(sim, tmp_path, llm, agents_file)) as daemon, \
+                http_server(daemon) as server:
+            response = requests.post(f"{server.url}/calls", timeout=10, json={
+                "destination": "user/1001", "agent": "sales",
+                "variables": {"customer_name": "Bob", "order_id": "77"}})
+            assert response.status_code == 201, response.text
+            call_uuid = response.json()["uuid"]
+            assert response.json()["agent"] == "sales"
+            messages = _greeted_call(sim, llm, call_uuid)
+            assert messages[0]["content"] == "You are calling Bob about order 77."
+            assert messages[1]["content"] == "Hi Bob, this is Acme about order 77."
+            # Only the daemon's own connection wrote it: one writer.
+            assert [c.connection_id for c in sim.commands if " originate " in c.line] == \
+                   [c.connection_id for c in sim.commands if c.line.startswith("event ")][:1]
+
+
+def test_post_calls_gives_502_with_freeswitchs_error_and_404_for_an_unknown_agent(tmp_path, agents_file):
+    with FakeLlmServer("ollama") as llm, FreeswitchSimulator() as sim:
+        with running_daemon(sim, flow_settings(sim, tmp_path, llm, agents_file)) as daemon, \
+                http_server(daemon) as server:
+            response = requests.post(f"{server.url}/calls", json={"destination": "user/1002"}, timeout=10)
+            assert response.status_code == 502
+            assert "-ERR USER_NOT_REGISTERED" in response.json()["description"]
+            response = requests.post(f"{server.url}/calls", json={"destination": "user/1002", "agent": "x"}, timeout=10)
+            assert response.status_code == 404 and "unknown agent" in response.json()["description"]
+            assert len(originates(sim)) == 1
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+def test_post_calls_refuses_every_injection_with_400_naming_the_key_and_dials_nothing(tmp_path, agents_file, value):
+    with FakeLlmServer("ollama") as llm, FreeswitchSimulator() as sim:
+        sim.registered_users.add("1001")
+        with running_daemon(sim, flow_settings(sim, tmp_path, llm, agents_file)) as daemon, \
+                http_server(daemon) as server:
+            response = requests.post(f"{server.url}/calls", timeout=10, json={
+                "destination": "user/1001", "agent": "sales", "variables": {"customer_name": value, "order_id": "1"}})
+            assert response.status_code == 400
+            assert "customer_name" in response.json()["description"]
+            bad = [{"destination": "user/1001", "agent": "sales", "variables": {"customer_name": "Ann"}},  # order_id missing
+                   {"destination": "user/1001", "variables": {"Bad": "1"}},
+                   {"destination": "user/1001 &park()"},
+                   {"destination": "user/1001", "variables": ["a"]},
+                   {"destination": "user/1001", "extra": 1},
+                   {}]
+            for body in bad:
+                assert requests.post(f"{server.url}/calls", json=body, timeout=10).status_code == 400, body
+            assert originates(sim) == [] and sim.originate_args == []
