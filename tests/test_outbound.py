@@ -258,3 +258,35 @@ def test_post_calls_refuses_every_injection_with_400_naming_the_key_and_dials_no
             for body in bad:
                 assert requests.post(f"{server.url}/calls", json=body, timeout=10).status_code == 400, body
             assert originates(sim) == [] and sim.originate_args == []
+
+
+def test_an_inbound_call_without_the_values_is_not_greeted_with_a_template_and_says_so(tmp_path, agents_file):
+    from structlog.testing import capture_logs
+
+    with FakeLlmServer("ollama", replies="Hello.") as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        with running_daemon(sim, flow_settings(sim, tmp_path, llm, agents_file)) as daemon, capture_logs() as logs:
+            call = sim.new_call(variables={"ivr_agent": "sales", "customer_name": "Cy"})
+            wait_until(lambda: any(e["event"] == "greeting_not_said_placeholders_unfilled" for e in logs))
+            sim.speak(call, "hello")
+            wait_until(lambda: llm.requests)
+            messages = llm.requests[0]["messages"]
+            # The prompt as written (never half-filled), no greeting in the history, nothing spoken before the turn.
+            assert messages[0]["content"] == "You are calling {customer_name} about order {order_id}."
+            assert messages[1:] == [{"role": "user", "content": "hello"}]
+            warned = [e for e in logs if e["event"] in ("greeting_not_said_placeholders_unfilled",
+                                                         "system_prompt_placeholders_unfilled")]
+            assert {e["event"] for e in warned} == {"greeting_not_said_placeholders_unfilled",
+                                                    "system_prompt_placeholders_unfilled"}
+            assert all(e["missing"] == ["order_id"] for e in warned)
+            assert daemon.router.calls[call].handler.variables["customer_name"] == "Cy"
+
+
+def test_variables_named_in_ivr_variables_reach_the_tools_context(tmp_path, agents_file):
+    with FakeLlmServer("ollama", replies="Hello.") as llm, FreeswitchSimulator(playback_speed=0.02) as sim:
+        with running_daemon(sim, flow_settings(sim, tmp_path, llm, agents_file)) as daemon:
+            call = sim.new_call(variables={"ivr_agent": "reception", "ivr_variables": "ticket:tier:Bad-Name",
+                                           "ticket": "T-9", "tier": "gold", "unrelated": "x"})
+            wait_until(lambda: call in daemon.router.calls and broadcasts(sim, call))
+            variables = daemon.router.calls[call].handler.variables
+            assert variables["ticket"] == "T-9" and variables["tier"] == "gold"
+            assert "unrelated" not in variables
