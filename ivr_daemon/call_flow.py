@@ -25,11 +25,19 @@
    ``tool_filler_after_s`` the pinned filler phrase plays; the results (or errors) go back to
    the LLM, whose answer the caller hears. At most ``max_tool_calls`` tool rounds per turn: the
    last request offers no tools, so the model must answer in words.
+8. **Dynamic variables** (an outbound call's ``--var``, :mod:`ivr_daemon.outbound`): channel
+   variables named in ``ivr_variables`` (``a:b``) or by a ``{name}`` placeholder of the agent's
+   system prompt or greeting, read from the events' ``variable_<name>``. They fill the
+   placeholders per call and go to HTTP tools as ``variables``. A placeholder with no value
+   (an inbound call without it): the system prompt stays as written and the greeting is not
+   said (a template is never spoken aloud); both logged. A greeting with placeholders is not
+   pinned: it is synthesized per call through the phrase cache.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -47,6 +55,7 @@ from ivr_daemon.esl import commands
 from ivr_daemon.esl.connection import EslError
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import Message, ToolCall, ToolSpec
+from ivr_daemon.outbound import BadCallRequest, fill, placeholders
 from ivr_daemon.tools import CallContext, HttpTool, ToolOutcome, run_tool
 
 HANGUP_CAUSE = "NORMAL_CLEARING"
@@ -54,8 +63,10 @@ HANGUP_CAUSE = "NORMAL_CLEARING"
 PHRASE_STOP_MARGIN_S = 3.0
 MAX_CALLER_NUMBER_CHARS = 64  # caller ID is the caller's to set: kept short
 MAX_VARIABLE_CHARS = 256
+MAX_DYNAMIC_VARIABLES = 32
+VARIABLE_NAME_RE = re.compile(r"^[a-z0-9_]{1,64}$")
 # What the call knows of itself, sent to HTTP tools as its variables (event header -> name).
-# Dialplan-set dynamic variables have no convention yet (the outbound-call work brings one).
+# Dynamic variables (point 8) join them.
 CALL_VARIABLES = {"Caller-Destination-Number": "destination_number", "Caller-Caller-ID-Name": "caller_name"}
 # A tool greenlet's own gevent.Timeout ends it by timeout_s; this margin only guards a bug.
 TOOL_JOIN_MARGIN_S = 2.0
@@ -107,7 +118,10 @@ class PhoneCall(ConversationHandler):
         self.flow = flow
         self.agent_name: str | None = None  # as the call named it (ivr_agent)
         self.caller_number: str | None = None  # Caller-Caller-ID-Number, for GET /calls
-        self.variables: dict[str, str] = {}  # CALL_VARIABLES, for the HTTP tools
+        self.variables: dict[str, str] = {}  # CALL_VARIABLES and the dynamic ones, for the HTTP tools
+        self.dynamic_variables: dict[str, str] = {}  # point 8: they fill the prompts' placeholders
+        self._prompt_filled = False
+        self._prompt_warned = False
         self.greeted = False
         self.ended = False  # goodbye said or transferred: no more turns, no silence timer
         self.transferred_to: str | None = None
@@ -143,6 +157,7 @@ class PhoneCall(ConversationHandler):
         for header, name in CALL_VARIABLES.items():
             if name not in self.variables and event.get(header):
                 self.variables[name] = event.get(header)[:MAX_VARIABLE_CHARS]
+        self._learn_dynamic_variables(event)
         if self.ended or self.hung_up:
             return
         if event.name == "CHANNEL_PARK" and event.get("variable_fire_asr_events") == "true":
@@ -187,19 +202,58 @@ class PhoneCall(ConversationHandler):
         self.log.info("call_agent", agent=name)
         if services is not self.services:
             self.services = services
+            self._prompt_filled = False  # the new agent's prompt, filled by the caller
             if len(self.history) == 0:
                 self.history = ConversationHistory(services.settings.system_prompt,
                                                    services.settings.max_conversation_history)
             else:  # learnt late (a call up before the daemon started): keep what was said
                 self.history.system_prompt = services.settings.system_prompt
 
+    def _learn_dynamic_variables(self, event: EslEvent) -> None:
+        settings = self.services.settings
+        names = set(_variable_names(event.get("variable_ivr_variables") or ""))
+        for text in (settings.system_prompt, settings.greeting):
+            names |= _placeholder_names(text or "")
+        learnt = False
+        for name in names:
+            value = event.get(f"variable_{name}")
+            if value is not None and name not in self.dynamic_variables:
+                self.dynamic_variables[name] = value[:MAX_VARIABLE_CHARS]
+                self.variables.setdefault(name, self.dynamic_variables[name])
+                learnt = True
+        if learnt or not self._prompt_filled:
+            self._fill_system_prompt()
+
+    def _fill_system_prompt(self) -> None:
+        raw = self.services.settings.system_prompt
+        filled, missing = fill(raw, self.dynamic_variables)
+        if not missing:
+            self._prompt_filled = True
+            if len(self.history) == 0 or self.history.system_prompt == raw:
+                self.history.system_prompt = filled
+        elif not self._prompt_warned and self.greeted:
+            self._prompt_warned = True
+            self.log.warning("system_prompt_placeholders_unfilled", missing=missing)
+
     def _on_ivr_leg_parked(self) -> None:
         if self.greeted:
             return
         self.greeted = True
+        self._fill_system_prompt()
+        if not self._prompt_filled:
+            self._prompt_warned = True
+            self.log.warning("system_prompt_placeholders_unfilled",
+                             missing=fill(self.services.settings.system_prompt, self.dynamic_variables)[1])
         greeting = self.services.settings.greeting
         if greeting and self.services.accepting_turns:
-            self._exclusively(self._say, greeting, self.log, "greeting")
+            filled, missing = fill(greeting, self.dynamic_variables)
+            if missing:
+                self.log.warning("greeting_not_said_placeholders_unfilled", missing=missing)
+            elif filled != greeting or _placeholder_names(greeting):
+                # Per call: not pinned (it differs per call), through the phrase cache.
+                self._exclusively(self._say, filled, self.log, "greeting", True, False)
+            else:
+                self._exclusively(self._say, greeting, self.log, "greeting")
         self._start_silence_watch()
 
     # -- silence --------------------------------------------------------------------------------
@@ -439,6 +493,17 @@ class PhoneCall(ConversationHandler):
                 self.flow.counters.http_tool_failures += 1
             outcomes[index] = outcome
         return outcomes
+
+
+def _variable_names(listed: str) -> list[str]:
+    return [n for n in listed.split(":") if VARIABLE_NAME_RE.match(n)][:MAX_DYNAMIC_VARIABLES]
+
+
+def _placeholder_names(text: str) -> set[str]:
+    try:
+        return placeholders(text)
+    except BadCallRequest:
+        return set()
 
 
 def _caller_spoke(event: EslEvent) -> bool:

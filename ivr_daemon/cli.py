@@ -203,6 +203,55 @@ def cmd_replay(args) -> int:
         return EXIT_CONFIG
 
 
+def cmd_call(args) -> int:
+    """Place one outbound call on its own ESL connection: 0 with the call's UUID on stdout,
+    1 when FreeSWITCH refused or failed it (its error on stderr), 2 for a bad request."""
+    from ivr_daemon.esl.connection import AuthenticationFailed, EslClient
+    from ivr_daemon.logs import configure_logging
+    from ivr_daemon.outbound import CallRequest, JobWaiters, OutboundError, prepare, place_call
+
+    settings = _settings_or_exit(args)
+    configure_logging(settings.log_level, settings.log_format)
+    agents = _agents_or_exit(settings)
+    variables = {}
+    for item in args.var:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"ivr-daemon: --var {item[:64]!r}: expected KEY=VALUE", file=sys.stderr)
+            return EXIT_CONFIG
+        variables[key] = value
+    request = CallRequest(args.destination, args.agent, variables, args.caller_id)
+    try:
+        prepare(request, agents)  # every check before connecting: nothing is dialled on a bad request
+    except OutboundError as exc:
+        print(f"ivr-daemon: call not placed: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    jobs = JobWaiters()
+    client = EslClient(settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
+                       ("BACKGROUND_JOB",), jobs.on_event, backoff_max_s=1.0)
+    runner = gevent.spawn(client.run)
+    try:
+        connected = gevent.spawn(client.wait_connected, args.connect_timeout)
+        gevent.joinall([connected, runner], count=1, timeout=args.connect_timeout)
+        if runner.dead and isinstance(runner.exception, AuthenticationFailed):
+            print(f"ivr-daemon: call not placed: {runner.exception}", file=sys.stderr)
+            return EXIT_AUTH
+        if not client.connected:
+            print(f"ivr-daemon: call not placed: cannot reach FreeSWITCH at {settings.freeswitch_host}:"
+                  f"{settings.freeswitch_port} within {args.connect_timeout:g} s", file=sys.stderr)
+            return 1
+        try:
+            call_uuid = place_call(request, agents, client.send, jobs, timeout_s=args.timeout)
+        except OutboundError as exc:
+            print(f"ivr-daemon: call not placed: {exc.message}", file=sys.stderr)
+            return exc.exit_code
+        print(call_uuid)
+        return EXIT_OK
+    finally:
+        client.stop()
+        runner.kill(block=True, timeout=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivr-daemon", description="A conversational IVR beside FreeSWITCH.")
     parser.add_argument("--env-file", default=".env", help="optional .env file (default: ./.env)")
@@ -230,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--junit-xml", default=None, metavar="PATH", help="write a JUnit XML report")
     replay.add_argument("--json", default=None, metavar="PATH", help="write the results, with every command sent, as JSON")
     replay.set_defaults(func=cmd_replay)
+
+    call = sub.add_parser("call", help="place an outbound call into the IVR: prints its UUID")
+    call.add_argument("destination", help="a FreeSWITCH dial string: user/1001, sofia/gateway/carrier/15551230000")
+    call.add_argument("--agent", default=None, help="the agent that talks (default: the agents file's default)")
+    call.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                      help="a dynamic variable for the agent's {placeholders} and tools (repeatable)")
+    call.add_argument("--caller-id", default=None, metavar="NUMBER", help="origination_caller_id_number")
+    call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
+    call.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach FreeSWITCH (default 10)")
+    call.set_defaults(func=cmd_call)
 
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")
     demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")

@@ -27,6 +27,7 @@ from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger
 from ivr_daemon.metrics import DaemonMetrics
+from ivr_daemon.outbound import BadCallRequest, JobWaiters, placeholders
 from ivr_daemon.storage import prepare_output_dir
 from ivr_daemon.tts import make_tts_engine
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
@@ -99,6 +100,8 @@ class Daemon:
         self.flow: CallFlowServices | None = None  # every agent's
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
+        self.jobs = JobWaiters()  # BACKGROUND_JOB results by Job-UUID (outbound calls)
+        self.agents: AgentBook | None = None  # set by build_conversation_daemon (POST /calls)
 
     def _route(self, event: EslEvent) -> None:
         self.router.route(event)
@@ -216,6 +219,8 @@ class Daemon:
         return [self.services] if self.services is not None else []
 
     def _on_callless_event(self, event: EslEvent) -> None:
+        if self.jobs.on_event(event):
+            return  # a bgapi's result (POST /calls): handed to whoever waits on it
         log.debug("esl_event", event_name=event.name, event_sequence=event.sequence)
 
 
@@ -286,6 +291,7 @@ def build_conversation_daemon(
              shard="/".join(map(str, settings.daemon_shard)))
     daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)
     daemon.flow = made[0]
+    daemon.agents = agents
     daemon.services = made[0].by_agent[agents.default_name]
     return daemon
 
@@ -294,8 +300,17 @@ def agent_phrases(settings: Settings, has_tools: bool = False) -> list[str]:
     """The phrases of an agent that must play at once: pinned at start-up (the tool filler
     only for an agent with HTTP tools)."""
     filler = settings.tool_filler_phrase if has_tools else ""
-    return [p for p in (settings.greeting, settings.reprompt_phrase, settings.goodbye_phrase,
+    # A greeting with {placeholders} differs per call: synthesized per call (call_flow point 8).
+    greeting = settings.greeting if settings.greeting and not _has_placeholders(settings.greeting) else ""
+    return [p for p in (greeting, settings.reprompt_phrase, settings.goodbye_phrase,
                         settings.transfer_phrase, filler) if p]
+
+
+def _has_placeholders(text: str) -> bool:
+    try:
+        return bool(placeholders(text))
+    except BadCallRequest:
+        return True  # not a plain text either: never pinned as if it were
 
 
 def _voice_key(settings: Settings) -> tuple:

@@ -12,6 +12,7 @@ Routes (each in its own module):
 ``GET /health``                          JSON; 200 while the ESL connection is up, else 503
 ``GET /metrics``                         Prometheus exposition (prometheus_client)
 ``GET /calls``, ``GET /calls/{uuid}``    the live phone calls; one call's history
+``POST /calls``                          place an outbound call into the IVR extension
 =======================================  ==============================================
 """
 
