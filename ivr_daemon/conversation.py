@@ -284,7 +284,17 @@ class ConversationHandler:
         return reply is not None and not reply.interrupted and (
             reply.playing or (self.busy and bool(reply.spoken) and reply.more_to_come))
 
-    # -- CallHandler: interrupt runs in the reader, at once, and never blocks ------------------
+    # -- CallHandler: absorb and interrupt run in the reader, at once, and never block ---------
+
+    def absorb(self, event: EslEvent) -> bool:
+        """A partial transcript that cannot barge in (nothing of ours plays, or BARGE_IN is not
+        ``partial``) is of no use to a turn: the reader drops it here. Only a final transcript
+        starts one, and a repeat of a partial changes nothing, so it needs no dedup either."""
+        if event.headers.get("Speech-Type") != PARTIAL_SPEECH or event.name != "DETECTED_SPEECH":
+            return False
+        reply = self._reply
+        return (self.services.settings.barge_in != "partial" or self.hung_up or reply is None
+                or not reply.barge_in or not self.playing)
 
     def interrupt(self, event: EslEvent) -> None:
         if event.name == HANGUP_EVENT:
