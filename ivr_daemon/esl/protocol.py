@@ -52,15 +52,24 @@ class MalformedEvent(ValueError):
 class Frame:
     """One framed message: outer headers (not URL-encoded) and exactly Content-Length bytes.
 
-    A plain class with slots, not a frozen dataclass: one is made per frame on the reader.
+    A plain class with slots, not a frozen dataclass: one is made per frame on the reader. A
+    frame cut by :class:`FrameParser` holds its bytes once (``raw``); ``body`` is sliced from
+    them when first read (:func:`parse_event` reads a plain event in place).
     """
 
-    __slots__ = ("headers", "body", "raw")
+    __slots__ = ("headers", "raw", "_body", "_body_at")
 
-    def __init__(self, headers: Mapping[str, str], body: bytes, raw: bytes):
+    def __init__(self, headers: Mapping[str, str], body: bytes | None, raw: bytes, body_at: int = -1):
         self.headers = headers
-        self.body = body
         self.raw = raw
+        self._body = body  # None: raw[body_at:], not sliced yet
+        self._body_at = body_at
+
+    @property
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = self.raw[self._body_at :]
+        return self._body
 
     @property
     def content_type(self) -> str:
@@ -177,7 +186,7 @@ class FrameParser:
                         return pos  # body not complete yet
                     raw = bytes(view[pos:stop])
                     items.append(Frame({"Content-Length": match[1].decode("ascii"),
-                                        "Content-Type": match[2].decode("ascii")}, raw[end + 2 - pos :], raw))
+                                        "Content-Type": match[2].decode("ascii")}, None, raw, end + 2 - pos))
                     pos = stop
                     continue
             item, pos = self._take_frame(view, pos, end)
@@ -308,7 +317,10 @@ def parse_event(frame: Frame, received_s: float = 0.0) -> EslEvent:
     """Decode a ``text/event-plain``, ``-json`` or ``-xml`` frame; raises :class:`MalformedEvent`."""
     content_type = frame.headers.get("Content-Type", "")
     if content_type == "text/event-plain":
-        headers, body, wire_format = _parse_plain_event(frame.body)
+        if frame._body is None:  # read in place: no copy of the body
+            headers, body, wire_format = _parse_plain_event(frame.raw, frame._body_at)
+        else:
+            headers, body, wire_format = _parse_plain_event(frame._body, 0)
     elif content_type == "text/event-json":
         headers, body, wire_format = _parse_json_event(frame.body)
     elif content_type == "text/event-xml":
@@ -357,10 +369,9 @@ def _inner_body(length_text: str, data: bytes, start: int) -> tuple[str, int]:
 _NOT_STRUCTURAL = bytes(b for b in range(0x21, 0x7F) if b != 0x3A)
 _SKELETON = b": \n" * 4096
 
-# Read off every event by the reader, the dedup and the router: decoded at once, each with one
+# Event-Name, Core-UUID, Event-Sequence, Speech-Type and Unique-ID are read off every event by
+# the reader, the dedup and the router: _parse_plain_event decodes them at once, each with one
 # search of the block. The other ~55 headers are decoded if and when something reads them.
-_ROUTED_HEADERS = tuple(("\n" + key + ": ", key)
-                        for key in ("Event-Name", "Core-UUID", "Event-Sequence", "Speech-Type", "Unique-ID"))
 _CONTENT_LENGTH_LINE = "\nContent-Length: "
 _EMPTY_NAME = re.compile(rb"\n:")  # a literal: re finds it faster than bytes.find does
 
@@ -393,29 +404,20 @@ def _line_value(text: str, needle: str) -> str | None:
     return unquote(value, errors="replace") if "%" in value else value
 
 
-def _header_end(data: bytes) -> tuple[int, int]:
-    """Where the first blank line of a plain event starts (-1: none), and where the value of its
-    ``Content-Length`` line starts when that line is the one right before it (else -1).
-
-    FreeSWITCH writes ``Content-Length`` last, right before the blank line: found with a long
-    needle, that line's end is a guess that costs little, and :func:`_freeswitch_shaped` (no
-    blank line in the block before it) tells whether it is the first blank line. A wrong guess
-    only costs the careful path, which searches for it the plain way.
-    """
-    line = data.find(b"\nContent-Length: ")
-    if line >= 0:
-        end = data.find(b"\n", line + 17)
-        if end >= 0 and data[end + 1 : end + 2] == b"\n":
-            return end, line + 17
-    return data.find(b"\n\n"), -1
-
-
-def _parse_plain_event(data: bytes) -> tuple[Mapping[str, str], str | None, str]:
-    end, length_at = _header_end(data)
-    block = data + b"\n" if end < 0 else data[: end + 1]
+def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], str | None, str]:
+    """The plain event that is ``data[start:]``."""
+    # Where the header block ends. FreeSWITCH writes Content-Length last, right before the blank
+    # line: found with a long needle, that line's end is a guess that costs little (a search for
+    # "\n\n" costs a byte-by-byte scan), and _freeswitch_shaped, no blank line in the block,
+    # tells whether it is the first blank line. A wrong guess only costs the careful path.
+    length_at = data.find(b"\nContent-Length: ", start) + 17
+    end = data.find(b"\n", length_at) if length_at > 16 else -1
+    if end < 0 or data[end + 1 : end + 2] != b"\n":
+        end, length_at = data.find(b"\n\n", start), -1
+    block = data[start:] + b"\n" if end < 0 else data[start : end + 1]
     if not _freeswitch_shaped(block):
         # Not the shape FreeSWITCH writes (hostile or hand-made): decode all of it, the careful way.
-        pairs, body = split_plain_event(data)
+        pairs, body = split_plain_event(data[start:] if start else data)
         headers: dict[str, str] = {}
         for key, value in pairs:
             headers.setdefault(key, value)
@@ -423,9 +425,11 @@ def _parse_plain_event(data: bytes) -> tuple[Mapping[str, str], str | None, str]
             headers["Content-Length"] = str(len(body.encode("utf-8")))
         return headers, body, "plain"
     text = "\n" + block.decode("ascii")  # every line, the first too, is "\nName: value\n"
-    seen = {key: _line_value(text, needle) for needle, key in _ROUTED_HEADERS}
-    if length_at >= 0 and not data.startswith(b"Content-Length: "):
-        # The first Content-Length line is the one _header_end found: no second search.
+    seen = {"Event-Name": _line_value(text, "\nEvent-Name: "), "Core-UUID": _line_value(text, "\nCore-UUID: "),
+            "Event-Sequence": _line_value(text, "\nEvent-Sequence: "),
+            "Speech-Type": _line_value(text, "\nSpeech-Type: "), "Unique-ID": _line_value(text, "\nUnique-ID: ")}
+    if length_at >= 0 and not data.startswith(b"Content-Length: ", start):
+        # The first Content-Length line is the one found above: no second search.
         length_text = data[length_at:end].decode("ascii")
         if "%" in length_text:
             length_text = unquote(length_text, errors="replace")
