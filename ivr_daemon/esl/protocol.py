@@ -222,7 +222,7 @@ class FrameParser:
         raw = bytes(view[pos:stop])
         if "Content-Type" not in headers:
             return MalformedFrame("no Content-Type header", raw[:_PREVIEW_BYTES], raw), stop
-        return Frame(headers, raw[body_start - pos :], raw), stop
+        return Frame(headers, None, raw, body_start - pos), stop
 
 
 # The outer block of nearly every frame on an event connection (not URL-encoded; capture 80_*).
@@ -365,9 +365,9 @@ def _inner_body(length_text: str, data: bytes, start: int) -> tuple[str, int]:
 
 # The header block of a plain event as FreeSWITCH writes it: ``Name: value`` lines, the values
 # URL-encoded, so neither names nor values hold a space, a colon, a control byte or a non-ASCII
-# byte. Deleting every other byte leaves ": \n" per line.
+# byte. With the newline before it, deleting every other byte leaves "\n" then ": \n" per line.
 _NOT_STRUCTURAL = bytes(b for b in range(0x21, 0x7F) if b != 0x3A)
-_SKELETON = b": \n" * 4096
+_SKELETON = b"\n" + b": \n" * 4096
 
 # Event-Name, Core-UUID, Event-Sequence, Speech-Type and Unique-ID are read off every event by
 # the reader, the dedup and the router: _parse_plain_event decodes them at once, each with one
@@ -377,7 +377,7 @@ _EMPTY_NAME = re.compile(rb"\n:")  # a literal: re finds it faster than bytes.fi
 
 
 def _freeswitch_shaped(block: bytes) -> bool:
-    """True when ``block`` (a header block and the newline after it) is ``Name: value`` lines that
+    """True when ``block`` ("\n", a header block, "\n") is ``Name: value`` lines that
     :func:`parse_header_pairs` reads with no surprise: each line one ``": "`` after a non-empty
     name, nothing but printable ASCII.
 
@@ -385,11 +385,11 @@ def _freeswitch_shaped(block: bytes) -> bool:
     blank lines, over 4096 lines) is valid or not exactly as before: it is decoded the careful way.
     """
     skeleton = block.translate(None, _NOT_STRUCTURAL)
-    return (len(skeleton) % 3 == 0 and skeleton == _SKELETON[: len(skeleton)] and len(skeleton) > 0
+    return (len(skeleton) % 3 == 1 and len(skeleton) > 1 and skeleton == _SKELETON[: len(skeleton)]
             # One ":" and one " " per line, in that order: they are adjacent in every line only
             # if there are as many ": " as lines.
             and block.count(b": ") == len(skeleton) // 3
-            and not block.startswith(b":") and _EMPTY_NAME.search(block) is None)
+            and _EMPTY_NAME.search(block) is None)
 
 
 def _line_value(text: str, needle: str) -> str | None:
@@ -414,7 +414,12 @@ def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], 
     end = data.find(b"\n", length_at) if length_at > 16 else -1
     if end < 0 or data[end + 1 : end + 2] != b"\n":
         end, length_at = data.find(b"\n\n", start), -1
-    block = data[start:] + b"\n" if end < 0 else data[start : end + 1]
+    if end < 0:
+        block = b"\n" + data[start:] + b"\n"
+    elif start and data[start - 1] == 0x0A:  # in a frame: the outer header block's blank line
+        block = data[start - 1 : end + 1]
+    else:
+        block = b"\n" + data[start : end + 1]
     if not _freeswitch_shaped(block):
         # Not the shape FreeSWITCH writes (hostile or hand-made): decode all of it, the careful way.
         pairs, body = split_plain_event(data[start:] if start else data)
@@ -424,7 +429,7 @@ def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], 
         if body is not None:
             headers["Content-Length"] = str(len(body.encode("utf-8")))
         return headers, body, "plain"
-    text = "\n" + block.decode("ascii")  # every line, the first too, is "\nName: value\n"
+    text = block.decode("ascii")  # every line, the first too, is "\nName: value\n"
     seen = {"Event-Name": _line_value(text, "\nEvent-Name: "), "Core-UUID": _line_value(text, "\nCore-UUID: "),
             "Event-Sequence": _line_value(text, "\nEvent-Sequence: "),
             "Speech-Type": _line_value(text, "\nSpeech-Type: "), "Unique-ID": _line_value(text, "\nUnique-ID: ")}
