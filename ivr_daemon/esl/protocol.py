@@ -142,6 +142,8 @@ class FrameParser:
         buf = self._buf
         size = len(buf)
         pos = 0
+        fullmatch = _EVENT_FRAME_HEAD.fullmatch
+        max_body_bytes = self._max_body_bytes
         while True:
             if self._skip_bytes:
                 dropped = min(self._skip_bytes, size - pos)
@@ -175,18 +177,18 @@ class FrameParser:
                                             bytes(view[pos : end + 2])))
                 pos = end + 2
                 continue
-            match = _EVENT_FRAME_HEAD.fullmatch(buf, pos, end)
-            if match is not None and len(match[1]) <= 9:
+            match = fullmatch(buf, pos, end)
+            if match is not None:
                 # An event frame, the flood on an event connection: what _take_frame does for
                 # it, without taking the header block apart line by line.
-                length = int(match[1])
-                if length <= self._max_body_bytes:
-                    stop = end + 2 + length
+                digits, content_type = match.groups()
+                if len(digits) <= 9 and int(digits) <= max_body_bytes:
+                    stop = end + 2 + int(digits)
                     if stop > size:
                         return pos  # body not complete yet
-                    raw = bytes(view[pos:stop])
-                    items.append(Frame({"Content-Length": match[1].decode("ascii"),
-                                        "Content-Type": match[2].decode("ascii")}, None, raw, end + 2 - pos))
+                    items.append(Frame({"Content-Length": digits.decode("ascii"),
+                                        "Content-Type": _EVENT_CONTENT_TYPES[content_type]},
+                                       None, bytes(view[pos:stop]), end + 2 - pos))
                     pos = stop
                     continue
             item, pos = self._take_frame(view, pos, end)
@@ -227,6 +229,7 @@ class FrameParser:
 
 # The outer block of nearly every frame on an event connection (not URL-encoded; capture 80_*).
 _EVENT_FRAME_HEAD = re.compile(rb"Content-Length: ([0-9]+)\nContent-Type: (text/event-(?:plain|json|xml))")
+_EVENT_CONTENT_TYPES = {kind.encode(): kind for kind in ("text/event-plain", "text/event-json", "text/event-xml")}
 
 
 
