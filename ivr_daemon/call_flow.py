@@ -111,9 +111,9 @@ class PhoneCall(ConversationHandler):
     def absorb(self, event: EslEvent) -> bool:
         if not super().absorb(event):
             return False
-        if self.agent_name is None and "variable_ivr_agent" in event.headers:
+        if self.agent_name is None and event.headers.get("variable_ivr_agent") is not None:
             return False  # it names the agent (DETECTED_SPEECH never does): learn it in handle()
-        if _caller_spoke(event):
+        if speech_text(event):  # a non-empty partial: the caller spoke (_caller_spoke)
             self._caller_active()  # the silence clock starts again; nothing else to do with it
         return True
 
