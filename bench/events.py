@@ -19,7 +19,8 @@ text), each sent twice as FreeSWITCH does while the leg is parked (capture 80_pl
                                 instant LLM in another process) with --calls live calls on the
                                 simulator: --events partials written as fast as the socket takes
                                 them, then one final transcript; events / (first partial written
-                                -> that transcript's uuid_broadcast read)
+                                -> that transcript's uuid_broadcast read); daemon_cpu_events_per_s:
+                                per second of the daemon process's CPU time meanwhile
 
 --baseline PATH (a checkout of this project, e.g. main before a change) measures its parser and its
 daemon the same way, interleaved with ours round by round: before/after figures from one run.
@@ -45,6 +46,8 @@ import time  # noqa: E402
 import uuid as uuid_lib  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
+
+import psutil  # noqa: E402
 
 from latency import ROOT, DaemonProcessRig  # noqa: E402  (it puts tests/ on sys.path)
 
@@ -219,45 +222,61 @@ def _greenswitch_events(stream: bytes) -> list:
 # -- the whole daemon -----------------------------------------------------------------------------
 
 
-def bench_daemon_once(args, checkout: Path | None) -> float:
+def bench_daemon_once(args, checkout: Path | None) -> tuple[float, float]:
     """events/s of one daemon (ours, or ``checkout``'s) from the first partial written to the
-    final transcript's uuid_broadcast read."""
+    final transcript's uuid_broadcast read; and per second of the daemon process's CPU time."""
     instant_llm = SimpleNamespace(first_token_ms=0.0, tokens_per_s=1e6)
-    extra_env = {"GREETING": "Hello.", "SILENCE_TIMEOUT_S": "8", "LOG_LEVEL": "INFO"}
+    # The call flow as deployed (greeting, silence clock, INFO logs), but a silence timeout
+    # longer than the set-up of 500 calls takes: a re-prompt playing when the partials come
+    # would turn them into barge-ins, another path than the one measured.
+    extra_env = {"GREETING": "Hello.", "SILENCE_TIMEOUT_S": "600", "LOG_LEVEL": "INFO"}
     rig = DaemonProcessRig(instant_llm, extra_env=extra_env, checkout=checkout or ROOT,
                            sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0,
                                         "first_event_sequence": SIM_FIRST_SEQUENCE, "history_limit": 20_000})
     try:
         sim = rig.sim
         calls = [sim.new_call() for _ in range(args.calls)]
-        # Every call greeted (the greeting played: nothing plays now) and its silence clock running.
+        # Every call greeted, the greeting played to its end (nothing plays now: every partial can
+        # be dropped early) and its silence clock running.
         for call in calls:
-            sim.wait_for_command(lambda c, call=call: c.line.startswith(f"api uuid_broadcast {call} "), 120,
-                                 consume=False)
-        sim.wait_for_event(lambda e: e.name == "PLAYBACK_STOP" and e.unique_id == calls[-1], 30)
+            sim.wait_for_event(lambda e, call=call: e.name == "PLAYBACK_STOP" and e.unique_id == call, 120,
+                               consume=False)
         stream = partial_stream(calls, args.events, core_uuid=sim.core_uuid)
         asker = calls[len(calls) // 2]
+        daemon = psutil.Process(rig.daemon.pid)
+        cpu_before = daemon.cpu_times()
         started = time.monotonic()
         sim.inject_raw(stream)  # one write, taken as fast as the daemon reads
         sim.speak(asker, "when do you open on saturday")
         answered = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {asker} ")
                                         and f"/{asker}-" in c.line, 300, consume=False)
-        return (args.events + 1) / (answered.t_monotonic - started)
+        cpu_after = daemon.cpu_times()
+        cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+        # Nothing played during the flood: a uuid_break would mean partials took another path.
+        breaks = [c.line for c in sim.commands if c.line.startswith("api uuid_break")]
+        assert not breaks, f"{len(breaks)} partials barged in ({checkout})"
+        return (args.events + 1) / (answered.t_monotonic - started), (args.events + 1) / cpu_s
     finally:
         rig.close()
 
 
 def bench_daemons(args, baseline_checkout: Path | None) -> dict:
     rates: dict[str, list[float]] = {"ours": [], "baseline": []}
+    cpu_rates: dict[str, list[float]] = {"ours": [], "baseline": []}
     for _ in range(args.daemon_rounds):
-        rates["ours"].append(bench_daemon_once(args, None))
-        if baseline_checkout is not None:
-            rates["baseline"].append(bench_daemon_once(args, baseline_checkout))
+        for name, checkout in (("ours", None), ("baseline", baseline_checkout)):
+            if name == "baseline" and checkout is None:
+                continue
+            rate, cpu_rate = bench_daemon_once(args, checkout)
+            rates[name].append(rate)
+            cpu_rates[name].append(cpu_rate)
     figures = {"daemon_events_per_s": round(statistics.median(rates["ours"])),
                "daemon_best_events_per_s": round(max(rates["ours"])),
+               "daemon_cpu_events_per_s": round(statistics.median(cpu_rates["ours"])),
                "daemon_calls": args.calls, "daemon_events": args.events}
     if baseline_checkout is not None:
         figures["baseline_daemon_events_per_s"] = round(statistics.median(rates["baseline"]))
+        figures["baseline_daemon_cpu_events_per_s"] = round(statistics.median(cpu_rates["baseline"]))
         figures["daemon_over_baseline"] = round(statistics.median(
             [ours / before for ours, before in zip(rates["ours"], rates["baseline"])]), 2)
     return figures
