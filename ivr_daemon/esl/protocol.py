@@ -16,6 +16,12 @@ body (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Client-an
 Lengths count bytes, so frames are cut on bytes and decoded afterwards. Header values are
 URL-decoded exactly once; bodies are never decoded. greenswitch instead unquotes the whole
 frame and glues the body onto the last header (its PR #86), which loses the recognised text.
+
+A plain event carries ~60 headers and the daemon reads a handful: the header block is kept as
+one string (:class:`PlainEventHeaders`), the headers every event is routed on are decoded at
+once and any other one when it is first read, with the same results as decoding them all
+(tests/test_esl_lazy_headers.py). mod_vosk sends a partial transcript every ~200 ms per
+caller, twice while parked, so this is the reader's hot path (bench/events.py).
 """
 
 from __future__ import annotations
@@ -232,8 +238,6 @@ _EVENT_FRAME_HEAD = re.compile(rb"Content-Length: ([0-9]+)\nContent-Type: (text/
 _EVENT_CONTENT_TYPES = {kind.encode(): kind for kind in ("text/event-plain", "text/event-json", "text/event-xml")}
 
 
-
-
 def parse_header_lines(text: str, *, url_decoded: bool) -> dict[str, str]:
     """``Key: value`` lines to a dict; the first of a repeated header wins (see X07 capture)."""
     headers: dict[str, str] = {}
@@ -372,15 +376,12 @@ def _inner_body(length_text: str, data: bytes, start: int) -> tuple[str, int]:
 _NOT_STRUCTURAL = bytes(b for b in range(0x21, 0x7F) if b != 0x3A)
 _SKELETON = b"\n" + b": \n" * 4096
 
-# Event-Name, Core-UUID, Event-Sequence, Speech-Type and Unique-ID are read off every event by
-# the reader, the dedup and the router: _parse_plain_event decodes them at once, each with one
-# search of the block. The other ~55 headers are decoded if and when something reads them.
 _CONTENT_LENGTH_LINE = "\nContent-Length: "
 _EMPTY_NAME = re.compile(rb"\n:")  # a literal: re finds it faster than bytes.find does
 
 
 def _freeswitch_shaped(block: bytes) -> bool:
-    """True when ``block`` ("\n", a header block, "\n") is ``Name: value`` lines that
+    """True when ``block`` (newline, a header block, newline) is ``Name: value`` lines that
     :func:`parse_header_pairs` reads with no surprise: each line one ``": "`` after a non-empty
     name, nothing but printable ASCII.
 
@@ -396,7 +397,7 @@ def _freeswitch_shaped(block: bytes) -> bool:
 
 
 def _line_value(text: str, needle: str) -> str | None:
-    """The decoded value of the first line of ``text`` that starts with ``needle`` ("\nName: ")."""
+    """The decoded value of the first line of ``text`` that starts with ``needle`` (newline, name, ": ")."""
     start = text.find(needle)
     if start < 0:
         return None
@@ -433,6 +434,8 @@ def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], 
             headers["Content-Length"] = str(len(body.encode("utf-8")))
         return headers, body, "plain"
     text = block.decode("ascii")  # every line, the first too, is "\nName: value\n"
+    # Read off every event by the reader, the dedup and the router: decoded at once, each with
+    # one search. The other ~55 headers are decoded if and when something reads them.
     seen = {"Event-Name": _line_value(text, "\nEvent-Name: "), "Core-UUID": _line_value(text, "\nCore-UUID: "),
             "Event-Sequence": _line_value(text, "\nEvent-Sequence: "),
             "Speech-Type": _line_value(text, "\nSpeech-Type: "), "Unique-ID": _line_value(text, "\nUnique-ID: ")}
