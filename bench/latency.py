@@ -116,7 +116,9 @@ class DaemonProcessRig:
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
-                 extra_env=None):
+                 extra_env=None, checkout=None):
+        """``checkout``: run the daemon of that copy of the project (its directory first on the
+        daemon's sys.path, as ``python -m`` from there does) rather than this one's."""
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
         llm_cmd = llm_cmd or [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
@@ -134,8 +136,11 @@ class DaemonProcessRig:
         # daemon's writes to stderr, and with them its whole loop.
         self.log_path = Path(self.tmp.name) / "daemon.log"
         self.log_file = open(self.log_path, "w")
+        if checkout is not None:
+            env["PYTHONPATH"] = str(checkout)
         self.daemon = subprocess.Popen([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "run"],
-                                       env=env, stderr=self.log_file, stdout=subprocess.DEVNULL)
+                                       env=env, stderr=self.log_file, stdout=subprocess.DEVNULL,
+                                       cwd=checkout)
         self.sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
         self._log_offset = 0
 

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import gevent
-import gevent.event
 import gevent.lock
 import soundfile
 import structlog
@@ -126,7 +126,9 @@ class PhoneCall(ConversationHandler):
         self.ended = False  # goodbye said or transferred: no more turns, no silence timer
         self.transferred_to: str | None = None
         self.reprompts = 0
-        self._activity = gevent.event.Event()  # caller speech or DTMF
+        # When the caller last spoke or pressed a key: a timestamp, not an Event, so a partial
+        # transcript (one every ~200 ms) costs the reader a clock read, not a greenlet switch.
+        self._last_activity_s = time.monotonic()
         self._exclusive = gevent.lock.Semaphore()  # one thing speaks at a time: turn, phrase
         self._silence_watch: gevent.Greenlet | None = None
         self._last_reply_text = ""
@@ -137,11 +139,19 @@ class PhoneCall(ConversationHandler):
 
     # -- CallHandler ----------------------------------------------------------------------------
 
+    def absorb(self, event: EslEvent) -> bool:
+        if not super().absorb(event):
+            return False
+        if self.agent_name is None and event.headers.get("variable_ivr_agent") is not None:
+            return False  # it names the agent (DETECTED_SPEECH never does): learn it in handle()
+        if speech_text(event):  # a non-empty partial: the caller spoke (_caller_spoke)
+            self._caller_active()  # the silence clock starts again; nothing else to do with it
+        return True
+
     def interrupt(self, event: EslEvent) -> None:
         super().interrupt(event)
         if event.name == "DTMF" or (event.name == "DETECTED_SPEECH" and _caller_spoke(event)):
-            self.reprompts = 0  # any speech resets the count
-            self._activity.set()
+            self._caller_active()
         if (event.name == "DTMF" and self.agent is not None and event.get("DTMF-Digit") in self.agent.dtmf
                 and not self.ended and self._reply is not None and self._reply.barge_in
                 and not self._reply.interrupted and (self.playing or self.busy)):
@@ -262,18 +272,27 @@ class PhoneCall(ConversationHandler):
         if self._silence_watch is None and self.services.settings.silence_timeout_s > 0:
             self._silence_watch = gevent.spawn(self._watch_silence)
 
+    def _caller_active(self) -> None:
+        self.reprompts = 0  # any speech resets the count
+        self._last_activity_s = time.monotonic()
+
     def _watch_silence(self) -> None:
         """Re-prompt after ``silence_timeout_s`` of silence while nothing of ours plays; the
-        goodbye after ``max_reprompts`` re-prompts in a row. The clock runs only while idle."""
+        goodbye after ``max_reprompts`` re-prompts in a row. The clock runs only while idle, from
+        the later of the caller's last speech (or key) and the moment our audio ended."""
+        idle_since_s = time.monotonic()
         while not (self.hung_up or self.ended or self._closed) and self.services.accepting_turns:
             timeout_s = self.services.settings.silence_timeout_s
-            self._activity.clear()
             self._playback_changed.clear()
             if self.busy or self.playing:
-                gevent.wait([self._activity, self._playback_changed], count=1)
+                self._playback_changed.wait()
+                idle_since_s = time.monotonic()
                 continue
-            if self._activity.wait(timeout_s):
-                continue  # the caller spoke or pressed a key: the clock starts again
+            silent_s = time.monotonic() - max(idle_since_s, self._last_activity_s)
+            if silent_s < timeout_s:
+                # Speech meanwhile moves the deadline: checked when this one is reached.
+                self._playback_changed.wait(timeout_s - silent_s)
+                continue
             if self.hung_up or self.ended or self.busy or self.playing or not self.services.accepting_turns:
                 continue
             if self.reprompts >= self.services.settings.max_reprompts:
@@ -283,6 +302,7 @@ class PhoneCall(ConversationHandler):
             self.reprompts += 1
             self.log.info("silence_reprompt", reprompt=self.reprompts, silence_s=timeout_s)
             self._exclusively(self._say, self.services.settings.reprompt_phrase, self.log, "reprompt")
+            idle_since_s = time.monotonic()
 
     # -- DTMF -----------------------------------------------------------------------------------
 

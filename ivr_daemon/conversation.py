@@ -220,7 +220,10 @@ class _Reply:
     @property
     def playing(self) -> bool:
         """Some broadcast of this reply is queued or playing in FreeSWITCH."""
-        return any(s.status is None for s in self.spoken)
+        for item in self.spoken:  # not any(<generator>): asked for every partial transcript
+            if item.status is None:
+                return True
+        return False
 
     @property
     def more_to_come(self) -> bool:
@@ -280,7 +283,18 @@ class ConversationHandler:
             return "speaking"
         return "thinking" if self.busy else "listening"
 
-    # -- CallHandler: interrupt runs in the reader, at once, and never blocks ------------------
+    # -- CallHandler: absorb and interrupt run in the reader, at once, and never block ---------
+
+    def absorb(self, event: EslEvent) -> bool:
+        """A partial transcript that cannot barge in (nothing of ours plays, or BARGE_IN is not
+        ``partial``) is of no use to a turn: the reader drops it here. Only a final transcript
+        starts one, and a repeat of a partial changes nothing, so it needs no dedup either."""
+        headers = event.headers
+        if headers.get("Speech-Type") != PARTIAL_SPEECH or headers.get("Event-Name") != "DETECTED_SPEECH":
+            return False
+        reply = self._reply
+        return (reply is None or reply.interrupted or not reply.barge_in or self.hung_up
+                or self.services.settings.barge_in != "partial" or not self.playing)
 
     def interrupt(self, event: EslEvent) -> None:
         if event.name == HANGUP_EVENT:

@@ -46,6 +46,12 @@ RESYNC_INTERVAL_S = 60.0
 RESYNC_CONCURRENCY = 16  # uuid_exists questions in flight at once during a resync
 
 # What the daemon subscribes to (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Introduction/Event-System/Event-List_7143557/).
+# No ESL `filter` on top: a filter only lets in what matches one of the filters (it cannot say
+# "not this Speech-Type"), and dropping the partials at the switch would lose what they carry:
+# the silence clock learns from them that the caller is talking (a caller speaking longer than
+# SILENCE_TIMEOUT_S without a final transcript would be re-prompted mid-sentence), and barge-in
+# needs them the moment a broadcast starts, before a per-call `filter Unique-ID` sent through
+# the one writer could take effect. They are dropped in the reader instead (CallHandler.absorb).
 SUBSCRIBED_EVENTS: tuple[str, ...] = (
     "DETECTED_SPEECH",
     "CHANNEL_ANSWER",
