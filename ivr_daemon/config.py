@@ -15,6 +15,7 @@ from typing import Mapping
 
 LLM_PROVIDERS = ("ollama", "openai", "llama3")
 TTS_ENGINES = ("coqui", "piper", "null")
+ASR_ENGINES = ("vosk", "pocketsphinx")
 LOG_FORMATS = ("json", "console")
 BARGE_IN_MODES = ("off", "partial", "final")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -91,6 +92,15 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "words the caller must say before playback is interrupted"),
     ("DAEMON_SHARD", "daemon_shard", "0/1",
      "k/N: with N daemons on one switch, this one answers the calls whose UUID hashes to k"),
+    ("ASR_ENGINE", "asr_engine", "",
+     "vosk | pocketsphinx: the recogniser of ivr-daemon asr-server; empty: vosk when VOSK_MODEL_PATH is set, "
+     "else pocketsphinx (its bundled US-English model)"),
+    ("VOSK_MODEL_PATH", "vosk_model_path", "",
+     "directory of a vosk model (e.g. vosk-model-small-en-us-0.15 from alphacephei.com/vosk/models)"),
+    ("ASR_SAMPLE_RATE", "asr_sample_rate_hz", "8000",
+     "Hz of the L16 audio mod_vosk sends (the calls' rate: 8000 for G.711); a client's config message overrides it"),
+    ("ASR_HOST", "asr_host", "127.0.0.1", "address ivr-daemon asr-server listens on (mod_vosk's server-url)"),
+    ("ASR_PORT", "asr_port", "2700", "port ivr-daemon asr-server listens on; 0: any free port (logged)"),
     ("LOG_LEVEL", "log_level", "INFO", "DEBUG | INFO | WARNING | ERROR"),
     ("LOG_FORMAT", "log_format", "json", "json | console"),
     ("LOG_TRANSCRIPTS", "log_transcripts", "false",
@@ -144,6 +154,11 @@ class Settings:
     barge_in: str
     barge_in_min_words: int
     daemon_shard: tuple[int, int]
+    asr_engine: str
+    vosk_model_path: str
+    asr_sample_rate_hz: int
+    asr_host: str
+    asr_port: int
     log_level: str
     log_format: str
     log_transcripts: bool
@@ -252,6 +267,26 @@ def _phrase(variable: str, raw: str) -> str:
     return text
 
 
+# Telephony narrowband up to studio rates: what a client may stream to the asr-server.
+MIN_ASR_RATE_HZ = 8000
+MAX_ASR_RATE_HZ = 48000
+
+
+def _asr_engine(raw_engine: str, model_path: str) -> tuple[str, str]:
+    """(engine, vosk model directory): ASR_ENGINE, or vosk when VOSK_MODEL_PATH is set, else pocketsphinx."""
+    engine = raw_engine.strip().lower()
+    if engine and engine not in ASR_ENGINES:
+        raise ConfigError("ASR_ENGINE", f"must be one of {' | '.join(ASR_ENGINES)} or empty, got {raw_engine!r}")
+    if model_path and not Path(model_path).is_dir():
+        raise ConfigError("VOSK_MODEL_PATH", f"not a directory: {model_path}")
+    if not engine:
+        engine = "vosk" if model_path else "pocketsphinx"
+    if engine == "vosk" and not model_path:
+        raise ConfigError("VOSK_MODEL_PATH", "ASR_ENGINE=vosk needs a vosk model directory "
+                                             "(e.g. vosk-model-small-en-us-0.15 from https://alphacephei.com/vosk/models)")
+    return engine, model_path
+
+
 def normalize_words(text: str) -> str:
     """Lower case, punctuation dropped, whitespace collapsed: how goodbye words are compared."""
     return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
@@ -324,6 +359,10 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         raise ConfigError("FALLBACK_PHRASE", "must not be empty: it is what callers hear when the LLM fails")
 
     agents_file = _existing_file("AGENTS_FILE", raw["agents_file"].strip())
+    asr_engine, vosk_model_path = _asr_engine(raw["asr_engine"], raw["vosk_model_path"].strip())
+    asr_host = raw["asr_host"].strip()
+    if not asr_host or not _HOST_RE.match(asr_host):
+        raise ConfigError("ASR_HOST", f"not a host name or address: {raw['asr_host']!r}")
     operator = " ".join(raw["operator_destination"].split())
     if operator:
         check_transfer_destination("OPERATOR_DESTINATION", operator)
@@ -365,6 +404,11 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         barge_in=_choice("BARGE_IN", raw["barge_in"], BARGE_IN_MODES),
         barge_in_min_words=_int("BARGE_IN_MIN_WORDS", raw["barge_in_min_words"], 1, 50),
         daemon_shard=_shard("DAEMON_SHARD", raw["daemon_shard"]),
+        asr_engine=asr_engine,
+        vosk_model_path=vosk_model_path,
+        asr_sample_rate_hz=_int("ASR_SAMPLE_RATE", raw["asr_sample_rate_hz"], MIN_ASR_RATE_HZ, MAX_ASR_RATE_HZ),
+        asr_host=asr_host,
+        asr_port=_int("ASR_PORT", raw["asr_port"], 0, 65535),
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
         log_transcripts=_bool("LOG_TRANSCRIPTS", raw["log_transcripts"]),
