@@ -128,9 +128,15 @@ class AsrStream(abc.ABC):
     def _finish(self, samples: np.ndarray) -> AsrResult:
         """The last int16 samples at ``engine_rate_hz`` (maybe none), then the final result."""
 
-    @abc.abstractmethod
     def reset(self) -> None:
         """Drop the utterance in progress: what was heard of it is never reported."""
+        self._odd_byte = b""
+        self._resampler = self._new_resampler()  # it holds the last few ms of what came in
+        self._reset()
+
+    @abc.abstractmethod
+    def _reset(self) -> None:
+        """Drop the recognizer's utterance in progress."""
 
     def close(self) -> None:
         """Release what the stream holds (the engine may hand it to the next stream)."""

@@ -170,7 +170,7 @@ class PocketsphinxStream(AsrStream):
         self._new_endpointer()
         return join_finals(finals)
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         if self._in_utterance:
             self._decoder.end_utt()
             self._in_utterance = False

@@ -65,6 +65,7 @@ class StreamSummary:
     sample_rate_hz: int = 0
     messages: int = 0
     audio_s: float = 0.0
+    decode_s: float = 0.0  # on worker threads (wall time, waits for the GIL included)
     finals: int = 0
     # client_closed | client_closed_malformed | disconnected | eof | idle | too_big | bad_message
     # | protocol_error | handshake_failed | decode_failed | server_stopped
@@ -131,6 +132,12 @@ class AsrServer:
             self.open_streams -= 1
             self.closed_streams.append(stream.summary)
             self._stream_closed.set()
+
+
+def _timed(function, args):
+    started_s = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started_s
 
 
 class _Closed(Exception):
@@ -307,9 +314,11 @@ class _Stream:
 
     def _decode(self, function, *args):
         """``function(*args)`` on a worker thread; this greenlet waits, the loop runs on."""
-        self._job = self.server.pool.spawn(function, *args)
+        self._job = self.server.pool.spawn(_timed, function, args)
         try:
-            return self._job.get()
+            result, elapsed_s = self._job.get()
+            self.summary.decode_s += elapsed_s
+            return result
         except gevent.GreenletExit:
             raise
         except Exception as exc:
@@ -363,7 +372,8 @@ class _Stream:
     def _log_end(self) -> None:
         summary = self.summary
         fields = dict(reason=summary.reason, messages=summary.messages, audio_s=round(summary.audio_s, 2),
-                      finals=summary.finals, open_s=round(time.monotonic() - self._opened_s, 2))
+                      decode_s=round(summary.decode_s, 3), finals=summary.finals,
+                      open_s=round(time.monotonic() - self._opened_s, 2))
         if summary.detail:
             fields["detail"] = summary.detail
         # Streams end by hangup: the malformed close of libks and a dropped TCP are normal.

@@ -107,5 +107,5 @@ class VoskStream(AsrStream):
             ended.append(self._final(self._recognizer.Result()))
         return join_finals(ended + [self._final(self._recognizer.FinalResult())])
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self._recognizer.Reset()
