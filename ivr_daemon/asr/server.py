@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import gevent
 import gevent.event
+import gevent.pool
 import gevent.threadpool
 from gevent.server import StreamServer
 from wsproto import ConnectionType, WSConnection
@@ -48,7 +49,7 @@ log = get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 1 << 20
 IDLE_TIMEOUT_S = 60.0
-# Streams decoding at once (one worker thread each); more wait for a thread.
+# Streams at once, each with its own greenlet and, while it decodes, its own worker thread.
 MAX_STREAMS = 256
 RECV_BYTES = 65536
 # After our close frame, how long a client gets to answer with its own before the socket goes.
@@ -85,7 +86,9 @@ class AsrServer:
         self.max_message_bytes = max_message_bytes
         self.log_transcripts = log_transcripts
         self.pool = gevent.threadpool.ThreadPool(max_streams)
-        self._server = StreamServer((host, port), self._handle)
+        # A pool of stream greenlets: stop() waits for them, then cuts them; beyond max_streams
+        # connections wait in the listen backlog.
+        self._server = StreamServer((host, port), self._handle, spawn=gevent.pool.Pool(max_streams))
         self._ids = itertools.count(1)
         self.open_streams = 0
         self.closed_streams: list[StreamSummary] = []
