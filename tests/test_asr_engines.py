@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from importlib.resources import files
 
+import numpy as np
 import pytest
 
-from asr_clients import load_voice, spoken, words_of
+from asr_clients import load_voice, pcm16, spoken, words_of
 from ivr_daemon.asr import AsrModelUnavailable, AsrResult, WordTiming, make_asr_engine
 from ivr_daemon.asr import vosk as vosk_module
 from ivr_daemon.asr.pocketsphinx import PocketsphinxEngine
@@ -137,6 +138,30 @@ def test_pocketsphinx_odd_chunks_and_silence(sphinx, piper):
     quiet.close()
     assert all(r.text == "" for r in results)
     assert results[-1] == AsrResult("", True)
+
+
+def test_pocketsphinx_ends_utterances_on_a_noisy_line(sphinx, piper):
+    # White noise at -50 dBFS between sentences: a less aggressive voice detector takes it for
+    # speech and the utterance never ends.
+    pcm = spoken(piper, "I need help with my bill", 8000, lead_s=0.5, tail_s=1.0, noise_dbfs=-50)
+    stream = sphinx.open_stream(8000)
+    results = stream_all(stream, pcm)
+    stream.close()
+    (final,) = finals_of(results)
+    assert final is not results[-1] and {"help", "bill"} <= words_of(final.text), final.text
+
+
+def test_pocketsphinx_cuts_an_utterance_that_never_ends(sphinx):
+    # Noise loud enough to count as speech throughout: finals still come, one per max_utterance_s.
+    roar = pcm16(np.random.default_rng(5).standard_normal(8000 * 7) * 10 ** (-20 / 20))
+    stream = sphinx.open_stream(8000)
+    stream.max_utterance_s = 2.0
+    results = [stream.accept(roar[i:i + CHUNK_BYTES]) for i in range(0, len(roar), CHUNK_BYTES)]
+    stream.close()
+    cut = [r for r in results if r.final]
+    assert len(cut) >= 2
+    timed = [r.words for r in cut if r.words]
+    assert all(later[0].start_s >= earlier[-1].end_s for earlier, later in zip(timed, timed[1:]))
 
 
 def test_pocketsphinx_recycles_decoders_between_streams(sphinx, piper):
