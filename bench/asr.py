@@ -67,10 +67,15 @@ def noise(duration_s: float, seed: int) -> bytes:
 
 
 def caller_audio(voice, utterances: int) -> tuple[bytes, list[float], list[float]]:
-    """(PCM, audio times where each sentence's speech starts, where it ends)."""
+    """(PCM, audio times where each sentence's speech starts, where it ends).
+
+    The end of speech is the sentence's last sample above -40 dBFS: Piper's output goes on
+    quietly for ~0.3 s after the last word, which is silence to a listener.
+    """
     lead_s = 0.5
     speech = spoken(voice, SENTENCE, RATE_HZ, lead_s=0.0, tail_s=0.0)
-    speech_s = len(speech) / 2 / RATE_HZ
+    loud = np.flatnonzero(np.abs(np.frombuffer(speech, dtype="<i2")) >= 0.01 * 32767)
+    speech_s = (loud[-1] + 1) / RATE_HZ
     pcm, starts, ends = noise(lead_s, 1), [], []
     for index in range(utterances):
         starts.append(len(pcm) / 2 / RATE_HZ)

@@ -27,7 +27,8 @@ from ivr_daemon.tts.base import native_lock, one_line
 log = get_logger(__name__)
 
 # The endpointer ends an utterance after this much non-speech (90% of the window's frames),
-# like vosk's rule of 0.5 s of trailing silence; 0.3 s (its default) cut sentences at commas.
+# like vosk's rule of 0.5 s of trailing silence. 0.3 s (its default) split "Yes, my order number
+# is ..." at the comma into two finals, which the daemon would answer separately; 0.4 s did not.
 ENDPOINT_WINDOW_S = 0.5
 # The endpointer's voice activity detector at its most aggressive (3 of 0-3). Less aggressive
 # modes take a phone line's noise floor for speech: with white noise at -70 dBFS after a
