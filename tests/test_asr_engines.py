@@ -103,6 +103,15 @@ def test_pocketsphinx_ends_each_utterance_and_times_words_from_the_stream_start(
     assert finals[0].words[-1].end_s < first_s < finals[1].words[0].start_s
 
 
+@pytest.mark.parametrize("sentence", ["Yes, my order number is one two three four.",
+                                      "Well, I would like to check my account balance, please."])
+def test_pocketsphinx_does_not_cut_a_sentence_at_its_commas(sphinx, piper, sentence):
+    stream = sphinx.open_stream(8000)
+    finals = finals_of(stream_all(stream, spoken(piper, sentence, 8000, tail_s=1.5, noise_dbfs=-60)))
+    stream.close()
+    assert len(finals) == 1, [f.text for f in finals]
+
+
 def test_pocketsphinx_finish_gives_the_utterance_the_audio_cut_short(sphinx, piper):
     pcm = spoken(piper, "please call me back tomorrow morning", 8000, lead_s=0.3, tail_s=0.0)
     stream = sphinx.open_stream(8000)
