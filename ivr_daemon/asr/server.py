@@ -333,14 +333,15 @@ class _Stream:
                 self._job = None
 
     def _release_recognizer(self) -> None:
+        """Close the recognizer on a worker thread too: ending an utterance is a decoding pass."""
         recognizer, self.recognizer = self.recognizer, None
         if recognizer is None:
             return
         if self._job is not None:
             # A decode of this stream still runs (the server is stopping): close after it.
-            self._job.rawlink(lambda _job: recognizer.close())
+            self._job.rawlink(lambda _job: gevent.spawn(self.server.pool.spawn, recognizer.close))
         else:
-            recognizer.close()
+            self.server.pool.spawn(recognizer.close)
 
     # --- the socket ------------------------------------------------------------------------
 
