@@ -180,6 +180,7 @@ class Heard:
     at_s: float  # since the first media frame
     final: bool
     text: str
+    frame: int  # the audio frame this was the reply to (0: the first 3,200 bytes sent)
 
 
 @dataclass
@@ -227,10 +228,11 @@ class ModVoskClient:
         # vosk_asr_check_results / get_results: a reply with "" counts as nothing.
         if self._result is not None and '""' not in self._result:
             parsed = json.loads(self._result)
+            frame = len(run.replies) - 1  # one reply per frame, in order
             if "text" in parsed:
-                run.heard.append(Heard(time.monotonic() - run.started_s, True, parsed["text"]))
+                run.heard.append(Heard(time.monotonic() - run.started_s, True, parsed["text"], frame))
             elif "partial" in parsed:
-                run.heard.append(Heard(time.monotonic() - run.started_s, False, parsed["partial"]))
+                run.heard.append(Heard(time.monotonic() - run.started_s, False, parsed["partial"], frame))
             self._result = None
 
     def talk(self, pcm: bytes, *, until_final: bool = True, max_silence_after_s: float = 4.0,
