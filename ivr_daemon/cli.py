@@ -252,6 +252,41 @@ def cmd_call(args) -> int:
         runner.kill(block=True, timeout=2)
 
 
+def cmd_asr_server(args) -> int:
+    from ivr_daemon.logs import configure_logging, get_logger
+
+    settings = _settings_or_exit(args)
+    configure_logging(settings.log_level, settings.log_format)
+    log = get_logger("ivr_daemon.cli")
+    try:
+        from ivr_daemon.asr import AsrModelUnavailable, make_asr_engine
+        from ivr_daemon.asr.server import AsrServer
+    except ImportError as exc:  # the [asr] extra (wsproto, the engines) is not installed
+        print(f"ivr-daemon: asr-server needs the asr extra: pip install 'ivr-daemon[asr]' ({exc})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        engine = make_asr_engine(settings)
+    except AsrModelUnavailable as exc:
+        print(f"ivr-daemon: ASR model unavailable: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    server = AsrServer(engine, host=settings.asr_host, port=settings.asr_port,
+                       sample_rate_hz=settings.asr_sample_rate_hz, log_transcripts=settings.log_transcripts)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"ivr-daemon: configuration error: ASR_HOST/ASR_PORT: cannot listen on "
+              f"{settings.asr_host}:{settings.asr_port}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    stop.wait()
+    log.info("asr_server_stopping", open_streams=server.open_streams)
+    server.stop()
+    log.info("asr_server_stopped")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivr-daemon", description="A conversational IVR beside FreeSWITCH.")
     parser.add_argument("--env-file", default=".env", help="optional .env file (default: ./.env)")
@@ -289,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
     call.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach FreeSWITCH (default 10)")
     call.set_defaults(func=cmd_call)
+
+    asr = sub.add_parser("asr-server", help="speech recognition for mod_vosk: a vosk-server WebSocket on ASR_HOST:ASR_PORT")
+    asr.set_defaults(func=cmd_asr_server)
 
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")
     demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")

@@ -16,6 +16,7 @@ from typing import Mapping
 
 LLM_PROVIDERS = ("ollama", "openai", "llama3")
 TTS_ENGINES = ("coqui", "piper", "null")
+ASR_ENGINES = ("vosk", "pocketsphinx")
 LOG_FORMATS = ("json", "console")
 BARGE_IN_MODES = ("off", "partial", "final")
 FIRST_CHUNK_MODES = ("clause", "sentence")
@@ -108,6 +109,15 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("HTTP_PORT", "http_port", "8000", "port of the HTTP server; 0 turns it off"),
     ("HTTP_API_TOKEN", "http_api_token", "",
      "when set, every HTTP route but GET /health needs 'Authorization: Bearer <token>' (at least 16 characters)"),
+    ("ASR_ENGINE", "asr_engine", "",
+     "vosk | pocketsphinx: the recogniser of ivr-daemon asr-server; empty: vosk when VOSK_MODEL_PATH is set, "
+     "else pocketsphinx (its bundled US-English model)"),
+    ("VOSK_MODEL_PATH", "vosk_model_path", "",
+     "directory of a vosk model (e.g. vosk-model-small-en-us-0.15 from alphacephei.com/vosk/models)"),
+    ("ASR_SAMPLE_RATE", "asr_sample_rate_hz", "8000",
+     "Hz of the L16 audio mod_vosk sends (the calls' rate: 8000 for G.711); a client's config message overrides it"),
+    ("ASR_HOST", "asr_host", "127.0.0.1", "address ivr-daemon asr-server listens on (mod_vosk's server-url)"),
+    ("ASR_PORT", "asr_port", "2700", "port ivr-daemon asr-server listens on; 0: any free port (logged)"),
     ("LOG_LEVEL", "log_level", "INFO", "DEBUG | INFO | WARNING | ERROR"),
     ("LOG_FORMAT", "log_format", "json", "json | console"),
     ("LOG_TRANSCRIPTS", "log_transcripts", "false",
@@ -167,6 +177,11 @@ class Settings:
     http_host: str
     http_port: int
     http_api_token: str
+    asr_engine: str
+    vosk_model_path: str
+    asr_sample_rate_hz: int
+    asr_host: str
+    asr_port: int
     log_level: str
     log_format: str
     log_transcripts: bool
@@ -304,6 +319,26 @@ def _http(raw: Mapping[str, str]) -> tuple[str, int, str]:
     return host, port, token
 
 
+# Telephony narrowband up to studio rates: what a client may stream to the asr-server.
+MIN_ASR_RATE_HZ = 8000
+MAX_ASR_RATE_HZ = 48000
+
+
+def _asr_engine(raw_engine: str, model_path: str) -> tuple[str, str]:
+    """(engine, vosk model directory): ASR_ENGINE, or vosk when VOSK_MODEL_PATH is set, else pocketsphinx."""
+    engine = raw_engine.strip().lower()
+    if engine and engine not in ASR_ENGINES:
+        raise ConfigError("ASR_ENGINE", f"must be one of {' | '.join(ASR_ENGINES)} or empty, got {raw_engine!r}")
+    if model_path and not Path(model_path).is_dir():
+        raise ConfigError("VOSK_MODEL_PATH", f"not a directory: {model_path}")
+    if not engine:
+        engine = "vosk" if model_path else "pocketsphinx"
+    if engine == "vosk" and not model_path:
+        raise ConfigError("VOSK_MODEL_PATH", "ASR_ENGINE=vosk needs a vosk model directory "
+                                             "(e.g. vosk-model-small-en-us-0.15 from https://alphacephei.com/vosk/models)")
+    return engine, model_path
+
+
 def normalize_words(text: str) -> str:
     """Lower case, punctuation dropped, whitespace collapsed: how goodbye words are compared."""
     return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
@@ -378,6 +413,10 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
     http_host, http_port, http_token = _http(raw)
 
     agents_file = _existing_file("AGENTS_FILE", raw["agents_file"].strip())
+    asr_engine, vosk_model_path = _asr_engine(raw["asr_engine"], raw["vosk_model_path"].strip())
+    asr_host = raw["asr_host"].strip()
+    if not asr_host or not _HOST_RE.match(asr_host):
+        raise ConfigError("ASR_HOST", f"not a host name or address: {raw['asr_host']!r}")
     operator = " ".join(raw["operator_destination"].split())
     if operator:
         check_transfer_destination("OPERATOR_DESTINATION", operator)
@@ -426,6 +465,11 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         http_host=http_host,
         http_port=http_port,
         http_api_token=http_token,
+        asr_engine=asr_engine,
+        vosk_model_path=vosk_model_path,
+        asr_sample_rate_hz=_int("ASR_SAMPLE_RATE", raw["asr_sample_rate_hz"], MIN_ASR_RATE_HZ, MAX_ASR_RATE_HZ),
+        asr_host=asr_host,
+        asr_port=_int("ASR_PORT", raw["asr_port"], 0, 65535),
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
         log_transcripts=_bool("LOG_TRANSCRIPTS", raw["log_transcripts"]),

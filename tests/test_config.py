@@ -61,6 +61,11 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path):
         ("FREESWITCH_PASSWORD", "two words", "no whitespace"),
         ("LOG_FORMAT", "xml", "json | console"),
         ("FALLBACK_PHRASE", "line one\nline two", "single line"),
+        ("ASR_ENGINE", "whisper", "vosk | pocketsphinx"),
+        ("VOSK_MODEL_PATH", "/nonexistent/vosk-model", "not a directory: /nonexistent/vosk-model"),
+        ("ASR_SAMPLE_RATE", "4000", "between 8000 and 48000"),
+        ("ASR_PORT", "70000", "between"),
+        ("ASR_HOST", "two words", "not a host"),
     ],
 )
 def test_bad_values_name_the_variable(variable, value, words):
@@ -68,6 +73,18 @@ def test_bad_values_name_the_variable(variable, value, words):
         load_settings(environ={variable: value})
     assert caught.value.variable == variable
     assert words in str(caught.value)
+
+
+def test_the_asr_engine_follows_vosk_model_path_unless_named(tmp_path):
+    assert load_settings(environ={}).asr_engine == "pocketsphinx"
+    with_model = load_settings(environ={"VOSK_MODEL_PATH": str(tmp_path)})
+    assert (with_model.asr_engine, with_model.vosk_model_path) == ("vosk", str(tmp_path))
+    assert load_settings(environ={"VOSK_MODEL_PATH": str(tmp_path), "ASR_ENGINE": "pocketsphinx"}).asr_engine == "pocketsphinx"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"ASR_ENGINE": "vosk"})
+    assert caught.value.variable == "VOSK_MODEL_PATH" and "alphacephei.com/vosk/models" in str(caught.value)
+    defaults = load_settings(environ={})
+    assert (defaults.asr_host, defaults.asr_port, defaults.asr_sample_rate_hz) == ("127.0.0.1", 2700, 8000)
 
 
 def test_coqui_paths_go_together(tmp_path):

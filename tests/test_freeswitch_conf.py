@@ -185,3 +185,28 @@ def test_admin_readme_names_every_shipped_file_and_the_reload_commands():
         assert str(path.relative_to(REPO)) in readme
     for command in ("reload mod_event_socket", "reloadxml", "load mod_vosk", "originate loopback/ai/ivr"):
         assert command in readme
+
+
+SYSTEMD_UNIT = REPO / "freeswitch_conf" / "systemd" / "ivr-daemon-asr.service"
+
+
+def test_mod_vosk_is_pointed_at_where_the_asr_server_listens_by_default():
+    server_url = _settings(VOSK_CONF, "vosk.conf")["server-url"]
+    assert server_url == f"ws://{_default_of('ASR_HOST')}:{_default_of('ASR_PORT')}"
+    assert _default_of("ASR_SAMPLE_RATE") == "8000"  # mod_vosk sends the calls' rate and says nothing
+
+
+def test_the_systemd_unit_runs_the_asr_server_and_does_not_restart_on_a_bad_setting():
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(SYSTEMD_UNIT.read_text(encoding="utf-8"))
+    command = unit["Service"]["ExecStart"].split()
+    assert command[0].endswith("/ivr-daemon") and command[-1] == "asr-server"
+    assert "--env-file" in command and command.index("--env-file") < command.index("asr-server")
+    assert unit["Service"]["RestartPreventExitStatus"] == "2"  # cli.EXIT_CONFIG
+    assert unit["Service"]["KillSignal"] == "SIGTERM"
+    names = {name for name, *_ in VARIABLES}
+    for documented in re.findall(r"^#\s+([A-Z_]+)=", SYSTEMD_UNIT.read_text(encoding="utf-8"), re.M):
+        assert documented in names, documented
+    assert str(SYSTEMD_UNIT.relative_to(REPO)) in ADMIN_README.read_text(encoding="utf-8")
