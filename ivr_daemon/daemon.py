@@ -43,6 +43,9 @@ SHUTDOWN_BUDGET_S = 9.0
 SHUTDOWN_EXIT_S = 1.0  # the "exit" command's reply
 SHUTDOWN_CLEANUP_S = 1.0  # calls' clean-up and syntheses still running
 SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S
+# At most this long (within the budget) for webhook events still queued: a dead receiver must
+# not make every shutdown take the whole budget.
+SHUTDOWN_WEBHOOK_FLUSH_S = 2.0
 RESYNC_INTERVAL_S = 60.0
 RESYNC_CONCURRENCY = 16  # uuid_exists questions in flight at once during a resync
 
@@ -219,7 +222,7 @@ class Daemon:
             self._greenlet.join(timeout=max(0.0, deadline_s - time.monotonic()))
         if self.webhooks is not None:
             # The calls' last events (call.ended) were queued by their clean-up just now.
-            self.webhooks.stop(timeout_s=max(0.0, deadline_s - time.monotonic()))
+            self.webhooks.stop(timeout_s=max(0.0, min(SHUTDOWN_WEBHOOK_FLUSH_S, deadline_s - time.monotonic())))
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
     def _all_services(self) -> list[TurnServices]:

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from structlog.testing import capture_logs
 from harness import TurnLog, broadcasts, running_daemon, settings_for, wait_heard, wait_until
 from llm_fakes import FakeLlmServer
 from ivr_daemon.config import ConfigError, load_settings
+from ivr_daemon.daemon import SHUTDOWN_BUDGET_S
 from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 from ivr_daemon.webhooks import WebhookSender
@@ -354,3 +356,31 @@ def test_cli_exits_2_for_a_bad_webhook_url(tmp_path):
     )
     assert result.returncode == 2
     assert "WEBHOOK_URL" in result.stderr and SECRET not in result.stderr
+
+
+def test_sigterm_with_a_receiver_that_never_answers_exits_within_the_budget(tmp_path):
+    with Receiver(hold=True) as receiver, FakeLlmServer("ollama", replies="Hi.") as llm, FreeswitchSimulator() as sim:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_", "WEBHOOK_"))}
+        env.update({"FREESWITCH_PORT": str(sim.port), "LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url,
+                    "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(tmp_path / "tts"), "TTS_CACHE_MAX_MB": "0",
+                    "LOG_FORMAT": "json", "GREETING": "", "SILENCE_TIMEOUT_S": "0", "HTTP_PORT": "0",
+                    "WEBHOOK_URL": receiver.url, "WEBHOOK_SECRET": SECRET, "WEBHOOK_TIMEOUT_S": "60",
+                    "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        log_path = tmp_path / "daemon.log"
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "run"],
+                                    env=env, stderr=log_file, stdout=log_file)
+        try:
+            sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=60)
+            sim.new_call()
+            wait_until(lambda: len(receiver.requests) == 1, timeout_s=30)  # held: call.ended queues behind it
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    events = {line["event"]: line for line in lines}
+    assert events["webhooks_abandoned_at_shutdown"]["count"] == 2  # call.started in flight, call.ended queued
+    assert events["daemon_shut_down"]["seconds"] <= SHUTDOWN_BUDGET_S
+    assert SECRET not in log_path.read_text()
