@@ -384,3 +384,18 @@ def test_sigterm_with_a_receiver_that_never_answers_exits_within_the_budget(tmp_
     assert events["webhooks_abandoned_at_shutdown"]["count"] == 2  # call.started in flight, call.ended queued
     assert events["daemon_shut_down"]["seconds"] <= SHUTDOWN_BUDGET_S
     assert SECRET not in log_path.read_text()
+
+
+def test_an_agents_bad_webhook_url_is_a_config_error_naming_the_agent(tmp_path):
+    from ivr_daemon.agents import load_agents
+
+    path = tmp_path / "agents.toml"
+    path.write_text('[agents.reception]\nwebhook_url = "gopher://crm.example.com/hooks"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_agents(load_settings(environ={"AGENTS_FILE": str(path), "WEBHOOK_SECRET": SECRET}))
+    assert caught.value.variable == "AGENTS_FILE"
+    assert "[agents.reception]" in caught.value.problem and "webhook_url" in caught.value.problem
+    path.write_text('[agents.reception]\nwebhook_url = "https://crm.example.com/hooks"\n')
+    with pytest.raises(ConfigError) as caught:  # signed with the global secret: it must be set
+        load_agents(load_settings(environ={"AGENTS_FILE": str(path)}))
+    assert "WEBHOOK_SECRET" in caught.value.problem
