@@ -56,7 +56,7 @@ class _Event:
     event_id: str
     event_type: str
     body: bytes
-    dropped: bool = False
+    shard: int
 
 
 class WebhookSender:
@@ -99,15 +99,21 @@ class WebhookSender:
         payload = {"id": event_id, "type": event_type, "timestamp": round(time.time(), 3), "call_uuid": call_uuid,
                    "data": data}
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=str).encode()
-        event = _Event(url, call_uuid, event_id, event_type, body)
+        shard = zlib.crc32(call_uuid.encode()) % len(self._shards)
+        event = _Event(url, call_uuid, event_id, event_type, body, shard)
         while len(self._waiting) >= self.queue_max:
             _, oldest = self._waiting.popitem(last=False)
-            oldest.dropped = True  # its shard's worker skips it
+            # Out of its shard's deque too, so that a stuck worker's deque stays bounded: the
+            # oldest waiting event is the first of its shard (a worker takes events off both at once).
+            waiting = self._shards[oldest.shard]
+            if waiting and waiting[0] is oldest:
+                waiting.popleft()
+            else:
+                waiting.remove(oldest)
             self.metrics.webhooks_dropped_total.inc()
             log.warning("webhook_dropped", call_uuid=oldest.call_uuid, event_type=oldest.event_type,
                         event_id=oldest.event_id, queue_max=self.queue_max)
         self._waiting[event_id] = event
-        shard = zlib.crc32(call_uuid.encode()) % len(self._shards)
         self._shards[shard].append(event)
         self._idle.clear()
         self._wakeups[shard].set()
@@ -140,9 +146,7 @@ class WebhookSender:
                 wakeup.wait()
                 continue
             event = shard.popleft()
-            if event.dropped:
-                continue
-            self._waiting.pop(event.event_id, None)
+            del self._waiting[event.event_id]
             self._busy[index] = True
             try:
                 self._deliver(event)

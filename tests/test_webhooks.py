@@ -399,3 +399,20 @@ def test_an_agents_bad_webhook_url_is_a_config_error_naming_the_agent(tmp_path):
     with pytest.raises(ConfigError) as caught:  # signed with the global secret: it must be set
         load_agents(load_settings(environ={"AGENTS_FILE": str(path)}))
     assert "WEBHOOK_SECRET" in caught.value.problem
+
+
+def test_a_stuck_receiver_keeps_the_queue_bounded_and_the_newest_events():
+    with Receiver(hold=True) as receiver:
+        webhooks = sender(concurrency=2, queue_max=5, timeout_s=30)
+        try:
+            first = webhooks.send("call.started", "call-a", {}, url=receiver.url)
+            wait_until(lambda: len(receiver.requests) == 1)  # in flight, held
+            ids = [webhooks.send("turn.completed", "call-a", {"turn": turn}, url=receiver.url) for turn in range(100)]
+            # Nothing is kept beyond the bound, not even in the worker's own queue.
+            assert webhooks.pending == 6 and sum(len(shard) for shard in webhooks._shards) == 5
+            assert metric(webhooks, "ivr_webhooks_dropped_total") == 95
+            receiver.release.set()
+            assert webhooks.flush(10)
+        finally:
+            webhooks.stop(timeout_s=1)
+    assert [event["id"] for event in receiver.events()] == [first, *ids[-5:]]
