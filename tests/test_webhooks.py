@@ -112,9 +112,9 @@ def test_a_call_sends_signed_events_in_order(tmp_path):
             wait_until(lambda: len(broadcasts(sim, call)) == 2)
             wait_heard(sim, call)
             sim.hangup(call)
-            wait_until(lambda: len(receiver.requests) == 3)
-            assert metric(daemon, "ivr_webhooks_delivered_total") == 3
-            assert metric(daemon, "ivr_webhooks_failed_total") == 0
+            # Counted once the sender has read the answer, a moment after the receiver saw the request.
+            wait_until(lambda: metric(daemon, "ivr_webhooks_delivered_total") == 3)
+            assert len(receiver.requests) == 3 and metric(daemon, "ivr_webhooks_failed_total") == 0
     assert receiver.types() == ["call.started", "turn.completed", "call.ended"]
     for request in receiver.requests:
         assert verified(request), request
