@@ -19,6 +19,9 @@ Prints a table, and as its last line one JSON object:
                                     -> its uuid_broadcast read, minus the LLM's time to that
                                     sentence, while 8 (--busy-calls) other calls synthesize uncached Piper
                                     sentences (the daemon in its own process, the cache on)
+  overhead_dead_webhook_p50_ms, overhead_dead_webhook_p99_ms
+                                    the overhead again with WEBHOOK_URL at a receiver that accepts
+                                    connections and never answers (call events must not slow turns)
   greeting_broadcast_p99_ms         CHANNEL_PARK of the IVR leg written -> the greeting's
                                     uuid_broadcast read, --calls calls arriving within --spread-s
   first_clause_ms, piper_whole_sentence_ms, first_clause_over_piper_whole, first_sentence_ms
@@ -72,7 +75,8 @@ BUSY_SENTENCES = 12
 FIRST_CLAUSE_REPLY = "We open at nine tomorrow, and we close at six in the evening."
 
 
-MEASUREMENTS = ("overhead", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting", "first-clause")
+MEASUREMENTS = ("overhead", "overhead-dead-webhook", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting",
+                "first-clause")
 # The turn measurements time a call's first broadcast: no greeting before it, no re-prompts.
 NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
@@ -190,8 +194,22 @@ def _first_broadcast_ms(sim, call, sequence):
     return (sent - sim.written_at(sequence)) * 1000
 
 
-def bench_overhead(args):
-    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0})
+def dead_webhook_receiver():
+    """A TCP server that accepts every connection, reads the request and never answers."""
+    from gevent.server import StreamServer
+
+    def hold(sock, _address):
+        while sock.recv(65536):
+            pass
+
+    server = StreamServer(("127.0.0.1", 0), hold)
+    server.start()
+    return server
+
+
+def bench_overhead(args, extra_env=None):
+    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0},
+                           extra_env=extra_env)
     try:
         calls = [rig.sim.new_call() for _ in range(args.calls)]
         gevent.sleep(1.0)
@@ -446,6 +464,19 @@ def main(argv=None) -> int:
               f"p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms")
         figures.update(overhead_p50_ms=round(percentile(overheads, 50), 2),
                        overhead_p99_ms=round(percentile(overheads, 99), 2), calls=args.calls)
+
+    if "overhead-dead-webhook" in selected:
+        receiver = dead_webhook_receiver()
+        try:
+            overheads, answered = bench_overhead(args, {
+                "WEBHOOK_URL": f"http://127.0.0.1:{receiver.server_port}/hooks",
+                "WEBHOOK_SECRET": "bench-secret-0123456789"})
+        finally:
+            receiver.stop(timeout=1)
+        print(f"overhead with a webhook receiver that never answers ({answered} answered): "
+              f"p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms")
+        figures.update(overhead_dead_webhook_p50_ms=round(percentile(overheads, 50), 2),
+                       overhead_dead_webhook_p99_ms=round(percentile(overheads, 99), 2))
 
     if "first-audio" in selected:
         stream_ms, batch_ms = bench_first_audio(args)

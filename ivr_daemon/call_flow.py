@@ -20,7 +20,10 @@
    ``uuid_transfer``; FreeSWITCH answers ``+OK`` even for a missing extension (capture S6b), so
    after it the call is left alone. Anything else is refused: nothing is sent, a warning and a
    counter, and the LLM is told (the caller hears its answer).
-7. **HTTP tools** (the agent's ``tools``, see :mod:`ivr_daemon.tools`): each runs on its own
+7. **Webhooks** (``webhook_url``, see :mod:`ivr_daemon.webhooks`): ``call.started`` when the IVR
+   leg parks (or at its first turn, for a call up before the daemon started), ``turn.completed``,
+   ``call.transferred`` and ``call.ended``, queued without waiting: the receiver never slows a call.
+8. **HTTP tools** (the agent's ``tools``, see :mod:`ivr_daemon.tools`): each runs on its own
    greenlet once the words before it are said; if one takes longer than
    ``tool_filler_after_s`` the pinned filler phrase plays; the results (or errors) go back to
    the LLM, whose answer the caller hears. At most ``max_tool_calls`` tool rounds per turn: the
@@ -50,13 +53,15 @@ import structlog
 from ivr_daemon.agents import OPERATOR_TARGET, TransferTarget
 from ivr_daemon.config import normalize_words
 from ivr_daemon.conversation import (
-    FINAL_SPEECH, ConversationHandler, ConversationHistory, TurnServices, _Reply, speech_text, transcript_of)
+    FINAL_SPEECH, ConversationHandler, ConversationHistory, TurnResult, TurnServices, _Reply, speech_text,
+    transcript_of)
 from ivr_daemon.esl import commands
 from ivr_daemon.esl.connection import EslError
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import Message, ToolCall, ToolSpec
 from ivr_daemon.outbound import BadCallRequest, fill, placeholders
 from ivr_daemon.tools import CallContext, HttpTool, ToolOutcome, run_tool
+from ivr_daemon.webhooks import WebhookSender
 
 HANGUP_CAUSE = "NORMAL_CLEARING"
 # How long past its own length a goodbye or transfer phrase may take to report PLAYBACK_STOP.
@@ -108,6 +113,7 @@ class CallFlowServices:
     by_agent: Mapping[str, TurnServices]
     default_agent: str
     counters: CallFlowCounters = field(default_factory=CallFlowCounters)
+    webhooks: WebhookSender | None = None  # the daemon's; each agent's webhook_url says where to
 
 
 class PhoneCall(ConversationHandler):
@@ -132,6 +138,8 @@ class PhoneCall(ConversationHandler):
         self._exclusive = gevent.lock.Semaphore()  # one thing speaks at a time: turn, phrase
         self._silence_watch: gevent.Greenlet | None = None
         self._last_reply_text = ""
+        self._created_s = time.monotonic()
+        self._started_sent = False  # call.started: call.ended only follows it
 
     @property
     def agent(self):
@@ -159,6 +167,11 @@ class PhoneCall(ConversationHandler):
 
     def handle(self, event: EslEvent) -> None:
         if event.name == "CHANNEL_HANGUP_COMPLETE":
+            if self._started_sent:
+                self._emit("call.ended", {
+                    "duration_s": round(time.monotonic() - self._created_s, 3), "turns": self.turns,
+                    "hangup_cause": (event.get("Hangup-Cause") or "")[:64] or None,
+                    "transferred_to": self.transferred_to})
             super().handle(event)
             return
         self._learn_agent(event)
@@ -254,6 +267,7 @@ class PhoneCall(ConversationHandler):
             self._prompt_warned = True
             self.log.warning("system_prompt_placeholders_unfilled",
                              missing=fill(self.services.settings.system_prompt, self.dynamic_variables)[1])
+        self._emit_started()
         greeting = self.services.settings.greeting
         if greeting and self.services.accepting_turns:
             filled, missing = fill(greeting, self.dynamic_variables)
@@ -265,6 +279,32 @@ class PhoneCall(ConversationHandler):
             else:
                 self._exclusively(self._say, greeting, self.log, "greeting")
         self._start_silence_watch()
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def _emit_started(self) -> None:
+        if not self._started_sent:
+            self._started_sent = True
+            self._emit("call.started", {"agent": self.agent.name if self.agent is not None else None,
+                                        "caller_number": self.caller_number, "variables": dict(self.variables),
+                                        "dynamic_variables": dict(self.dynamic_variables)})
+
+    def _emit(self, event_type: str, data: dict) -> None:
+        """Queue an event for the agent's webhook receiver: returns at once, whatever it does."""
+        url = self.services.settings.webhook_url
+        if self.flow.webhooks is None or not url:
+            return
+        if event_type != "call.started":
+            self._emit_started()  # a call up before the daemon started: its start is learnt late
+        self.flow.webhooks.send(event_type, self.call_uuid, {"agent": self.agent.name if self.agent else None,
+                                                             **data}, url=url)
+
+    def _turn_completed(self, result: TurnResult) -> None:
+        self._emit("turn.completed", {
+            "turn": result.turn, "transcript": result.transcript, "reply": result.reply,
+            "interrupted": result.interrupted, "used_fallback": result.used_fallback,
+            "first_audio_ms": round(result.first_audio_ms, 1) if result.first_audio_ms is not None else None,
+            "llm_ms": round(result.llm_ms, 1), "total_ms": round(result.total_ms, 1)})
 
     # -- silence --------------------------------------------------------------------------------
 
@@ -367,6 +407,7 @@ class PhoneCall(ConversationHandler):
             self.log.error("transfer_not_sent", target=target.name, error=str(exc))
             return
         self.transferred_to = target.name
+        self._emit("call.transferred", {"target": target.name, "source": source})
         self.flow.counters.transfers += 1
         self.services.metrics.transfers_total.inc()
         # +OK even for an extension that does not exist (capture S6b): the switch owns the call now.

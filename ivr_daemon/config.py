@@ -81,6 +81,13 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "said when an agent's HTTP tool takes longer than TOOL_FILLER_AFTER_S"),
     ("TOOL_FILLER_AFTER_S", "tool_filler_after_s", "1",
      "seconds an HTTP tool may take before the caller hears TOOL_FILLER_PHRASE"),
+    ("WEBHOOK_URL", "webhook_url", "",
+     "http(s) URL that receives signed call-event POSTs (call.started, turn.completed, ...); empty: none"),
+    ("WEBHOOK_SECRET", "webhook_secret", "",
+     "HMAC-SHA256 key of the X-IVR-Signature header (at least 16 characters); needed with a WEBHOOK_URL"),
+    ("WEBHOOK_TIMEOUT_S", "webhook_timeout_s", "5", "seconds one webhook POST may take before it is retried"),
+    ("WEBHOOK_QUEUE_MAX", "webhook_queue_max", "1000",
+     "webhook events waiting at most; past it the oldest is dropped (ivr_webhooks_dropped_total)"),
     ("TTS_ENGINE", "tts_engine", "coqui", "coqui | piper | null (silence, for tests)"),
     ("COQUI_MODEL", "coqui_model", DEFAULT_COQUI_MODEL,
      "Coqui model name, downloaded on first use"),
@@ -163,6 +170,10 @@ class Settings:
     max_tool_calls: int
     tool_filler_phrase: str
     tool_filler_after_s: float
+    webhook_url: str
+    webhook_secret: str
+    webhook_timeout_s: float
+    webhook_queue_max: int
     tts_engine: str
     coqui_model: str
     coqui_model_path: str
@@ -339,6 +350,30 @@ def _asr_engine(raw_engine: str, model_path: str) -> tuple[str, str]:
     return engine, model_path
 
 
+def _webhook(raw: Mapping[str, str]) -> tuple[str, str]:
+    """WEBHOOK_URL (http or https, with a host) and WEBHOOK_SECRET, which a URL needs: events are signed."""
+    from urllib.parse import urlsplit
+
+    url = raw["webhook_url"].strip()
+    if url:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 -- raises ValueError for a port that is no number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(
+                c.isspace() for c in url):
+            raise ConfigError("WEBHOOK_URL", f"must be an http(s) URL with a host, got {raw['webhook_url'][:200]!r}")
+    secret = raw["webhook_secret"].strip()
+    # The secret's value never goes into an error message: they are logged and printed.
+    if secret and (len(secret) < MIN_HTTP_TOKEN_CHARS or not all("!" <= c <= "~" for c in secret)):
+        raise ConfigError("WEBHOOK_SECRET", f"must be at least {MIN_HTTP_TOKEN_CHARS} printable ASCII characters "
+                                            "without spaces")
+    if url and not secret:
+        raise ConfigError("WEBHOOK_SECRET", "must be set with WEBHOOK_URL: every event is signed with it")
+    return url, secret
+
+
 def normalize_words(text: str) -> str:
     """Lower case, punctuation dropped, whitespace collapsed: how goodbye words are compared."""
     return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
@@ -411,6 +446,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         raise ConfigError("FALLBACK_PHRASE", "must not be empty: it is what callers hear when the LLM fails")
 
     http_host, http_port, http_token = _http(raw)
+    webhook_url, webhook_secret = _webhook(raw)
 
     agents_file = _existing_file("AGENTS_FILE", raw["agents_file"].strip())
     asr_engine, vosk_model_path = _asr_engine(raw["asr_engine"], raw["vosk_model_path"].strip())
@@ -449,6 +485,10 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         max_tool_calls=_int("MAX_TOOL_CALLS", raw["max_tool_calls"], 1, 10),
         tool_filler_phrase=_phrase("TOOL_FILLER_PHRASE", raw["tool_filler_phrase"]),
         tool_filler_after_s=_float("TOOL_FILLER_AFTER_S", raw["tool_filler_after_s"], 0, 60),
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        webhook_timeout_s=_float("WEBHOOK_TIMEOUT_S", raw["webhook_timeout_s"], 0.1, 60),
+        webhook_queue_max=_int("WEBHOOK_QUEUE_MAX", raw["webhook_queue_max"], 1, 1_000_000),
         tts_engine=tts_engine,
         coqui_model=raw["coqui_model"].strip(),
         coqui_model_path=model_path,

@@ -502,7 +502,11 @@ class ConversationHandler:
                  tool_calls=[call.name for call in reply.tool_calls] or None)
         if self.services.on_turn is not None:
             self.services.on_turn(result)
+        self._turn_completed(result)
         self._after_reply(reply, messages, log)
+
+    def _turn_completed(self, result: TurnResult) -> None:
+        """A turn's answer is sent (or cut); the call flow tells the webhook receiver."""
 
     def _after_reply(self, reply: _Reply, messages: list[Message], log) -> None:
         """What a reply leads to once spoken (tool calls: transfer, end the call); the call flow's."""

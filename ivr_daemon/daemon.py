@@ -33,6 +33,7 @@ from ivr_daemon.tts import make_tts_engine
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
+from ivr_daemon.webhooks import DEFAULT_BACKOFF_BASE_S, WebhookSender
 
 log = get_logger(__name__)
 
@@ -42,6 +43,9 @@ SHUTDOWN_BUDGET_S = 9.0
 SHUTDOWN_EXIT_S = 1.0  # the "exit" command's reply
 SHUTDOWN_CLEANUP_S = 1.0  # calls' clean-up and syntheses still running
 SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S
+# At most this long (within the budget) for webhook events still queued: a dead receiver must
+# not make every shutdown take the whole budget.
+SHUTDOWN_WEBHOOK_FLUSH_S = 2.0
 RESYNC_INTERVAL_S = 60.0
 RESYNC_CONCURRENCY = 16  # uuid_exists questions in flight at once during a resync
 
@@ -104,6 +108,7 @@ class Daemon:
         self.metrics.esl_connected.set_function(lambda: 1 if self.esl.connected else 0)
         self.services: TurnServices | None = None  # the default agent's, set by build_conversation_daemon
         self.flow: CallFlowServices | None = None  # every agent's
+        self.webhooks: WebhookSender | None = None  # set by build_conversation_daemon
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
         self.jobs = JobWaiters()  # BACKGROUND_JOB results by Job-UUID (outbound calls)
@@ -161,6 +166,8 @@ class Daemon:
 
     def run(self) -> None:
         """Block until stopped; raises AuthenticationFailed on a wrong password."""
+        if self.webhooks is not None:
+            self.webhooks.start()  # idempotent
         periodic = gevent.spawn(self._resync_every, RESYNC_INTERVAL_S)
         try:
             self.esl.run()
@@ -183,6 +190,8 @@ class Daemon:
         self.esl.stop(send_exit=True)
         if self._greenlet is not None:
             self._greenlet.join(timeout=timeout_s)
+        if self.webhooks is not None:
+            self.webhooks.stop(timeout_s=0.0)
 
     def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """SIGTERM: take no new turns, let turns in flight send their audio, then leave cleanly.
@@ -217,6 +226,9 @@ class Daemon:
                 log.warning("shutdown_syntheses_abandoned", count=len(running) - len(done))
         if self._greenlet is not None:
             self._greenlet.join(timeout=max(0.0, deadline_s - time.monotonic()))
+        if self.webhooks is not None:
+            # The calls' last events (call.ended) were queued by their clean-up just now.
+            self.webhooks.stop(timeout_s=max(0.0, min(SHUTDOWN_WEBHOOK_FLUSH_S, deadline_s - time.monotonic())))
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
     def _all_services(self) -> list[TurnServices]:
@@ -238,6 +250,7 @@ def build_conversation_daemon(
     on_turn: Callable[[TurnResult], None] | None = None,
     synth_threads: int | None = None,
     agents: AgentBook | None = None,
+    webhook_backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
     **esl_options,
 ) -> Daemon:
     """The daemon ``ivr-daemon run`` runs: every agent's LLM and voice loaded once, and its
@@ -285,11 +298,15 @@ def build_conversation_daemon(
                                metrics=metrics)
             for name, (agent, client, engine, pinned, fallback_wav) in prepared.items()
         }
-        flow = CallFlowServices(by_agent, agents.default_name)
+        flow = CallFlowServices(by_agent, agents.default_name, webhooks=webhooks)
         made.append(flow)
         return call_flow_factory(flow)
 
     made: list[CallFlowServices] = []
+    # One sender for every agent (each names its own URL); the secret and the queue are global.
+    webhooks = WebhookSender(settings.webhook_secret, metrics, queue_max=settings.webhook_queue_max,
+                             timeout_s=settings.webhook_timeout_s, backoff_base_s=webhook_backoff_base_s) \
+        if any(agent.settings.webhook_url for agent in agents.agents.values()) else None
     default = agents.default
     log.info("daemon_ready", agents=list(agents.agents), default_agent=agents.default_name,
              llm_provider=default.settings.llm_provider, llm_api_url=default.settings.llm_api_url,
@@ -298,6 +315,7 @@ def build_conversation_daemon(
     daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)
     daemon.flow = made[0]
     daemon.agents = agents
+    daemon.webhooks = webhooks
     daemon.services = made[0].by_agent[agents.default_name]
     return daemon
 

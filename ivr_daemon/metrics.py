@@ -68,6 +68,13 @@ class DaemonMetrics:
         self.hangups_by_ivr_total = Counter(
             "ivr_hangups_by_ivr_total", "Calls the daemon hung up after its goodbye, by reason.", ["reason"],
             registry=r)
+        self.webhooks_delivered_total = Counter(
+            "ivr_webhooks_delivered_total", "Call-event webhooks the receiver accepted (2xx).", registry=r)
+        self.webhooks_failed_total = Counter(
+            "ivr_webhooks_failed_total", "Call-event webhooks given up: a 4xx, or every attempt failed.", registry=r)
+        self.webhooks_dropped_total = Counter(
+            "ivr_webhooks_dropped_total", "Call-event webhooks dropped unsent: the queue was full (oldest first).",
+            registry=r)
         # Known label values show as 0 from the start: a dashboard's rate() needs the series.
         for outcome in TURN_OUTCOMES:
             self.turns_total.labels(outcome=outcome)
