@@ -48,20 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the mod_vosk-faithful client and Piper audio of the tests
 
 from asr_clients import FRAME_INTERVAL_S, MEDIA_FRAME_S, ModVoskClient, load_voice, pcm16, spoken  # noqa: E402
+from latency import percentile  # noqa: E402  (one percentile for every benchmark)
 
 RATE_HZ = 8000
 SENTENCE = "I would like to check my account balance"
 PAUSE_S = 1.2
 NOISE_DBFS = -60.0
 LATENCY_GOAL_S = 1.0
-
-
-def percentile(values, q):
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def noise(duration_s: float, seed: int) -> bytes:

@@ -50,18 +50,11 @@ from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 import requests  # noqa: E402
+from latency import percentile  # noqa: E402  (one percentile for every benchmark)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 REPLY = "Sure, we open at nine. We close at five."
-
-
-def percentile(values, q):
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
 
 def run_clients(url: str, clients: int, duration_s: float) -> int:
     """The client process: hammer ``url`` for ``duration_s``; print [[latency_ms, status], ...]."""
