@@ -121,13 +121,18 @@ def cmd_simulator(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import os
     from pathlib import Path
 
     from ivr_daemon.demo import run_demo
     from ivr_daemon.logs import configure_logging
 
     configure_logging("WARNING", "console")
-    return run_demo(cache_dir=Path(args.cache_dir), out_dir=Path(args.out_dir), tts_engine=args.tts_engine)
+    if args.asr_speed <= 0:
+        print("ivr-daemon demo: --asr-speed must be positive", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_demo(cache_dir=Path(args.cache_dir), out_dir=Path(args.out_dir), tts_engine=args.tts_engine,
+                    asr=args.asr, asr_environ=os.environ, caller_audio_speed=args.asr_speed)
 
 
 def cmd_record(args) -> int:
@@ -332,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")
     demo.add_argument("--out-dir", default=".cache/demo", help="where the WAVs and server log go")
     demo.add_argument("--tts-engine", default="piper", choices=["piper", "coqui", "null"])
+    demo.add_argument("--asr", action="store_true",
+                      help="the caller speaks: Piper audio streamed by the simulator (as mod_vosk) to an asr-server"
+                           " started here (pocketsphinx; vosk with VOSK_MODEL_PATH), instead of typed text")
+    demo.add_argument("--asr-speed", type=float, default=1.0, metavar="X",
+                      help="with --asr: stream the caller's audio X times faster than real time (default 1: real time,"
+                           " as FreeSWITCH does)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -69,7 +69,7 @@ def test_the_callers_audio_comes_back_as_partial_then_final_detected_speech(sim,
         again, _ = peer.event("DETECTED_SPEECH", Unique_ID=call)
         assert again.raw == frame.raw
         assert partials and len(partials[-1].split()) >= 2, partials
-        assert utterance.fed.wait(10)
+        assert utterance.fed.wait(10) and utterance.settled.wait(30)
 
         sim.hangup(call)
         (summary,) = asr_server.wait_for_closed_streams(1)
@@ -96,6 +96,20 @@ def test_two_calls_each_stream_their_own_caller(sim, asr_server, help_pcm):
     sim.hangup(first)
     sim.hangup(second)
     assert {s.reason for s in asr_server.wait_for_closed_streams(2)} <= {"client_closed_malformed", "disconnected"}
+
+
+def test_audio_the_server_makes_nothing_of_settles_without_a_final(sim, asr_server):
+    # Two seconds of a silent line: pocketsphinx hears no one, mod_vosk fires nothing, and the
+    # utterance settles once the server has answered its frames and the silence after them.
+    call = sim.new_call()
+    assert sim.wait_asr_connected(call)
+    start = sim.events_emitted
+    utterance = sim.caller_says(call, bytes(2 * 8000 * 2))
+    assert utterance.settled.wait(30)
+    assert utterance.fed.is_set() and utterance.last_frame is not None
+    assert not [e for e in sim.emitted_events[start:] if e.name == "DETECTED_SPEECH"]
+    assert sim.call_exists(call)
+    sim.hangup(call)
 
 
 def test_without_a_reachable_asr_server_the_call_goes_on_without_speech_events(caplog, refusing_url):

@@ -31,15 +31,28 @@ from ivr_daemon.replay.simulator.errors import SimulatorError
 log = get_logger(__package__)  # one logger name for the whole simulator
 
 CHANNEL_RATE_HZ = 8000  # Channel-Read-Codec-Rate of the captured legs (L16)
+# An utterance is "settled" once the server has answered its frames and this much silence after
+# them: time enough for an endpointer (pocketsphinx's wants ~0.5 s) to have ended it. Counted in
+# the server's replies, not on the clock, so a server decoding behind real time is waited for.
+SETTLE_AFTER_S = 3.0
 
 
 @dataclass(eq=False)
 class CallerUtterance:
-    """Caller audio queued on a leg; ``fed`` is set once its last byte went out to the server."""
+    """Caller audio queued on a leg.
+
+    ``fed`` is set once its last byte went out to the server (at ``fed_at_s``, time.monotonic());
+    ``settled`` once the server has answered every frame of it and ``SETTLE_AFTER_S`` of
+    silence after it, so whatever it was going to recognise has been fired as DETECTED_SPEECH
+    (no final by then: it recognised nothing). Both are also set when the stream ends first.
+    """
 
     pcm: bytes
     fed: gevent.event.Event = field(default_factory=gevent.event.Event)
+    settled: gevent.event.Event = field(default_factory=gevent.event.Event)
+    fed_at_s: float | None = None
     offset: int = 0
+    last_frame: int | None = None  # the 3,200-byte frame its last bytes went out in (or a later one)
 
     @property
     def duration_s(self) -> float:
@@ -52,6 +65,7 @@ class _AsrStream:
 
     uuid: str
     pending: list[CallerUtterance] = field(default_factory=list)
+    unsettled: list[CallerUtterance] = field(default_factory=list)
     greenlet: gevent.Greenlet | None = None
     connected: gevent.event.Event = field(default_factory=gevent.event.Event)
     ended: gevent.event.Event = field(default_factory=gevent.event.Event)
@@ -64,10 +78,21 @@ class _AsrStream:
             utterance.offset += len(chunk)
             if utterance.offset >= len(utterance.pcm):
                 self.pending.pop(0)
+                utterance.fed_at_s = time.monotonic()
                 utterance.fed.set()
             if chunk:
                 return chunk + bytes(frame_bytes - len(chunk))
         return bytes(frame_bytes)
+
+    def settle(self, frames_sent: int, replies: int, settle_frames: int) -> None:
+        """Mark the utterances whose frames, and ``settle_frames`` after them, have all had their reply."""
+        for utterance in list(self.unsettled):
+            if utterance.last_frame is None and utterance.fed.is_set():
+                # Its last bytes are in the frame sent last, or still buffered for the next one.
+                utterance.last_frame = frames_sent
+            if utterance.last_frame is not None and replies > utterance.last_frame + settle_frames:
+                utterance.settled.set()
+                self.unsettled.remove(utterance)
 
 
 class AsrMixin:
@@ -85,7 +110,7 @@ class AsrMixin:
 
         mod_vosk streams it to the ASR server in real time (times ``caller_audio_speed``); what the
         server hears comes back as DETECTED_SPEECH events. Wait on the result's ``fed`` to know
-        the last of it has been sent.
+        the last of it has been sent, on its ``settled`` to know all the server made of it was fired.
         """
         if self.asr_server is None:
             raise SimulatorError("no ASR server: make the simulator with asr_server=(host, port)")
@@ -95,6 +120,7 @@ class AsrMixin:
             raise SimulatorError(f"call {uuid} runs no detect_speech (no ASR stream, or it ended)")
         utterance = CallerUtterance(bytes(pcm))
         stream.pending.append(utterance)
+        stream.unsettled.append(utterance)
         return utterance
 
     def wait_asr_connected(self, uuid: str, timeout_s: float | None = 10.0) -> bool:
@@ -127,7 +153,7 @@ class AsrMixin:
 
     def _run_mod_vosk(self, call, stream: _AsrStream) -> None:
         # The wire client needs wsproto ([asr] extra): imported only when mod_vosk is asked for.
-        from ivr_daemon.asr.modvosk_client import MEDIA_FRAME_S, ModVoskClient, ModVoskRun, sleep_until
+        from ivr_daemon.asr.modvosk_client import FRAME_BYTES, MEDIA_FRAME_S, ModVoskClient, ModVoskRun, sleep_until
 
         clog = log.bind(call_uuid=call.uuid)
         host, port = self.asr_server
@@ -141,6 +167,7 @@ class AsrMixin:
             clog.info("sim_asr_stream_open", url=f"ws://{host}:{port}")
             run = ModVoskRun(started_s=time.monotonic())
             tick_s = MEDIA_FRAME_S / self.caller_audio_speed
+            settle_frames = round(SETTLE_AFTER_S * CHANNEL_RATE_HZ * 2 / FRAME_BYTES)
             ticks = 0
             try:
                 while call.live:
@@ -152,6 +179,7 @@ class AsrMixin:
                     if heard is not None and call.live:
                         clog.debug("sim_asr_heard", final=heard.final, chars=len(heard.text))
                         self.speak(call.uuid, heard.text, final=heard.final)
+                    stream.settle(run.frames_sent, len(run.replies), settle_frames)
                     if client.closed:
                         clog.warning("sim_asr_feed_failed", error="the ASR server closed the stream")
                         return
@@ -163,5 +191,7 @@ class AsrMixin:
                 clog.info("sim_asr_stream_closed", frames_sent=run.frames_sent, heard=len(run.heard))
         finally:
             stream.ended.set()
-            for utterance in stream.pending:
-                utterance.fed.set()  # nothing more will be sent: nobody waits forever
+            for utterance in stream.pending + stream.unsettled:
+                # Nothing more will be sent or heard: nobody waits forever.
+                utterance.fed.set()
+                utterance.settled.set()
