@@ -1,5 +1,6 @@
 # One command sets up and runs the main job (make demo), one runs the tests (make test).
 # Both create .venv and install everything on first use; nothing needs installing by hand.
+# `make demo DEMO_ARGS=--asr`: the caller speaks (Piper audio through ivr-daemon asr-server).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ivr-daemon demo
+	$(BIN)/ivr-daemon demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
