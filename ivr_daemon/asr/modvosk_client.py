@@ -25,6 +25,7 @@ import gevent
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, Request, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 # What the capture measured (tests/asr_clients.py checks these against session.jsonl): 3,200
 # bytes a frame, whatever the rate (8 kHz: 200 ms of audio, sent every 200 ms).
@@ -103,7 +104,10 @@ class WsClient:
                     return "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
 
     def send_bytes(self, data: bytes) -> None:
-        self.sock.sendall(self.ws.send(BytesMessage(data=data)))
+        try:
+            self.sock.sendall(self.ws.send(BytesMessage(data=data)))
+        except LocalProtocolError as exc:  # the connection is closing or closed: as a failed send
+            raise ConnectionError(f"cannot send on a {self.ws.state.name} WebSocket") from exc
 
     def send_text(self, text: str) -> None:
         self.sock.sendall(self.ws.send(TextMessage(data=text)))
