@@ -45,6 +45,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -76,7 +77,7 @@ FIRST_CLAUSE_REPLY = "We open at nine tomorrow, and we close at six in the eveni
 
 
 MEASUREMENTS = ("overhead", "overhead-dead-webhook", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting",
-                "first-clause")
+                "first-clause", "burst")
 # The turn measurements time a call's first broadcast: no greeting before it, no re-prompts.
 NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
@@ -120,7 +121,7 @@ class DaemonProcessRig:
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
-                 extra_env=None, checkout=None):
+                 extra_env=None, checkout=None, profile_path=None):
         """``checkout``: run the daemon of that copy of the project (its directory first on the
         daemon's sys.path, as ``python -m`` from there does) rather than this one's."""
         self.turns: dict[str, dict] = {}
@@ -142,7 +143,7 @@ class DaemonProcessRig:
         self.log_file = open(self.log_path, "w")
         if checkout is not None:
             env["PYTHONPATH"] = str(checkout)
-        self.daemon = subprocess.Popen([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "run"],
+        self.daemon = subprocess.Popen([sys.executable, *_profiled(profile_path), "--env-file", os.devnull, "run"],
                                        env=env, stderr=self.log_file, stdout=subprocess.DEVNULL,
                                        cwd=checkout)
         self.sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
@@ -186,6 +187,17 @@ class DaemonProcessRig:
         self.log_file.close()
         self.sim.stop()
         self.tmp.cleanup()
+
+
+def _profiled(profile_path):
+    """The interpreter arguments that run the daemon (``-m ivr_daemon``); with a path, under a
+    cProfile that SIGUSR1 starts and SIGUSR2 stops, writing its stats to ``profile_path``."""
+    if profile_path is None:
+        return ["-m", "ivr_daemon"]
+    return ["-c", "import cProfile, runpy, signal; p = cProfile.Profile(); "
+                  "signal.signal(signal.SIGUSR1, lambda *_: p.enable()); "
+                  f"signal.signal(signal.SIGUSR2, lambda *_: (p.disable(), p.dump_stats({str(profile_path)!r}))); "
+                  "runpy.run_module('ivr_daemon', run_name='__main__')"]
 
 
 def _first_broadcast_ms(sim, call, sequence):
@@ -233,6 +245,52 @@ def bench_overhead(args, extra_env=None):
         return overheads, len(rig.turns)
     finally:
         rig.close()
+
+
+def bench_burst(args, profile_path=None):
+    """--burst-calls callers finishing a sentence in the same instant: each call's final transcript
+    frame written -> its first uuid_broadcast read, with an instant LLM (its own process) and
+    null TTS through the phrase cache (warmed by one turn first: every burst turn is a cache hit),
+    the daemon as users run it. Returns (samples in ms, overheads in ms: less llm_ms and tts_ms)."""
+    instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
+                   "--first-token-ms", "0", "--tokens-per-s", "1000000"]
+    rig = DaemonProcessRig(args, llm_cmd=instant_llm, cache_mb=50, profile_path=profile_path,
+                           sim_options={"playback_speed": 0.0})
+    try:
+        warm = rig.sim.new_call()
+        rig.sim.speak(warm, "warm up")
+        rig.wait_turn(warm)
+        calls = [rig.sim.new_call() for _ in range(args.burst_calls)]
+        gevent.sleep(1.0)  # every call's CHANNEL_ANSWER/PARK handled: only the turns are measured
+        if profile_path is not None:
+            Path(profile_path).unlink(missing_ok=True)
+            rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the burst only
+            gevent.sleep(0.2)
+        cpu_before_s = {name: _cpu_s(proc.pid) for name, proc in (("daemon", rig.daemon), ("llm", rig.llm))}
+        cpu_before_s["bench"] = _cpu_s(os.getpid())
+        # One after another with no yield between: the frames go out back to back.
+        sequences = {call: rig.sim.speak(call, f"question number {i}") for i, call in enumerate(calls)}
+        samples, overheads = [], []
+        for call in calls:
+            samples.append(_first_broadcast_ms(rig.sim, call, sequences[call]))
+        cpu_ms = {"daemon": _cpu_s(rig.daemon.pid), "llm": _cpu_s(rig.llm.pid), "bench": _cpu_s(os.getpid())}
+        cpu_ms = {name: round((cpu_s - cpu_before_s[name]) * 1000) for name, cpu_s in cpu_ms.items()}
+        if profile_path is not None:
+            rig.daemon.send_signal(signal.SIGUSR2)
+            while not Path(profile_path).exists():
+                gevent.sleep(0.05)
+        for call, first_ms in zip(calls, samples):
+            turn = rig.wait_turn(call)
+            overheads.append(first_ms - turn["llm_ms"] - turn["tts_ms"])
+        return samples, overheads, cpu_ms
+    finally:
+        rig.close()
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_first_audio(args):
@@ -447,6 +505,9 @@ def main(argv=None) -> int:
     parser.add_argument("--first-clause-runs", type=int, default=10)
     parser.add_argument("--cached-runs", type=int, default=100, help="cached-phrase samples")
     parser.add_argument("--busy-calls", type=int, default=8, help="calls synthesizing during the cached-phrase samples")
+    parser.add_argument("--burst-calls", type=int, default=200, help="same-instant turns of the burst measurement")
+    parser.add_argument("--profile-daemon", metavar="PATH",
+                        help="burst: run the daemon under cProfile, its stats written to PATH")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
                         help="run only this measurement (repeatable); default: all")
     parser.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)  # the cached-phrase LLM
@@ -524,6 +585,17 @@ def main(argv=None) -> int:
                        first_sentence_ms=round(sentence_ms, 1),
                        first_clause_tts_ms=round(statistics.median(clause["clause_tts"]), 1),
                        first_clause_ratio_max=round(max(ratios), 3))
+
+    if "burst" in selected:
+        samples, overheads, cpu_ms = bench_burst(args, args.profile_daemon)
+        print(f"burst of {args.burst_calls} same-instant turns (instant LLM, cached TTS): transcript -> first "
+              f"broadcast p50 {percentile(samples, 50):.2f} ms, p99 {percentile(samples, 99):.2f} ms, "
+              f"max {max(samples):.2f} ms; overhead p99 {percentile(overheads, 99):.2f} ms; CPU ms until the last "
+              f"broadcast: {cpu_ms}")
+        figures.update(burst_first_broadcast_p50_ms=round(percentile(samples, 50), 2),
+                       burst_first_broadcast_p99_ms=round(percentile(samples, 99), 2),
+                       burst_overhead_p99_ms=round(percentile(overheads, 99), 2), burst_calls=args.burst_calls,
+                       burst_cpu_ms=cpu_ms)
 
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))
