@@ -77,7 +77,7 @@ FIRST_CLAUSE_REPLY = "We open at nine tomorrow, and we close at six in the eveni
 
 
 MEASUREMENTS = ("overhead", "overhead-dead-webhook", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting",
-                "first-clause", "burst")
+                "first-clause", "burst", "partials-load")
 # The turn measurements time a call's first broadcast: no greeting before it, no re-prompts.
 NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
@@ -191,13 +191,34 @@ class DaemonProcessRig:
 
 def _profiled(profile_path):
     """The interpreter arguments that run the daemon (``-m ivr_daemon``); with a path, under a
-    cProfile that SIGUSR1 starts and SIGUSR2 stops, writing its stats to ``profile_path``."""
+    cProfile that SIGUSR1 starts and SIGUSR2 stops, writing its stats to ``profile_path`` and
+    the greenlet switches meanwhile (greenlet.settrace) to ``profile_path``.switches.json."""
     if profile_path is None:
         return ["-m", "ivr_daemon"]
-    return ["-c", "import cProfile, runpy, signal; p = cProfile.Profile(); "
-                  "signal.signal(signal.SIGUSR1, lambda *_: p.enable()); "
-                  f"signal.signal(signal.SIGUSR2, lambda *_: (p.disable(), p.dump_stats({str(profile_path)!r}))); "
-                  "runpy.run_module('ivr_daemon', run_name='__main__')"]
+    return ["-c", PROFILER.format(path=str(profile_path))]
+
+
+# Run as the daemon's process under --profile-daemon (see _profiled).
+PROFILER = """
+import cProfile, json, runpy, signal, greenlet
+profile, switches, on = cProfile.Profile(), [0], [False]
+def trace(event, args):
+    if on[0]:
+        switches[0] += 1
+def start(*_):
+    on[0] = True
+    greenlet.settrace(trace)
+    profile.enable()
+def stop(*_):
+    profile.disable()
+    on[0] = False
+    with open({path!r} + ".switches.json", "w") as out:
+        json.dump({{"greenlet_switches": switches[0]}}, out)
+    profile.dump_stats({path!r})
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+runpy.run_module("ivr_daemon", run_name="__main__")
+"""
 
 
 def _first_broadcast_ms(sim, call, sequence):
@@ -247,14 +268,14 @@ def bench_overhead(args, extra_env=None):
         rig.close()
 
 
-def bench_burst(args, profile_path=None):
+def bench_burst(args, profile_path=None, checkout=None):
     """--burst-calls callers finishing a sentence in the same instant: each call's final transcript
     frame written -> its first uuid_broadcast read, with an instant LLM (its own process) and
     null TTS through the phrase cache (warmed by one turn first: every burst turn is a cache hit),
     the daemon as users run it. Returns (samples in ms, overheads in ms: less llm_ms and tts_ms)."""
     instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
                    "--first-token-ms", "0", "--tokens-per-s", "1000000"]
-    rig = DaemonProcessRig(args, llm_cmd=instant_llm, cache_mb=50, profile_path=profile_path,
+    rig = DaemonProcessRig(args, llm_cmd=instant_llm, cache_mb=50, profile_path=profile_path, checkout=checkout,
                            sim_options={"playback_speed": 0.0})
     try:
         warm = rig.sim.new_call()
@@ -277,13 +298,99 @@ def bench_burst(args, profile_path=None):
         cpu_ms = {name: round((cpu_s - cpu_before_s[name]) * 1000) for name, cpu_s in cpu_ms.items()}
         if profile_path is not None:
             rig.daemon.send_signal(signal.SIGUSR2)
-            while not Path(profile_path).exists():
+            deadline_s = time.monotonic() + 60
+            while not Path(profile_path).exists() and time.monotonic() < deadline_s:
                 gevent.sleep(0.05)
         for call, first_ms in zip(calls, samples):
             turn = rig.wait_turn(call)
             overheads.append(first_ms - turn["llm_ms"] - turn["tts_ms"])
         return samples, overheads, cpu_ms
     finally:
+        rig.close()
+
+
+# mod_vosk's partial transcripts: one every 200 ms per talking caller, each delivered twice
+# while the leg is parked (capture 80_plain). Partials of the load are numbered from here (a
+# fixed width keeps each prebuilt frame's Content-Length right), the simulator's own events
+# from SIM_FIRST_SEQUENCE: no two events share a dedup key by accident.
+PARTIALS_PER_S = 5
+PARTIAL_FIRST_SEQUENCE = 1_000_000_000
+SIM_FIRST_SEQUENCE = 10_000_000
+PARTIAL_CAPTURE = "41_event_plain_DETECTED_SPEECH_detected-partial-speech.txt"
+
+
+def partial_frames(call_uuids, core_uuid):
+    """Per call, a real captured partial-speech frame with a placeholder Event-Sequence."""
+    from harness import captured_event  # tests/ is on sys.path
+
+    return [captured_event(PARTIAL_CAPTURE, body="hello i would like to know", Unique_ID=call, Channel_Call_UUID=call,
+                           Caller_Unique_ID=call, Core_UUID=core_uuid, Event_Sequence=str(PARTIAL_FIRST_SEQUENCE))
+            for call in call_uuids]
+
+
+def send_partials(sim, frames, stop, sent):
+    """Every call's partial 5 times a second, each twice (parked), spread over 20 ms slices,
+    until ``stop`` is set; ``sent[0]`` counts the events written."""
+    placeholder = b"Event-Sequence: %d\n" % PARTIAL_FIRST_SEQUENCE
+    sequence = itertools.count(PARTIAL_FIRST_SEQUENCE + 1)
+    slice_s = 0.020
+    per_slice = max(1, round(len(frames) * PARTIALS_PER_S * slice_s))
+    next_s, index = time.monotonic(), 0
+    while not stop.is_set():
+        batch = []
+        for _ in range(per_slice):
+            frame = frames[index % len(frames)].replace(placeholder, b"Event-Sequence: %d\n" % next(sequence))
+            batch += [frame, frame]
+            index += 1
+        sim.inject_raw(b"".join(batch))
+        sent[0] += len(batch)
+        next_s += slice_s
+        gevent.sleep(max(0.0, next_s - time.monotonic()))
+
+
+def bench_partials_load(args, checkout=None):
+    """--load-calls calls talking (partials at mod_vosk's rate) while other calls' turns are timed:
+    overhead (as bench_overhead: transcript -> first broadcast less llm_ms and tts_ms) and barge-in
+    (a partial while the answer plays -> uuid_break). Returns (overheads, barge-ins, events/s sent,
+    daemon CPU share)."""
+    import gevent.event
+
+    rig = DaemonProcessRig(args, checkout=checkout, sim_options={
+        "playback_speed": 1.0, "duplicate_speech_delay_s": 0.0, "first_event_sequence": SIM_FIRST_SEQUENCE,
+        "history_limit": 5_000})
+    stop = gevent.event.Event()
+    try:
+        talking = [rig.sim.new_call() for _ in range(args.load_calls)]
+        frames = partial_frames(talking, rig.sim.core_uuid)
+        gevent.sleep(2.0)  # every call's CHANNEL_ANSWER/PARK handled before the load starts
+        sent = [0]
+        load = gevent.spawn(send_partials, rig.sim, frames, stop, sent)
+        load_started_s = time.monotonic()
+        gevent.sleep(2.0)  # the load is steady
+        cpu_before_s, started_s = _cpu_s(rig.daemon.pid), time.monotonic()
+        overheads, barge_ins = [], []
+        for index in range(args.load_turns):
+            call = rig.sim.new_call()
+            gevent.sleep(0.05)
+            sequence = rig.sim.speak(call, f"question number {index}")
+            first_ms = _first_broadcast_ms(rig.sim, call, sequence)
+            turn = rig.wait_turn(call)
+            overheads.append(first_ms - turn["llm_ms"] - turn["tts_ms"])
+            # Its answer plays (real time): the caller cuts in.
+            rig.sim.wait_for_event(lambda e, call=call: e.name == "PLAYBACK_START" and e.unique_id == call, 30,
+                                   consume=False)
+            gevent.sleep(0.05)
+            sequence = rig.sim.speak(call, "wait", final=False)
+            command = rig.sim.wait_for_command(f"api uuid_break {call} all", 30)
+            barge_ins.append((command.t_monotonic - rig.sim.written_at(sequence)) * 1000)
+            rig.sim.hangup(call)
+        elapsed_s = time.monotonic() - started_s
+        cpu_share = (_cpu_s(rig.daemon.pid) - cpu_before_s) / elapsed_s
+        stop.set()
+        load.join()
+        return overheads, barge_ins, sent[0] / (time.monotonic() - load_started_s), cpu_share
+    finally:
+        stop.set()
         rig.close()
 
 
@@ -508,6 +615,11 @@ def main(argv=None) -> int:
     parser.add_argument("--burst-calls", type=int, default=200, help="same-instant turns of the burst measurement")
     parser.add_argument("--profile-daemon", metavar="PATH",
                         help="burst: run the daemon under cProfile, its stats written to PATH")
+    parser.add_argument("--load-calls", type=int, default=1000, help="partials-load: calls sending partials")
+    parser.add_argument("--load-turns", type=int, default=50, help="partials-load: turns (and barge-ins) timed")
+    parser.add_argument("--baseline", metavar="PATH",
+                        help="burst, partials-load: also measure the daemon of this checkout, interleaved")
+    parser.add_argument("--rounds", type=int, default=1, help="burst, partials-load: rounds (each: baseline, ours)")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
                         help="run only this measurement (repeatable); default: all")
     parser.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)  # the cached-phrase LLM
@@ -586,16 +698,46 @@ def main(argv=None) -> int:
                        first_clause_tts_ms=round(statistics.median(clause["clause_tts"]), 1),
                        first_clause_ratio_max=round(max(ratios), 3))
 
+    variants = [("baseline_", args.baseline), ("", None)] if args.baseline else [("", None)]
     if "burst" in selected:
-        samples, overheads, cpu_ms = bench_burst(args, args.profile_daemon)
-        print(f"burst of {args.burst_calls} same-instant turns (instant LLM, cached TTS): transcript -> first "
-              f"broadcast p50 {percentile(samples, 50):.2f} ms, p99 {percentile(samples, 99):.2f} ms, "
-              f"max {max(samples):.2f} ms; overhead p99 {percentile(overheads, 99):.2f} ms; CPU ms until the last "
-              f"broadcast: {cpu_ms}")
-        figures.update(burst_first_broadcast_p50_ms=round(percentile(samples, 50), 2),
-                       burst_first_broadcast_p99_ms=round(percentile(samples, 99), 2),
-                       burst_overhead_p99_ms=round(percentile(overheads, 99), 2), burst_calls=args.burst_calls,
-                       burst_cpu_ms=cpu_ms)
+        samples = {prefix: ([], [], []) for prefix, _ in variants}
+        for _ in range(args.rounds):
+            for prefix, checkout in variants:
+                firsts, overheads, cpu_ms = bench_burst(args, args.profile_daemon if not prefix else None, checkout)
+                samples[prefix][0].extend(firsts)
+                samples[prefix][1].extend(overheads)
+                samples[prefix][2].append(cpu_ms["daemon"] / args.burst_calls)
+        for prefix, (firsts, overheads, cpu_per_turn) in samples.items():
+            print(f"{prefix or 'ours: '}burst of {args.burst_calls} same-instant turns (instant LLM, cached TTS): "
+                  f"transcript -> first broadcast p50 {percentile(firsts, 50):.2f} ms, p99 {percentile(firsts, 99):.2f} ms; "
+                  f"overhead p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms; "
+                  f"daemon CPU {statistics.median(cpu_per_turn):.2f} ms per turn")
+            figures.update({f"{prefix}burst_first_broadcast_p50_ms": round(percentile(firsts, 50), 2),
+                            f"{prefix}burst_first_broadcast_p99_ms": round(percentile(firsts, 99), 2),
+                            f"{prefix}burst_overhead_p50_ms": round(percentile(overheads, 50), 2),
+                            f"{prefix}burst_overhead_p99_ms": round(percentile(overheads, 99), 2),
+                            f"{prefix}burst_daemon_cpu_ms_per_turn": round(statistics.median(cpu_per_turn), 2)})
+        figures.update(burst_calls=args.burst_calls)
+
+    if "partials-load" in selected:
+        results = {prefix: ([], [], [], []) for prefix, _ in variants}
+        for _ in range(args.rounds):
+            for prefix, checkout in variants:
+                for bucket, value in zip(results[prefix], bench_partials_load(args, checkout)):
+                    bucket.extend(value if isinstance(value, list) else [value])
+        for prefix, (overheads, barge, rates, cpu) in results.items():
+            print(f"{prefix or 'ours: '}{args.load_calls} calls sending partials ({statistics.median(rates):.0f} events/s, "
+                  f"daemon CPU {statistics.median(cpu) * 100:.0f} %): overhead p50 {percentile(overheads, 50):.2f} ms, "
+                  f"p99 {percentile(overheads, 99):.2f} ms; barge-in p50 {percentile(barge, 50):.2f} ms, "
+                  f"p99 {percentile(barge, 99):.2f} ms ({len(overheads)} turns)")
+            figures.update({f"{prefix}load_overhead_p50_ms": round(percentile(overheads, 50), 2),
+                            f"{prefix}load_overhead_p99_ms": round(percentile(overheads, 99), 2),
+                            f"{prefix}load_barge_in_p50_ms": round(percentile(barge, 50), 2),
+                            f"{prefix}load_barge_in_p99_ms": round(percentile(barge, 99), 2),
+                            f"{prefix}load_events_per_s": round(statistics.median(rates)),
+                            f"{prefix}load_daemon_cpu_share": round(statistics.median(cpu), 3)})
+        figures.update(load_calls=args.load_calls)
+    figures["load_average_1min"] = round(os.getloadavg()[0], 1)
 
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))
