@@ -32,6 +32,24 @@ Prints a table, and as its last line one JSON object:
                                     whole sentence here, in the same run, turn by turn (medians of
                                     --first-clause-runs; the goal is a ratio <= 0.5)
 
+  burst_first_broadcast_p50_ms, burst_first_broadcast_p99_ms, burst_overhead_p50_ms,
+  burst_overhead_p99_ms, burst_daemon_cpu_ms_per_turn
+                                    --burst-calls (200) final transcripts written back to back, an
+                                    instant LLM, null TTS through a warm phrase cache: transcript ->
+                                    first uuid_broadcast, the same less llm_ms and tts_ms, and the
+                                    daemon's CPU per turn (--profile-daemon PATH: cProfile of the
+                                    burst and its greenlet switches)
+  load_overhead_p50_ms, load_overhead_p99_ms, load_barge_in_p50_ms, load_barge_in_p99_ms,
+  load_events_per_s, load_daemon_cpu_share, load_fell_behind
+                                    --load-calls (1,000) calls sending partials at mod_vosk's rate
+                                    (5/s, twice each while parked: 10,000 events/s) while
+                                    --load-turns calls ask (as overhead) and are barged in on
+  load_average_1min                 the machine's, when the figures were taken: latencies on a
+                                    busy box measure its queue for a core more than the daemon
+
+--baseline PATH (another checkout, e.g. main) measures burst and partials-load of its daemon too,
+interleaved with ours round by round (--rounds); its figures are prefixed with baseline_.
+
 Usage: .venv/bin/python bench/latency.py [--calls 200] [--only cached-phrase ...]
 """
 
