@@ -32,6 +32,24 @@ Prints a table, and as its last line one JSON object:
                                     whole sentence here, in the same run, turn by turn (medians of
                                     --first-clause-runs; the goal is a ratio <= 0.5)
 
+  burst_first_broadcast_p50_ms, burst_first_broadcast_p99_ms, burst_overhead_p50_ms,
+  burst_overhead_p99_ms, burst_daemon_cpu_ms_per_turn
+                                    --burst-calls (200) final transcripts written back to back, an
+                                    instant LLM, null TTS through a warm phrase cache: transcript ->
+                                    first uuid_broadcast, the same less llm_ms and tts_ms, and the
+                                    daemon's CPU per turn (--profile-daemon PATH: cProfile of the
+                                    burst and its greenlet switches)
+  load_overhead_p50_ms, load_overhead_p99_ms, load_barge_in_p50_ms, load_barge_in_p99_ms,
+  load_events_per_s, load_daemon_cpu_share, load_fell_behind
+                                    --load-calls (1,000) calls sending partials at mod_vosk's rate
+                                    (5/s, twice each while parked: 10,000 events/s) while
+                                    --load-turns calls ask (as overhead) and are barged in on
+  load_average_1min                 the machine's, when the figures were taken: latencies on a
+                                    busy box measure its queue for a core more than the daemon
+
+--baseline PATH (another checkout, e.g. main) measures burst and partials-load of its daemon too,
+interleaved with ours round by round (--rounds); its figures are prefixed with baseline_.
+
 Usage: .venv/bin/python bench/latency.py [--calls 200] [--only cached-phrase ...]
 """
 
@@ -43,8 +61,10 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -62,7 +82,7 @@ from llm_fakes import FakeLlmServer  # noqa: E402
 from ivr_daemon.config import load_settings  # noqa: E402
 from ivr_daemon.daemon import build_conversation_daemon  # noqa: E402
 from ivr_daemon.logs import configure_logging  # noqa: E402
-from ivr_daemon.replay.simulator import FreeswitchSimulator  # noqa: E402
+from ivr_daemon.replay.simulator import CommandNotReceived, FreeswitchSimulator  # noqa: E402
 from ivr_daemon.tts import make_tts_engine  # noqa: E402
 
 REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four in the afternoon. "
@@ -76,7 +96,7 @@ FIRST_CLAUSE_REPLY = "We open at nine tomorrow, and we close at six in the eveni
 
 
 MEASUREMENTS = ("overhead", "overhead-dead-webhook", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting",
-                "first-clause")
+                "first-clause", "burst", "partials-load")
 # The turn measurements time a call's first broadcast: no greeting before it, no re-prompts.
 NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
@@ -120,7 +140,7 @@ class DaemonProcessRig:
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
-                 extra_env=None, checkout=None):
+                 extra_env=None, checkout=None, profile_path=None):
         """``checkout``: run the daemon of that copy of the project (its directory first on the
         daemon's sys.path, as ``python -m`` from there does) rather than this one's."""
         self.turns: dict[str, dict] = {}
@@ -142,7 +162,7 @@ class DaemonProcessRig:
         self.log_file = open(self.log_path, "w")
         if checkout is not None:
             env["PYTHONPATH"] = str(checkout)
-        self.daemon = subprocess.Popen([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "run"],
+        self.daemon = subprocess.Popen([sys.executable, *_profiled(profile_path), "--env-file", os.devnull, "run"],
                                        env=env, stderr=self.log_file, stdout=subprocess.DEVNULL,
                                        cwd=checkout)
         self.sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
@@ -188,9 +208,42 @@ class DaemonProcessRig:
         self.tmp.cleanup()
 
 
-def _first_broadcast_ms(sim, call, sequence):
+def _profiled(profile_path):
+    """The interpreter arguments that run the daemon (``-m ivr_daemon``); with a path, under a
+    cProfile that SIGUSR1 starts and SIGUSR2 stops, writing its stats to ``profile_path`` and
+    the greenlet switches meanwhile (greenlet.settrace) to ``profile_path``.switches.json."""
+    if profile_path is None:
+        return ["-m", "ivr_daemon"]
+    return ["-c", PROFILER.format(path=str(profile_path))]
+
+
+# Run as the daemon's process under --profile-daemon (see _profiled).
+PROFILER = """
+import cProfile, json, runpy, signal, greenlet
+profile, switches, on = cProfile.Profile(), [0], [False]
+def trace(event, args):
+    if on[0]:
+        switches[0] += 1
+def start(*_):
+    on[0] = True
+    greenlet.settrace(trace)
+    profile.enable()
+def stop(*_):
+    profile.disable()
+    on[0] = False
+    with open({path!r} + ".switches.json", "w") as out:
+        json.dump({{"greenlet_switches": switches[0]}}, out)
+    profile.dump_stats({path!r})
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+runpy.run_module("ivr_daemon", run_name="__main__")
+"""
+
+
+def _first_broadcast_ms(sim, call, sequence, timeout_s=180):
     """DETECTED_SPEECH frame (by its Event-Sequence) written -> first uuid_broadcast read, in ms."""
-    sent = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180, consume=False).t_monotonic
+    sent = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), timeout_s,
+                                consume=False).t_monotonic
     return (sent - sim.written_at(sequence)) * 1000
 
 
@@ -233,6 +286,145 @@ def bench_overhead(args, extra_env=None):
         return overheads, len(rig.turns)
     finally:
         rig.close()
+
+
+def bench_burst(args, profile_path=None, checkout=None):
+    """--burst-calls callers finishing a sentence in the same instant: each call's final transcript
+    frame written -> its first uuid_broadcast read, with an instant LLM (its own process) and
+    null TTS through the phrase cache (warmed by one turn first: every burst turn is a cache hit),
+    the daemon as users run it. Returns (samples in ms, overheads in ms: less llm_ms and tts_ms)."""
+    instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
+                   "--first-token-ms", "0", "--tokens-per-s", "1000000"]
+    rig = DaemonProcessRig(args, llm_cmd=instant_llm, cache_mb=50, profile_path=profile_path, checkout=checkout,
+                           sim_options={"playback_speed": 0.0})
+    try:
+        warm = rig.sim.new_call()
+        rig.sim.speak(warm, "warm up")
+        rig.wait_turn(warm)
+        calls = [rig.sim.new_call() for _ in range(args.burst_calls)]
+        gevent.sleep(1.0)  # every call's CHANNEL_ANSWER/PARK handled: only the turns are measured
+        if profile_path is not None:
+            Path(profile_path).unlink(missing_ok=True)
+            rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the burst only
+            gevent.sleep(0.2)
+        cpu_before_s = {name: _cpu_s(proc.pid) for name, proc in (("daemon", rig.daemon), ("llm", rig.llm))}
+        cpu_before_s["bench"] = _cpu_s(os.getpid())
+        # One after another with no yield between: the frames go out back to back.
+        sequences = {call: rig.sim.speak(call, f"question number {i}") for i, call in enumerate(calls)}
+        samples, overheads = [], []
+        for call in calls:
+            samples.append(_first_broadcast_ms(rig.sim, call, sequences[call]))
+        cpu_ms = {"daemon": _cpu_s(rig.daemon.pid), "llm": _cpu_s(rig.llm.pid), "bench": _cpu_s(os.getpid())}
+        cpu_ms = {name: round((cpu_s - cpu_before_s[name]) * 1000) for name, cpu_s in cpu_ms.items()}
+        if profile_path is not None:
+            rig.daemon.send_signal(signal.SIGUSR2)
+            deadline_s = time.monotonic() + 60
+            while not Path(profile_path).exists() and time.monotonic() < deadline_s:
+                gevent.sleep(0.05)
+        for call, first_ms in zip(calls, samples):
+            turn = rig.wait_turn(call)
+            overheads.append(first_ms - turn["llm_ms"] - turn["tts_ms"])
+        return samples, overheads, cpu_ms
+    finally:
+        rig.close()
+
+
+# mod_vosk's partial transcripts: one every 200 ms per talking caller, each delivered twice
+# while the leg is parked (capture 80_plain). Partials of the load are numbered from here (a
+# fixed width keeps each prebuilt frame's Content-Length right), the simulator's own events
+# from SIM_FIRST_SEQUENCE: no two events share a dedup key by accident.
+PARTIALS_PER_S = 5
+LOAD_TURN_TIMEOUT_S = 60  # a daemon that falls behind the partials never answers: given up on
+PARTIAL_FIRST_SEQUENCE = 1_000_000_000
+SIM_FIRST_SEQUENCE = 10_000_000
+PARTIAL_CAPTURE = "41_event_plain_DETECTED_SPEECH_detected-partial-speech.txt"
+
+
+def partial_frames(call_uuids, core_uuid):
+    """Per call, a real captured partial-speech frame with a placeholder Event-Sequence."""
+    from harness import captured_event  # tests/ is on sys.path
+
+    return [captured_event(PARTIAL_CAPTURE, body="hello i would like to know", Unique_ID=call, Channel_Call_UUID=call,
+                           Caller_Unique_ID=call, Core_UUID=core_uuid, Event_Sequence=str(PARTIAL_FIRST_SEQUENCE))
+            for call in call_uuids]
+
+
+def send_partials(sim, frames, stop, sent):
+    """Every call's partial 5 times a second, each twice (parked), spread over 20 ms slices,
+    until ``stop`` is set; ``sent[0]`` counts the events written."""
+    placeholder = b"Event-Sequence: %d\n" % PARTIAL_FIRST_SEQUENCE
+    sequence = itertools.count(PARTIAL_FIRST_SEQUENCE + 1)
+    slice_s = 0.020
+    per_slice = max(1, round(len(frames) * PARTIALS_PER_S * slice_s))
+    next_s, index = time.monotonic(), 0
+    while not stop.is_set():
+        batch = []
+        for _ in range(per_slice):
+            frame = frames[index % len(frames)].replace(placeholder, b"Event-Sequence: %d\n" % next(sequence))
+            batch += [frame, frame]
+            index += 1
+        sim.inject_raw(b"".join(batch))
+        sent[0] += len(batch)
+        next_s += slice_s
+        gevent.sleep(max(0.0, next_s - time.monotonic()))
+
+
+def bench_partials_load(args, checkout=None):
+    """--load-calls calls talking (partials at mod_vosk's rate) while other calls' turns are timed:
+    overhead (as bench_overhead: transcript -> first broadcast less llm_ms and tts_ms) and barge-in
+    (a partial while the answer plays -> uuid_break). Returns (overheads, barge-ins, events/s sent,
+    daemon CPU share)."""
+    import gevent.event
+
+    rig = DaemonProcessRig(args, checkout=checkout, sim_options={
+        "playback_speed": 1.0, "duplicate_speech_delay_s": 0.0, "first_event_sequence": SIM_FIRST_SEQUENCE,
+        "history_limit": 5_000})
+    stop = gevent.event.Event()
+    try:
+        talking = [rig.sim.new_call() for _ in range(args.load_calls)]
+        frames = partial_frames(talking, rig.sim.core_uuid)
+        gevent.sleep(2.0)  # every call's CHANNEL_ANSWER/PARK handled before the load starts
+        sent = [0]
+        load = gevent.spawn(send_partials, rig.sim, frames, stop, sent)
+        load_started_s = time.monotonic()
+        gevent.sleep(2.0)  # the load is steady
+        cpu_before_s, started_s = _cpu_s(rig.daemon.pid), time.monotonic()
+        overheads, barge_ins = [], []
+        for index in range(args.load_turns):
+            call = rig.sim.new_call()
+            gevent.sleep(0.05)
+            sequence = rig.sim.speak(call, f"question number {index}")
+            try:
+                first_ms = _first_broadcast_ms(rig.sim, call, sequence, timeout_s=LOAD_TURN_TIMEOUT_S)
+            except CommandNotReceived:
+                # The daemon fell behind the partials: its socket buffer holds the transcript.
+                print(f"{checkout or 'ours'}: no answer within {LOAD_TURN_TIMEOUT_S} s under the load", file=sys.stderr)
+                overheads.append(float("inf"))
+                break
+            turn = rig.wait_turn(call)
+            overheads.append(first_ms - turn["llm_ms"] - turn["tts_ms"])
+            # Its answer plays (real time): the caller cuts in.
+            rig.sim.wait_for_event(lambda e, call=call: e.name == "PLAYBACK_START" and e.unique_id == call, 30,
+                                   consume=False)
+            gevent.sleep(0.05)
+            sequence = rig.sim.speak(call, "wait", final=False)
+            command = rig.sim.wait_for_command(f"api uuid_break {call} all", 30)
+            barge_ins.append((command.t_monotonic - rig.sim.written_at(sequence)) * 1000)
+            rig.sim.hangup(call)
+        elapsed_s = time.monotonic() - started_s
+        cpu_share = (_cpu_s(rig.daemon.pid) - cpu_before_s) / elapsed_s
+        stop.set()
+        load.join()
+        return overheads, barge_ins, sent[0] / (time.monotonic() - load_started_s), cpu_share
+    finally:
+        stop.set()
+        rig.close()
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_first_audio(args):
@@ -447,6 +639,14 @@ def main(argv=None) -> int:
     parser.add_argument("--first-clause-runs", type=int, default=10)
     parser.add_argument("--cached-runs", type=int, default=100, help="cached-phrase samples")
     parser.add_argument("--busy-calls", type=int, default=8, help="calls synthesizing during the cached-phrase samples")
+    parser.add_argument("--burst-calls", type=int, default=200, help="same-instant turns of the burst measurement")
+    parser.add_argument("--profile-daemon", metavar="PATH",
+                        help="burst: run the daemon under cProfile, its stats written to PATH")
+    parser.add_argument("--load-calls", type=int, default=1000, help="partials-load: calls sending partials")
+    parser.add_argument("--load-turns", type=int, default=50, help="partials-load: turns (and barge-ins) timed")
+    parser.add_argument("--baseline", metavar="PATH",
+                        help="burst, partials-load: also measure the daemon of this checkout, interleaved")
+    parser.add_argument("--rounds", type=int, default=1, help="burst, partials-load: rounds (each: baseline, ours)")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
                         help="run only this measurement (repeatable); default: all")
     parser.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)  # the cached-phrase LLM
@@ -524,6 +724,49 @@ def main(argv=None) -> int:
                        first_sentence_ms=round(sentence_ms, 1),
                        first_clause_tts_ms=round(statistics.median(clause["clause_tts"]), 1),
                        first_clause_ratio_max=round(max(ratios), 3))
+
+    variants = [("baseline_", args.baseline), ("", None)] if args.baseline else [("", None)]
+    if "burst" in selected:
+        samples = {prefix: ([], [], []) for prefix, _ in variants}
+        for _ in range(args.rounds):
+            for prefix, checkout in variants:
+                firsts, overheads, cpu_ms = bench_burst(args, args.profile_daemon if not prefix else None, checkout)
+                samples[prefix][0].extend(firsts)
+                samples[prefix][1].extend(overheads)
+                samples[prefix][2].append(cpu_ms["daemon"] / args.burst_calls)
+        for prefix, (firsts, overheads, cpu_per_turn) in samples.items():
+            print(f"{prefix or 'ours: '}burst of {args.burst_calls} same-instant turns (instant LLM, cached TTS): "
+                  f"transcript -> first broadcast p50 {percentile(firsts, 50):.2f} ms, p99 {percentile(firsts, 99):.2f} ms; "
+                  f"overhead p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms; "
+                  f"daemon CPU {statistics.median(cpu_per_turn):.2f} ms per turn")
+            figures.update({f"{prefix}burst_first_broadcast_p50_ms": round(percentile(firsts, 50), 2),
+                            f"{prefix}burst_first_broadcast_p99_ms": round(percentile(firsts, 99), 2),
+                            f"{prefix}burst_overhead_p50_ms": round(percentile(overheads, 50), 2),
+                            f"{prefix}burst_overhead_p99_ms": round(percentile(overheads, 99), 2),
+                            f"{prefix}burst_daemon_cpu_ms_per_turn": round(statistics.median(cpu_per_turn), 2)})
+        figures.update(burst_calls=args.burst_calls)
+
+    if "partials-load" in selected:
+        results = {prefix: ([], [], [], []) for prefix, _ in variants}
+        for _ in range(args.rounds):
+            for prefix, checkout in variants:
+                for bucket, value in zip(results[prefix], bench_partials_load(args, checkout)):
+                    bucket.extend(value if isinstance(value, list) else [value])
+        for prefix, (overheads, barge, rates, cpu) in results.items():
+            print(f"{prefix or 'ours: '}{args.load_calls} calls sending partials ({statistics.median(rates):.0f} events/s, "
+                  f"daemon CPU {statistics.median(cpu) * 100:.0f} %): overhead p50 {percentile(overheads, 50):.2f} ms, "
+                  f"p99 {percentile(overheads, 99):.2f} ms; barge-in p50 {percentile(barge, 50):.2f} ms, "
+                  f"p99 {percentile(barge, 99):.2f} ms ({len(overheads)} turns)")
+            finite = lambda value: round(value, 2) if math.isfinite(value) else None  # noqa: E731
+            figures.update({f"{prefix}load_overhead_p50_ms": finite(percentile(overheads, 50)),
+                            f"{prefix}load_overhead_p99_ms": finite(percentile(overheads, 99)),
+                            f"{prefix}load_barge_in_p50_ms": finite(percentile(barge, 50)),
+                            f"{prefix}load_barge_in_p99_ms": finite(percentile(barge, 99)),
+                            f"{prefix}load_fell_behind": not all(map(math.isfinite, overheads)),
+                            f"{prefix}load_events_per_s": round(statistics.median(rates)),
+                            f"{prefix}load_daemon_cpu_share": round(statistics.median(cpu), 3)})
+        figures.update(load_calls=args.load_calls)
+    figures["load_average_1min"] = round(os.getloadavg()[0], 1)
 
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))

@@ -41,6 +41,7 @@ def _agents_or_exit(settings):
 def cmd_run(args) -> int:
     import time
 
+    from ivr_daemon import resolver
     from ivr_daemon.daemon import SHUTDOWN_BUDGET_S, build_conversation_daemon
     from ivr_daemon.http.server import STOP_TIMEOUT_S
     from ivr_daemon.storage import UnsafeOutputDir
@@ -51,6 +52,7 @@ def cmd_run(args) -> int:
     settings = _settings_or_exit(args)
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger("ivr_daemon.cli")
+    resolver.install()  # an LLM at an IP address is connected to without a thread-pool lookup
     if settings.uses_default_esl_password:
         log.warning("esl_default_password", hint="FREESWITCH_PASSWORD is FreeSWITCH's well-known default ClueCon: change it on the switch and here")
     agents = _agents_or_exit(settings)

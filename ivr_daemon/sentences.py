@@ -79,6 +79,10 @@ class SentenceSplitter:
         self.first_clause_min_words = first_clause_min_words
         self.first_chunk_max_words = first_chunk_max_words
         self._pending = ""
+        # Where _first_cut resumes: everything of _pending before it is decided not to end a
+        # sentence, whatever text comes after. A reply comes in dozens of deltas; rescanning
+        # its pending text from the start for each one made feeding quadratic.
+        self._scanned = 0
         self._emitted = False  # a chunk of this reply has been given out: no more clause cuts
         self.first_chunk_is_clause = False  # the first chunk ended inside its sentence
 
@@ -91,13 +95,16 @@ class SentenceSplitter:
         """The rest, at the end of the stream: text after the last full stop is a sentence too."""
         sentences = self._take(final=True)
         self._pending = ""
+        self._scanned = 0
         self._emitted = False
         return sentences
 
     def _take(self, final: bool) -> list[str]:
         sentences = []
         while True:
-            self._pending = self._pending.lstrip()
+            stripped = self._pending.lstrip()
+            self._scanned = max(0, self._scanned - (len(self._pending) - len(stripped)))
+            self._pending = stripped
             cut = self._first_cut(self._pending, final)
             clause = False
             if not self._emitted and self.first_clause_min_words:
@@ -108,6 +115,7 @@ class SentenceSplitter:
             if cut is None:
                 return sentences
             sentence, self._pending = self._pending[:cut].strip(), self._pending[cut:]
+            self._scanned = 0
             if any(char.isalnum() for char in sentence):
                 if not self._emitted:
                     self.first_chunk_is_clause = clause
@@ -118,11 +126,12 @@ class SentenceSplitter:
         """Where the first sentence of ``text`` ends; None when more text must decide it, or there is none.
 
         Every decision looks only at text that has arrived, or waits: that is what makes the
-        result independent of how the text was cut into deltas.
+        result independent of how the text was cut into deltas. A position decided not to end a
+        sentence stays so as text is appended (``_scanned``); the scan resumes after it.
         """
         limit = self.soft_limit_chars
         length = len(text)
-        index = 0
+        index = self._scanned
         while index < length:
             if index >= limit:
                 return _soft_cut(text, limit)
@@ -141,14 +150,17 @@ class SentenceSplitter:
             if end > limit:
                 return _soft_cut(text, limit)
             if end == length:
-                return length if final else None  # the run of marks or quotes may go on
+                self._scanned = index  # the run of marks or quotes may go on
+                return length if final else None
             if text[end].isspace():
                 verdict = _ends_sentence(text, index, marks_end, end, final)
                 if verdict is None:
+                    self._scanned = index  # the next word decides
                     return None
                 if verdict:
                     return end
             index = end
+        self._scanned = length
         return length if final and length else None
 
 

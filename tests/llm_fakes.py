@@ -395,6 +395,9 @@ def _stream_chunks(provider: str, request: dict, reply: FakeReply, sequence: int
     )
 
 
+LISTEN_BACKLOG = 2048
+
+
 class FakeLlmServer:
     """One fake LLM endpoint; a context manager exposing ``.url``, ``.requests`` and ``.headers``."""
 
@@ -460,7 +463,11 @@ class FakeLlmServer:
         return self.base_url + self.path
 
     def start(self) -> "FakeLlmServer":
-        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None, error_log=None, handler_class=_Handler)
+        # A listen queue as deep as a serving engine's (uvicorn's 2048): gevent's default of 128
+        # drops the SYNs of a burst of turns, and each dropped one costs its turn 1-3 s of
+        # TCP retransmission that is no part of the daemon.
+        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None, error_log=None, handler_class=_Handler,
+                                  backlog=LISTEN_BACKLOG)
         self._server.start()
         return self
 

@@ -367,3 +367,32 @@ def test_each_request_is_logged_at_debug_without_the_conversation():
     assert "Secret answer" not in logged and "Sundays" not in logged
     [failed] = [entry for entry in failure_logs if entry["event"] == "llm_request"]
     assert failed["outcome"] == "LlmUnavailable" and failed["status"] == 503
+
+
+# The environment (HTTP_PROXY, NO_PROXY...) is read once, when the client is made, not per
+# request: these prove it is still obeyed.
+def _without_proxies(monkeypatch):
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                 "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_the_http_proxy_of_the_environment_carries_the_requests(monkeypatch):
+    target = "http://llm.invalid:9/v1/chat/completions"  # never resolved: only the proxy can answer
+    _without_proxies(monkeypatch)
+    with FakeLlmServer("openai", replies="Through the proxy.", path=target) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.base_url)
+        client = OpenAiClient(target, "llama3", 5.0)
+        assert client.complete(MESSAGES) == "Through the proxy."
+        assert "".join(client.stream(MESSAGES)) == "Through the proxy."
+        assert len(proxy.requests) == 2 and not proxy.violations
+
+
+def test_no_proxy_sends_the_requests_straight_to_the_server(monkeypatch, refusing_url):
+    _without_proxies(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", refusing_url)  # a proxy that is not there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with FakeLlmServer("openai", replies="Straight.") as server:
+        client = OpenAiClient(server.url, "llama3", 5.0)
+        assert client.complete(MESSAGES) == "Straight."
+        assert len(server.requests) == 1

@@ -37,6 +37,7 @@ import dataclasses
 import http.client
 import itertools
 import json
+import os
 import re
 import socket
 import time
@@ -46,6 +47,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Literal, Sequen
 import gevent
 import requests
 import requests.adapters
+import requests.utils
 import urllib3.exceptions
 
 from ivr_daemon.logs import get_logger
@@ -315,6 +317,24 @@ class StreamReader:
         return []
 
 
+def _settle_environment(session: requests.Session, url: str) -> None:
+    """What requests reads from the environment for every request (proxies and ``NO_PROXY``,
+    ``~/.netrc``, ``REQUESTS_CA_BUNDLE``), read once for the one URL this client posts to.
+
+    Per request it scans the whole environment and opens ``~/.netrc``: ~10 % of the loop's
+    work in a burst of turns. The environment of a running daemon does not change.
+    """
+    proxies = requests.utils.get_environ_proxies(url)
+    netrc_auth = requests.utils.get_netrc_auth(url)
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    session.trust_env = False
+    session.proxies.update(proxies)
+    if netrc_auth:
+        session.auth = netrc_auth
+    if bundle:
+        session.verify = bundle
+
+
 class LlmClient(abc.ABC):
     """One endpoint and model; ``complete``, ``respond`` and ``stream`` block, cooperatively under gevent."""
 
@@ -349,6 +369,7 @@ class LlmClient(abc.ABC):
             adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=LLM_POOL_CONNECTIONS)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
+            _settle_environment(session, self.api_url)
         self._session = session
         self._call_numbers = itertools.count()
 
