@@ -6,6 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The talk page's test (tests/test_talk_browser.py) drives Debian's chromium through its driver:
+# installed with apt-get when missing (CI runs as root; elsewhere through sudo).
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: install demo test clean
 
 install: $(STAMP)
@@ -20,8 +25,13 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ivr-daemon demo
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMEDRIVER)
 	$(BIN)/python -m pytest
+
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+	test -x $@
 
 clean:
 	rm -rf $(VENV) .cache
