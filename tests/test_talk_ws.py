@@ -322,3 +322,37 @@ def test_the_page_and_its_files_are_served_from_the_package_and_fetch_nothing_ou
     for src in re.findall(r'(?:src|href)="([^"]+)"', page.text):
         assert src.startswith("/static/") or src.startswith("data:"), src
     assert missing.status_code == 404
+
+
+def test_a_frame_sent_with_the_handshake_is_not_lost(quiet_daemon, sphinx):
+    """A client that does not wait for the 101: what pywsgi's reader took past the headers is the
+    socket's first audio, not dropped."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import Request
+    from wsproto.frame_protocol import FrameProtocol
+
+    with http_server(quiet_daemon, talk_sessions=talk_sessions(quiet_daemon.settings, sphinx)) as http:
+        host, port = http.address
+        handshake = WSConnection(ConnectionType.CLIENT).send(Request(host=host, target="/ws/transcribe"))
+        early = FrameProtocol(client=True, extensions=[]).send_data(bytes(3200), fin=True)
+        with socket.create_connection((host, port), timeout=10) as raw:
+            raw.sendall(handshake + early)
+            reply = b""
+            while b'"connected"' not in reply:
+                reply += raw.recv(65536)
+            raw.sendall(FrameProtocol(client=True, extensions=[]).close(1000))
+            (summary,) = http.talk_sessions.wait_closed(1)
+    assert reply.startswith(b"HTTP/1.1 101 ")
+    assert summary.messages == 1 and summary.audio_s == pytest.approx(0.1)
+    assert summary.reason == "client_closed"
+
+
+def test_when_the_server_stops_an_open_socket_is_closed_with_1001(quiet_daemon, sphinx):
+    sessions = talk_sessions(quiet_daemon.settings, sphinx)
+    with http_server(quiet_daemon, talk_sessions=sessions) as http:
+        client = open_socket(http)
+        client.recv_message()
+        http.stop()
+        messages, close = closing(client)
+        (summary,) = sessions.wait_closed(1)
+    assert close.code == CloseReason.GOING_AWAY and summary.reason == "server_stopped"
