@@ -9,6 +9,7 @@ import json
 import re
 import socket
 
+import gevent
 import numpy as np
 import pytest
 import requests
@@ -356,3 +357,51 @@ def test_when_the_server_stops_an_open_socket_is_closed_with_1001(quiet_daemon, 
         messages, close = closing(client)
         (summary,) = sessions.wait_closed(1)
     assert close.code == CloseReason.GOING_AWAY and summary.reason == "server_stopped"
+
+
+def test_a_client_trickling_a_frame_byte_by_byte_is_idle_all_the_same(quiet_daemon, sphinx):
+    from wsproto.frame_protocol import FrameProtocol
+
+    sessions = talk_sessions(quiet_daemon.settings, sphinx, idle_timeout_s=1.0)
+    with http_server(quiet_daemon, talk_sessions=sessions) as http:
+        client = open_socket(http)
+        client.recv_message()
+        frame = FrameProtocol(client=True, extensions=[]).send_data(bytes(3200), fin=True)
+        for at in range(len(frame)):  # a byte every 50 ms: the socket is never silent for long
+            try:
+                client.sock.sendall(frame[at:at + 1])
+            except OSError:
+                break
+            if sessions.closed:
+                break
+            gevent.sleep(0.05)
+        (summary,) = sessions.wait_closed(1)
+    assert summary.reason == "idle" and summary.messages == 0
+
+
+def test_the_idle_time_starts_when_the_answer_is_sent_not_when_the_turn_began(sim, tmp_path, piper, sphinx):
+    """A turn longer than the idle time, then a client that takes a moment (less than the idle
+    time) to speak again: the socket stays open."""
+    idle_s = 1.0
+    with FakeLlmServer("ollama", replies="Fine.", hold_reply=True) as llm:
+        settings = settings_for(sim, tmp_path / "tts", LLM_PROVIDER="ollama", LLM_API_URL=llm.url, LLM_TIMEOUT="30")
+        sessions = talk_sessions(settings, sphinx, idle_timeout_s=idle_s)
+        question = spoken(piper, QUESTION, 16000, lead_s=0.5, tail_s=1.5)
+        with running_daemon(sim, settings) as daemon, http_server(daemon, talk_sessions=sessions) as http:
+            client = open_socket(http)
+            client.recv_message()
+            send_audio(client, question)
+            while json.loads(client.recv_message())["type"] != "final_transcript":
+                pass
+            wait_until(lambda: len(llm.requests) == 1, 10)
+            gevent.sleep(idle_s * 1.5)  # the LLM thinks past the idle time (the client waits, not idle)
+            llm.release_reply.set()
+            reply = json.loads(client.recv_message())
+            assert isinstance(client.recv_message(), bytes)
+            gevent.sleep(idle_s * 0.6)  # the caller draws breath, within the idle time
+            send_audio(client, question)
+            second = messages_until_reply(client)
+            client.close()
+            (summary,) = sessions.wait_closed(1)
+    assert reply["type"] == "llm_response" and second[-2]["type"] == "llm_response"
+    assert summary.reason == "client_closed" and summary.turns == 2

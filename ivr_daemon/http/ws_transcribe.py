@@ -82,6 +82,7 @@ class TranscribeSession:
         self._message_is_text = False
         self._last_partial = ""
         self._opened_s = time.monotonic()
+        self._last_message_s = self._opened_s
 
     # --- the socket's life ---------------------------------------------------------------------
 
@@ -136,13 +137,22 @@ class TranscribeSession:
             raise _Closed("asr_unavailable", one_line(exc)) from None
 
     def _serve(self) -> None:
-        self.sock.settimeout(self.sessions.idle_timeout_s)
+        idle_s = self.sessions.idle_timeout_s
+        self._last_message_s = time.monotonic()
         while True:
+            # Idle is measured from the last whole message, not the last byte: a client that
+            # trickles a frame a byte at a time is idle too.
+            if self.turn is not None:
+                self._last_message_s = time.monotonic()  # the client waits for the answer: not idle
+            left_s = idle_s - (time.monotonic() - self._last_message_s)
             try:
+                if left_s <= 0:
+                    raise socket.timeout()
+                self.sock.settimeout(left_s)
                 data = self.sock.recv(RECV_BYTES)
             except socket.timeout:
-                if self.turn is not None:
-                    continue  # the client waits for the answer: not idle
+                if self.turn is not None or time.monotonic() - self._last_message_s < idle_s:
+                    continue  # a turn is in flight, or one just ended: the idle time starts after it
                 self.log.warning("talk_socket_idle", idle_s=self.sessions.idle_timeout_s)
                 self._error(f"nothing received for {self.sessions.idle_timeout_s:g} s: closing")
                 self._close(CloseReason.POLICY_VIOLATION, "idle")
@@ -188,6 +198,7 @@ class TranscribeSession:
             return
         message, self._message = bytes(self._message), bytearray()
         self.summary.messages += 1
+        self._last_message_s = time.monotonic()
         if self._message_is_text:
             self.log.warning("talk_bad_message", error="a text message", chars=len(message))
             self._error("send audio as binary messages of 16 kHz mono PCM16; text messages are not understood")
@@ -249,6 +260,7 @@ class TranscribeSession:
                     self._decode(self.recognizer.reset)
             except Exception:
                 pass
+            self._last_message_s = time.monotonic()  # the client's idle time starts after the answer
             self.turn = None
 
     def _decode(self, function, *args):
