@@ -232,36 +232,46 @@ class TranscribeSession:
 
     def _take_turn(self, text: str) -> None:
         try:
-            if not self.call.services.accepting_turns:
-                self._error("the daemon is stopping: no more turns")
-                return
-            slots = self.sessions.turn_slots
-            if not slots.try_acquire():
-                self._error("every turn slot is busy: say it again in a moment")
-                return
-            try:
-                answer = self.call.answer(text)
-            finally:
-                slots.release()
-            if self.call.forgotten:
-                return  # the socket is closing
-            self.summary.turns += 1
-            self._send_json(type="llm_response", text=answer.text, user_message=text)
-            self._send(BytesMessage(data=answer.wav))
-        except _Closed:
-            pass  # the client is gone; the reader sees it too
+            reply = self._answer(text)
         except Exception as exc:
             self.log.exception("talk_turn_failed", error=one_line(exc))
-            self._error(f"the turn failed: {one_line(exc)}")
+            reply = [f"the turn failed: {one_line(exc)}"]
         finally:
-            # What was heard during the turn is dropped: the next utterance starts clean.
+            # Before the answer goes out, so that what the client says once it has the answer is
+            # heard: what came during the turn is dropped, the next utterance starts clean.
             try:
                 if self.recognizer is not None and not self.call.forgotten:
                     self._decode(self.recognizer.reset)
-            except Exception:
-                pass
-            self._last_message_s = time.monotonic()  # the client's idle time starts after the answer
+            except Exception as exc:
+                self.log.warning("talk_asr_reset_failed", error=one_line(exc))
+            self._last_message_s = time.monotonic()  # the client's idle time starts with the answer
             self.turn = None
+        try:
+            for message in reply:
+                if isinstance(message, str):
+                    self._error(message)
+                else:
+                    self._send(message)
+        except _Closed:
+            pass  # the client is gone; the reader sees it too
+
+    def _answer(self, text: str) -> list:
+        """The turn; what to send: an error's text, or the llm_response and the WAV."""
+        if not self.call.services.accepting_turns:
+            return ["the daemon is stopping: no more turns"]
+        slots = self.sessions.turn_slots
+        if not slots.try_acquire():
+            return ["every turn slot is busy: say it again in a moment"]
+        try:
+            answer = self.call.answer(text)
+        finally:
+            slots.release()
+        if self.call.forgotten:
+            return []  # the socket is closing
+        self.summary.turns += 1
+        return [TextMessage(data=json.dumps({"type": "llm_response", "text": answer.text, "user_message": text},
+                                            ensure_ascii=False)),
+                BytesMessage(data=answer.wav)]
 
     def _decode(self, function, *args):
         """``function(*args)`` on a decoding thread; this greenlet waits, the loop runs on."""
