@@ -7,6 +7,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The talk page's test (tests/test_talk_browser.py) drives Debian's chromium through its driver:
+# installed with apt-get when missing (CI runs as root; elsewhere through sudo).
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: install demo test clean
 
 install: $(STAMP)
@@ -21,8 +26,13 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ivr-daemon demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMEDRIVER)
 	$(BIN)/python -m pytest
+
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+	test -x $@
 
 clean:
 	rm -rf $(VENV) .cache

@@ -68,6 +68,7 @@ WsClient = modvosk_client.WsClient
 Heard = modvosk_client.Heard
 ModVoskRun = modvosk_client.ModVoskRun
 ModVoskClient = modvosk_client.ModVoskClient
+HandshakeRefused = modvosk_client.HandshakeRefused
 
 
 # --- vosk-server's example clients ----------------------------------------------------------

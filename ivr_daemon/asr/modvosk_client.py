@@ -37,22 +37,32 @@ MEDIA_FRAME_S = 0.02  # FreeSWITCH feeds the ASR once per 20 ms media frame
 LIBKS_CLOSE_FRAME = bytes.fromhex("888237fa213d37fb")
 
 
+class HandshakeRefused(ConnectionError):
+    """The server answered the upgrade with something else (``event``: wsproto's RejectConnection)."""
+
+    def __init__(self, event):
+        super().__init__(f"handshake refused: {event!r}")
+        self.event = event
+        self.status_code = getattr(event, "status_code", None)
+
+
 class WsClient:
     """A blocking (gevent-cooperative) WebSocket client on wsproto."""
 
-    def __init__(self, host: str, port: int, path: str = "/", *, timeout_s: float = 30.0):
+    def __init__(self, host: str, port: int, path: str = "/", *, timeout_s: float = 30.0,
+                 extra_headers: list[tuple[bytes, bytes]] | None = None):
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.events: deque = deque()
         self.closed: CloseConnection | None = None
         try:
-            self.sock.sendall(self.ws.send(Request(host=host, target=path)))
+            self.sock.sendall(self.ws.send(Request(host=host, target=path, extra_headers=extra_headers or [])))
             while True:
                 event = self.next_event()
                 if isinstance(event, AcceptConnection):
                     return
                 if isinstance(event, (RejectConnection, CloseConnection)) or event is None:
-                    raise ConnectionError(f"handshake refused: {event!r}")
+                    raise HandshakeRefused(event)
         except BaseException:
             self.sock.close()
             raise

@@ -13,6 +13,8 @@ Routes (each in its own module):
 ``GET /metrics``                         Prometheus exposition (prometheus_client)
 ``GET /calls``, ``GET /calls/{uuid}``    the live phone calls; one call's history
 ``POST /calls``                          place an outbound call into the IVR extension
+``GET /ws/transcribe``                   WebSocket: live transcription, each final a turn
+``GET /``, ``GET /static/...``           the page to talk to the agent (talk.py)
 =======================================  ==============================================
 """
 
@@ -20,37 +22,53 @@ from __future__ import annotations
 
 import hmac
 import time
+import urllib.parse
 
 import falcon
 
 from ivr_daemon.daemon import Daemon
 from ivr_daemon.http.live_calls import CallResource, CallsResource
 from ivr_daemon.http.status import HealthResource, MetricsResource
+from ivr_daemon.http.talk import STATIC_DIR, TalkPageResource, TalkSessions, TranscribeResource
 from ivr_daemon.http.test_calls import TestCalls
 from ivr_daemon.http.transcription import TestCallResource, TranscriptionResource, TurnSlots
 from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
 
-OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})  # what a load balancer asks without a token
+OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health"),  # what a load balancer asks without a token
+                         ("GET", "/")})  # the talk page: static, it holds nothing (its socket needs the token)
+OPEN_PREFIXES = ("/static/",)  # the page's script and worklet, static too
+# Browsers cannot set headers on a WebSocket: these routes also take the token as ?token=.
+QUERY_TOKEN_ROUTES = frozenset({("GET", "/ws/transcribe")})
 QUIET_ROUTES = frozenset({("GET", "/health"), ("GET", "/metrics")})  # scraped every few seconds: DEBUG
 
 
 class BearerToken:
-    """With HTTP_API_TOKEN set, every route but GET /health needs ``Authorization: Bearer <token>``."""
+    """With HTTP_API_TOKEN set, every route but GET /health and the talk page's files needs
+    ``Authorization: Bearer <token>``; the WebSocket also takes ``?token=<token>``."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if (req.method, req.path) in OPEN_ROUTES:
+        if (req.method, req.path) in OPEN_ROUTES or (req.method == "GET" and req.path.startswith(OPEN_PREFIXES)):
             return
         # WSGI hands headers over as latin-1 text; bytes compare in constant time whatever they hold.
         given = (req.get_header("Authorization") or "").encode("latin-1", "replace")
-        if not hmac.compare_digest(given, self._expected):
+        if hmac.compare_digest(given, self._expected):
+            return
+        if (req.method, req.path) in QUERY_TOKEN_ROUTES:
+            tokens = urllib.parse.parse_qs(req.query_string).get("token", [])
+            if len(tokens) == 1 and hmac.compare_digest(f"Bearer {tokens[0]}".encode("utf-8", "replace"), self._expected):
+                return
             raise falcon.HTTPUnauthorized(
-                title="401 Unauthorized", description="this route needs 'Authorization: Bearer <HTTP_API_TOKEN>'",
+                title="401 Unauthorized",
+                description="this route needs 'Authorization: Bearer <HTTP_API_TOKEN>' or '?token=<HTTP_API_TOKEN>'",
                 challenges=['Bearer realm="ivr-daemon"'])
+        raise falcon.HTTPUnauthorized(
+            title="401 Unauthorized", description="this route needs 'Authorization: Bearer <HTTP_API_TOKEN>'",
+            challenges=['Bearer realm="ivr-daemon"'])
 
 
 class AccessLog:
@@ -79,18 +97,24 @@ def _unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, para
     raise falcon.HTTPInternalServerError(title="500 Internal Server Error", description="see the daemon's log")
 
 
-def make_app(daemon: Daemon, test_calls: TestCalls, *, token: str = "", turn_slots: TurnSlots | None = None) -> falcon.App:
+def make_app(daemon: Daemon, test_calls: TestCalls, *, token: str = "", turn_slots: TurnSlots | None = None,
+             talk_sessions: TalkSessions | None = None) -> falcon.App:
     """The WSGI app for ``daemon``; ``token`` empty: no authentication (loopback only, see config)."""
+    turn_slots = turn_slots or TurnSlots()
+    talk_sessions = talk_sessions or TalkSessions(daemon.settings, turn_slots)
     middleware = [AccessLog()]
     if token:
         middleware.append(BearerToken(token))
     app = falcon.App(middleware=middleware)
     app.set_error_serializer(_json_errors)
     app.add_error_handler(Exception, _unexpected)
-    app.add_route("/test/transcription", TranscriptionResource(daemon, test_calls, turn_slots or TurnSlots()))
+    app.add_route("/test/transcription", TranscriptionResource(daemon, test_calls, turn_slots))
     app.add_route("/test/calls/{call_uuid}", TestCallResource(test_calls))
     app.add_route("/health", HealthResource(daemon))
     app.add_route("/metrics", MetricsResource(daemon))
     app.add_route("/calls", CallsResource(daemon))
     app.add_route("/calls/{call_uuid}", CallResource(daemon))
+    app.add_route("/ws/transcribe", TranscribeResource(test_calls, talk_sessions))
+    app.add_route("/", TalkPageResource())
+    app.add_static_route("/static", str(STATIC_DIR), fallback_filename=None)
     return app

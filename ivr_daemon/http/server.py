@@ -11,6 +11,11 @@ I/O, which never holds the loop; the limits make sure it also never holds much e
   byte every few seconds is cut off too), the body within its own deadline (transcription.py);
 - bodies over 64 KiB are refused before they are read; a response that closes the connection
   does not read what the client still sends.
+
+``GET /ws/transcribe`` leaves pywsgi after its 101: the handler hands the connection's socket to
+the WebSocket session the route left in the environ (talk.py), on the same greenlet, and closes
+the connection when the session returns. Its own limits (sockets at once, idle time, message
+size) are talk.py's; its greenlet still counts against MAX_CONNECTIONS.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from ivr_daemon.config import Settings
 from ivr_daemon.daemon import Daemon
 from ivr_daemon.http.app import make_app
+from ivr_daemon.http.talk import WEBSOCKET_SESSION, TalkSessions
 from ivr_daemon.http.test_calls import TestCalls
 from ivr_daemon.http.transcription import TurnSlots
 from ivr_daemon.logs import get_logger
@@ -96,6 +102,12 @@ class BoundedHandler(WSGIHandler):
         finally:
             # Left alone, pywsgi reads the rest of the body, of any length and at any pace.
             self.wsgi_input = _BoundedDiscard(self, self.wsgi_input)
+        session = self.environ.get(WEBSOCKET_SESSION)
+        if session is not None and self.code == 101:
+            # The 101 is out (pywsgi wrote it, with no body, as the app returned): the socket is
+            # the WebSocket's now, until it closes; no further request is read from it.
+            self.close_connection = True
+            session(self.socket, self.rfile)
 
     def _log_error(self, t, v, tb):
         # A client that vanished or stopped reading mid-response: its problem, one line.
@@ -123,13 +135,17 @@ class HttpServer:
     def __init__(self, daemon: Daemon, settings: Settings, *, port: int | None = None,
                  test_calls: TestCalls | None = None, max_connections: int = MAX_CONNECTIONS,
                  io_timeout_s: float = IO_TIMEOUT_S, headers_timeout_s: float = HEADERS_TIMEOUT_S,
-                 turn_slots: TurnSlots | None = None):
-        """``port`` None: HTTP_PORT; 0: any free port (tests, benchmarks)."""
+                 turn_slots: TurnSlots | None = None, talk_sessions: TalkSessions | None = None):
+        """``port`` None: HTTP_PORT; 0: any free port (tests, benchmarks). ``talk_sessions``: the
+        /ws/transcribe limits and ASR engine (None: the defaults, the engine loaded on first use)."""
         if daemon.flow is None:
             raise ValueError("the HTTP server needs a daemon made by build_conversation_daemon")
         self.daemon = daemon
         self.test_calls = test_calls if test_calls is not None else TestCalls(daemon.flow)
-        app = make_app(daemon, self.test_calls, token=settings.http_api_token, turn_slots=turn_slots)
+        turn_slots = turn_slots or TurnSlots()
+        self.talk_sessions = talk_sessions or TalkSessions(settings, turn_slots)
+        app = make_app(daemon, self.test_calls, token=settings.http_api_token, turn_slots=turn_slots,
+                       talk_sessions=self.talk_sessions)
         self._server = WSGIServer((settings.http_host, settings.http_port if port is None else port), app,
                                   spawn=gevent.pool.Pool(max_connections), handler_class=BoundedHandler,
                                   log=None, error_log=_ErrorLog())
@@ -169,6 +185,7 @@ class HttpServer:
             greenlet.kill(block=False)
         self._server.stop(timeout=timeout_s)
         self.test_calls.close()
+        self.talk_sessions.close()
         log.info("http_stopped")
 
     def __enter__(self) -> "HttpServer":

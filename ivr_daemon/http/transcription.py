@@ -64,6 +64,10 @@ class TurnSlots:
                 title="503 Service Unavailable", description="every test turn slot is busy: try again",
                 retry_after=1)
 
+    def try_acquire(self) -> bool:
+        """A slot within ``wait_s``: True; none: False (for callers that answer without HTTP)."""
+        return self._slots.acquire(timeout=self.wait_s)
+
     def release(self) -> None:
         self._slots.release()
 
