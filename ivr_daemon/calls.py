@@ -69,11 +69,11 @@ class Call:
     """A live channel: its queue of events and the greenlet that works through it."""
 
     def __init__(self, uuid: str, handler_factory: HandlerFactory, on_done: Callable[["Call"], None],
-                 log_speech_text: bool = True):
+                 log_speech_text: bool = True, log_context: dict[str, str] | None = None):
         self.uuid = uuid
         self.started_unix_s = time.time()  # when the daemon first heard of it (GET /calls)
         self._log_speech_text = log_speech_text
-        self.log = log.bind(call_uuid=uuid)
+        self.log = log.bind(call_uuid=uuid, **(log_context or {}))
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self._on_done = on_done
         self.ended = False
@@ -121,8 +121,10 @@ class CallRouter:
         owns: Callable[[str], bool] | None = None,
         log_speech_text: bool = True,
         on_call_started: Callable[[str], None] | None = None,
+        log_context: dict[str, str] | None = None,
     ):
         self._handler_factory = handler_factory
+        self._log_context = log_context  # bound to every call's log (its switch, with several)
         self._on_call_started = on_call_started  # the daemon's count of calls; gets the UUID
         self._log_speech_text = log_speech_text
         self._owns = owns
@@ -177,7 +179,7 @@ class CallRouter:
                 return
             if self._owns is not None and not self._owns(uuid):
                 return  # another daemon's shard
-            call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text)
+            call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text, self._log_context)
             self.calls[uuid] = call
             if self._on_call_started is not None:
                 self._on_call_started(uuid)

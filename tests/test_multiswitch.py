@@ -1,0 +1,207 @@
+"""One daemon, several switches (FREESWITCH_HOSTS): two simulators, one daemon, real sockets.
+
+Each switch has its own ESL client: a call's commands go to the switch the call is on, a
+switch going down stalls and resyncs only its calls, /health and /metrics say which switch is
+which, and the same UUID on two switches is two calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import gevent.event
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import TurnLog, broadcasts, http_server, settings_for, wait_heard, wait_until
+from llm_fakes import FakeLlmServer
+from ivr_daemon.daemon import build_conversation_daemon
+from ivr_daemon.replay.simulator import FreeswitchSimulator
+
+
+def name(sim: FreeswitchSimulator) -> str:
+    return f"127.0.0.1:{sim.port}"
+
+
+def echo(request: dict) -> str:
+    """The LLM's answer names what the caller said: who answered whom shows in the history."""
+    return f"You said {request['messages'][-1]['content']}."
+
+
+@contextlib.contextmanager
+def two_switch_daemon(sim_a, sim_b, tmp_path, llm, **kwargs):
+    settings = settings_for(sim_a, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url,
+                            FREESWITCH_HOSTS=f"{name(sim_a)},{name(sim_b)}")
+    daemon = build_conversation_daemon(settings, **kwargs)
+    daemon.start()
+    try:
+        assert daemon.wait_connected(10), "the daemon did not connect to both simulators"
+        yield daemon
+    finally:
+        daemon.stop(timeout_s=10)
+
+
+def scrape(http) -> dict[tuple[str, tuple], float]:
+    answer = requests.get(http.url + "/metrics", timeout=10)
+    assert answer.status_code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text) for s in family.samples}
+
+
+def per_switch(samples: dict, metric: str, sim) -> float:
+    return samples[(metric, (("switch", name(sim)),))]
+
+
+def test_each_calls_commands_go_to_the_switch_it_is_on(tmp_path):
+    turns = TurnLog()
+    with FakeLlmServer("ollama", replies=echo) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim_a, FreeswitchSimulator(playback_speed=0.02) as sim_b:
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm, on_turn=turns) as daemon:
+            assert [switch.name for switch in daemon.switches] == [name(sim_a), name(sim_b)]
+            on_a, on_b = sim_a.new_call(), sim_b.new_call()
+            sim_a.speak(on_a, "hello from a")
+            sim_b.speak(on_b, "hello from b")
+            turns.wait(1, on_a)
+            turns.wait(1, on_b)
+            wait_until(lambda: broadcasts(sim_a, on_a) and broadcasts(sim_b, on_b))
+            # Every command about a call went to its own switch, none to the other one.
+            assert not [c.line for c in sim_a.commands if on_b in c.line]
+            assert not [c.line for c in sim_b.commands if on_a in c.line]
+            assert daemon.switch(name(sim_a)).router.calls.keys() == {on_a}
+            assert daemon.switch(name(sim_b)).router.calls.keys() == {on_b}
+            history_b = daemon.switch(name(sim_b)).router.calls[on_b].handler.history.messages()
+            assert history_b[-2:] == [{"role": "user", "content": "hello from b"},
+                                      {"role": "assistant", "content": "You said hello from b."}]
+            sim_b.hangup(on_b)
+            wait_until(lambda: on_b not in daemon.switch(name(sim_b)).router.calls)
+            assert on_a in daemon.switch(name(sim_a)).router.calls  # a hangup on B ends nothing on A
+
+
+def test_the_same_uuid_on_two_switches_is_two_calls(tmp_path):
+    uuid = "4f0d6a3e-8a56-4c1f-9e1b-2f7d1c0a9b11"
+    turns = TurnLog()
+    with FakeLlmServer("ollama", replies=echo) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim_a, FreeswitchSimulator(playback_speed=0.02) as sim_b:
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm, on_turn=turns) as daemon, http_server(daemon) as http:
+            sim_a.new_call(uuid=uuid, caller_id_number="5550001")
+            sim_b.new_call(uuid=uuid, caller_id_number="5550002")
+            sim_a.speak(uuid, "this is alice")
+            turns.wait(1)
+            sim_b.speak(uuid, "this is bob")
+            turns.wait(2)
+            wait_until(lambda: broadcasts(sim_a, uuid) and broadcasts(sim_b, uuid))
+
+            listed = requests.get(http.url + "/calls", timeout=10).json()["calls"]
+            assert sorted((c["uuid"], c["switch"], c["caller_number"]) for c in listed) == sorted(
+                [(uuid, name(sim_a), "5550001"), (uuid, name(sim_b), "5550002")])
+            ambiguous = requests.get(f"{http.url}/calls/{uuid}", timeout=10)
+            assert ambiguous.status_code == 409 and name(sim_a) in ambiguous.json()["description"]
+            for sim, said in ((sim_a, "this is alice"), (sim_b, "this is bob")):
+                one = requests.get(f"{http.url}/calls/{uuid}", params={"switch": name(sim)}, timeout=10)
+                assert one.status_code == 200 and one.json()["switch"] == name(sim)
+                assert one.json()["history"] == [{"role": "user", "content": said},
+                                                 {"role": "assistant", "content": f"You said {said}."}]
+            assert requests.get(f"{http.url}/calls/{uuid}", params={"switch": "127.0.0.1:1"},
+                                timeout=10).status_code == 404
+
+            sim_a.hangup(uuid)  # ends A's call, not B's of the same UUID
+            wait_until(lambda: uuid not in daemon.switch(name(sim_a)).router.calls)
+            assert uuid in daemon.switch(name(sim_b)).router.calls
+            sim_b.speak(uuid, "still here")
+            turns.wait(3)
+            assert requests.get(f"{http.url}/calls/{uuid}", timeout=10).json()["switch"] == name(sim_b)
+            samples = scrape(http)
+            assert per_switch(samples, "ivr_calls_total", sim_a) == 1
+            assert per_switch(samples, "ivr_calls_total", sim_b) == 1
+            assert per_switch(samples, "ivr_calls_active", sim_a) == 0
+            assert per_switch(samples, "ivr_calls_active", sim_b) == 1
+
+
+def test_a_switch_going_down_affects_only_its_calls(tmp_path):
+    backoff_over = gevent.event.Event()
+
+    def backoff(delay_s: float) -> None:  # a lost switch is retried when the test says, not by a clock
+        backoff_over.wait()
+
+    turns = TurnLog()
+    with FakeLlmServer("ollama", replies=echo, hold_reply=True) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim_a, FreeswitchSimulator(playback_speed=0.02) as sim_b:
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm, on_turn=turns, sleep=backoff) as daemon, \
+                http_server(daemon) as http:
+            on_a, on_b = sim_a.new_call(), sim_b.new_call()
+            wait_until(lambda: on_a in daemon.switch(name(sim_a)).router.calls
+                       and on_b in daemon.switch(name(sim_b)).router.calls)
+            sim_b.speak(on_b, "what time is it")
+            wait_until(lambda: llm.requests)  # B's turn is waiting for the LLM
+            port_a = sim_a.port
+            sim_a.stop()  # switch A goes away (a restart loses its calls)
+            wait_until(lambda: not daemon.switch(f"127.0.0.1:{port_a}").connected)
+
+            health = requests.get(http.url + "/health", timeout=10)
+            assert health.status_code == 200  # B still answers its calls: not taken out of service
+            body = health.json()
+            assert body["status"] == "degraded" and body["esl_connected"] is False
+            assert body["switches"] == [
+                {"switch": f"127.0.0.1:{port_a}", "esl_connected": False, "calls_active": 1},
+                {"switch": name(sim_b), "esl_connected": True, "calls_active": 1}]
+            samples = scrape(http)
+            assert samples[("ivr_esl_connected", (("switch", f"127.0.0.1:{port_a}"),))] == 0
+            assert per_switch(samples, "ivr_esl_connected", sim_b) == 1
+
+            llm.release_reply.set()  # B's turn completes while A is down
+            [turn] = turns.wait(1, on_b)
+            assert not turn.used_fallback
+            wait_until(lambda: broadcasts(sim_b, on_b))
+            wait_heard(sim_b, on_b)
+            sim_b.speak(on_b, "and tomorrow")
+            turns.wait(2, on_b)
+
+            # A comes back empty, as a restarted FreeSWITCH does: its call is resynced away, B's stays.
+            with FreeswitchSimulator(port=port_a, playback_speed=0.02) as sim_a2:
+                backoff_over.set()
+                wait_until(lambda: on_a not in daemon.switch(name(sim_a2)).router.calls)
+                assert daemon.switch(name(sim_a2)).connected
+                assert on_b in daemon.switch(name(sim_b)).router.calls
+                assert [c.line for c in sim_a2.commands if c.line.startswith("api uuid_exists")] == [
+                    f"api uuid_exists {on_a}"]
+                assert not [c.line for c in sim_b.commands if c.line.startswith("api uuid_exists")]
+                samples = scrape(http)
+                assert samples[("ivr_esl_reconnects_total", (("switch", name(sim_a2)),))] == 1
+                assert per_switch(samples, "ivr_esl_reconnects_total", sim_b) == 0
+                assert requests.get(http.url + "/health", timeout=10).json()["status"] == "ok"
+                fresh = sim_a2.new_call()  # the restarted switch's new calls are answered
+                sim_a2.speak(fresh, "i am new")
+                turns.wait(1, fresh)
+                wait_until(lambda: broadcasts(sim_a2, fresh))
+
+
+def test_health_is_503_only_when_every_switch_is_down(tmp_path):
+    with FakeLlmServer("ollama", replies="Hello.") as llm, \
+            FreeswitchSimulator() as sim_a, FreeswitchSimulator() as sim_b:
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm, sleep=lambda _s: gevent.sleep(3600)) as daemon, \
+                http_server(daemon) as http:
+            sim_a.drop_connections()
+            sim_b.drop_connections()
+            wait_until(lambda: not any(switch.connected for switch in daemon.switches))
+            down = requests.get(http.url + "/health", timeout=10)
+            assert down.status_code == 503 and down.json()["status"] == "esl_disconnected"
+
+
+def test_an_outbound_call_goes_to_the_switch_asked_for(tmp_path):
+    with FakeLlmServer("ollama", replies="Hello.") as llm, \
+            FreeswitchSimulator() as sim_a, FreeswitchSimulator() as sim_b:
+        sim_a.registered_users.add("1001")
+        sim_b.registered_users.add("1001")
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm) as daemon, http_server(daemon) as http:
+            first = requests.post(http.url + "/calls", json={"destination": "user/1001"}, timeout=10)
+            assert first.status_code == 201 and first.json()["switch"] == name(sim_a)  # the default: the first
+            second = requests.post(http.url + "/calls", json={"destination": "user/1001", "switch": name(sim_b)},
+                                   timeout=10)
+            assert second.status_code == 201 and second.json()["switch"] == name(sim_b)
+            assert len(sim_a.originate_args) == 1 and first.json()["uuid"] in sim_a.originate_args[0]
+            assert len(sim_b.originate_args) == 1 and second.json()["uuid"] in sim_b.originate_args[0]
+            unknown = requests.post(http.url + "/calls", json={"destination": "user/1001", "switch": "nowhere:8021"},
+                                    timeout=10)
+            assert unknown.status_code == 404 and name(sim_b) in unknown.json()["description"]
+            assert len(sim_a.originate_args) == 1 and len(sim_b.originate_args) == 1
+            wait_until(lambda: second.json()["uuid"] in daemon.switch(name(sim_b)).router.calls)
