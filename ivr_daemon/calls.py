@@ -125,6 +125,7 @@ class CallRouter:
     ):
         self._handler_factory = handler_factory
         self._log_context = log_context  # bound to every call's log (its switch, with several)
+        self._log = log.bind(**log_context) if log_context else log
         self._on_call_started = on_call_started  # the daemon's count of calls; gets the UUID
         self._log_speech_text = log_speech_text
         self._owns = owns
@@ -156,7 +157,7 @@ class CallRouter:
             duplicate = True
             self.dedup.dropped += 1
         if duplicate:
-            log.debug("esl_duplicate_event_dropped", event_name=event.name, call_uuid=event.unique_id,
+            self._log.debug("esl_duplicate_event_dropped", event_name=event.name, call_uuid=event.unique_id,
                       event_sequence=event.headers.get("Event-Sequence"))
             return
         uuid = event.unique_id
@@ -165,7 +166,7 @@ class CallRouter:
             # command (the builders refuse it) and must not name files either.
             self.foreign_ids += 1
             level = "warning" if event.name == "DETECTED_SPEECH" else "debug"
-            getattr(log, level)("event_with_non_uuid_unique_id_ignored", event_name=event.name,
+            getattr(self._log, level)("event_with_non_uuid_unique_id_ignored", event_name=event.name,
                                 unique_id=uuid[:80])
             return
         if uuid is None:
@@ -175,7 +176,7 @@ class CallRouter:
         call = self.calls.get(uuid)
         if call is None:
             if uuid in self._ended:
-                log.debug("event_after_call_ended", event_name=event.name, call_uuid=uuid)
+                self._log.debug("event_after_call_ended", event_name=event.name, call_uuid=uuid)
                 return
             if self._owns is not None and not self._owns(uuid):
                 return  # another daemon's shard

@@ -205,3 +205,95 @@ def test_an_outbound_call_goes_to_the_switch_asked_for(tmp_path):
             assert unknown.status_code == 404 and name(sim_b) in unknown.json()["description"]
             assert len(sim_a.originate_args) == 1 and len(sim_b.originate_args) == 1
             wait_until(lambda: second.json()["uuid"] in daemon.switch(name(sim_b)).router.calls)
+
+
+def test_every_line_about_a_call_names_its_switch(tmp_path):
+    from structlog.testing import capture_logs
+
+    turns = TurnLog()
+    with FakeLlmServer("ollama", replies=echo) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim_a, FreeswitchSimulator(playback_speed=0.02) as sim_b:
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm, on_turn=turns):
+            with capture_logs() as logs:
+                call = sim_b.new_call()
+                sim_b.speak(call, "hello")
+                turns.wait(1, call)
+            about_call = [line for line in logs if line.get("call_uuid") == call
+                          and not line["event"].startswith("sim_")]  # the simulator's own lines
+            assert any(line["event"] == "turn_complete" for line in about_call)
+            assert about_call and all(line.get("switch") == name(sim_b) for line in about_call), \
+                [line for line in about_call if line.get("switch") != name(sim_b)][:3]
+
+
+def test_a_wrong_password_at_start_up_stops_the_daemon_naming_the_switch(tmp_path):
+    from ivr_daemon.esl.connection import AuthenticationFailed
+
+    with FakeLlmServer("ollama", replies="Hello.") as llm, \
+            FreeswitchSimulator() as sim_a, FreeswitchSimulator(password="other") as sim_b:
+        settings = settings_for(sim_a, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url,
+                                FREESWITCH_HOSTS=f"{name(sim_a)},{name(sim_b)}")
+        daemon = build_conversation_daemon(settings)
+        runner = daemon.start()
+        runner.join(timeout=10)
+        assert runner.dead and isinstance(runner.exception, AuthenticationFailed)
+        assert name(sim_b) in str(runner.exception)
+        wait_until(lambda: not sim_a.connections)  # the other switch's client is closed too
+
+
+def test_a_password_refused_later_stops_only_that_switch(tmp_path):
+    from structlog.testing import capture_logs
+
+    turns = TurnLog()
+    with FakeLlmServer("ollama", replies=echo) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim_a, FreeswitchSimulator(playback_speed=0.02) as sim_b:
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm, on_turn=turns, sleep=lambda _s: None) as daemon:
+            with capture_logs() as logs:
+                sim_b.refuse_auth = True  # B's password was changed on the switch
+                sim_b.drop_connections()
+                wait_until(lambda: any(line["event"] == "esl_switch_given_up" for line in logs))
+            assert [line["switch"] for line in logs if line["event"] == "esl_switch_given_up"] == [name(sim_b)]
+            assert not daemon._greenlet.dead and daemon.switch(name(sim_a)).connected
+            call = sim_a.new_call()
+            sim_a.speak(call, "are you there")
+            turns.wait(1, call)
+            wait_until(lambda: broadcasts(sim_a, call))
+
+
+def test_shutdown_says_exit_to_every_switch_and_ends_every_call(tmp_path):
+    with FakeLlmServer("ollama", replies="Hello.") as llm, \
+            FreeswitchSimulator() as sim_a, FreeswitchSimulator() as sim_b:
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm) as daemon:
+            on_a, on_b = sim_a.new_call(), sim_b.new_call()
+            wait_until(lambda: all(switch.router.calls for switch in daemon.switches))
+            daemon.shutdown(grace_s=1)
+            assert not any(switch.router.calls for switch in daemon.switches)
+            for sim in (sim_a, sim_b):
+                assert [c.line for c in sim.commands][-1] == "exit"
+            assert sim_a.call_exists(on_a) and sim_b.call_exists(on_b)  # FreeSWITCH keeps the calls
+
+
+def test_cli_call_places_the_call_on_the_switch_named(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
+        env.update({"FREESWITCH_HOSTS": f"{name(sim_a)},{name(sim_b)}", "TTS_ENGINE": "null",
+                    "TTS_OUTPUT_DIR": str(tmp_path / "tts"), "LOG_LEVEL": "WARNING",
+                    "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        return subprocess.run([sys.executable, "-m", "ivr_daemon", "--env-file", "/nonexistent/.env", "call",
+                               "user/1001", *args], env=env, capture_output=True, text=True, timeout=60)
+
+    with FreeswitchSimulator() as sim_a, FreeswitchSimulator() as sim_b:
+        sim_a.registered_users.add("1001")
+        sim_b.registered_users.add("1001")
+        placed = call("--switch", name(sim_b))
+        assert placed.returncode == 0, placed.stderr
+        assert sim_b.originate_args and placed.stdout.strip() in sim_b.originate_args[0]
+        assert sim_a.originate_args == []
+        unknown = call("--switch", "127.0.0.1:1")
+        assert unknown.returncode == 2 and name(sim_b) in unknown.stderr
+        default = call()
+        assert default.returncode == 0 and len(sim_a.originate_args) == 1 and len(sim_b.originate_args) == 1
