@@ -146,6 +146,11 @@ def cmd_record(args) -> int:
     from ivr_daemon.tts.base import TtsModelUnavailable
 
     settings = _settings_or_exit(args)
+    if len(settings.switches) > 1:
+        # A fixture is one switch's timeline: two switches' frames (and their UUIDs) would mix.
+        print("ivr-daemon: configuration error: FREESWITCH_HOSTS: record one switch at a time "
+              "(FREESWITCH_HOSTS with one entry, or FREESWITCH_HOST)", file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger("ivr_daemon.cli")
     out_path = Path(args.out)
@@ -175,7 +180,7 @@ def cmd_record(args) -> int:
     daemon.stop()
     from ivr_daemon.replay.fixture import recorded_settings
 
-    comments = [*args.comment, f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"]
+    comments = [*args.comment, f"recorded by ivr-daemon record from {settings.switches[0].name}"]
     size = recorder.write(out_path, comments=comments, env=recorded_settings(settings.as_environment(), out_path))
     print(f"wrote {out_path}: {len(recorder.frames)} frames seen, {len(recorder.llm)} LLM replies, "
           f"{len(recorder.commands)} commands, {size} bytes", file=sys.stderr)

@@ -297,3 +297,28 @@ def test_cli_call_places_the_call_on_the_switch_named(tmp_path):
         assert unknown.returncode == 2 and name(sim_b) in unknown.stderr
         default = call()
         assert default.returncode == 0 and len(sim_a.originate_args) == 1 and len(sim_b.originate_args) == 1
+
+
+def test_replay_and_record_stay_on_one_switch(tmp_path):
+    """A replay's switch is its simulator whatever FREESWITCH_HOSTS says; record refuses several."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ivr_daemon.replay.fixture import load_fixture
+    from ivr_daemon.replay.replayer import replay_environment, replay_fixture
+
+    fixtures = Path(__file__).parent / "fixtures"
+    base_env = replay_environment(environ={"FREESWITCH_HOSTS": "127.0.0.1:1,127.0.0.1:2"})
+    assert "FREESWITCH_HOSTS" not in base_env
+    result = replay_fixture(load_fixture(fixtures / "greeting.esl"),
+                            base_env={**base_env, "FREESWITCH_HOSTS": "127.0.0.1:1,127.0.0.1:2"})
+    assert result.ok, result.report
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FREESWITCH_")}
+    env.update({"FREESWITCH_HOSTS": "127.0.0.1:1,127.0.0.1:2", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    record = subprocess.run([sys.executable, "-m", "ivr_daemon", "--env-file", "/nonexistent/.env", "record",
+                             "--out", str(tmp_path / "x.esl")], env=env, capture_output=True, text=True, timeout=60)
+    assert record.returncode == 2 and "FREESWITCH_HOSTS" in record.stderr
+    assert not (tmp_path / "x.esl").exists()

@@ -44,8 +44,8 @@ NO_CALL = "(no call)"
 
 # Settings a replay makes itself: the switch is the simulator, the LLM is the fixture, and the
 # WAVs go to a temporary directory. Every other setting is the one `run` would use.
-REPLAY_OWNED = frozenset({"FREESWITCH_HOST", "FREESWITCH_PORT", "FREESWITCH_PASSWORD", "LLM_PROVIDER", "LLM_API_URL",
-                          "LLM_MODEL", "LLM_API_KEY", "TTS_OUTPUT_DIR"})
+REPLAY_OWNED = frozenset({"FREESWITCH_HOST", "FREESWITCH_HOSTS", "FREESWITCH_PORT", "FREESWITCH_PASSWORD",
+                          "LLM_PROVIDER", "LLM_API_URL", "LLM_MODEL", "LLM_API_KEY", "TTS_OUTPUT_DIR"})
 
 
 class FixtureLlm(LlmClient):
