@@ -280,7 +280,7 @@ def wait_until_idle(daemon, timeout_s: float = IDLE_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     quiet_since = None
     while time.monotonic() < deadline:
-        busy = bool(daemon.router.busy_calls())
+        busy = bool(daemon.busy_calls())
         if busy:
             quiet_since = None
         elif quiet_since is None:
