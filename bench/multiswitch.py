@@ -17,7 +17,10 @@ Three setups, each its own daemon, in rounds that alternate them (noise hits all
              to tell what the switches cost from what the load costs
 
 Prints a line per round and, last, one JSON object: per setup overhead_p50_ms, overhead_p99_ms,
-turns (of calls), and several_over_same_load_p99 (the switches' own cost: 1.0 is none).
+turns (of calls) and daemon_cpu_ms_per_turn (the daemon process's CPU time from its calls' first
+event to the last turn, per turn: on a shared machine the figure its load does not move), then
+several_over_same_load_p99 and several_over_same_load_cpu_per_turn (the switches' own cost: 1.0
+is none) and several_over_one_p99.
 
 With --baseline PATH the one-switch setups also run the daemon of that checkout (configured the
 same way, FREESWITCH_HOST alone) in the same rounds: ``one_baseline``, ``one_same_load_baseline``.
@@ -80,6 +83,12 @@ class MultiSwitchRig:
             sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
         self._log_offset = 0
 
+    def cpu_s(self) -> float:
+        """The daemon process's CPU time so far (user + system): what its work cost, whatever
+        else the machine is doing (wall-clock figures on a shared box are mostly its load)."""
+        fields = Path(f"/proc/{self.daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def _read_log(self) -> None:
         with open(self.log_path) as log_file:
             log_file.seek(self._log_offset)
@@ -118,10 +127,12 @@ def first_broadcast_ms(sim, call: str, sequence: int) -> float:
 
 
 def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int,
-              checkout: Path = ROOT) -> tuple[list[float], int, int]:
-    """(overheads in ms, turns seen, calls made) of one daemon on ``switches`` simulators."""
+              checkout: Path = ROOT) -> tuple[list[float], int, int, float]:
+    """(overheads in ms, turns seen, calls made, the daemon's CPU seconds for them) of one daemon
+    on ``switches`` simulators."""
     rig = MultiSwitchRig(args, switches, llm_url, checkout)
     try:
+        cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
         calls = [(sim, sim.new_call()) for sim in rig.sims for _ in range(calls_per_switch)]
         gevent.sleep(1.0)  # the calls' CHANNEL_ANSWER/PARK handled before anyone speaks (as latency.py)
         rng = random.Random(seed)
@@ -134,13 +145,14 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
                      for i, (sim, call) in enumerate(calls)]
         gevent.joinall(greenlets)
         rig.wait_turns(len(calls))
+        cpu_s = rig.cpu_s() - cpu_before_s
         overheads = []
         for sim, call in calls:
             turn = rig.turns.get(call)
             if turn is None or turn.get("first_audio_ms") is None:
                 continue
             overheads.append(first_broadcast_ms(sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
-        return overheads, len(rig.turns), len(calls)
+        return overheads, len(rig.turns), len(calls), cpu_s
     finally:
         rig.close()
 
@@ -173,18 +185,21 @@ def main() -> int:
                            stdout=subprocess.PIPE, text=True)
     samples: dict[str, list[float]] = {name: [] for name in selected}
     counts: dict[str, list[int]] = {name: [0, 0] for name in selected}
+    cpu: dict[str, float] = {name: 0.0 for name in selected}
     try:
         llm_url = llm.stdout.readline().strip()
         for round_no in range(args.rounds):
             for name in selected:
                 switches, per_switch = setups[name]
-                overheads, turns, calls = one_setup(args, switches, per_switch, llm_url, seed=7 + round_no,
+                overheads, turns, calls, cpu_s = one_setup(args, switches, per_switch, llm_url, seed=7 + round_no,
                                                     checkout=checkouts[name])
                 samples[name] += overheads
                 counts[name][0] += turns
                 counts[name][1] += calls
+                cpu[name] += cpu_s
                 print(f"round {round_no + 1} {name}: {switches} switch(es) x {per_switch} calls: turns {turns}/{calls}, "
-                      f"overhead p50 {percentile(overheads, 50):.1f} ms, p99 {percentile(overheads, 99):.1f} ms",
+                      f"overhead p50 {percentile(overheads, 50):.1f} ms, p99 {percentile(overheads, 99):.1f} ms, "
+                      f"daemon CPU {cpu_s * 1000 / max(1, turns):.2f} ms a turn",
                       flush=True)
     finally:
         llm.terminate()
@@ -194,10 +209,14 @@ def main() -> int:
     for name in selected:
         figures[name] = {"overhead_p50_ms": round(percentile(samples[name], 50), 2),
                          "overhead_p99_ms": round(percentile(samples[name], 99), 2),
-                         "turns": counts[name][0], "calls": counts[name][1]}
+                         "turns": counts[name][0], "calls": counts[name][1],
+                         "daemon_cpu_ms_per_turn": round(cpu[name] * 1000 / max(1, counts[name][0]), 2)}
     if {"several", "one_same_load"} <= set(selected):
         figures["several_over_same_load_p99"] = round(
             percentile(samples["several"], 99) / percentile(samples["one_same_load"], 99), 2)
+    if {"several", "one_same_load"} <= set(selected):
+        figures["several_over_same_load_cpu_per_turn"] = round(
+            figures["several"]["daemon_cpu_ms_per_turn"] / figures["one_same_load"]["daemon_cpu_ms_per_turn"], 2)
     if {"several", "one"} <= set(selected):
         figures["several_over_one_p99"] = round(percentile(samples["several"], 99) / percentile(samples["one"], 99), 2)
     figures["seconds"] = round(time.monotonic() - started, 1)

@@ -147,7 +147,7 @@ class Daemon:
         if self.webhooks is not None:
             self.webhooks.start()  # idempotent
         periodic = gevent.spawn(self._resync_every, RESYNC_INTERVAL_S)
-        runners = {gevent.spawn(switch.esl.run): switch for switch in self.switches}
+        runners = {gevent.spawn(_run_client, switch.esl): switch for switch in self.switches}
         try:
             pending = set(runners)
             refused: list[AuthenticationFailed] = []
@@ -156,7 +156,7 @@ class Daemon:
                 for runner in done:
                     pending.discard(runner)
                     switch = runners[runner]
-                    exc = runner.exception
+                    exc = runner.value
                     if exc is None:
                         continue
                     if not isinstance(exc, AuthenticationFailed):
@@ -331,6 +331,16 @@ def build_conversation_daemon(
     daemon.webhooks = webhooks
     daemon.services = made[0].by_agent[agents.default_name]
     return daemon
+
+
+def _run_client(esl: EslClient) -> Exception | None:
+    """An ESL client's run, its failure handed back rather than raised: a greenlet that dies of
+    an exception has gevent print its traceback, and ``run`` says it once, the daemon's way."""
+    try:
+        esl.run()
+    except Exception as exc:
+        return exc
+    return None
 
 
 def agent_phrases(settings: Settings, has_tools: bool = False) -> list[str]:
