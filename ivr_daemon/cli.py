@@ -47,7 +47,6 @@ def cmd_run(args) -> int:
     from ivr_daemon.esl.connection import AuthenticationFailed
     from ivr_daemon.logs import configure_logging, get_logger
     from ivr_daemon.tts.base import TtsModelUnavailable
-
     from ivr_daemon.config import DEFAULT_ESL_PASSWORD
 
     settings = _settings_or_exit(args)
