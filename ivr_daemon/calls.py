@@ -69,11 +69,11 @@ class Call:
     """A live channel: its queue of events and the greenlet that works through it."""
 
     def __init__(self, uuid: str, handler_factory: HandlerFactory, on_done: Callable[["Call"], None],
-                 log_speech_text: bool = True):
+                 log_speech_text: bool = True, log_context: dict[str, str] | None = None):
         self.uuid = uuid
         self.started_unix_s = time.time()  # when the daemon first heard of it (GET /calls)
         self._log_speech_text = log_speech_text
-        self.log = log.bind(call_uuid=uuid)
+        self.log = log.bind(call_uuid=uuid, **(log_context or {}))
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self._on_done = on_done
         self.ended = False
@@ -121,8 +121,11 @@ class CallRouter:
         owns: Callable[[str], bool] | None = None,
         log_speech_text: bool = True,
         on_call_started: Callable[[str], None] | None = None,
+        log_context: dict[str, str] | None = None,
     ):
         self._handler_factory = handler_factory
+        self._log_context = log_context  # bound to every call's log (its switch, with several)
+        self._log = log.bind(**log_context) if log_context else log
         self._on_call_started = on_call_started  # the daemon's count of calls; gets the UUID
         self._log_speech_text = log_speech_text
         self._owns = owns
@@ -154,7 +157,7 @@ class CallRouter:
             duplicate = True
             self.dedup.dropped += 1
         if duplicate:
-            log.debug("esl_duplicate_event_dropped", event_name=event.name, call_uuid=event.unique_id,
+            self._log.debug("esl_duplicate_event_dropped", event_name=event.name, call_uuid=event.unique_id,
                       event_sequence=event.headers.get("Event-Sequence"))
             return
         uuid = event.unique_id
@@ -163,7 +166,7 @@ class CallRouter:
             # command (the builders refuse it) and must not name files either.
             self.foreign_ids += 1
             level = "warning" if event.name == "DETECTED_SPEECH" else "debug"
-            getattr(log, level)("event_with_non_uuid_unique_id_ignored", event_name=event.name,
+            getattr(self._log, level)("event_with_non_uuid_unique_id_ignored", event_name=event.name,
                                 unique_id=uuid[:80])
             return
         if uuid is None:
@@ -173,11 +176,11 @@ class CallRouter:
         call = self.calls.get(uuid)
         if call is None:
             if uuid in self._ended:
-                log.debug("event_after_call_ended", event_name=event.name, call_uuid=uuid)
+                self._log.debug("event_after_call_ended", event_name=event.name, call_uuid=uuid)
                 return
             if self._owns is not None and not self._owns(uuid):
                 return  # another daemon's shard
-            call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text)
+            call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text, self._log_context)
             self.calls[uuid] = call
             if self._on_call_started is not None:
                 self._on_call_started(uuid)

@@ -48,13 +48,15 @@ def cmd_run(args) -> int:
     from ivr_daemon.esl.connection import AuthenticationFailed
     from ivr_daemon.logs import configure_logging, get_logger
     from ivr_daemon.tts.base import TtsModelUnavailable
+    from ivr_daemon.config import DEFAULT_ESL_PASSWORD
 
     settings = _settings_or_exit(args)
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger("ivr_daemon.cli")
     resolver.install()  # an LLM at an IP address is connected to without a thread-pool lookup
     if settings.uses_default_esl_password:
-        log.warning("esl_default_password", hint="FREESWITCH_PASSWORD is FreeSWITCH's well-known default ClueCon: change it on the switch and here")
+        log.warning("esl_default_password", hint="FREESWITCH_PASSWORD is FreeSWITCH's well-known default ClueCon: change it on the switch and here",
+                    switches=[switch.name for switch in settings.switches if switch.password == DEFAULT_ESL_PASSWORD])
     agents = _agents_or_exit(settings)
     try:
         daemon = build_conversation_daemon(settings, agents=agents)
@@ -84,7 +86,7 @@ def cmd_run(args) -> int:
 
     gevent.signal_handler(signal.SIGTERM, on_signal)
     gevent.signal_handler(signal.SIGINT, on_signal)
-    log.info("daemon_starting", freeswitch=f"{settings.freeswitch_host}:{settings.freeswitch_port}")
+    log.info("daemon_starting", freeswitch=", ".join(switch.name for switch in settings.switches))
     try:
         daemon.run()
     except AuthenticationFailed as exc:
@@ -150,6 +152,11 @@ def cmd_record(args) -> int:
     from ivr_daemon.tts.base import TtsModelUnavailable
 
     settings = _settings_or_exit(args)
+    if len(settings.switches) > 1:
+        # A fixture is one switch's timeline: two switches' frames (and their UUIDs) would mix.
+        print("ivr-daemon: configuration error: FREESWITCH_HOSTS: record one switch at a time "
+              "(FREESWITCH_HOSTS with one entry, or FREESWITCH_HOST)", file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger("ivr_daemon.cli")
     out_path = Path(args.out)
@@ -179,7 +186,7 @@ def cmd_record(args) -> int:
     daemon.stop()
     from ivr_daemon.replay.fixture import recorded_settings
 
-    comments = [*args.comment, f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"]
+    comments = [*args.comment, f"recorded by ivr-daemon record from {settings.switches[0].name}"]
     size = recorder.write(out_path, comments=comments, env=recorded_settings(settings.as_environment(), out_path))
     print(f"wrote {out_path}: {len(recorder.frames)} frames seen, {len(recorder.llm)} LLM replies, "
           f"{len(recorder.commands)} commands, {size} bytes", file=sys.stderr)
@@ -233,9 +240,15 @@ def cmd_call(args) -> int:
     except OutboundError as exc:
         print(f"ivr-daemon: call not placed: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    switches = {switch.name: switch for switch in settings.switches}
+    switch = settings.switches[0] if args.switch is None else switches.get(args.switch)
+    if switch is None:
+        print(f"ivr-daemon: call not placed: no switch {args.switch!r} in FREESWITCH_HOSTS "
+              f"({', '.join(switches)})", file=sys.stderr)
+        return EXIT_CONFIG
     jobs = JobWaiters()
-    client = EslClient(settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
-                       ("BACKGROUND_JOB",), jobs.on_event, backoff_max_s=1.0)
+    client = EslClient(switch.host, switch.port, switch.password, ("BACKGROUND_JOB",), jobs.on_event,
+                       backoff_max_s=1.0)
     runner = gevent.spawn(client.run)
     try:
         connected = gevent.spawn(client.wait_connected, args.connect_timeout)
@@ -244,8 +257,8 @@ def cmd_call(args) -> int:
             print(f"ivr-daemon: call not placed: {runner.exception}", file=sys.stderr)
             return EXIT_AUTH
         if not client.connected:
-            print(f"ivr-daemon: call not placed: cannot reach FreeSWITCH at {settings.freeswitch_host}:"
-                  f"{settings.freeswitch_port} within {args.connect_timeout:g} s", file=sys.stderr)
+            print(f"ivr-daemon: call not placed: cannot reach FreeSWITCH at {switch.name} "
+                  f"within {args.connect_timeout:g} s", file=sys.stderr)
             return 1
         try:
             call_uuid = place_call(request, agents, client.send, jobs, timeout_s=args.timeout)
@@ -329,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a dynamic variable for the agent's {placeholders} and tools (repeatable)")
     call.add_argument("--caller-id", default=None, metavar="NUMBER", help="origination_caller_id_number")
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
+    call.add_argument("--switch", default=None, metavar="HOST:PORT",
+                      help="which of FREESWITCH_HOSTS places the call (default: the first)")
     call.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach FreeSWITCH (default 10)")
     call.set_defaults(func=cmd_call)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -44,6 +44,9 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("FREESWITCH_PORT", "freeswitch_port", "8021", "port of FreeSWITCH's event socket"),
     ("FREESWITCH_PASSWORD", "freeswitch_password", DEFAULT_ESL_PASSWORD,
      "event socket password (change it: ClueCon is the well-known default)"),
+    ("FREESWITCH_HOSTS", "freeswitch_hosts", "",
+     "several switches, one ESL client each: comma-separated host:port or password@host:port (password "
+     "percent-encoded; without one: FREESWITCH_PASSWORD); set, it replaces FREESWITCH_HOST"),
     ("LLM_PROVIDER", "llm_provider", "ollama", "ollama | openai | llama3"),
     ("LLM_API_URL", "llm_api_url", "http://localhost:11434/api/chat", "the LLM endpoint URL"),
     ("LLM_MODEL", "llm_model", "llama3", "model name sent to the LLM server"),
@@ -197,10 +200,19 @@ class Settings:
     log_format: str
     log_transcripts: bool
     first_chunk: str = "clause"  # last, with a default: Settings built by hand before it existed stay valid
+    freeswitch_hosts: tuple[str, ...] = ()  # FREESWITCH_HOSTS' entries as given; () is FREESWITCH_HOST alone
 
     @property
     def uses_default_esl_password(self) -> bool:
-        return self.freeswitch_password == DEFAULT_ESL_PASSWORD
+        return any(switch.password == DEFAULT_ESL_PASSWORD for switch in self.switches)
+
+    @property
+    def switches(self) -> tuple["SwitchAddress", ...]:
+        """Every switch the daemon keeps an ESL client to, the first one first (the default of
+        outbound calls). FREESWITCH_HOSTS unset: the one of FREESWITCH_HOST/PORT/PASSWORD."""
+        if not self.freeswitch_hosts:
+            return (SwitchAddress(self.freeswitch_host, self.freeswitch_port, self.freeswitch_password),)
+        return parse_switch_hosts(",".join(self.freeswitch_hosts), self.freeswitch_port, self.freeswitch_password)
 
     def as_environment(self) -> dict[str, str]:
         """These settings as the environment variables that load them again."""
@@ -221,6 +233,60 @@ class Settings:
 
 
 SYSTEM_STATE_DIR = Path("/var/lib/ivr-daemon")
+
+
+@dataclass(frozen=True)
+class SwitchAddress:
+    """One FreeSWITCH event socket. ``name`` (``host:port``) is how logs, metrics (the ``switch``
+    label), /health, /calls and outbound calls (``switch``) name it; the password never shows."""
+
+    host: str
+    port: int
+    password: str = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as in a URL
+        return f"{host}:{self.port}"
+
+
+def parse_switch_hosts(raw: str, default_port: int, default_password: str) -> tuple[SwitchAddress, ...]:
+    """FREESWITCH_HOSTS: ``host[:port]`` or ``password@host[:port]``, comma-separated.
+
+    The password is everything before the last ``@``, percent-decoded (as in a URL's user
+    part), so one holding ``,`` or ``%`` is written ``%2C`` or ``%25``. An IPv6 address is
+    bracketed: ``[::1]:8021``. The same switch twice is refused: two clients would answer
+    every call of it twice.
+    """
+    from urllib.parse import unquote
+
+    switches: list[SwitchAddress] = []
+    for position, entry in enumerate(raw.split(","), 1):
+        entry = entry.strip()
+        if not entry:
+            raise ConfigError("FREESWITCH_HOSTS", f"entry {position} is empty (a stray comma?)")
+        secret, at, address = entry.rpartition("@")
+        password = unquote(secret) if at else default_password
+        if not password or any(c.isspace() for c in password):
+            raise ConfigError("FREESWITCH_HOSTS", f"entry {position}: the password must be non-empty and contain "
+                                                  "no whitespace")
+        match = re.match(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+))(?::(?P<port>[^:]*))?$", address)
+        if match is None:
+            # The password stays out of the message: only what follows its '@'.
+            raise ConfigError("FREESWITCH_HOSTS", f"entry {position}: not host:port, [ipv6]:port or "
+                                                  f"password@host:port: {address[:100]!r}")
+        host = match.group("v6") or match.group("host")
+        try:
+            port = default_port if match.group("port") is None else \
+                _int("FREESWITCH_HOSTS", match.group("port"), 1, 65535)
+        except ConfigError as exc:
+            raise ConfigError("FREESWITCH_HOSTS", f"entry {position}: port {exc.problem}") from None
+        switch = SwitchAddress(host, port, password)
+        if any(other.name.lower() == switch.name.lower() for other in switches):
+            raise ConfigError("FREESWITCH_HOSTS", f"{switch.name} is listed twice: each switch needs exactly one "
+                                                  "client, or its calls would be answered twice")
+        switches.append(switch)
+    return tuple(switches)
 
 
 def default_tts_output_dir(environ: Mapping[str, str]) -> Path:
@@ -424,6 +490,12 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
     if not password or any(c.isspace() for c in password):
         raise ConfigError("FREESWITCH_PASSWORD", "must be non-empty and contain no whitespace")
 
+    freeswitch_port = _int("FREESWITCH_PORT", raw["freeswitch_port"], 1, 65535)
+    hosts_raw = raw["freeswitch_hosts"].strip()
+    if hosts_raw:
+        parse_switch_hosts(hosts_raw, freeswitch_port, password)  # every entry checked now, once
+    freeswitch_hosts = tuple(entry.strip() for entry in hosts_raw.split(",")) if hosts_raw else ()
+
     api_url = raw["llm_api_url"].strip()
     if not re.match(r"^https?://[^\s/]+", api_url):
         raise ConfigError("LLM_API_URL", f"must be an http(s) URL, got {raw['llm_api_url']!r}")
@@ -459,8 +531,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
 
     return Settings(
         freeswitch_host=host,
-        freeswitch_port=_int("FREESWITCH_PORT", raw["freeswitch_port"], 1, 65535),
+        freeswitch_port=freeswitch_port,
         freeswitch_password=password,
+        freeswitch_hosts=freeswitch_hosts,
         llm_provider=_choice("LLM_PROVIDER", raw["llm_provider"], LLM_PROVIDERS),
         llm_api_url=api_url,
         llm_model=raw["llm_model"].strip(),

@@ -12,22 +12,20 @@ import zlib
 from typing import Callable
 
 import gevent
-import gevent.pool
 import gevent.threadpool
 
 from ivr_daemon.agents import Agent, AgentBook, load_agents
 from ivr_daemon.call_flow import CallFlowServices, call_flow_factory
-from ivr_daemon.calls import CallHandler, CallRouter, HandlerFactory
+from ivr_daemon.calls import Call, CallHandler, CallRouter, HandlerFactory
 from ivr_daemon.config import Settings
-from ivr_daemon.esl import commands
-from ivr_daemon.esl.connection import EslClient, EslError
-from ivr_daemon.esl.protocol import EslEvent
+from ivr_daemon.esl.connection import AuthenticationFailed, EslClient
 from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_wav
 from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger
 from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.outbound import BadCallRequest, JobWaiters, placeholders
+from ivr_daemon.switches import Switch
 from ivr_daemon.storage import prepare_output_dir
 from ivr_daemon.tts import make_tts_engine
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
@@ -47,7 +45,6 @@ SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S
 # not make every shutdown take the whole budget.
 SHUTDOWN_WEBHOOK_FLUSH_S = 2.0
 RESYNC_INTERVAL_S = 60.0
-RESYNC_CONCURRENCY = 16  # uuid_exists questions in flight at once during a resync
 
 # What the daemon subscribes to (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Introduction/Event-System/Event-List_7143557/).
 # No ESL `filter` on top: a filter only lets in what matches one of the filters (it cannot say
@@ -70,10 +67,12 @@ SUBSCRIBED_EVENTS: tuple[str, ...] = (
 
 
 class Daemon:
-    """One ESL connection kept alive, its events routed to per-call handlers.
+    """One ESL connection per switch kept alive, each switch's events routed to its calls' handlers.
 
-    ``handlers_for`` gets the ESL client (the one writer) and returns the factory that makes
-    a handler per call UUID.
+    ``handlers_for`` gets a switch's ESL client (that socket's one writer) and returns the
+    factory that makes a handler per call UUID on that switch; it is called once per switch.
+    ``esl``, ``router`` and ``jobs`` are the first switch's (the only one without
+    FREESWITCH_HOSTS); ``switches`` has them all.
     """
 
     def __init__(
@@ -88,106 +87,119 @@ class Daemon:
         # Given when the handlers count into it too (build_conversation_daemon); each daemon its own.
         self.metrics = metrics if metrics is not None else DaemonMetrics()
         self.started_s = time.monotonic()
-        self._connects = 0
-        self.esl = EslClient(
-            settings.freeswitch_host,
-            settings.freeswitch_port,
-            settings.freeswitch_password,
-            SUBSCRIBED_EVENTS,
-            self._route,
-            on_connected=self._on_esl_connected,
-            **esl_options,
-        )
         shard, shards = settings.daemon_shard
         owns = None if shards == 1 else (lambda uuid: shard_of(uuid, shards) == shard)
-        self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event, owns=owns,
-                                 log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG",
-                                 on_call_started=lambda _uuid: self.metrics.calls_total.inc())
-        # Read when scraped: the router's table and the connection are the truth, never a copy.
-        self.metrics.calls_active.set_function(lambda: len(self.router.calls))
-        self.metrics.esl_connected.set_function(lambda: 1 if self.esl.connected else 0)
+        addresses = settings.switches
+        self.switches: list[Switch] = [
+            Switch(address, handlers_for, SUBSCRIBED_EVENTS, self.metrics, owns=owns,
+                   log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG",
+                   # With one switch its lines stay as they always were; with several each says whose.
+                   log_context={"switch": address.name} if len(addresses) > 1 else None,
+                   **esl_options)
+            for address in addresses
+        ]
         self.services: TurnServices | None = None  # the default agent's, set by build_conversation_daemon
-        self.flow: CallFlowServices | None = None  # every agent's
+        self.flow: CallFlowServices | None = None  # every agent's (the first switch's, for test turns)
+        self.flows: list[CallFlowServices] = []  # every switch's
         self.webhooks: WebhookSender | None = None  # set by build_conversation_daemon
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
-        self.jobs = JobWaiters()  # BACKGROUND_JOB results by Job-UUID (outbound calls)
         self.agents: AgentBook | None = None  # set by build_conversation_daemon (POST /calls)
 
-    def _route(self, event: EslEvent) -> None:
-        self.router.route(event)
+    @property
+    def esl(self) -> EslClient:
+        return self.switches[0].esl
 
-    def _on_esl_connected(self) -> None:
-        # Counted here, not in the ESL layer, which knows nothing of metrics.
-        self._connects += 1
-        if self._connects > 1:
-            self.metrics.esl_reconnects_total.inc()
-        self.resync()
+    @property
+    def router(self) -> CallRouter:
+        return self.switches[0].router
+
+    @property
+    def jobs(self) -> JobWaiters:
+        return self.switches[0].jobs
+
+    def switch(self, name: str | None = None) -> Switch:
+        """The switch of that name (``host:port``); None: the first. KeyError if there is none."""
+        if name is None:
+            return self.switches[0]
+        for switch in self.switches:
+            if switch.name == name:
+                return switch
+        raise KeyError(name)
+
+    @property
+    def calls(self) -> list[tuple[Switch, Call]]:
+        """Every live call of every switch, with its switch."""
+        return [(switch, call) for switch in self.switches for call in list(switch.router.calls.values())]
+
+    def busy_calls(self) -> list[Call]:
+        return [call for switch in self.switches for call in switch.router.busy_calls()]
 
     def resync(self, after_reconnect: bool = True) -> None:
-        """After a (re)connect, and every minute: end the calls FreeSWITCH no longer has.
-
-        Events of the outage are lost (FreeSWITCH does not keep them for an ESL client), so a
-        hangup then is learnt here. Each tracked call is asked about with ``uuid_exists``
-        (captures 53 and 64), which looks the session up in the switch's own table. Not
-        ``show channels``: that reads the core database, filled asynchronously, so a channel
-        created a moment ago can be missing from it (and a live call would be ended); and its
-        reply grows ~875 bytes a channel, past the 8 MiB frame cap near 9,600 channels.
-        """
-        if after_reconnect:
-            # Purely local, so first: whatever the switch says next, playback state is stale.
-            for call in list(self.router.calls.values()):
-                call.handler.after_reconnect()
-        tracked = list(self.router.calls)
-        if not tracked:
-            return
-        answers: dict[str, bool | None] = {}
-        pool = gevent.pool.Pool(RESYNC_CONCURRENCY)
-        for uuid in tracked:
-            pool.spawn(self._ask_exists, uuid, answers)
-        pool.join()
-        gone = [uuid for uuid, exists in answers.items() if exists is False]
-        for uuid in gone:
-            self.router.end_call(uuid, "GONE_AFTER_RECONNECT")
-        unknown = sum(exists is None for exists in answers.values())
-        log.info("esl_resynced", calls_checked=len(tracked), calls_ended=len(gone), calls_unknown=unknown)
-
-    def _ask_exists(self, uuid: str, answers: dict[str, bool | None]) -> None:
-        """True/False as FreeSWITCH says; None when it cannot tell (then the call is kept)."""
-        try:
-            text = self.esl.send(commands.uuid_exists(uuid)).text.strip()
-        except (EslError, commands.UnsafeCommandArgument) as exc:
-            log.warning("esl_resync_check_failed", call_uuid=uuid, error=str(exc))
-            answers[uuid] = None
-            return
-        if text not in ("true", "false"):
-            log.warning("esl_resync_unexpected_reply", call_uuid=uuid, reply=text[:80])
-        answers[uuid] = {"true": True, "false": False}.get(text)
+        """Every switch's resync (:meth:`Switch.resync`), one after another."""
+        for switch in self.switches:
+            switch.resync(after_reconnect)
 
     def run(self) -> None:
-        """Block until stopped; raises AuthenticationFailed on a wrong password."""
+        """Block until stopped. Raises AuthenticationFailed when a switch refuses the password
+        before it was ever connected (a setting to fix: start-up fails at once), or when every
+        switch has refused it. A switch that refuses it later stops alone; the others go on."""
         if self.webhooks is not None:
             self.webhooks.start()  # idempotent
         periodic = gevent.spawn(self._resync_every, RESYNC_INTERVAL_S)
+        runners = {gevent.spawn(_run_client, switch.esl): switch for switch in self.switches}
         try:
-            self.esl.run()
+            pending = set(runners)
+            refused: list[AuthenticationFailed] = []
+            while pending:
+                done = gevent.wait(list(pending), count=1)
+                for runner in done:
+                    pending.discard(runner)
+                    switch = runners[runner]
+                    exc = runner.value
+                    if exc is None:
+                        continue
+                    if not isinstance(exc, AuthenticationFailed):
+                        raise exc
+                    if len(self.switches) == 1 or switch.connects == 0:
+                        raise AuthenticationFailed(f"{switch.name}: {exc}") if len(self.switches) > 1 else exc
+                    switch.log.error("esl_switch_given_up", error=str(exc),
+                                     hint="the switch's event socket password changed: fix it and restart")
+                    refused.append(exc)
+            if refused and len(refused) == len(self.switches):
+                raise refused[-1]
         finally:
             periodic.kill(block=False)
+            for runner, switch in runners.items():
+                if not runner.dead:
+                    switch.esl.stop(send_exit=False)
+                    runner.kill(block=False)
 
     def _resync_every(self, interval_s: float) -> None:
         # A hangup event lost any other way (a filter, a bug) must not keep a call forever.
         while True:
             gevent.sleep(interval_s)
-            if self.esl.connected:
-                self.resync(after_reconnect=False)
+            for switch in self.switches:
+                if switch.connected:
+                    switch.resync(after_reconnect=False)
 
     def start(self) -> gevent.Greenlet:
         self._greenlet = gevent.spawn(self.run)
         return self._greenlet
 
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
+        """Until every switch is connected and subscribed; False if one is not within the time."""
+        deadline_s = None if timeout_s is None else time.monotonic() + timeout_s
+        for switch in self.switches:
+            left_s = None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
+            if not switch.esl.wait_connected(left_s):
+                return False
+        return True
+
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop at once: exit to FreeSWITCH, socket closed; turns in flight are abandoned."""
-        self.esl.stop(send_exit=True)
+        """Stop at once: exit to every switch, sockets closed; turns in flight are abandoned."""
+        for switch in self.switches:
+            switch.esl.stop(send_exit=True)
         if self._greenlet is not None:
             self._greenlet.join(timeout=timeout_s)
         if self.webhooks is not None:
@@ -208,16 +220,21 @@ class Daemon:
         deadline_s = started_s + grace_s + SHUTDOWN_EXIT_S + SHUTDOWN_CLEANUP_S
         for services in self._all_services():
             services.accepting_turns = False
-        log.info("daemon_shutting_down", calls=len(self.router.calls), turns_in_flight=len(self.router.busy_calls()))
-        while self.router.busy_calls():
+        log.info("daemon_shutting_down", calls=len(self.calls), turns_in_flight=len(self.busy_calls()))
+        while self.busy_calls():
             if time.monotonic() - started_s > grace_s:
-                log.warning("shutdown_grace_over", turns_cut=len(self.router.busy_calls()))
+                log.warning("shutdown_grace_over", turns_cut=len(self.busy_calls()))
                 break
             gevent.sleep(0.05)
-        self.esl.stop(send_exit=True, exit_timeout_s=SHUTDOWN_EXIT_S)
-        for uuid in list(self.router.calls):
-            self.router.end_call(uuid, "DAEMON_SHUTDOWN")
-        self.router.join(timeout_s=max(0.0, deadline_s - time.monotonic()))
+        # Every switch's exit at once: their replies are waited for side by side, not in turn.
+        exits = [gevent.spawn(switch.esl.stop, send_exit=True, exit_timeout_s=SHUTDOWN_EXIT_S)
+                 for switch in self.switches]
+        gevent.joinall(exits, timeout=SHUTDOWN_EXIT_S + 0.5)
+        for switch in self.switches:
+            for uuid in list(switch.router.calls):
+                switch.router.end_call(uuid, "DAEMON_SHUTDOWN")
+        for switch in self.switches:
+            switch.router.join(timeout_s=max(0.0, deadline_s - time.monotonic()))
         if self.services is not None and self.services.in_flight:
             # Per-call WAVs of syntheses that land now are deleted by their calls' clean-up.
             running = list(self.services.in_flight)
@@ -232,14 +249,9 @@ class Daemon:
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
     def _all_services(self) -> list[TurnServices]:
-        if self.flow is not None:
-            return list(self.flow.by_agent.values())
+        if self.flows:
+            return [services for flow in self.flows for services in flow.by_agent.values()]
         return [self.services] if self.services is not None else []
-
-    def _on_callless_event(self, event: EslEvent) -> None:
-        if self.jobs.on_event(event):
-            return  # a bgapi's result (POST /calls): handed to whoever waits on it
-        log.debug("esl_event", event_name=event.name, event_sequence=event.sequence)
 
 
 def build_conversation_daemon(
@@ -314,10 +326,21 @@ def build_conversation_daemon(
              shard="/".join(map(str, settings.daemon_shard)))
     daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)
     daemon.flow = made[0]
+    daemon.flows = made
     daemon.agents = agents
     daemon.webhooks = webhooks
     daemon.services = made[0].by_agent[agents.default_name]
     return daemon
+
+
+def _run_client(esl: EslClient) -> Exception | None:
+    """An ESL client's run, its failure handed back rather than raised: a greenlet that dies of
+    an exception has gevent print its traceback, and ``run`` says it once, the daemon's way."""
+    try:
+        esl.run()
+    except Exception as exc:
+        return exc
+    return None
 
 
 def agent_phrases(settings: Settings, has_tools: bool = False) -> list[str]:

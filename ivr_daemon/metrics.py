@@ -35,9 +35,11 @@ class DaemonMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        # Calls are channels: every Unique-ID of the daemon's shard it gets events of.
-        self.calls_active = Gauge("ivr_calls_active", "Calls the daemon is tracking now.", registry=r)
-        self.calls_total = Counter("ivr_calls_total", "Calls the daemon has started tracking.", registry=r)
+        # Calls are channels: every Unique-ID of the daemon's shard it gets events of. These four
+        # are per switch (label ``switch``, host:port): one switch down shows as that switch's.
+        self.calls_active = Gauge("ivr_calls_active", "Calls the daemon is tracking now.", ["switch"], registry=r)
+        self.calls_total = Counter("ivr_calls_total", "Calls the daemon has started tracking.", ["switch"],
+                                   registry=r)
         self.turns_total = Counter(
             "ivr_turns_total", "Turns whose answer is over (played, cut by the caller, or the call ended), "
             "by how they ended.", ["outcome"], registry=r)
@@ -53,8 +55,9 @@ class DaemonMetrics:
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.barge_ins_total = Counter("ivr_barge_ins_total", "Answers the caller interrupted.", registry=r)
         self.esl_reconnects_total = Counter(
-            "ivr_esl_reconnects_total", "Event socket connections made after the first one.", registry=r)
-        self.esl_connected = Gauge("ivr_esl_connected", "1 while the event socket is up and subscribed.", registry=r)
+            "ivr_esl_reconnects_total", "Event socket connections made after the first one.", ["switch"], registry=r)
+        self.esl_connected = Gauge("ivr_esl_connected", "1 while the event socket is up and subscribed.",
+                                   ["switch"], registry=r)
         # The phrase cache keeps its own counts (from any thread, under its native lock): they
         # are read at scrape time, never kept twice.
         self._cache_stats: Callable[[], CacheStats] | None = None
@@ -84,6 +87,14 @@ class DaemonMetrics:
             self.hangups_by_ivr_total.labels(reason=reason)
         # For GET /health: what went wrong last, so an administrator sees it without the logs.
         self.last_llm_error: dict[str, object] | None = None
+
+    def watch_switch(self, name: str, *, calls_active: Callable[[], int], connected: Callable[[], bool]) -> None:
+        """A switch's series: its gauges read its call table and connection when scraped (the
+        truth, never a copy); its counters shown at 0 from the start."""
+        self.calls_active.labels(switch=name).set_function(calls_active)
+        self.esl_connected.labels(switch=name).set_function(lambda: 1 if connected() else 0)
+        self.calls_total.labels(switch=name)
+        self.esl_reconnects_total.labels(switch=name)
 
     def watch_cache(self, stats: Callable[[], CacheStats]) -> None:
         """Expose the phrase cache's hit and miss counts (``PhraseCache.stats``)."""

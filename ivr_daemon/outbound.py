@@ -66,6 +66,12 @@ class UnknownAgent(OutboundError):
     http_status = 404
 
 
+class UnknownSwitch(OutboundError):
+    """A switch the daemon has no client to (not one of FREESWITCH_HOSTS)."""
+
+    http_status = 404
+
+
 class OriginateFailed(OutboundError):
     """FreeSWITCH refused or failed the originate: its own text (``-ERR USER_NOT_REGISTERED``)."""
 

@@ -94,8 +94,8 @@ def routed_events(daemon: Daemon) -> list:
 
 
 def wait_idle(daemon: Daemon, timeout_s: float = 10.0) -> None:
-    """Until no call of the daemon has an event queued or a turn in flight."""
-    wait_until(lambda: not daemon.router.busy_calls(), timeout_s)
+    """Until no call of the daemon (on any of its switches) has an event queued or a turn in flight."""
+    wait_until(lambda: not daemon.busy_calls(), timeout_s)
 
 
 def wait_heard(sim, call_uuid: str, count: int = 1, timeout_s: float = 10.0) -> None:

@@ -151,3 +151,39 @@ def test_run_refuses_an_output_dir_others_can_write_with_exit_2(tmp_path):
     assert result.returncode == 2
     assert "TTS_OUTPUT_DIR" in result.stderr and str(unsafe) in result.stderr
     assert not (unsafe / "phrases").exists()  # nothing was written there
+
+
+def test_freeswitch_hosts_lists_switches_each_with_its_password_or_the_shared_one():
+    settings = load_settings(environ={"FREESWITCH_HOSTS": " fs1.example:8021, s%2Cecr%25t@fs2.example ,[::1]:9021",
+                                      "FREESWITCH_PASSWORD": "shared", "FREESWITCH_PORT": "8022",
+                                      "FREESWITCH_HOST": "ignored.example"})
+    assert [(s.host, s.port, s.password, s.name) for s in settings.switches] == [
+        ("fs1.example", 8021, "shared", "fs1.example:8021"),
+        ("fs2.example", 8022, "s,ecr%t", "fs2.example:8022"),  # percent-decoded; FREESWITCH_PORT by default
+        ("::1", 9021, "shared", "[::1]:9021"),
+    ]
+    assert "secr" not in repr(settings.switches)  # a switch's repr never shows its password
+    assert not settings.uses_default_esl_password
+    # The settings survive a round trip through the environment (replay, bench children).
+    assert load_settings(environ=settings.as_environment()).switches == settings.switches
+    # Unset: the one switch of FREESWITCH_HOST, as always.
+    single = load_settings(environ={"FREESWITCH_HOST": "fs.example", "FREESWITCH_PORT": "8030"})
+    assert [(s.host, s.port, s.password) for s in single.switches] == [("fs.example", 8030, "ClueCon")]
+    assert load_settings(environ={"FREESWITCH_HOSTS": "a:8021,p@b:8021"}).uses_default_esl_password  # a: ClueCon
+
+
+@pytest.mark.parametrize("value, words", [
+    ("a:8021,,b:8021", "entry 2 is empty"),
+    ("a:8021,A:8021", "listed twice"),
+    ("a:0", "entry 1: port must be between 1 and 65535"),
+    ("a:http", "entry 1: port must be a whole number"),
+    ("a b:8021", "not host:port"),
+    ("::1:8021", "not host:port"),  # an IPv6 address needs its brackets
+    ("@a:8021", "password must be non-empty"),
+    ("two%20words@a:8021", "no whitespace"),
+])
+def test_bad_freeswitch_hosts_name_the_variable_and_never_the_password(value, words):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"FREESWITCH_HOSTS": value})
+    assert caught.value.variable == "FREESWITCH_HOSTS" and words in str(caught.value)
+    assert "words" not in str(caught.value)

@@ -92,13 +92,13 @@ def test_metrics_are_prometheus_text_and_show_the_live_calls(tmp_path):
                 assert answer.headers["Content-Type"].startswith("text/plain; version=")
                 return answer.text
 
-            assert sample(scrape(), "ivr_calls_active") == 0
+            assert sample(scrape(), "ivr_calls_active", switch=f"127.0.0.1:{sim.port}") == 0
             call = sim.new_call()
             wait_until(lambda: call in daemon.router.calls)
-            assert sample(scrape(), "ivr_calls_active") == 1
+            assert sample(scrape(), "ivr_calls_active", switch=f"127.0.0.1:{sim.port}") == 1
             sim.hangup(call)
             wait_until(lambda: call not in daemon.router.calls)
-            assert sample(scrape(), "ivr_calls_active") == 0
+            assert sample(scrape(), "ivr_calls_active", switch=f"127.0.0.1:{sim.port}") == 0
 
 
 def test_metrics_count_a_phone_turn_and_a_test_turn(tmp_path):
@@ -144,8 +144,8 @@ def test_calls_lists_the_live_calls_with_their_state_and_one_calls_history(tmp_p
             [listed] = calls()
             started = datetime.datetime.fromisoformat(listed.pop("started").replace("Z", "+00:00"))
             assert started.tzinfo is not None and abs((started - before).total_seconds()) < 60
-            assert listed == {"uuid": call, "agent": "default", "caller_number": "5550100", "turns": 0,
-                              "state": "listening"}
+            assert listed == {"uuid": call, "switch": f"127.0.0.1:{sim.port}", "agent": "default",
+                              "caller_number": "5550100", "turns": 0, "state": "listening"}
 
             sim.speak(call, "I need help")
             wait_until(lambda: len(llm.requests) == 1)

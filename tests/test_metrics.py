@@ -42,8 +42,15 @@ def scrape(metrics: DaemonMetrics) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(body.decode("utf-8")) for sample in family.samples}
 
 
+# Per switch (label ``switch``); a one-switch daemon's tests read its one switch's series.
+SWITCH_METRICS = ("ivr_calls_active", "ivr_calls_total", "ivr_esl_connected", "ivr_esl_reconnects_total")
+
+
 def value(daemon, name: str, **labels: str) -> float:
     samples = scrape(daemon.metrics)
+    if name in SWITCH_METRICS and "switch" not in labels:
+        (only,) = daemon.switches
+        labels["switch"] = only.name
     key = (name, tuple(sorted(labels.items())))
     assert key in samples, f"{name}{labels} not exposed"
     return samples[key]
@@ -333,7 +340,9 @@ def value_of(metrics: DaemonMetrics, name: str, **labels: str) -> float:
 
 def exposed_sample_names() -> set[str]:
     """Every sample name the daemon exposes (histograms as _bucket, _sum and _count)."""
-    return {name for name, _labels in scrape(DaemonMetrics())}
+    metrics = DaemonMetrics()
+    metrics.watch_switch("freeswitch:8021", calls_active=lambda: 0, connected=lambda: True)  # as a Daemon does
+    return {name for name, _labels in scrape(metrics)}
 
 
 def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ Routes (each in its own module):
 =======================================  ==============================================
 ``POST /test/transcription``             a test turn: JSON in, the spoken answer as WAV
 ``DELETE /test/calls/{call_uuid}``       forget a test conversation
-``GET /health``                          JSON; 200 while the ESL connection is up, else 503
+``GET /health``                          JSON; 200 while a switch's ESL connection is up, else 503
 ``GET /metrics``                         Prometheus exposition (prometheus_client)
 ``GET /calls``, ``GET /calls/{uuid}``    the live phone calls; one call's history
 ``POST /calls``                          place an outbound call into the IVR extension

@@ -14,18 +14,20 @@ import falcon
 
 from ivr_daemon.calls import Call
 from ivr_daemon.daemon import Daemon
-from ivr_daemon.outbound import BadCallRequest, CallRequest, OutboundError, place_call
+from ivr_daemon.outbound import BadCallRequest, CallRequest, OutboundError, UnknownSwitch, place_call
+from ivr_daemon.switches import Switch
 
 _HTTP_ERRORS = {400: falcon.HTTPBadRequest, 404: falcon.HTTPNotFound, 502: falcon.HTTPBadGateway,
                 504: falcon.HTTPGatewayTimeout}
-_CALL_FIELDS = frozenset({"destination", "agent", "variables", "caller_id"})
+_CALL_FIELDS = frozenset({"destination", "agent", "variables", "caller_id", "switch"})
 
 
-def call_summary(call: Call) -> dict[str, object]:
+def call_summary(call: Call, switch: str) -> dict[str, object]:
     handler = call.handler
     agent = getattr(handler, "agent", None)
     return {
         "uuid": call.uuid,
+        "switch": switch,
         "agent": agent.name if agent is not None else None,
         "caller_number": getattr(handler, "caller_number", None),
         "started": datetime.datetime.fromtimestamp(call.started_unix_s, datetime.timezone.utc)
@@ -40,30 +42,44 @@ class CallsResource:
         self.daemon = daemon
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        calls = [call for call in list(self.daemon.router.calls.values()) if not call.ended]
-        resp.media = {"calls": [call_summary(call) for call in calls]}
+        resp.media = {"calls": [call_summary(call, switch.name) for switch, call in self.daemon.calls
+                                if not call.ended]}
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """``{"destination": "user/1001", "agent": "sales", "variables": {...}, "caller_id": "..."}``
-        -> 201 ``{"uuid": ...}``; 400 bad request, 404 unknown agent, 502 FreeSWITCH's error,
-        504 no BACKGROUND_JOB in time. The originate goes through the daemon's one ESL writer."""
+        """``{"destination": "user/1001", "agent": "sales", "variables": {...}, "caller_id": "...",
+        "switch": "host:port"}`` -> 201 ``{"uuid": ...}``; 400 bad request, 404 unknown agent or
+        switch, 502 FreeSWITCH's error, 504 no BACKGROUND_JOB in time. The originate goes through
+        the one ESL writer of the switch named (default: the first of FREESWITCH_HOSTS)."""
         from ivr_daemon.http.transcription import read_json_object
 
         body = read_json_object(req)
         try:
             request = _call_request(body)
+            switch = _switch(self.daemon, body.get("switch"))
             if self.daemon.agents is None:
                 raise BadCallRequest("this daemon has no agents to call with")
-            call_uuid = place_call(request, self.daemon.agents, self.daemon.esl.send, self.daemon.jobs)
+            call_uuid = place_call(request, self.daemon.agents, switch.esl.send, switch.jobs)
         except OutboundError as exc:
             status = exc.http_status
             raise _HTTP_ERRORS[status](title=f"{status} {_TITLES[status]}", description=exc.message) from None
         resp.status = falcon.HTTP_201
         resp.media = {"uuid": call_uuid, "destination": request.destination,
-                      "agent": request.agent or self.daemon.agents.default_name}
+                      "agent": request.agent or self.daemon.agents.default_name, "switch": switch.name}
 
 
 _TITLES = {400: "Bad Request", 404: "Not Found", 502: "Bad Gateway", 504: "Gateway Timeout"}
+
+
+def _switch(daemon: Daemon, name: object) -> Switch:
+    if name is None:
+        return daemon.switch()
+    if not isinstance(name, str):
+        raise BadCallRequest("'switch' must be a string: host:port as in FREESWITCH_HOSTS")
+    try:
+        return daemon.switch(name)
+    except KeyError:
+        raise UnknownSwitch(f"no switch {name[:100]!r}; this daemon's: "
+                            f"{', '.join(switch.name for switch in daemon.switches)}") from None
 
 
 def _call_request(body: dict) -> CallRequest:
@@ -90,10 +106,21 @@ class CallResource:
         self.daemon = daemon
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, call_uuid: str) -> None:
-        call = self.daemon.router.calls.get(call_uuid)
-        if call is None or call.ended:
-            raise falcon.HTTPNotFound(title="404 Not Found", description=f"no live call {call_uuid[:128]}")
+        """A call is its switch and its UUID: ``?switch=host:port`` picks one when the same UUID
+        is live on several switches (409 without it)."""
+        wanted = req.get_param("switch")
+        found = [(switch, call) for switch in self.daemon.switches
+                 if (wanted is None or switch.name == wanted)
+                 and (call := switch.router.calls.get(call_uuid)) is not None and not call.ended]
+        if not found:
+            where = f" on switch {wanted[:100]}" if wanted is not None else ""
+            raise falcon.HTTPNotFound(title="404 Not Found", description=f"no live call {call_uuid[:128]}{where}")
+        if len(found) > 1:
+            raise falcon.HTTPConflict(
+                title="409 Conflict", description=f"call {call_uuid[:128]} is live on several switches "
+                f"({', '.join(switch.name for switch, _ in found)}): add ?switch=host:port")
+        switch, call = found[0]
         history = getattr(call.handler, "history", None)
         # The conversation itself; the system prompt is the agent's, not the call's.
         messages = history.messages()[1:] if history is not None else []
-        resp.media = {**call_summary(call), "history": messages}
+        resp.media = {**call_summary(call, switch.name), "history": messages}

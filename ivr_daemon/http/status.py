@@ -10,23 +10,31 @@ from ivr_daemon.daemon import Daemon
 
 
 class HealthResource:
-    """200 while the ESL connection is up, 503 while it is not; the same JSON either way."""
+    """200 while some switch's ESL connection is up, 503 while none is; the same JSON either way.
+
+    With several switches one down is ``degraded``, still 200: the daemon answers the other
+    switches' calls, and a load balancer that took it out would cut those too. ``switches``
+    says which is which.
+    """
 
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         daemon = self.daemon
-        connected = daemon.esl.connected
+        switches = [{"switch": switch.name, "esl_connected": switch.connected,
+                     "calls_active": len(switch.router.calls)} for switch in daemon.switches]
+        connected = sum(1 for switch in switches if switch["esl_connected"])
         services = daemon.services
         resp.media = {
-            "status": "ok" if connected else "esl_disconnected",
-            "esl_connected": connected,
+            "status": "ok" if connected == len(switches) else "degraded" if connected else "esl_disconnected",
+            "esl_connected": connected == len(switches),
             "tts_engine": services.tts.name if services is not None else None,
             "llm_provider": services.settings.llm_provider if services is not None else daemon.settings.llm_provider,
-            "calls_active": len(daemon.router.calls),
+            "calls_active": sum(switch["calls_active"] for switch in switches),
             "uptime_s": round(time.monotonic() - daemon.started_s, 1),
             "last_llm_error": daemon.metrics.last_llm_error,
+            "switches": switches,
         }
         resp.status = falcon.HTTP_200 if connected else falcon.HTTP_503
 

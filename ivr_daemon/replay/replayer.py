@@ -44,8 +44,8 @@ NO_CALL = "(no call)"
 
 # Settings a replay makes itself: the switch is the simulator, the LLM is the fixture, and the
 # WAVs go to a temporary directory. Every other setting is the one `run` would use.
-REPLAY_OWNED = frozenset({"FREESWITCH_HOST", "FREESWITCH_PORT", "FREESWITCH_PASSWORD", "LLM_PROVIDER", "LLM_API_URL",
-                          "LLM_MODEL", "LLM_API_KEY", "TTS_OUTPUT_DIR"})
+REPLAY_OWNED = frozenset({"FREESWITCH_HOST", "FREESWITCH_HOSTS", "FREESWITCH_PORT", "FREESWITCH_PASSWORD",
+                          "LLM_PROVIDER", "LLM_API_URL", "LLM_MODEL", "LLM_API_KEY", "TTS_OUTPUT_DIR"})
 
 
 class FixtureLlm(LlmClient):
@@ -280,7 +280,7 @@ def wait_until_idle(daemon, timeout_s: float = IDLE_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     quiet_since = None
     while time.monotonic() < deadline:
-        busy = bool(daemon.router.busy_calls())
+        busy = bool(daemon.busy_calls())
         if busy:
             quiet_since = None
         elif quiet_since is None:

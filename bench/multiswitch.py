@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Several switches on one daemon: does the daemon's overhead change with the number of switches?
+
+The real daemon (``ivr-daemon run``, its own process, null TTS) with ``FREESWITCH_HOSTS`` listing
+N simulators (here), and bench/fake_llm.py (its own process: first token after
+--first-token-ms, then --tokens-per-s, latency.py's 3-sentence reply). Every call is up for the
+whole run and asks once at a random moment within --spread-s. Overhead, per turn, as
+bench/latency.py measures it: DETECTED_SPEECH frame written -> first uuid_broadcast read, minus
+the LLM's time to its first sentence and minus synthesis.
+
+Three setups, each its own daemon, in rounds that alternate them (noise hits all alike):
+
+  one        1 switch  x --calls-per-switch calls
+  several    --switches switches x --calls-per-switch calls (the issue's 4 x 250)
+  one_same_load
+             1 switch x (--switches x --calls-per-switch) calls: the same load on one switch,
+             to tell what the switches cost from what the load costs
+
+Prints a line per round and, last, one JSON object: per setup overhead_p50_ms, overhead_p99_ms,
+turns (of calls) and daemon_cpu_ms_per_turn (the daemon process's CPU time from its calls' first
+event to the last turn, per turn: on a shared machine the figure its load does not move), then
+several_over_same_load_p99 and several_over_same_load_cpu_per_turn (the switches' own cost: 1.0
+is none) and several_over_one_p99.
+
+With --baseline PATH the one-switch setups also run the daemon of that checkout (configured the
+same way, FREESWITCH_HOST alone) in the same rounds: ``one_baseline``, ``one_same_load_baseline``.
+
+Usage: .venv/bin/python bench/multiswitch.py [--switches 4] [--calls-per-switch 250] [--rounds 2]
+                                             [--baseline /path/to/main]
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from latency import REPLY, percentile  # noqa: E402  (one reply and one percentile for every benchmark)
+
+from ivr_daemon.logs import configure_logging  # noqa: E402
+from ivr_daemon.replay.simulator import FreeswitchSimulator  # noqa: E402
+
+# The turn is timed from the final transcript to the first broadcast: no greeting, no re-prompts.
+NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
+
+
+class MultiSwitchRig:
+    """N simulators here, the daemon on all of them in its own process; torn down together."""
+
+    def __init__(self, args, switches: int, llm_url: str, checkout: Path = ROOT):
+        """``checkout``: run the daemon of that copy of the project (--baseline)."""
+        self.turns: dict[str, dict] = {}
+        self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-multi-")
+        self.sims = [FreeswitchSimulator(playback_speed=0.0, duplicate_speech_delay_s=0.0).start()
+                     for _ in range(switches)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_"))}
+        # One switch is configured as before FREESWITCH_HOSTS existed: a baseline checkout runs it too.
+        env.update({"FREESWITCH_HOSTS": ",".join(f"127.0.0.1:{sim.port}" for sim in self.sims)} if switches > 1
+                   else {"FREESWITCH_PORT": str(self.sims[0].port)})
+        env.update({"PYTHONPATH": str(checkout),
+                    "LLM_PROVIDER": "openai", "LLM_API_URL": llm_url, "LLM_MODEL": "bench", "LLM_TIMEOUT": "60",
+                    "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": self.tmp.name, "TTS_CACHE_MAX_MB": "0",
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "HTTP_PORT": "0", **NO_CALL_FLOW_SPEECH})
+        # Logs to a file, as in production: a pipe read late would stall the daemon's loop.
+        self.log_path = Path(self.tmp.name) / "daemon.log"
+        self.log_file = open(self.log_path, "w")
+        self.daemon = subprocess.Popen([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "run"],
+                                       env=env, stderr=self.log_file, stdout=subprocess.DEVNULL, cwd=checkout)
+        for sim in self.sims:
+            sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
+        self._log_offset = 0
+
+    def cpu_s(self) -> float:
+        """The daemon process's CPU time so far (user + system): what its work cost, whatever
+        else the machine is doing (wall-clock figures on a shared box are mostly its load)."""
+        fields = Path(f"/proc/{self.daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _read_log(self) -> None:
+        with open(self.log_path) as log_file:
+            log_file.seek(self._log_offset)
+            for line in log_file:
+                if not line.endswith("\n"):
+                    break
+                self._log_offset += len(line.encode())
+                if '"turn_complete"' in line:
+                    record = json.loads(line)
+                    self.turns[record["call_uuid"]] = record
+
+    def wait_turns(self, count: int, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._read_log()
+            if len(self.turns) >= count:
+                return
+            gevent.sleep(0.2)
+
+    def close(self) -> None:
+        self.daemon.terminate()
+        try:
+            self.daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+        self.log_file.close()
+        for sim in self.sims:
+            sim.stop()
+        self.tmp.cleanup()
+
+
+def first_broadcast_ms(sim, call: str, sequence: int) -> float:
+    sent = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180,
+                                consume=False).t_monotonic
+    return (sent - sim.written_at(sequence)) * 1000
+
+
+def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int,
+              checkout: Path = ROOT) -> tuple[list[float], int, int, float]:
+    """(overheads in ms, turns seen, calls made, the daemon's CPU seconds for them) of one daemon
+    on ``switches`` simulators."""
+    rig = MultiSwitchRig(args, switches, llm_url, checkout)
+    try:
+        cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
+        calls = [(sim, sim.new_call()) for sim in rig.sims for _ in range(calls_per_switch)]
+        gevent.sleep(1.0)  # the calls' CHANNEL_ANSWER/PARK handled before anyone speaks (as latency.py)
+        rng = random.Random(seed)
+        sequences: dict[str, int] = {}
+
+        def ask(sim, call: str, index: int) -> None:
+            sequences[call] = sim.speak(call, f"question number {index}")
+
+        greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), ask, sim, call, i)
+                     for i, (sim, call) in enumerate(calls)]
+        gevent.joinall(greenlets)
+        rig.wait_turns(len(calls))
+        cpu_s = rig.cpu_s() - cpu_before_s
+        overheads = []
+        for sim, call in calls:
+            turn = rig.turns.get(call)
+            if turn is None or turn.get("first_audio_ms") is None:
+                continue
+            overheads.append(first_broadcast_ms(sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
+        return overheads, len(rig.turns), len(calls), cpu_s
+    finally:
+        rig.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--switches", type=int, default=4)
+    parser.add_argument("--calls-per-switch", type=int, default=250)
+    parser.add_argument("--spread-s", type=float, default=10.0, help="callers ask within this many seconds")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--first-token-ms", type=float, default=200.0)
+    parser.add_argument("--tokens-per-s", type=float, default=30.0)
+    parser.add_argument("--only", choices=("one", "several", "one_same_load"), action="append")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout (e.g. main): its daemon runs the one-switch setups too, in the same rounds")
+    args = parser.parse_args()
+    configure_logging("WARNING", "console")  # the simulators' lines would drown the figures
+    started = time.monotonic()
+    setups = {"one": (1, args.calls_per_switch), "several": (args.switches, args.calls_per_switch),
+              "one_same_load": (1, args.switches * args.calls_per_switch)}
+    selected = args.only or list(setups)
+    checkouts = {name: ROOT for name in selected}
+    if args.baseline is not None:
+        for name in [n for n in selected if setups[n][0] == 1]:
+            setups[f"{name}_baseline"] = setups[name]
+            checkouts[f"{name}_baseline"] = args.baseline.resolve()
+            selected.append(f"{name}_baseline")
+    llm = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
+                            "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)],
+                           stdout=subprocess.PIPE, text=True)
+    samples: dict[str, list[float]] = {name: [] for name in selected}
+    counts: dict[str, list[int]] = {name: [0, 0] for name in selected}
+    cpu: dict[str, float] = {name: 0.0 for name in selected}
+    try:
+        llm_url = llm.stdout.readline().strip()
+        for round_no in range(args.rounds):
+            for name in selected:
+                switches, per_switch = setups[name]
+                overheads, turns, calls, cpu_s = one_setup(args, switches, per_switch, llm_url, seed=7 + round_no,
+                                                    checkout=checkouts[name])
+                samples[name] += overheads
+                counts[name][0] += turns
+                counts[name][1] += calls
+                cpu[name] += cpu_s
+                print(f"round {round_no + 1} {name}: {switches} switch(es) x {per_switch} calls: turns {turns}/{calls}, "
+                      f"overhead p50 {percentile(overheads, 50):.1f} ms, p99 {percentile(overheads, 99):.1f} ms, "
+                      f"daemon CPU {cpu_s * 1000 / max(1, turns):.2f} ms a turn",
+                      flush=True)
+    finally:
+        llm.terminate()
+        llm.wait(10)
+    figures: dict[str, object] = {"switches": args.switches, "calls_per_switch": args.calls_per_switch,
+                                  "spread_s": args.spread_s, "rounds": args.rounds}
+    for name in selected:
+        figures[name] = {"overhead_p50_ms": round(percentile(samples[name], 50), 2),
+                         "overhead_p99_ms": round(percentile(samples[name], 99), 2),
+                         "turns": counts[name][0], "calls": counts[name][1],
+                         "daemon_cpu_ms_per_turn": round(cpu[name] * 1000 / max(1, counts[name][0]), 2)}
+    if {"several", "one_same_load"} <= set(selected):
+        figures["several_over_same_load_p99"] = round(
+            percentile(samples["several"], 99) / percentile(samples["one_same_load"], 99), 2)
+    if {"several", "one_same_load"} <= set(selected):
+        figures["several_over_same_load_cpu_per_turn"] = round(
+            figures["several"]["daemon_cpu_ms_per_turn"] / figures["one_same_load"]["daemon_cpu_ms_per_turn"], 2)
+    if {"several", "one"} <= set(selected):
+        figures["several_over_one_p99"] = round(percentile(samples["several"], 99) / percentile(samples["one"], 99), 2)
+    figures["seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
