@@ -27,7 +27,7 @@ from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger
 from ivr_daemon.storage import prepare_output_dir
-from ivr_daemon.tts import make_tts_engine
+from ivr_daemon.tts import start_voice
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
@@ -86,6 +86,7 @@ class Daemon:
                                  log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG")
         self.services: TurnServices | None = None  # the default agent's, set by build_conversation_daemon
         self.flow: CallFlowServices | None = None  # every agent's
+        self.voices: list[TtsEngine] = []  # the voices build_conversation_daemon started: closed at stop
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
 
@@ -156,6 +157,12 @@ class Daemon:
         self.esl.stop(send_exit=True)
         if self._greenlet is not None:
             self._greenlet.join(timeout=timeout_s)
+        self.close_voices()
+
+    def close_voices(self) -> None:
+        """Stop the voices' worker processes (syntheses still running fail). Idempotent."""
+        for voice in self.voices:
+            voice.close()
 
     def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """SIGTERM: take no new turns, let turns in flight send their audio, then leave cleanly.
@@ -190,6 +197,7 @@ class Daemon:
                 log.warning("shutdown_syntheses_abandoned", count=len(running) - len(done))
         if self._greenlet is not None:
             self._greenlet.join(timeout=max(0.0, deadline_s - time.monotonic()))
+        self.close_voices()
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
     def _all_services(self) -> list[TurnServices]:
@@ -229,22 +237,27 @@ def build_conversation_daemon(
     engines: dict[tuple, TtsEngine] = {}
     clients: dict[tuple, LlmClient] = {}
     prepared: dict[str, tuple[Agent, LlmClient, TtsEngine, PinnedPhrases, object]] = {}
-    for name, agent in agents.agents.items():
-        agent_settings = agent.settings
-        engine = tts or engines.get(_voice_key(agent_settings))
-        if engine is None:
-            engine = engines[_voice_key(agent_settings)] = _load_voice(agent_settings, name, agents)
-        client = llm or clients.get(_llm_key(agent_settings))
-        if client is None:
-            client = clients[_llm_key(agent_settings)] = make_llm_client(agent_settings)
-        pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, engine)
-        try:
-            fallback_wav = prepare_fallback_wav(pinned, agent_settings)
-            for phrase in agent_phrases(agent_settings):
-                pinned.prepare(phrase)
-        except TtsError as exc:
-            raise TtsModelUnavailable(f"agent {name}{_where(agents)}: {exc}") from exc
-        prepared[name] = (agent, client, engine, pinned, fallback_wav)
+    try:
+        for name, agent in agents.agents.items():
+            agent_settings = agent.settings
+            engine = tts or engines.get(_voice_key(agent_settings))
+            if engine is None:
+                engine = engines[_voice_key(agent_settings)] = _load_voice(agent_settings, name, agents)
+            client = llm or clients.get(_llm_key(agent_settings))
+            if client is None:
+                client = clients[_llm_key(agent_settings)] = make_llm_client(agent_settings)
+            pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, engine)
+            try:
+                fallback_wav = prepare_fallback_wav(pinned, agent_settings)
+                for phrase in agent_phrases(agent_settings):
+                    pinned.prepare(phrase)
+            except TtsError as exc:
+                raise TtsModelUnavailable(f"agent {name}{_where(agents)}: {exc}") from exc
+            prepared[name] = (agent, client, engine, pinned, fallback_wav)
+    except BaseException:
+        for engine in engines.values():  # no worker process outlives a start-up that failed
+            engine.close()
+        raise
 
     def handlers_for(esl: EslClient) -> HandlerFactory:
         by_agent = {
@@ -263,6 +276,7 @@ def build_conversation_daemon(
              tts_engine=prepared[agents.default_name][2].name, tts_voice=prepared[agents.default_name][2].voice_id,
              shard="/".join(map(str, settings.daemon_shard)))
     daemon = Daemon(settings, handlers_for, **esl_options)
+    daemon.voices = list(engines.values())
     daemon.flow = made[0]
     daemon.services = made[0].by_agent[agents.default_name]
     return daemon
@@ -291,7 +305,7 @@ def _where(agents: AgentBook) -> str:
 
 def _load_voice(settings: Settings, agent_name: str, agents: AgentBook) -> TtsEngine:
     try:
-        return make_tts_engine(settings)
+        return start_voice(settings)
     except TtsModelUnavailable as exc:
         raise TtsModelUnavailable(f"agent {agent_name}{_where(agents)}, tts_engine={settings.tts_engine}: {exc}") \
             from exc

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from gevent.monkey import get_original
+import psutil
 from structlog.testing import capture_logs
 
 from harness import settings_for, wait_until
@@ -94,3 +95,49 @@ def test_shutdown_fits_the_budget_when_the_turn_the_synthesis_and_the_switch_all
         assert any(line["event"] == "shutdown_syntheses_abandoned" for line in logs)
         # The synthesis that lands after the shutdown still has its WAV deleted.
         wait_until(lambda: not list(tmp_path.glob(f"{call}-*.wav")), 10)
+
+
+def _start_piper_daemon(sim, tmp_path, log_file) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
+    env.update({"FREESWITCH_PORT": str(sim.port), "TTS_ENGINE": "piper", "TTS_OUTPUT_DIR": str(tmp_path / "tts"),
+                "LOG_FORMAT": "json", "GREETING": "", "SILENCE_TIMEOUT_S": "0"})
+    return subprocess.Popen([str(Path(sys.executable).parent / "ivr-daemon"), "--env-file", os.devnull, "run"],
+                            env=env, stderr=log_file, stdout=log_file)
+
+
+def _tts_workers(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children() if "ivr_daemon.tts.worker" in " ".join(p.cmdline())]
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_sigterm_ends_the_tts_workers_with_the_daemon(tmp_path):
+    with FreeswitchSimulator() as sim, open(tmp_path / "daemon.log", "wb") as log_file:
+        proc = _start_piper_daemon(sim, tmp_path, log_file)
+        try:
+            sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
+            workers = _tts_workers(proc.pid)
+            assert len(workers) == max(1, os.cpu_count() or 1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+    assert all(_gone(worker) for worker in workers)  # killed and reaped before the daemon exited
+
+
+def test_tts_workers_do_not_outlive_a_daemon_killed_outright(tmp_path):
+    with FreeswitchSimulator() as sim, open(tmp_path / "daemon.log", "wb") as log_file:
+        proc = _start_piper_daemon(sim, tmp_path, log_file)
+        try:
+            sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
+            workers = _tts_workers(proc.pid)
+            assert workers
+        finally:
+            proc.kill()  # SIGKILL: no clean-up runs; the kernel closes the daemon's ends of the pipes
+            proc.wait(30)
+    wait_until(lambda: all(_gone(worker) for worker in workers), 60)
