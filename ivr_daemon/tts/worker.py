@@ -30,6 +30,7 @@ import sys
 import threading
 from types import SimpleNamespace
 
+
 def lower_priority(priority: str) -> None:
     """TTS_WORKER_PRIORITY: ``idle`` (SCHED_IDLE) or a niceness to add, for every thread.
 
@@ -89,10 +90,13 @@ def main() -> int:
 
 
 def _read_requests(jobs: queue.Queue) -> None:
-    for line in sys.stdin.buffer:
-        jobs.put(json.loads(line))
-    # The daemon closed the pipe or is gone: a synthesis under way has nobody to give it to.
-    os._exit(0)
+    try:
+        for line in sys.stdin.buffer:
+            jobs.put(json.loads(line))
+    finally:
+        # The daemon closed the pipe or is gone (or wrote nonsense): a synthesis under way has
+        # nobody to give it to.
+        os._exit(0)
 
 
 if __name__ == "__main__":

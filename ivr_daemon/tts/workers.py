@@ -147,13 +147,7 @@ class _Worker:
         self.kill()
         code = self.reap()
         self.close_pipes()
-        if code is None:
-            how = "stopped answering"
-        elif code < 0:
-            how = f"was killed by {signal.Signals(-code).name}"
-        else:
-            how = f"exited with code {code}"
-        return f"TTS worker {self.pid} {how}"
+        return _ended(self.pid, code)
 
 
 class _Slot:
@@ -273,6 +267,8 @@ class WorkerEngine(TtsEngine):
         try:
             if slot.replacing is not None:
                 slot.replacing.join()  # a fresh worker is loading: it gets this sentence
+            if self._closed:
+                raise self._stopped()
             if slot.worker is None:
                 self._restart(slot)  # the last restart failed: try again, for this sentence
                 if slot.worker is None:
@@ -297,7 +293,7 @@ class WorkerEngine(TtsEngine):
             if self._closed or slot.in_use or slot.worker is not worker:
                 return  # stopping, or the request using it reports the death
             worker.close_pipes()
-            self._lost(slot, worker, f"TTS worker {worker.pid} exited with {code} while idle")
+            self._lost(slot, worker, f"{_ended(worker.pid, code)} while idle")
 
         self._helper(wait_exit)
 
@@ -312,6 +308,8 @@ class WorkerEngine(TtsEngine):
 
     def _restart(self, slot: _Slot) -> None:
         """Start a worker in ``slot``; on failure the slot stays empty with the reason in ``error``."""
+        if self._closed:
+            return
         worker = self._spawn()
         try:
             worker.wait_ready(WORKER_START_TIMEOUT_S)
@@ -353,6 +351,19 @@ class WorkerEngine(TtsEngine):
         if succeeded:
             return value
         raise value
+
+
+def _ended(pid: int, code: int | None) -> str:
+    """How a worker ended, from its exit status (None: not reaped in time)."""
+    if code is None:
+        return f"TTS worker {pid} stopped answering"
+    if code < 0:
+        try:
+            how = signal.Signals(-code).name
+        except ValueError:
+            how = f"signal {-code}"
+        return f"TTS worker {pid} was killed by {how}"
+    return f"TTS worker {pid} exited with code {code}"
 
 
 def _ready_or_error(worker: _Worker) -> TtsModelUnavailable | None:
