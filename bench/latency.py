@@ -20,8 +20,18 @@ Prints a table, and as its last line one JSON object:
                                     sentence, while 8 (--busy-calls) other calls synthesize uncached Piper
                                     sentences (the daemon in its own process, the cache on; --busy-calls 0
                                     measures what the machine adds without them)
+  overhead_dead_webhook_p50_ms, overhead_dead_webhook_p99_ms
+                                    the overhead again with WEBHOOK_URL at a receiver that accepts
+                                    connections and never answers (call events must not slow turns)
   greeting_broadcast_p99_ms         CHANNEL_PARK of the IVR leg written -> the greeting's
                                     uuid_broadcast read, --calls calls arriving within --spread-s
+  first_clause_ms, piper_whole_sentence_ms, first_clause_over_piper_whole, first_sentence_ms
+                                    an instant LLM and Piper, a 12-word one-sentence reply with a
+                                    comma after 5 words (FIRST_CLAUSE_REPLY): DETECTED_SPEECH frame
+                                    written -> first uuid_broadcast read with FIRST_CHUNK=clause
+                                    (and =sentence, a second daemon), and Piper synthesizing the
+                                    whole sentence here, in the same run, turn by turn (medians of
+                                    --first-clause-runs; the goal is a ratio <= 0.5)
 
 Usage: .venv/bin/python bench/latency.py [--calls 200] [--only cached-phrase ...]
 """
@@ -54,6 +64,7 @@ from ivr_daemon.config import load_settings  # noqa: E402
 from ivr_daemon.daemon import build_conversation_daemon  # noqa: E402
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.replay.simulator import FreeswitchSimulator  # noqa: E402
+from ivr_daemon.tts import make_tts_engine  # noqa: E402
 
 REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four in the afternoon. "
          "Is there anything else I can help you with today?")
@@ -61,9 +72,12 @@ REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four i
 # once beforehand; callers asking "busy <n>" get BUSY_SENTENCES sentences nobody asked before.
 CACHED_PHRASE = "Thank you for calling, how can I help you today?"
 BUSY_SENTENCES = 12
+# The first-clause measurement's reply: one sentence of 12 words, a comma after the 5th.
+FIRST_CLAUSE_REPLY = "We open at nine tomorrow, and we close at six in the evening."
 
 
-MEASUREMENTS = ("overhead", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting")
+MEASUREMENTS = ("overhead", "overhead-dead-webhook", "first-audio", "loop-lag", "barge-in", "cached-phrase", "greeting",
+                "first-clause")
 # The turn measurements time a call's first broadcast: no greeting before it, no re-prompts.
 NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
@@ -112,7 +126,9 @@ class DaemonProcessRig:
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
-                 extra_env=None):
+                 extra_env=None, checkout=None):
+        """``checkout``: run the daemon of that copy of the project (its directory first on the
+        daemon's sys.path, as ``python -m`` from there does) rather than this one's."""
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
         llm_cmd = llm_cmd or [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
@@ -120,18 +136,22 @@ class DaemonProcessRig:
         self.llm = subprocess.Popen(llm_cmd + ([] if llm_stream else ["--batch"]), stdout=subprocess.PIPE, text=True)
         llm_url = self.llm.stdout.readline().strip()
         self.sim = FreeswitchSimulator(**(sim_options or {})).start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_"))}
         env.update({"FREESWITCH_PORT": str(self.sim.port), "LLM_PROVIDER": "openai", "LLM_API_URL": llm_url,
                     "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
                     "TTS_CACHE_MAX_MB": str(cache_mb), "LLM_STREAM": "true" if llm_stream else "false",
-                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **NO_CALL_FLOW_SPEECH, **worker_priority(args),
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "HTTP_PORT": "0", **NO_CALL_FLOW_SPEECH,
+                    **worker_priority(args),
                     **(extra_env or {})})
         # Logs to a file, as in production: a pipe the benchmark reads late would stall the
         # daemon's writes to stderr, and with them its whole loop.
         self.log_path = Path(self.tmp.name) / "daemon.log"
         self.log_file = open(self.log_path, "w")
+        if checkout is not None:
+            env["PYTHONPATH"] = str(checkout)
         self.daemon = subprocess.Popen([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "run"],
-                                       env=env, stderr=self.log_file, stdout=subprocess.DEVNULL)
+                                       env=env, stderr=self.log_file, stdout=subprocess.DEVNULL,
+                                       cwd=checkout)
         self.sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
         self._log_offset = 0
 
@@ -181,8 +201,22 @@ def _first_broadcast_ms(sim, call, sequence):
     return (sent - sim.written_at(sequence)) * 1000
 
 
-def bench_overhead(args):
-    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0})
+def dead_webhook_receiver():
+    """A TCP server that accepts every connection, reads the request and never answers."""
+    from gevent.server import StreamServer
+
+    def hold(sock, _address):
+        while sock.recv(65536):
+            pass
+
+    server = StreamServer(("127.0.0.1", 0), hold)
+    server.start()
+    return server
+
+
+def bench_overhead(args, extra_env=None):
+    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0},
+                           extra_env=extra_env)
     try:
         calls = [rig.sim.new_call() for _ in range(args.calls)]
         gevent.sleep(1.0)
@@ -224,6 +258,48 @@ def bench_first_audio(args):
         finally:
             rig.close()
     return results[True], results[False]
+
+
+def bench_first_clause(args):
+    """Final transcript -> first broadcast of FIRST_CLAUSE_REPLY with FIRST_CHUNK=clause and
+    =sentence (two daemons as users run them, an instant LLM, Piper, no phrase cache: every turn
+    synthesizes), and Piper synthesizing the whole sentence in this process, one after the other
+    on an otherwise idle machine, round after round. Returns the samples of each, in ms."""
+    instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", FIRST_CLAUSE_REPLY,
+                   "--first-token-ms", "0", "--tokens-per-s", "1000000"]
+    piper = make_tts_engine(load_settings(environ={"TTS_ENGINE": "piper"}))
+    samples = {"clause": [], "sentence": [], "piper_whole": [], "clause_tts": []}
+    rigs = {}
+    try:
+        for mode in ("clause", "sentence"):
+            rigs[mode] = DaemonProcessRig(args, tts_engine="piper", llm_cmd=instant_llm,
+                                          extra_env={"FIRST_CHUNK": mode}, sim_options={"playback_speed": 0.0})
+        with tempfile.TemporaryDirectory(prefix="ivr-bench-piper-") as tmp:
+            wav = Path(tmp) / "whole.wav"
+
+            def one_round(record: bool) -> None:
+                for mode, rig in rigs.items():
+                    call = rig.sim.new_call()
+                    sequence = rig.sim.speak(call, "when are you open")
+                    first_ms = _first_broadcast_ms(rig.sim, call, sequence)
+                    turn = rig.wait_turn(call)
+                    rig.sim.hangup(call)
+                    if record:
+                        samples[mode].append(first_ms)
+                        if mode == "clause":
+                            samples["clause_tts"].append(turn["tts_ms"])
+                started_s = time.perf_counter()
+                piper.synthesize_to_wav(FIRST_CLAUSE_REPLY, wav)  # as the daemon does: 8 kHz WAV out
+                if record:
+                    samples["piper_whole"].append((time.perf_counter() - started_s) * 1000)
+
+            one_round(record=False)  # every onnxruntime session's first runs are slow: not measured
+            for _ in range(args.first_clause_runs):
+                one_round(record=True)
+        return samples
+    finally:
+        for rig in rigs.values():
+            rig.close()
 
 
 def bench_loop_lag(args):
@@ -376,6 +452,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens-per-s", type=float, default=30.0)
     parser.add_argument("--first-audio-runs", type=int, default=5)
     parser.add_argument("--barge-in-runs", type=int, default=50)
+    parser.add_argument("--first-clause-runs", type=int, default=10)
     parser.add_argument("--cached-runs", type=int, default=100, help="cached-phrase samples")
     parser.add_argument("--busy-calls", type=int, default=8, help="calls synthesizing during the cached-phrase samples")
     parser.add_argument("--tts-worker-priority", help="TTS_WORKER_PRIORITY of the daemon (idle or 0-19)")
@@ -396,6 +473,19 @@ def main(argv=None) -> int:
               f"p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms")
         figures.update(overhead_p50_ms=round(percentile(overheads, 50), 2),
                        overhead_p99_ms=round(percentile(overheads, 99), 2), calls=args.calls)
+
+    if "overhead-dead-webhook" in selected:
+        receiver = dead_webhook_receiver()
+        try:
+            overheads, answered = bench_overhead(args, {
+                "WEBHOOK_URL": f"http://127.0.0.1:{receiver.server_port}/hooks",
+                "WEBHOOK_SECRET": "bench-secret-0123456789"})
+        finally:
+            receiver.stop(timeout=1)
+        print(f"overhead with a webhook receiver that never answers ({answered} answered): "
+              f"p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms")
+        figures.update(overhead_dead_webhook_p50_ms=round(percentile(overheads, 50), 2),
+                       overhead_dead_webhook_p99_ms=round(percentile(overheads, 99), 2))
 
     if "first-audio" in selected:
         stream_ms, batch_ms = bench_first_audio(args)
@@ -428,6 +518,21 @@ def main(argv=None) -> int:
         print(f"greeting (CHANNEL_PARK -> uuid_broadcast) for {args.calls} calls arriving within {args.spread_s:g} s: "
               f"p50 {percentile(greet, 50):.2f} ms, p99 {percentile(greet, 99):.2f} ms")
         figures.update(greeting_broadcast_p99_ms=round(percentile(greet, 99), 2))
+
+    if "first-clause" in selected:
+        clause = bench_first_clause(args)
+        clause_ms, whole_ms = statistics.median(clause["clause"]), statistics.median(clause["piper_whole"])
+        sentence_ms = statistics.median(clause["sentence"])
+        ratios = [c / w for c, w in zip(clause["clause"], clause["piper_whole"])]
+        print(f"first clause (instant LLM, Piper, 12-word sentence): transcript -> first broadcast "
+              f"{clause_ms:.0f} ms with FIRST_CHUNK=clause, {sentence_ms:.0f} ms with =sentence; Piper on the whole "
+              f"sentence {whole_ms:.0f} ms; ratio {clause_ms / whole_ms:.2f} (goal <= 0.5; per round "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+        figures.update(first_clause_ms=round(clause_ms, 1), piper_whole_sentence_ms=round(whole_ms, 1),
+                       first_clause_over_piper_whole=round(clause_ms / whole_ms, 3),
+                       first_sentence_ms=round(sentence_ms, 1),
+                       first_clause_tts_ms=round(statistics.median(clause["clause_tts"]), 1),
+                       first_clause_ratio_max=round(max(ratios), 3))
 
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))

@@ -162,7 +162,12 @@ class Driver:
 
     def __init__(self, args):
         from ivr_daemon.replay.simulator import FreeswitchSimulator
-        from ivr_daemon.sentences import split_sentences
+        from ivr_daemon.sentences import FIRST_CLAUSE_MIN_WORDS, SentenceSplitter
+
+        def split_sentences(text: str) -> list[str]:
+            """The broadcasts of a reply, as the daemon cuts them (FIRST_CHUNK=clause, the default)."""
+            splitter = SentenceSplitter(first_clause_min_words=FIRST_CLAUSE_MIN_WORDS)
+            return splitter.feed(text) + splitter.flush()
 
         self.args = args
         self.split_sentences = split_sentences

@@ -16,11 +16,13 @@ default agent. The file format, with every key, is in ``agents.example.toml``::
 
 Every agent key is the lower-case name of the environment variable it overrides and is
 validated exactly as that variable is; transfer destinations come only from this file, never
-from a caller or the LLM.
+from a caller or the LLM. An agent's ``[[agents.NAME.tools]]`` are its HTTP tools
+(:mod:`ivr_daemon.tools`), checked here too.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ivr_daemon.config import ConfigError, Settings, check_transfer_destination, load_settings
+from ivr_daemon.tools import HttpTool, parse_tools
 
 DEFAULT_AGENT = "default"
 OPERATOR_TARGET = "operator"
@@ -39,8 +42,9 @@ AGENT_KEYS: tuple[str, ...] = (
     "LLM_PROVIDER", "LLM_API_URL", "LLM_MODEL", "LLM_API_KEY", "LLM_TIMEOUT", "LLM_MAX_TOKENS", "LLM_STREAM",
     "MAX_REPLY_SENTENCES", "MAX_CONVERSATION_HISTORY", "TTS_ENGINE", "COQUI_MODEL", "COQUI_MODEL_PATH",
     "COQUI_CONFIG_PATH", "PIPER_VOICE", "OPERATOR_DESTINATION", "OPERATOR_WORDS", "LLM_TOOLS",
+    "MAX_TOOL_CALLS", "TOOL_FILLER_PHRASE", "TOOL_FILLER_AFTER_S", "FIRST_CHUNK", "WEBHOOK_URL",
 )
-TABLE_KEYS = ("transfer_targets", "dtmf")
+TABLE_KEYS = ("transfer_targets", "dtmf", "tools")
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 DTMF_ACTIONS = ("transfer", "hangup", "repeat", "llm")
 # Names the LLM sees as an enum and callers may say: plain, short, no look-alikes of other scripts.
@@ -72,6 +76,7 @@ class Agent:
     settings: Settings
     transfer_targets: Mapping[str, TransferTarget] = field(default_factory=dict)
     dtmf: Mapping[str, DtmfAction] = field(default_factory=dict)
+    tools: tuple[HttpTool, ...] = ()  # its HTTP tools, besides the built-in transfer_call and end_call
 
 
 @dataclass(frozen=True)
@@ -90,11 +95,13 @@ class AgentBook:
         return self.agents.get(name) if name else None
 
 
-def load_agents(settings: Settings) -> AgentBook:
+def load_agents(settings: Settings, environ: Mapping[str, str] | None = None) -> AgentBook:
     """The agents of ``settings.agents_file``, or the one ``default`` agent of ``settings``.
 
-    Raises ConfigError naming the file, the agent and the key.
+    ``environ`` (default ``os.environ``) is where tool headers' ``${NAME}`` are read.
+    Raises ConfigError naming the file, the agent and the key (or tool).
     """
+    environ = os.environ if environ is None else environ
     if not settings.agents_file:
         agent = _agent(DEFAULT_AGENT, settings, {}, {}, where="")
         return AgentBook(MappingProxyType({DEFAULT_AGENT: agent}), DEFAULT_AGENT)
@@ -118,7 +125,7 @@ def load_agents(settings: Settings) -> AgentBook:
             raise ConfigError("AGENTS_FILE", f"{where}: agent names are letters, digits, '_' and '-'")
         if not isinstance(table, dict):
             raise ConfigError("AGENTS_FILE", f"{where}: must be a table")
-        agents[name] = _agent_from_table(name, table, settings, where)
+        agents[name] = _agent_from_table(name, table, settings, where, environ)
     default_name = document.get("default_agent", next(iter(agents)))
     if default_name not in agents:
         raise ConfigError("AGENTS_FILE", f"{path}: default_agent {default_name!r} is not one of the agents "
@@ -126,7 +133,7 @@ def load_agents(settings: Settings) -> AgentBook:
     return AgentBook(MappingProxyType(agents), default_name)
 
 
-def _agent_from_table(name: str, table: dict, settings: Settings, where: str) -> Agent:
+def _agent_from_table(name: str, table: dict, settings: Settings, where: str, environ: Mapping[str, str]) -> Agent:
     overrides: dict[str, str] = {}
     for key, value in table.items():
         if key in TABLE_KEYS:
@@ -142,7 +149,16 @@ def _agent_from_table(name: str, table: dict, settings: Settings, where: str) ->
         key = exc.variable.lower() if exc.variable in overrides else exc.variable
         raise ConfigError("AGENTS_FILE", f"{where}: {key}: {exc.problem}") from None
     agent_settings = agent_settings.replace(agents_file=settings.agents_file)
-    return _agent(name, agent_settings, table.get("transfer_targets", {}), table.get("dtmf", {}), where)
+    agent = _agent(name, agent_settings, table.get("transfer_targets", {}), table.get("dtmf", {}), where)
+    if "tools" not in table:
+        return agent
+    tools = parse_tools(table["tools"], f"{where}: ", environ)
+    if tools and not agent_settings.llm_tools:
+        raise ConfigError("AGENTS_FILE", f"{where}: tools need llm_tools = true (and an LLM that calls tools)")
+    if tools and agent_settings.llm_provider not in ("openai", "ollama"):
+        raise ConfigError("AGENTS_FILE", f"{where}: tools need llm_provider openai or ollama "
+                                         f"({agent_settings.llm_provider} cannot call tools)")
+    return Agent(agent.name, agent.settings, agent.transfer_targets, agent.dtmf, tools)
 
 
 def _as_env_value(value: object, where: str, key: str) -> str:

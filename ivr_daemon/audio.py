@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -78,3 +79,18 @@ def duration_s(path: str | os.PathLike) -> float:
 def silence(duration_s: float, sample_rate_hz: int = TELEPHONY_RATE_HZ) -> np.ndarray:
     """Float32 zeros lasting ``duration_s`` at ``sample_rate_hz``."""
     return np.zeros(max(0, round(duration_s * sample_rate_hz)), dtype=np.float32)
+
+
+def join_telephony_wavs(paths) -> tuple[bytes, int]:
+    """The WAVs at ``paths``, one after another, as one 8 kHz mono PCM_16 WAV in memory, and its
+    frame count. Each must already be 8 kHz mono (every WAV the daemon writes is); no resampling."""
+    parts = []
+    for path in paths:
+        samples, rate_hz = soundfile.read(str(path), dtype="int16", always_2d=True)
+        if rate_hz != TELEPHONY_RATE_HZ or samples.shape[1] != 1:
+            raise ValueError(f"{path}: {rate_hz} Hz, {samples.shape[1]} channels; expected 8000 Hz mono")
+        parts.append(samples[:, 0])
+    audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+    out = io.BytesIO()
+    soundfile.write(out, audio, TELEPHONY_RATE_HZ, subtype="PCM_16", format="WAV")
+    return out.getvalue(), int(audio.size)

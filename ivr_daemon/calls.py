@@ -4,13 +4,17 @@ The ESL reader calls :meth:`CallRouter.route` for every event; routing never blo
 LLM stalls one call, never the switch. Events of one call are handled in arrival order on that
 call's greenlet; different calls never wait on each other. An exception in a handler is logged
 with the call UUID and the call goes on. Events that must not wait behind a long turn (hangup,
-barge-in) reach :meth:`CallHandler.interrupt` at once, before they are queued.
+barge-in) reach :meth:`CallHandler.interrupt` at once, before they are queued. Events that
+cannot matter (a partial transcript while nothing of the call's plays: mod_vosk sends one every
+~200 ms per caller, twice while parked) are taken by :meth:`CallHandler.absorb` first and stop
+there: no dedup entry, no queue, no greenlet switch, no log line.
 """
 
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from typing import Callable, Protocol
 
 import gevent
@@ -26,10 +30,20 @@ log = get_logger(__name__)
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 CALL_END_EVENT = "CHANNEL_HANGUP_COMPLETE"
+# Dedup keys of the call's last absorbed events: FreeSWITCH's second copy of one (while parked,
+# ~20 ms later, capture 80_plain) must still count as a copy if the call's state changed
+# meanwhile and it is not absorbed. Partials come every ~200 ms: 8 cover well over a second.
+ABSORBED_KEYS_PER_CALL = 8
 
 
 class CallHandler(Protocol):
     """What the router drives for one call; made by the handler factory per Unique-ID."""
+
+    def absorb(self, event: EslEvent) -> bool:
+        """Optional. Called first, from the reader, for each event of a call already routed;
+        True: the event needs nothing more than what absorb just noted (it is then not
+        deduplicated, not passed to interrupt, not queued, not logged). Quick, never blocking.
+        Only for events whose repeat is harmless: FreeSWITCH's duplicates are not dropped."""
 
     def interrupt(self, event: EslEvent) -> None:
         """Called at once from the reader for every event of the call: quick, never blocking."""
@@ -57,12 +71,15 @@ class Call:
     def __init__(self, uuid: str, handler_factory: HandlerFactory, on_done: Callable[["Call"], None],
                  log_speech_text: bool = True):
         self.uuid = uuid
+        self.started_unix_s = time.time()  # when the daemon first heard of it (GET /calls)
         self._log_speech_text = log_speech_text
         self.log = log.bind(call_uuid=uuid)
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self._on_done = on_done
         self.ended = False
         self.handler = handler_factory(uuid, self.log)
+        self.absorb: Callable[[EslEvent], bool] | None = getattr(self.handler, "absorb", None)
+        self.absorbed: deque[tuple[str | None, str]] = deque(maxlen=ABSORBED_KEYS_PER_CALL)
         self.greenlet = gevent.spawn(self._work)
 
     def _work(self) -> None:
@@ -103,8 +120,10 @@ class CallRouter:
         remember_ended: int = 4096,
         owns: Callable[[str], bool] | None = None,
         log_speech_text: bool = True,
+        on_call_started: Callable[[str], None] | None = None,
     ):
         self._handler_factory = handler_factory
+        self._on_call_started = on_call_started  # the daemon's count of calls; gets the UUID
         self._log_speech_text = log_speech_text
         self._owns = owns
         self.dedup = dedup if dedup is not None else EventDeduplicator()
@@ -113,10 +132,28 @@ class CallRouter:
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._remember_ended = remember_ended
         self.events_routed = 0
+        self.events_absorbed = 0  # taken by their call's absorb(): dropped as early as can be
         self.foreign_ids = 0
 
     def route(self, event: EslEvent) -> None:
-        if self.dedup.is_duplicate(event):
+        call = self.calls.get(event.headers.get("Unique-ID"))  # type: ignore[arg-type]
+        if call is not None and call.absorb is not None:
+            try:
+                absorbed = call.absorb(event)
+            except Exception:
+                call.log.exception("call_absorb_failed", event_name=event.name)
+                absorbed = False
+            if absorbed:
+                self.events_absorbed += 1
+                sequence = event.headers.get("Event-Sequence")
+                if sequence:
+                    call.absorbed.append((event.headers.get("Core-UUID"), sequence))
+                return
+        duplicate = self.dedup.is_duplicate(event)
+        if not duplicate and call is not None and call.absorbed and _copy_of_absorbed(call, event):
+            duplicate = True
+            self.dedup.dropped += 1
+        if duplicate:
             log.debug("esl_duplicate_event_dropped", event_name=event.name, call_uuid=event.unique_id,
                       event_sequence=event.headers.get("Event-Sequence"))
             return
@@ -142,6 +179,8 @@ class CallRouter:
                 return  # another daemon's shard
             call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text)
             self.calls[uuid] = call
+            if self._on_call_started is not None:
+                self._on_call_started(uuid)
         if event.name == CALL_END_EVENT:
             call.ended = True
             self._remember(uuid)
@@ -182,3 +221,9 @@ class CallRouter:
     def _call_done(self, call: Call) -> None:
         if self.calls.get(call.uuid) is call:
             del self.calls[call.uuid]
+
+
+def _copy_of_absorbed(call: Call, event: EslEvent) -> bool:
+    """The event has the dedup key (Core-UUID, Event-Sequence) of one the call absorbed."""
+    sequence = event.headers.get("Event-Sequence")
+    return bool(sequence) and (event.headers.get("Core-UUID"), sequence) in call.absorbed

@@ -39,7 +39,10 @@ def _agents_or_exit(settings):
 
 
 def cmd_run(args) -> int:
-    from ivr_daemon.daemon import build_conversation_daemon
+    import time
+
+    from ivr_daemon.daemon import SHUTDOWN_BUDGET_S, build_conversation_daemon
+    from ivr_daemon.http.server import STOP_TIMEOUT_S
     from ivr_daemon.storage import UnsafeOutputDir
     from ivr_daemon.esl.connection import AuthenticationFailed
     from ivr_daemon.logs import configure_logging, get_logger
@@ -59,12 +62,23 @@ def cmd_run(args) -> int:
     except UnsafeOutputDir as exc:
         print(f"ivr-daemon: configuration error: TTS_OUTPUT_DIR: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    http = _http_server_or_exit(daemon, settings)
     # Signal handlers run on the loop; the shutdown waits, so it gets its own greenlet.
     shutting_down: list[gevent.Greenlet] = []
 
+    def shutdown() -> None:
+        started_s = time.monotonic()
+        if http is not None:
+            http.close()  # no new connections; new test turns are refused like calls' turns
+        daemon.shutdown()
+        if http is not None:
+            # Requests still running (a test turn) get what is left of the budget, at most STOP_TIMEOUT_S.
+            left_s = SHUTDOWN_BUDGET_S - (time.monotonic() - started_s)
+            http.stop(timeout_s=max(0.0, min(STOP_TIMEOUT_S, left_s)))
+
     def on_signal() -> None:
         if not shutting_down:
-            shutting_down.append(gevent.spawn(daemon.shutdown))
+            shutting_down.append(gevent.spawn(shutdown))
 
     gevent.signal_handler(signal.SIGTERM, on_signal)
     gevent.signal_handler(signal.SIGINT, on_signal)
@@ -80,6 +94,23 @@ def cmd_run(args) -> int:
         daemon.close_voices()  # after the shutdown, which lets syntheses in flight land
     log.info("daemon_stopped")
     return EXIT_OK
+
+
+def _http_server_or_exit(daemon, settings):
+    """The HTTP server listening (None with HTTP_PORT=0); exit 2 when its address cannot be had."""
+    if not settings.http_port:
+        return None
+    from ivr_daemon.http import HttpServer
+
+    http = HttpServer(daemon, settings)
+    try:
+        http.bind()
+    except OSError as exc:
+        print(f"ivr-daemon: configuration error: HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    http.start()
+    return http
 
 
 def cmd_simulator(args) -> int:
@@ -141,11 +172,10 @@ def cmd_record(args) -> int:
         return EXIT_AUTH
     wait_until_idle(daemon, timeout_s=30)
     daemon.stop()
-    from ivr_daemon.replay.fixture import BEHAVIOUR_SETTINGS
+    from ivr_daemon.replay.fixture import recorded_settings
 
-    recorded_with = {k: v for k, v in settings.as_environment().items() if k in BEHAVIOUR_SETTINGS}
-    size = recorder.write(out_path, comments=[f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"],
-                          env=recorded_with)
+    comments = [*args.comment, f"recorded by ivr-daemon record from {settings.freeswitch_host}:{settings.freeswitch_port}"]
+    size = recorder.write(out_path, comments=comments, env=recorded_settings(settings.as_environment(), out_path))
     print(f"wrote {out_path}: {len(recorder.frames)} frames seen, {len(recorder.llm)} LLM replies, "
           f"{len(recorder.commands)} commands, {size} bytes", file=sys.stderr)
     return EXIT_OK
@@ -175,6 +205,90 @@ def cmd_replay(args) -> int:
         return EXIT_CONFIG
 
 
+def cmd_call(args) -> int:
+    """Place one outbound call on its own ESL connection: 0 with the call's UUID on stdout,
+    1 when FreeSWITCH refused or failed it (its error on stderr), 2 for a bad request."""
+    from ivr_daemon.esl.connection import AuthenticationFailed, EslClient
+    from ivr_daemon.logs import configure_logging
+    from ivr_daemon.outbound import CallRequest, JobWaiters, OutboundError, prepare, place_call
+
+    settings = _settings_or_exit(args)
+    configure_logging(settings.log_level, settings.log_format)
+    agents = _agents_or_exit(settings)
+    variables = {}
+    for item in args.var:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"ivr-daemon: --var {item[:64]!r}: expected KEY=VALUE", file=sys.stderr)
+            return EXIT_CONFIG
+        variables[key] = value
+    request = CallRequest(args.destination, args.agent, variables, args.caller_id)
+    try:
+        prepare(request, agents)  # every check before connecting: nothing is dialled on a bad request
+    except OutboundError as exc:
+        print(f"ivr-daemon: call not placed: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    jobs = JobWaiters()
+    client = EslClient(settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
+                       ("BACKGROUND_JOB",), jobs.on_event, backoff_max_s=1.0)
+    runner = gevent.spawn(client.run)
+    try:
+        connected = gevent.spawn(client.wait_connected, args.connect_timeout)
+        gevent.joinall([connected, runner], count=1, timeout=args.connect_timeout)
+        if runner.dead and isinstance(runner.exception, AuthenticationFailed):
+            print(f"ivr-daemon: call not placed: {runner.exception}", file=sys.stderr)
+            return EXIT_AUTH
+        if not client.connected:
+            print(f"ivr-daemon: call not placed: cannot reach FreeSWITCH at {settings.freeswitch_host}:"
+                  f"{settings.freeswitch_port} within {args.connect_timeout:g} s", file=sys.stderr)
+            return 1
+        try:
+            call_uuid = place_call(request, agents, client.send, jobs, timeout_s=args.timeout)
+        except OutboundError as exc:
+            print(f"ivr-daemon: call not placed: {exc.message}", file=sys.stderr)
+            return exc.exit_code
+        print(call_uuid)
+        return EXIT_OK
+    finally:
+        client.stop()
+        runner.kill(block=True, timeout=2)
+
+
+def cmd_asr_server(args) -> int:
+    from ivr_daemon.logs import configure_logging, get_logger
+
+    settings = _settings_or_exit(args)
+    configure_logging(settings.log_level, settings.log_format)
+    log = get_logger("ivr_daemon.cli")
+    try:
+        from ivr_daemon.asr import AsrModelUnavailable, make_asr_engine
+        from ivr_daemon.asr.server import AsrServer
+    except ImportError as exc:  # the [asr] extra (wsproto, the engines) is not installed
+        print(f"ivr-daemon: asr-server needs the asr extra: pip install 'ivr-daemon[asr]' ({exc})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        engine = make_asr_engine(settings)
+    except AsrModelUnavailable as exc:
+        print(f"ivr-daemon: ASR model unavailable: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    server = AsrServer(engine, host=settings.asr_host, port=settings.asr_port,
+                       sample_rate_hz=settings.asr_sample_rate_hz, log_transcripts=settings.log_transcripts)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"ivr-daemon: configuration error: ASR_HOST/ASR_PORT: cannot listen on "
+              f"{settings.asr_host}:{settings.asr_port}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    stop.wait()
+    log.info("asr_server_stopping", open_streams=server.open_streams)
+    server.stop()
+    log.info("asr_server_stopped")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivr-daemon", description="A conversational IVR beside FreeSWITCH.")
     parser.add_argument("--env-file", default=".env", help="optional .env file (default: ./.env)")
@@ -192,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--out", required=True, help="fixture file to write")
     record.add_argument("--calls", type=int, default=None, help="stop after this many calls have ended")
     record.add_argument("--all-calls", action="store_true", help="keep frames of every call, not only the IVR's")
+    record.add_argument("--comment", action="append", default=[],
+                        help="a '#' line to write at the top of the fixture (repeatable): what the recording is")
     record.set_defaults(func=cmd_record)
 
     replay = sub.add_parser("replay", help="replay fixtures against the daemon and check the commands it sends")
@@ -200,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--junit-xml", default=None, metavar="PATH", help="write a JUnit XML report")
     replay.add_argument("--json", default=None, metavar="PATH", help="write the results, with every command sent, as JSON")
     replay.set_defaults(func=cmd_replay)
+
+    call = sub.add_parser("call", help="place an outbound call into the IVR: prints its UUID")
+    call.add_argument("destination", help="a FreeSWITCH dial string: user/1001, sofia/gateway/carrier/15551230000")
+    call.add_argument("--agent", default=None, help="the agent that talks (default: the agents file's default)")
+    call.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                      help="a dynamic variable for the agent's {placeholders} and tools (repeatable)")
+    call.add_argument("--caller-id", default=None, metavar="NUMBER", help="origination_caller_id_number")
+    call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
+    call.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach FreeSWITCH (default 10)")
+    call.set_defaults(func=cmd_call)
+
+    asr = sub.add_parser("asr-server", help="speech recognition for mod_vosk: a vosk-server WebSocket on ASR_HOST:ASR_PORT")
+    asr.set_defaults(func=cmd_asr_server)
 
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")
     demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")

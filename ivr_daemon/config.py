@@ -7,6 +7,7 @@ exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, fields
@@ -15,8 +16,10 @@ from typing import Mapping
 
 LLM_PROVIDERS = ("ollama", "openai", "llama3")
 TTS_ENGINES = ("coqui", "piper", "null")
+ASR_ENGINES = ("vosk", "pocketsphinx")
 LOG_FORMATS = ("json", "console")
 BARGE_IN_MODES = ("off", "partial", "final")
+FIRST_CHUNK_MODES = ("clause", "sentence")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 DEFAULT_ESL_PASSWORD = "ClueCon"
@@ -30,6 +33,7 @@ DEFAULT_GREETING = "Hello, thanks for calling. How can I help you?"
 DEFAULT_REPROMPT_PHRASE = "Are you still there? How can I help you?"
 DEFAULT_GOODBYE_PHRASE = "Thank you for calling. Goodbye."
 DEFAULT_TRANSFER_PHRASE = "Transferring you now."
+DEFAULT_TOOL_FILLER_PHRASE = "One moment, please."
 DEFAULT_GOODBYE_WORDS = "goodbye, bye, bye bye, that's all, that is all"
 DEFAULT_OPERATOR_WORDS = "operator, human, real person, a person, someone real"
 
@@ -71,6 +75,19 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "comma-separated words that, in a final transcript, transfer to the operator (for LLMs without tool calling)"),
     ("LLM_TOOLS", "llm_tools", "true",
      "offer the LLM the transfer_call and end_call tools (openai and ollama); false for models that cannot call tools"),
+    ("MAX_TOOL_CALLS", "max_tool_calls", "3",
+     "tool rounds (the LLM calls tools, hears the results) per turn; after that it is asked without tools"),
+    ("TOOL_FILLER_PHRASE", "tool_filler_phrase", DEFAULT_TOOL_FILLER_PHRASE,
+     "said when an agent's HTTP tool takes longer than TOOL_FILLER_AFTER_S"),
+    ("TOOL_FILLER_AFTER_S", "tool_filler_after_s", "1",
+     "seconds an HTTP tool may take before the caller hears TOOL_FILLER_PHRASE"),
+    ("WEBHOOK_URL", "webhook_url", "",
+     "http(s) URL that receives signed call-event POSTs (call.started, turn.completed, ...); empty: none"),
+    ("WEBHOOK_SECRET", "webhook_secret", "",
+     "HMAC-SHA256 key of the X-IVR-Signature header (at least 16 characters); needed with a WEBHOOK_URL"),
+    ("WEBHOOK_TIMEOUT_S", "webhook_timeout_s", "5", "seconds one webhook POST may take before it is retried"),
+    ("WEBHOOK_QUEUE_MAX", "webhook_queue_max", "1000",
+     "webhook events waiting at most; past it the oldest is dropped (ivr_webhooks_dropped_total)"),
     ("TTS_ENGINE", "tts_engine", "coqui", "coqui | piper | null (silence, for tests)"),
     ("COQUI_MODEL", "coqui_model", DEFAULT_COQUI_MODEL,
      "Coqui model name, downloaded on first use"),
@@ -88,12 +105,29 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "runs first), or idle (only CPU time nothing else in the daemon's session or cgroup wants)"),
     ("LLM_STREAM", "llm_stream", "true",
      "true: speak sentence 1 while the LLM writes the rest; false: wait for the whole reply"),
+    ("FIRST_CHUNK", "first_chunk", "clause",
+     "clause: a streamed reply's first broadcast may be its first clause (4+ words, cut at , ; : or a dash, "
+     "or after 12 words), for sooner first audio; sentence: whole sentences only"),
     ("BARGE_IN", "barge_in", "partial",
      "off | partial | final: which caller speech interrupts playback"),
     ("BARGE_IN_MIN_WORDS", "barge_in_min_words", "1",
      "words the caller must say before playback is interrupted"),
     ("DAEMON_SHARD", "daemon_shard", "0/1",
      "k/N: with N daemons on one switch, this one answers the calls whose UUID hashes to k"),
+    ("HTTP_HOST", "http_host", "127.0.0.1",
+     "address of the HTTP server (test turns, /health, /metrics, /calls); a non-loopback one needs HTTP_API_TOKEN"),
+    ("HTTP_PORT", "http_port", "8000", "port of the HTTP server; 0 turns it off"),
+    ("HTTP_API_TOKEN", "http_api_token", "",
+     "when set, every HTTP route but GET /health needs 'Authorization: Bearer <token>' (at least 16 characters)"),
+    ("ASR_ENGINE", "asr_engine", "",
+     "vosk | pocketsphinx: the recogniser of ivr-daemon asr-server; empty: vosk when VOSK_MODEL_PATH is set, "
+     "else pocketsphinx (its bundled US-English model)"),
+    ("VOSK_MODEL_PATH", "vosk_model_path", "",
+     "directory of a vosk model (e.g. vosk-model-small-en-us-0.15 from alphacephei.com/vosk/models)"),
+    ("ASR_SAMPLE_RATE", "asr_sample_rate_hz", "8000",
+     "Hz of the L16 audio mod_vosk sends (the calls' rate: 8000 for G.711); a client's config message overrides it"),
+    ("ASR_HOST", "asr_host", "127.0.0.1", "address ivr-daemon asr-server listens on (mod_vosk's server-url)"),
+    ("ASR_PORT", "asr_port", "2700", "port ivr-daemon asr-server listens on; 0: any free port (logged)"),
     ("LOG_LEVEL", "log_level", "INFO", "DEBUG | INFO | WARNING | ERROR"),
     ("LOG_FORMAT", "log_format", "json", "json | console"),
     ("LOG_TRANSCRIPTS", "log_transcripts", "false",
@@ -136,6 +170,13 @@ class Settings:
     operator_destination: str
     operator_words: tuple[str, ...]
     llm_tools: bool
+    max_tool_calls: int
+    tool_filler_phrase: str
+    tool_filler_after_s: float
+    webhook_url: str
+    webhook_secret: str
+    webhook_timeout_s: float
+    webhook_queue_max: int
     tts_engine: str
     coqui_model: str
     coqui_model_path: str
@@ -148,9 +189,18 @@ class Settings:
     barge_in: str
     barge_in_min_words: int
     daemon_shard: tuple[int, int]
+    http_host: str
+    http_port: int
+    http_api_token: str
+    asr_engine: str
+    vosk_model_path: str
+    asr_sample_rate_hz: int
+    asr_host: str
+    asr_port: int
     log_level: str
     log_format: str
     log_transcripts: bool
+    first_chunk: str = "clause"  # last, with a default: Settings built by hand before it existed stay valid
 
     @property
     def uses_default_esl_password(self) -> bool:
@@ -192,6 +242,7 @@ def default_tts_output_dir(environ: Mapping[str, str]) -> Path:
 
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-:\[\]]+$")
+MIN_HTTP_TOKEN_CHARS = 16
 
 
 def _int(variable: str, raw: str, lo: int, hi: int) -> int:
@@ -266,6 +317,77 @@ def _phrase(variable: str, raw: str) -> str:
     return text
 
 
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _http(raw: Mapping[str, str]) -> tuple[str, int, str]:
+    """HTTP_HOST, HTTP_PORT, HTTP_API_TOKEN; an HTTP server others can reach must ask for the token."""
+    host = raw["http_host"].strip()
+    if not host or not _HOST_RE.match(host):
+        raise ConfigError("HTTP_HOST", f"not a host name or address: {raw['http_host']!r}")
+    port = _int("HTTP_PORT", raw["http_port"], 0, 65535)
+    token = raw["http_api_token"].strip()
+    if token and (len(token) < MIN_HTTP_TOKEN_CHARS or not all("!" <= c <= "~" for c in token)):
+        raise ConfigError("HTTP_API_TOKEN", f"must be at least {MIN_HTTP_TOKEN_CHARS} printable ASCII characters "
+                                            "without spaces")
+    if port and not token and not is_loopback_host(host):
+        # Test turns spend LLM and TTS time and /calls shows callers' numbers and words.
+        raise ConfigError("HTTP_HOST", f"{host} is not a loopback address: anyone who can reach it could use the "
+                                       "HTTP API, so set HTTP_API_TOKEN too (or HTTP_HOST=127.0.0.1)")
+    return host, port, token
+
+
+# Telephony narrowband up to studio rates: what a client may stream to the asr-server.
+MIN_ASR_RATE_HZ = 8000
+MAX_ASR_RATE_HZ = 48000
+
+
+def _asr_engine(raw_engine: str, model_path: str) -> tuple[str, str]:
+    """(engine, vosk model directory): ASR_ENGINE, or vosk when VOSK_MODEL_PATH is set, else pocketsphinx."""
+    engine = raw_engine.strip().lower()
+    if engine and engine not in ASR_ENGINES:
+        raise ConfigError("ASR_ENGINE", f"must be one of {' | '.join(ASR_ENGINES)} or empty, got {raw_engine!r}")
+    if model_path and not Path(model_path).is_dir():
+        raise ConfigError("VOSK_MODEL_PATH", f"not a directory: {model_path}")
+    if not engine:
+        engine = "vosk" if model_path else "pocketsphinx"
+    if engine == "vosk" and not model_path:
+        raise ConfigError("VOSK_MODEL_PATH", "ASR_ENGINE=vosk needs a vosk model directory "
+                                             "(e.g. vosk-model-small-en-us-0.15 from https://alphacephei.com/vosk/models)")
+    return engine, model_path
+
+
+def _webhook(raw: Mapping[str, str]) -> tuple[str, str]:
+    """WEBHOOK_URL (http or https, with a host) and WEBHOOK_SECRET, which a URL needs: events are signed."""
+    from urllib.parse import urlsplit
+
+    url = raw["webhook_url"].strip()
+    if url:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 -- raises ValueError for a port that is no number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(
+                c.isspace() for c in url):
+            raise ConfigError("WEBHOOK_URL", f"must be an http(s) URL with a host, got {raw['webhook_url'][:200]!r}")
+    secret = raw["webhook_secret"].strip()
+    # The secret's value never goes into an error message: they are logged and printed.
+    if secret and (len(secret) < MIN_HTTP_TOKEN_CHARS or not all("!" <= c <= "~" for c in secret)):
+        raise ConfigError("WEBHOOK_SECRET", f"must be at least {MIN_HTTP_TOKEN_CHARS} printable ASCII characters "
+                                            "without spaces")
+    if url and not secret:
+        raise ConfigError("WEBHOOK_SECRET", "must be set with WEBHOOK_URL: every event is signed with it")
+    return url, secret
+
+
 def normalize_words(text: str) -> str:
     """Lower case, punctuation dropped, whitespace collapsed: how goodbye words are compared."""
     return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
@@ -337,7 +459,14 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
     if not fallback:
         raise ConfigError("FALLBACK_PHRASE", "must not be empty: it is what callers hear when the LLM fails")
 
+    http_host, http_port, http_token = _http(raw)
+    webhook_url, webhook_secret = _webhook(raw)
+
     agents_file = _existing_file("AGENTS_FILE", raw["agents_file"].strip())
+    asr_engine, vosk_model_path = _asr_engine(raw["asr_engine"], raw["vosk_model_path"].strip())
+    asr_host = raw["asr_host"].strip()
+    if not asr_host or not _HOST_RE.match(asr_host):
+        raise ConfigError("ASR_HOST", f"not a host name or address: {raw['asr_host']!r}")
     operator = " ".join(raw["operator_destination"].split())
     if operator:
         check_transfer_destination("OPERATOR_DESTINATION", operator)
@@ -367,6 +496,13 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         operator_destination=operator,
         operator_words=parse_goodbye_words(raw["operator_words"]),
         llm_tools=_bool("LLM_TOOLS", raw["llm_tools"]),
+        max_tool_calls=_int("MAX_TOOL_CALLS", raw["max_tool_calls"], 1, 10),
+        tool_filler_phrase=_phrase("TOOL_FILLER_PHRASE", raw["tool_filler_phrase"]),
+        tool_filler_after_s=_float("TOOL_FILLER_AFTER_S", raw["tool_filler_after_s"], 0, 60),
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        webhook_timeout_s=_float("WEBHOOK_TIMEOUT_S", raw["webhook_timeout_s"], 0.1, 60),
+        webhook_queue_max=_int("WEBHOOK_QUEUE_MAX", raw["webhook_queue_max"], 1, 1_000_000),
         tts_engine=tts_engine,
         coqui_model=raw["coqui_model"].strip(),
         coqui_model_path=model_path,
@@ -378,8 +514,17 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         tts_worker_priority=_worker_priority("TTS_WORKER_PRIORITY", raw["tts_worker_priority"]),
         llm_stream=_bool("LLM_STREAM", raw["llm_stream"]),
         barge_in=_choice("BARGE_IN", raw["barge_in"], BARGE_IN_MODES),
+        first_chunk=_choice("FIRST_CHUNK", raw["first_chunk"], FIRST_CHUNK_MODES),
         barge_in_min_words=_int("BARGE_IN_MIN_WORDS", raw["barge_in_min_words"], 1, 50),
         daemon_shard=_shard("DAEMON_SHARD", raw["daemon_shard"]),
+        http_host=http_host,
+        http_port=http_port,
+        http_api_token=http_token,
+        asr_engine=asr_engine,
+        vosk_model_path=vosk_model_path,
+        asr_sample_rate_hz=_int("ASR_SAMPLE_RATE", raw["asr_sample_rate_hz"], MIN_ASR_RATE_HZ, MAX_ASR_RATE_HZ),
+        asr_host=asr_host,
+        asr_port=_int("ASR_PORT", raw["asr_port"], 0, 65535),
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
         log_transcripts=_bool("LOG_TRANSCRIPTS", raw["log_transcripts"]),

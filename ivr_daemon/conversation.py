@@ -4,7 +4,8 @@ Per call: a rolling history (system prompt + the last ``MAX_CONVERSATION_HISTORY
 messages). On ``DETECTED_SPEECH`` with ``Speech-Type: detected-speech`` and a non-empty body
 (plain text, or vosk JSON ``{"text": ...}`` when mod_vosk runs with ``return-json``), the
 history gets the user message and the LLM is asked. With ``LLM_STREAM`` on, its reply is cut
-into sentences as it streams; each sentence is synthesized off the gevent loop into an 8 kHz
+into sentences as it streams (the first may be cut after its first clause, ``FIRST_CHUNK``,
+to be heard sooner); each sentence is synthesized off the gevent loop into an 8 kHz
 WAV (through the phrase cache) and broadcast as soon as it and every sentence before it are
 ready. FreeSWITCH queues back-to-back ``uuid_broadcast``s and plays them in order (capture
 playback/S1), so sentence 1 plays while the LLM still writes sentence 3. An LLM failure before
@@ -23,10 +24,8 @@ reader as each event arrives and only flips state, kills the turn and spawns the
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,71 +42,24 @@ from ivr_daemon.esl import commands
 from ivr_daemon.esl.commands import EslCommand
 from ivr_daemon.esl.connection import CommandOutcomeUnknown, CommandReply, EslError, NotConnectedError
 from ivr_daemon.esl.protocol import EslEvent
+from ivr_daemon.history import (  # noqa: F401 (the turn's vocabulary, imported from here too)
+    BEGIN_SPEAKING, FINAL_SPEECH, PARTIAL_SPEECH, ConversationHistory, speech_text, transcript_of,
+)
 from ivr_daemon.llm.base import LlmClient, LlmError, Message, ToolCall, ToolSpec
 from ivr_daemon.logs import get_logger, spoken_text
-from ivr_daemon.sentences import SentenceSplitter
+from ivr_daemon.metrics import DaemonMetrics
+from ivr_daemon.sentences import FIRST_CLAUSE_MIN_WORDS, SentenceSplitter
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
 
 log = get_logger(__name__)
 
-FINAL_SPEECH = "detected-speech"
-PARTIAL_SPEECH = "detected-partial-speech"
-BEGIN_SPEAKING = "begin-speaking"  # other ASR modules send it; mod_vosk never does
 HANGUP_EVENT = "CHANNEL_HANGUP_COMPLETE"
 RECONNECT_WAIT_S = 30.0  # how long a ready answer waits for the switch to come back
 RETRY_PAUSE_S = 0.05
 FIRST_AUDIO_MARGIN_S = 0.5
 INTERRUPTED_MARK = "[interrupted by the caller]"
-
-
-class ConversationHistory:
-    """The system prompt plus the last ``max_messages`` user/assistant messages."""
-
-    def __init__(self, system_prompt: str, max_messages: int):
-        self.system_prompt = system_prompt
-        self._messages: deque[Message] = deque(maxlen=max_messages if max_messages > 0 else 0)
-
-    def add(self, role: str, content: str) -> Message:
-        message = {"role": role, "content": content}
-        self._messages.append(message)
-        return message
-
-    def messages(self) -> list[Message]:
-        return [{"role": "system", "content": self.system_prompt}, *(dict(m) for m in self._messages)]
-
-    def ask(self, user_text: str) -> list[Message]:
-        """Keep the caller's words; the messages for the LLM, which end with them even when no
-        history is kept at all (``MAX_CONVERSATION_HISTORY=0``)."""
-        self.add("user", user_text)
-        messages = self.messages()
-        if len(messages) == 1:
-            messages.append({"role": "user", "content": user_text})
-        return messages
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-
-def speech_text(event: EslEvent) -> str:
-    """The recognised words of a DETECTED_SPEECH body: plain text or vosk JSON."""
-    text = (event.body or "").strip()
-    if text.startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict):
-            text = str(parsed.get("text", parsed.get("partial", ""))).strip()
-    return text
-
-
-def transcript_of(event: EslEvent) -> str | None:
-    """The final recognised text of a DETECTED_SPEECH event, or None if it starts no turn."""
-    if event.name != "DETECTED_SPEECH" or event.get("Speech-Type") != FINAL_SPEECH:
-        return None
-    return speech_text(event) or None
 
 
 @dataclass(frozen=True)
@@ -125,7 +77,7 @@ class TurnResult:
     tts_ms: float  # synthesis of the first sentence
     total_ms: float
     first_audio_ms: float | None = None  # turn start to the first uuid_broadcast sent
-    sentences: int = 0
+    sentences: int = 0  # broadcasts: a first clause and the rest of its sentence are two
     interrupted: bool = False
 
 
@@ -147,6 +99,8 @@ class TurnServices:
     agent: Agent | None = None  # whose settings these are: its transfer targets and DTMF map
     # Syntheses started and not finished, all calls together: shutdown waits for them.
     in_flight: set[gevent.event.AsyncResult] = field(default_factory=set)
+    # The daemon's, shared by every agent's services (build_conversation_daemon).
+    metrics: DaemonMetrics = field(default_factory=DaemonMetrics)
 
     @property
     def log_spoken_text(self) -> bool:
@@ -163,16 +117,13 @@ class TurnServices:
         A cache hit is answered here, on the loop, without the pool: a cached phrase must not
         wait behind other calls' long syntheses.
         """
-        if self.cache is not None:
-            hit = self.cache.lookup(self.tts, text)
+        cache, engine = self.cache, self.tts
+        if cache is not None:
+            hit = cache.lookup(engine, text)
             if hit is not None:
                 return _ready(hit)
-            pending = self.synth_pool.spawn(self.cache.get_or_synthesize, self.tts, text)
-        else:
-            pending = self.synth_pool.spawn(self.tts.synthesize_to_wav, text, per_call_path)
-        self.in_flight.add(pending)
-        pending.rawlink(self.in_flight.discard)
-        return pending
+            return self._on_worker(lambda timed: cache.get_or_synthesize(engine, text, on_synthesized=timed))
+        return self._on_worker(lambda timed: _timed(timed, engine.synthesize_to_wav, text, per_call_path))
 
     def pinned_phrase(self, text: str) -> gevent.event.AsyncResult:
         """A phrase the daemon relies on (the fallback): its WAV at once, or re-created on a
@@ -183,10 +134,35 @@ class TurnServices:
         if path is not None:
             return _ready(path)
         log.warning("pinned_phrase_missing_recreating", path=str(self.pinned.path_for(text)))
-        pending = self.synth_pool.spawn(self.pinned.prepare, text)
+        pinned = self.pinned
+        return self._on_worker(lambda timed: pinned.prepare(text, on_synthesized=timed))
+
+    def _on_worker(self, work: Callable[[Callable[[float], None]], Path]) -> gevent.event.AsyncResult:
+        """Run ``work(timed)`` on a worker thread, in ``in_flight`` until it lands; ``timed(seconds)``
+        is called there for each real synthesis, and each is observed once the work has landed.
+
+        Observed on the loop, not on the worker: under monkey-patching prometheus_client's locks
+        are gevent's, which a native thread must not take.
+        """
+        seconds: list[float] = []  # appended on the worker thread, read on the loop after it
+        pending = self.synth_pool.spawn(work, seconds.append)
         self.in_flight.add(pending)
-        pending.rawlink(self.in_flight.discard)
+
+        def landed(done: gevent.event.AsyncResult) -> None:
+            self.in_flight.discard(done)
+            for synthesis_s in seconds:
+                self.metrics.tts_synthesis_seconds.observe(synthesis_s)
+
+        pending.rawlink(landed)
         return pending
+
+
+def _timed(timed: Callable[[float], None], synthesize: Callable[..., Path], *args) -> Path:
+    """``synthesize(*args)``, its seconds given to ``timed`` when it succeeded. On a worker thread."""
+    started_s = time.monotonic()
+    path = synthesize(*args)
+    timed(time.monotonic() - started_s)
+    return path
 
 
 def _ready(path: Path | None) -> gevent.event.AsyncResult:
@@ -234,11 +210,20 @@ class _Reply:
     first_audio_s: float | None = None  # when it was sent
     tts_ms: float = 0.0  # synthesis of the first sentence
     tool_calls: list[ToolCall] = field(default_factory=list)  # what the LLM asked for besides words
+    waiting_syntheses: list[gevent.Greenlet] = field(default_factory=list)  # for the first clause's; die with the turn
+    # A turn's answer (not a phrase of the call flow): when the turn began. It is counted in
+    # ivr_turns_total once it is over: sent and played, cut by the caller, or the call ended.
+    turn_started_s: float | None = None
+    sent_all: bool = False  # the turn sent everything it will: no more sentences of it
+    counted: bool = False
 
     @property
     def playing(self) -> bool:
         """Some broadcast of this reply is queued or playing in FreeSWITCH."""
-        return any(s.status is None for s in self.spoken)
+        for item in self.spoken:  # not any(<generator>): asked for every partial transcript
+            if item.status is None:
+                return True
+        return False
 
     @property
     def more_to_come(self) -> bool:
@@ -252,8 +237,15 @@ class _Reply:
 class ConversationHandler:
     """One call's conversation: implements :class:`ivr_daemon.calls.CallHandler`."""
 
+    # FreeSWITCH reports the playback of what we broadcast (PLAYBACK_START/STOP), so a turn is
+    # counted once its answer has played. False for a handler whose broadcasts nothing plays
+    # (no switch behind ``send``): its turns are counted as soon as they have sent everything.
+    follows_playback = True
+
     def __init__(self, call_uuid: str, call_log: structlog.stdlib.BoundLogger, services: TurnServices):
         self.call_uuid = call_uuid
+        # What this call's own WAVs are named after (and found by, at clean-up): its UUID.
+        self.wav_stem = call_uuid
         self.log = call_log
         self.services = services
         settings = services.settings
@@ -284,7 +276,25 @@ class ConversationHandler:
         return reply is not None and not reply.interrupted and (
             reply.playing or (self.busy and bool(reply.spoken) and reply.more_to_come))
 
-    # -- CallHandler: interrupt runs in the reader, at once, and never blocks ------------------
+    @property
+    def state(self) -> str:
+        """speaking (something of ours is queued or playing), thinking (a turn is in flight) or listening."""
+        if self.playing:
+            return "speaking"
+        return "thinking" if self.busy else "listening"
+
+    # -- CallHandler: absorb and interrupt run in the reader, at once, and never block ---------
+
+    def absorb(self, event: EslEvent) -> bool:
+        """A partial transcript that cannot barge in (nothing of ours plays, or BARGE_IN is not
+        ``partial``) is of no use to a turn: the reader drops it here. Only a final transcript
+        starts one, and a repeat of a partial changes nothing, so it needs no dedup either."""
+        headers = event.headers
+        if headers.get("Speech-Type") != PARTIAL_SPEECH or headers.get("Event-Name") != "DETECTED_SPEECH":
+            return False
+        reply = self._reply
+        return (reply is None or reply.interrupted or not reply.barge_in or self.hung_up
+                or self.services.settings.barge_in != "partial" or not self.playing)
 
     def interrupt(self, event: EslEvent) -> None:
         if event.name == HANGUP_EVENT:
@@ -327,14 +337,22 @@ class ConversationHandler:
             return
         self._closed = True
         self._kill_turn()
+        if self._reply is not None and self._reply.sent_all:
+            self._count_turn(self._reply)  # the call ended while it played: it was answered
+        removed, late = self.delete_own_wavs()
+        self.history = ConversationHistory(self.services.settings.system_prompt, 0)
+        self.log.info("call_cleaned_up", wavs_deleted=removed, syntheses_still_running=late)
+
+    def delete_own_wavs(self) -> tuple[int, int]:
+        """Delete the call's own WAVs now, and those of its syntheses still running when they
+        land (never the cache's or pinned phrases). Returns (deleted now, still running)."""
         late = 0
         for pending, per_call_path in list(self._pending_syntheses.items()):
             if per_call_path is not None and not pending.ready():
                 pending.rawlink(lambda _done, path=per_call_path: self._delete_wav(path))
                 late += 1
-        removed = sum(self._delete_wav(path) for path in self.services.settings.tts_output_dir.glob(f"{self.call_uuid}-*.wav"))
-        self.history = ConversationHistory(self.services.settings.system_prompt, 0)
-        self.log.info("call_cleaned_up", wavs_deleted=removed, syntheses_still_running=late)
+        removed = sum(self._delete_wav(path) for path in self.services.settings.tts_output_dir.glob(f"{self.wav_stem}-*.wav"))
+        return removed, late
 
     def _delete_wav(self, path: Path) -> bool:
         try:
@@ -355,6 +373,7 @@ class ConversationHandler:
         for item in reply.spoken:
             if item.status is None:
                 item.status = "unknown"
+        self._count_turn_if_over(reply)
         self._playback_changed.set()
 
     # -- playback and barge-in ----------------------------------------------------------------
@@ -371,6 +390,7 @@ class ConversationHandler:
                 if item is not None:
                     item.status = "not-found"
                     self.log.error("playback_file_not_found", path=item.path)
+                    self._count_turn_if_over(reply)
             return
         path = event.get("Playback-File-Path")
         if not path:
@@ -383,6 +403,7 @@ class ConversationHandler:
             item = next((s for s in reply.spoken if s.path == path and s.started and s.status is None), None)
             if item is not None:
                 item.status = event.get("Playback-Status") or "done"
+                self._count_turn_if_over(reply)
 
     def _is_barge_in(self, event: EslEvent) -> bool:
         mode = self.services.settings.barge_in
@@ -400,6 +421,8 @@ class ConversationHandler:
         reply.interrupted = True
         self._playback_changed.set()
         self.barge_ins += 1
+        self.services.metrics.barge_ins_total.inc()
+        self._count_turn(reply)  # interrupted, whether the turn still runs or its answer plays
         gevent.spawn(self._send_break)  # the one writer; the reader must not wait for its reply
         self._kill_turn()
         for item in reply.spoken:
@@ -426,6 +449,20 @@ class ConversationHandler:
         if turn is not None and not turn.dead and turn is not gevent.getcurrent():
             turn.kill(block=False)
 
+    def _count_turn_if_over(self, reply: _Reply) -> None:
+        """Count a turn's answer once it has sent everything and nothing of it plays any more."""
+        if reply.sent_all and not (self.follows_playback and reply.playing):
+            self._count_turn(reply)
+
+    def _count_turn(self, reply: _Reply | None, outcome: str | None = None) -> None:
+        """ivr_turns_total, once per turn: interrupted (the caller cut it: barge-in, or hung up
+        before it was sent) over fallback over answered. Phrases of the call flow do not count."""
+        if reply is None or reply.turn_started_s is None or reply.counted:
+            return
+        reply.counted = True
+        outcome = outcome or ("interrupted" if reply.interrupted else "fallback" if reply.fallback else "answered")
+        self.services.metrics.turns_total.labels(outcome=outcome).inc()
+
     # -- the turn -----------------------------------------------------------------------------
 
     def _turn(self, transcript: str, received_s: float = 0.0) -> None:
@@ -437,7 +474,15 @@ class ConversationHandler:
         log = self.log.bind(turn=turn)
         log.info("turn_started", **self.services.spoken("transcript", transcript))
         messages = self.history.ask(transcript)
-        reply = self._speak(lambda reply, sentences: self._produce(messages, sentences, log, reply), log)
+        try:
+            reply = self._speak(lambda reply, sentences: self._produce(messages, sentences, log, reply), log,
+                                turn_started_s=started_s)
+        except gevent.GreenletExit:
+            # Killed: by a barge-in (counted there already) or by the hangup.
+            self._count_turn(self._reply, "interrupted")
+            raise
+        reply.sent_all = True
+        self._count_turn_if_over(reply)
         said = [s.sentence for s in reply.spoken if s.status != "not-sent"]
         if not reply.fallback and reply.text and not reply.interrupted:
             reply.history_entry = self.history.add("assistant", reply.text)
@@ -457,7 +502,11 @@ class ConversationHandler:
                  tool_calls=[call.name for call in reply.tool_calls] or None)
         if self.services.on_turn is not None:
             self.services.on_turn(result)
+        self._turn_completed(result)
         self._after_reply(reply, messages, log)
+
+    def _turn_completed(self, result: TurnResult) -> None:
+        """A turn's answer is sent (or cut); the call flow tells the webhook receiver."""
 
     def _after_reply(self, reply: _Reply, messages: list[Message], log) -> None:
         """What a reply leads to once spoken (tool calls: transfer, end the call); the call flow's."""
@@ -474,7 +523,7 @@ class ConversationHandler:
         def produce(reply: _Reply, sentences: gevent.queue.Queue) -> None:
             reply.text = text
             reply.queued = 1
-            per_call_path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{kind}-{self.turns:04d}.wav"
+            per_call_path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{kind}-{self.turns:04d}.wav"
             pending = (self.services.pinned_phrase(text) if pinned
                        else self.services.spawn_synthesis(text, per_call_path))
             sentences.put((text, pending, False))
@@ -488,10 +537,15 @@ class ConversationHandler:
                  first_audio_ms=round((reply.first_audio_s - reply.started_s) * 1000, 1) if reply.first_audio_s else None)
         return reply
 
-    def _speak(self, produce: Callable[[_Reply, gevent.queue.Queue], None], log, barge_in: bool = True) -> _Reply:
+    def _speak(self, produce: Callable[[_Reply, gevent.queue.Queue], None], log, barge_in: bool = True,
+               turn_started_s: float | None = None) -> _Reply:
         """Broadcast, in order and as each is ready, the sentences ``produce`` queues (with their
-        pending syntheses); the fallback phrase if nothing is ready by the first-audio deadline."""
-        reply = self._reply = _Reply(barge_in=barge_in)
+        pending syntheses); the fallback phrase if nothing is ready by the first-audio deadline.
+        ``turn_started_s``: this is a turn's answer (metrics)."""
+        previous = self._reply
+        if previous is not None and previous.sent_all:
+            self._count_turn(previous)  # something else speaks now: that answer is over
+        reply = self._reply = _Reply(barge_in=barge_in, turn_started_s=turn_started_s)
         sentences: gevent.queue.Queue = gevent.queue.Queue()
         producer = gevent.spawn(produce, reply, sentences)
         # No dead air: the first audio goes out by LLM_TIMEOUT (+ a margin that lets the LLM
@@ -545,6 +599,9 @@ class ConversationHandler:
                     reply.fallback = reply.fallback or is_fallback
                     if reply.first_path is None:
                         reply.first_path, reply.first_broadcast, reply.first_audio_s = path, text, time.monotonic()
+                        if reply.turn_started_s is not None:
+                            self.services.metrics.turn_first_audio_seconds.observe(
+                                reply.first_audio_s - reply.turn_started_s)
                 if is_fallback:
                     # Sent or refused (-ERR, a call that just went away), the fallback is the
                     # turn's last word: trying it again would loop until the LLM gives up.
@@ -552,37 +609,47 @@ class ConversationHandler:
         finally:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
+            gevent.killall([g for g in reply.waiting_syntheses if not g.dead], block=False)
             self._playback_changed.set()
         return reply
 
-    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, log, reply: _Reply) -> None:
+    def _produce(self, messages: list[Message], sentences: gevent.queue.Queue, log, reply: _Reply,
+                 tools: tuple[ToolSpec, ...] | None = None) -> None:
         """Read the LLM, cut sentences, start each one's synthesis; None at the end. Tool calls
-        the LLM makes are kept in ``reply.tool_calls``."""
+        the LLM makes are kept in ``reply.tool_calls``. ``tools``: offered instead of ``_tools()``
+        (``()``: the LLM must answer in words)."""
         started_s = time.monotonic()
-        splitter = SentenceSplitter()
+        # FIRST_CHUNK=clause: the first chunk may be a clause, heard while the rest of its sentence
+        # is synthesized: two broadcasts, one sentence for MAX_REPLY_SENTENCES.
+        clause = self.services.settings.first_chunk == "clause"
+        splitter = SentenceSplitter(first_clause_min_words=FIRST_CLAUSE_MIN_WORDS if clause else 0)
         max_sentences = self.services.settings.max_reply_sentences
         submitted: list[str] = []
         parts: list[str] = []
+        first_clause: list[gevent.event.AsyncResult] = []  # the first chunk's synthesis, when a clause
 
         def submit(sentence: str) -> bool:
-            """Queue one sentence's synthesis; False once the reply has said enough."""
+            """Queue one chunk's synthesis; False once the reply has said enough sentences."""
             if not submitted:
                 reply.llm_ms = (time.monotonic() - started_s) * 1000
+                self.services.metrics.llm_first_sentence_seconds.observe(reply.llm_ms / 1000)
             submitted.append(sentence)
-            path = self.services.settings.tts_output_dir / f"{self.call_uuid}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
-            pending = self.services.spawn_synthesis(sentence, path)
+            path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
+            pending = self._synthesis_after_first_clause(sentence, path, reply, first_clause)
+            if not submitted[1:] and splitter.first_chunk_is_clause:
+                first_clause.append(pending)
             if not pending.ready():
                 self._pending_syntheses[pending] = None if self.services.cache is not None else path
                 pending.rawlink(lambda done: self._pending_syntheses.pop(done, None))
             reply.queued += 1
             sentences.put((sentence, pending, False))
-            return len(submitted) < max_sentences
+            return len(submitted) - (1 if splitter.first_chunk_is_clause else 0) < max_sentences
 
         def submit_all(new_sentences: list[str]) -> bool:
             return all(submit(sentence) for sentence in new_sentences)
 
         stream = None
-        tools = self._tools()
+        tools = self._tools() if tools is None else tools
         try:
             cut = False
             if self.services.settings.llm_stream:
@@ -605,13 +672,14 @@ class ConversationHandler:
                 parts.append(whole)
                 kept, cut = at_most_sentences(whole, max_sentences)
                 if kept.strip():
-                    submit(kept)  # a batch reply is one broadcast
+                    submit(kept)  # one broadcast, FIRST_CHUNK or not: the LLM's whole wait is paid
             if cut:
                 log.warning("reply_cut", max_reply_sentences=max_sentences)
             # The history holds what the caller is told, not what a runaway model went on to say.
             reply.text = " ".join(submitted) if cut else "".join(parts).strip()
         except LlmError as exc:
             log.error("llm_failed", error=str(exc), error_type=type(exc).__name__, sentences_before=len(submitted))
+            self.services.metrics.note_llm_error(exc)
             if not submitted:
                 reply.queued += 1
                 sentences.put((self.services.settings.fallback_phrase, None, True))
@@ -623,6 +691,22 @@ class ConversationHandler:
                 stream.close()
             reply.llm_done = True
             sentences.put(None)
+
+    def _synthesis_after_first_clause(self, sentence: str, path: Path, reply: _Reply,
+                                      first_clause: list[gevent.event.AsyncResult]) -> gevent.event.AsyncResult:
+        """``sentence``'s synthesis; after a first clause, started once the clause's has landed: beside
+        it, it would take a core from the clause, and it is needed only once the clause has played."""
+        first = first_clause[0] if first_clause else None
+        if first is None or first.ready():
+            return self.services.spawn_synthesis(sentence, path)
+        chained = gevent.event.AsyncResult()
+
+        def after_first() -> None:
+            first.wait()  # its outcome is the first chunk's business, not this one's
+            self.services.spawn_synthesis(sentence, path).rawlink(chained)  # lands when the real one does
+
+        reply.waiting_syntheses.append(gevent.spawn(after_first))
+        return chained
 
     def _wait_synthesis(self, pending: gevent.event.AsyncResult, sentence: str, log, timeout_s: float | None) -> Path | None:
         try:

@@ -26,11 +26,14 @@ from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_w
 from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger
+from ivr_daemon.metrics import DaemonMetrics
+from ivr_daemon.outbound import BadCallRequest, JobWaiters, placeholders
 from ivr_daemon.storage import prepare_output_dir
 from ivr_daemon.tts import start_voice
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
+from ivr_daemon.webhooks import DEFAULT_BACKOFF_BASE_S, WebhookSender
 
 log = get_logger(__name__)
 
@@ -40,10 +43,19 @@ SHUTDOWN_BUDGET_S = 9.0
 SHUTDOWN_EXIT_S = 1.0  # the "exit" command's reply
 SHUTDOWN_CLEANUP_S = 1.0  # calls' clean-up and syntheses still running
 SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S
+# At most this long (within the budget) for webhook events still queued: a dead receiver must
+# not make every shutdown take the whole budget.
+SHUTDOWN_WEBHOOK_FLUSH_S = 2.0
 RESYNC_INTERVAL_S = 60.0
 RESYNC_CONCURRENCY = 16  # uuid_exists questions in flight at once during a resync
 
 # What the daemon subscribes to (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Introduction/Event-System/Event-List_7143557/).
+# No ESL `filter` on top: a filter only lets in what matches one of the filters (it cannot say
+# "not this Speech-Type"), and dropping the partials at the switch would lose what they carry:
+# the silence clock learns from them that the caller is talking (a caller speaking longer than
+# SILENCE_TIMEOUT_S without a final transcript would be re-prompted mid-sentence), and barge-in
+# needs them the moment a broadcast starts, before a per-call `filter Unique-ID` sent through
+# the one writer could take effect. They are dropped in the reader instead (CallHandler.absorb).
 SUBSCRIBED_EVENTS: tuple[str, ...] = (
     "DETECTED_SPEECH",
     "CHANNEL_ANSWER",
@@ -68,30 +80,50 @@ class Daemon:
         self,
         settings: Settings,
         handlers_for: Callable[[EslClient], HandlerFactory],
+        *,
+        metrics: DaemonMetrics | None = None,
         **esl_options,
     ):
         self.settings = settings
+        # Given when the handlers count into it too (build_conversation_daemon); each daemon its own.
+        self.metrics = metrics if metrics is not None else DaemonMetrics()
+        self.started_s = time.monotonic()
+        self._connects = 0
         self.esl = EslClient(
             settings.freeswitch_host,
             settings.freeswitch_port,
             settings.freeswitch_password,
             SUBSCRIBED_EVENTS,
             self._route,
-            on_connected=self.resync,
+            on_connected=self._on_esl_connected,
             **esl_options,
         )
         shard, shards = settings.daemon_shard
         owns = None if shards == 1 else (lambda uuid: shard_of(uuid, shards) == shard)
         self.router = CallRouter(handlers_for(self.esl), on_callless_event=self._on_callless_event, owns=owns,
-                                 log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG")
+                                 log_speech_text=settings.log_transcripts or settings.log_level == "DEBUG",
+                                 on_call_started=lambda _uuid: self.metrics.calls_total.inc())
+        # Read when scraped: the router's table and the connection are the truth, never a copy.
+        self.metrics.calls_active.set_function(lambda: len(self.router.calls))
+        self.metrics.esl_connected.set_function(lambda: 1 if self.esl.connected else 0)
         self.services: TurnServices | None = None  # the default agent's, set by build_conversation_daemon
         self.flow: CallFlowServices | None = None  # every agent's
         self.voices: list[TtsEngine] = []  # the voices build_conversation_daemon started: closed at stop
+        self.webhooks: WebhookSender | None = None  # set by build_conversation_daemon
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
+        self.jobs = JobWaiters()  # BACKGROUND_JOB results by Job-UUID (outbound calls)
+        self.agents: AgentBook | None = None  # set by build_conversation_daemon (POST /calls)
 
     def _route(self, event: EslEvent) -> None:
         self.router.route(event)
+
+    def _on_esl_connected(self) -> None:
+        # Counted here, not in the ESL layer, which knows nothing of metrics.
+        self._connects += 1
+        if self._connects > 1:
+            self.metrics.esl_reconnects_total.inc()
+        self.resync()
 
     def resync(self, after_reconnect: bool = True) -> None:
         """After a (re)connect, and every minute: end the calls FreeSWITCH no longer has.
@@ -135,6 +167,8 @@ class Daemon:
 
     def run(self) -> None:
         """Block until stopped; raises AuthenticationFailed on a wrong password."""
+        if self.webhooks is not None:
+            self.webhooks.start()  # idempotent
         periodic = gevent.spawn(self._resync_every, RESYNC_INTERVAL_S)
         try:
             self.esl.run()
@@ -157,6 +191,8 @@ class Daemon:
         self.esl.stop(send_exit=True)
         if self._greenlet is not None:
             self._greenlet.join(timeout=timeout_s)
+        if self.webhooks is not None:
+            self.webhooks.stop(timeout_s=0.0)
         self.close_voices()
 
     def close_voices(self) -> None:
@@ -197,6 +233,9 @@ class Daemon:
                 log.warning("shutdown_syntheses_abandoned", count=len(running) - len(done))
         if self._greenlet is not None:
             self._greenlet.join(timeout=max(0.0, deadline_s - time.monotonic()))
+        if self.webhooks is not None:
+            # The calls' last events (call.ended) were queued by their clean-up just now.
+            self.webhooks.stop(timeout_s=max(0.0, min(SHUTDOWN_WEBHOOK_FLUSH_S, deadline_s - time.monotonic())))
         self.close_voices()
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
@@ -206,6 +245,8 @@ class Daemon:
         return [self.services] if self.services is not None else []
 
     def _on_callless_event(self, event: EslEvent) -> None:
+        if self.jobs.on_event(event):
+            return  # a bgapi's result (POST /calls): handed to whoever waits on it
         log.debug("esl_event", event_name=event.name, event_sequence=event.sequence)
 
 
@@ -217,6 +258,7 @@ def build_conversation_daemon(
     on_turn: Callable[[TurnResult], None] | None = None,
     synth_threads: int | None = None,
     agents: AgentBook | None = None,
+    webhook_backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
     **esl_options,
 ) -> Daemon:
     """The daemon ``ivr-daemon run`` runs: every agent's LLM and voice loaded once, and its
@@ -231,6 +273,9 @@ def build_conversation_daemon(
     agents = agents or load_agents(settings)
     cache = (PhraseCache.for_output_dir(settings.tts_output_dir, settings.tts_cache_max_mb * 1024 * 1024)
              if settings.tts_cache_max_mb > 0 else None)
+    metrics = DaemonMetrics()  # one for the daemon and every agent's turns
+    if cache is not None:
+        metrics.watch_cache(cache.stats)
     # Synthesis is CPU-bound: native threads, as many as cores, never the gevent loop.
     pool = gevent.threadpool.ThreadPool(synth_threads or max(1, os.cpu_count() or 1))
     in_flight: set = set()  # one set for all agents: shutdown waits for every synthesis
@@ -249,7 +294,7 @@ def build_conversation_daemon(
             pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, engine)
             try:
                 fallback_wav = prepare_fallback_wav(pinned, agent_settings)
-                for phrase in agent_phrases(agent_settings):
+                for phrase in agent_phrases(agent_settings, has_tools=bool(agent.tools)):
                     pinned.prepare(phrase)
             except TtsError as exc:
                 raise TtsModelUnavailable(f"agent {name}{_where(agents)}: {exc}") from exc
@@ -262,30 +307,48 @@ def build_conversation_daemon(
     def handlers_for(esl: EslClient) -> HandlerFactory:
         by_agent = {
             name: TurnServices(agent.settings, client, engine, esl.send, pool, fallback_wav, on_turn, cache,
-                               wait_connected=esl.wait_connected, pinned=pinned, agent=agent, in_flight=in_flight)
+                               wait_connected=esl.wait_connected, pinned=pinned, agent=agent, in_flight=in_flight,
+                               metrics=metrics)
             for name, (agent, client, engine, pinned, fallback_wav) in prepared.items()
         }
-        flow = CallFlowServices(by_agent, agents.default_name)
+        flow = CallFlowServices(by_agent, agents.default_name, webhooks=webhooks)
         made.append(flow)
         return call_flow_factory(flow)
 
     made: list[CallFlowServices] = []
+    # One sender for every agent (each names its own URL); the secret and the queue are global.
+    webhooks = WebhookSender(settings.webhook_secret, metrics, queue_max=settings.webhook_queue_max,
+                             timeout_s=settings.webhook_timeout_s, backoff_base_s=webhook_backoff_base_s) \
+        if any(agent.settings.webhook_url for agent in agents.agents.values()) else None
     default = agents.default
     log.info("daemon_ready", agents=list(agents.agents), default_agent=agents.default_name,
              llm_provider=default.settings.llm_provider, llm_api_url=default.settings.llm_api_url,
              tts_engine=prepared[agents.default_name][2].name, tts_voice=prepared[agents.default_name][2].voice_id,
              shard="/".join(map(str, settings.daemon_shard)))
-    daemon = Daemon(settings, handlers_for, **esl_options)
+    daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)
     daemon.voices = list(engines.values())
     daemon.flow = made[0]
+    daemon.agents = agents
+    daemon.webhooks = webhooks
     daemon.services = made[0].by_agent[agents.default_name]
     return daemon
 
 
-def agent_phrases(settings: Settings) -> list[str]:
-    """The phrases of an agent that must play at once: pinned at start-up."""
-    return [p for p in (settings.greeting, settings.reprompt_phrase, settings.goodbye_phrase,
-                        settings.transfer_phrase) if p]
+def agent_phrases(settings: Settings, has_tools: bool = False) -> list[str]:
+    """The phrases of an agent that must play at once: pinned at start-up (the tool filler
+    only for an agent with HTTP tools)."""
+    filler = settings.tool_filler_phrase if has_tools else ""
+    # A greeting with {placeholders} differs per call: synthesized per call (call_flow point 8).
+    greeting = settings.greeting if settings.greeting and not _has_placeholders(settings.greeting) else ""
+    return [p for p in (greeting, settings.reprompt_phrase, settings.goodbye_phrase,
+                        settings.transfer_phrase, filler) if p]
+
+
+def _has_placeholders(text: str) -> bool:
+    try:
+        return bool(placeholders(text))
+    except BadCallRequest:
+        return True  # not a plain text either: never pinned as if it were
 
 
 def _voice_key(settings: Settings) -> tuple:

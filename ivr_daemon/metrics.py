@@ -9,14 +9,24 @@ Names follow Prometheus conventions: ``_total`` counters, ``_seconds`` histogram
 
 from __future__ import annotations
 
+import time
+from typing import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from ivr_daemon.llm.base import LlmError, LlmTimeout, LlmUnavailable
+from ivr_daemon.tts.cache import CacheStats
 
 # Telephone latencies: a caller notices 300 ms; anything past 5 s is a failure anyway.
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 TURN_OUTCOMES = ("answered", "fallback", "interrupted")
-LLM_ERROR_KINDS = ("timeout", "connection", "http", "bad_reply", "other")
+LLM_ERROR_KINDS = ("timeout", "connection", "http", "bad_reply")
+# Why the daemon ended a call with its goodbye (call_flow's reasons).
+HANGUP_REASONS = ("llm_end_call", "goodbye_words", "dtmf", "silence")
 
 
 class DaemonMetrics:
@@ -25,37 +35,95 @@ class DaemonMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Calls are channels: every Unique-ID of the daemon's shard it gets events of.
         self.calls_active = Gauge("ivr_calls_active", "Calls the daemon is tracking now.", registry=r)
         self.calls_total = Counter("ivr_calls_total", "Calls the daemon has started tracking.", registry=r)
-        self.turns_total = Counter("ivr_turns_total", "Finished turns, by how they ended.", ["outcome"], registry=r)
+        self.turns_total = Counter(
+            "ivr_turns_total", "Turns whose answer is over (played, cut by the caller, or the call ended), "
+            "by how they ended.", ["outcome"], registry=r)
         self.turn_first_audio_seconds = Histogram(
-            "ivr_turn_first_audio_seconds", "Final transcript to the first uuid_broadcast of the answer.",
+            "ivr_turn_first_audio_seconds", "Turn start (final transcript) to the first uuid_broadcast of the answer.",
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.llm_first_sentence_seconds = Histogram(
             "ivr_llm_first_sentence_seconds",
             "LLM request to its first complete sentence (streaming) or whole reply (batch).",
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.tts_synthesis_seconds = Histogram(
-            "ivr_tts_synthesis_seconds", "One synthesis (cache misses only), on a worker thread.",
+            "ivr_tts_synthesis_seconds", "One synthesis (a cache miss or a per-call WAV), on a worker thread.",
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.barge_ins_total = Counter("ivr_barge_ins_total", "Answers the caller interrupted.", registry=r)
         self.esl_reconnects_total = Counter(
             "ivr_esl_reconnects_total", "Event socket connections made after the first one.", registry=r)
-        self.tts_cache_hits_total = Counter(
-            "ivr_tts_cache_hits_total", "Sentences served from the phrase cache.", registry=r)
-        self.tts_cache_misses_total = Counter(
-            "ivr_tts_cache_misses_total", "Sentences the phrase cache had to synthesize.", registry=r)
+        self.esl_connected = Gauge("ivr_esl_connected", "1 while the event socket is up and subscribed.", registry=r)
+        # The phrase cache keeps its own counts (from any thread, under its native lock): they
+        # are read at scrape time, never kept twice.
+        self._cache_stats: Callable[[], CacheStats] | None = None
+        r.register(_CacheCollector(self))
         self.llm_errors_total = Counter(
             "ivr_llm_errors_total", "LLM requests that failed, by kind.", ["kind"], registry=r)
+        self.transfers_total = Counter(
+            "ivr_transfers_total", "Calls transferred (uuid_transfer answered).", registry=r)
+        self.transfers_refused_total = Counter(
+            "ivr_transfers_refused_total", "Transfers refused: a target not in the agent's allowlist.", registry=r)
+        self.hangups_by_ivr_total = Counter(
+            "ivr_hangups_by_ivr_total", "Calls the daemon hung up after its goodbye, by reason.", ["reason"],
+            registry=r)
+        self.webhooks_delivered_total = Counter(
+            "ivr_webhooks_delivered_total", "Call-event webhooks the receiver accepted (2xx).", registry=r)
+        self.webhooks_failed_total = Counter(
+            "ivr_webhooks_failed_total", "Call-event webhooks given up: a 4xx, or every attempt failed.", registry=r)
+        self.webhooks_dropped_total = Counter(
+            "ivr_webhooks_dropped_total", "Call-event webhooks dropped unsent: the queue was full (oldest first).",
+            registry=r)
         # Known label values show as 0 from the start: a dashboard's rate() needs the series.
         for outcome in TURN_OUTCOMES:
             self.turns_total.labels(outcome=outcome)
         for kind in LLM_ERROR_KINDS:
             self.llm_errors_total.labels(kind=kind)
+        for reason in HANGUP_REASONS:
+            self.hangups_by_ivr_total.labels(reason=reason)
+        # For GET /health: what went wrong last, so an administrator sees it without the logs.
+        self.last_llm_error: dict[str, object] | None = None
+
+    def watch_cache(self, stats: Callable[[], CacheStats]) -> None:
+        """Expose the phrase cache's hit and miss counts (``PhraseCache.stats``)."""
+        self._cache_stats = stats
+
+    def note_llm_error(self, exc: LlmError) -> None:
+        """Count an LLM failure by kind and keep it as the last one."""
+        kind = llm_error_kind(exc)
+        self.llm_errors_total.labels(kind=kind).inc()
+        self.last_llm_error = {"kind": kind, "error": str(exc), "at_unix_s": round(time.time(), 3)}
 
     def exposition(self) -> tuple[bytes, str]:
         """The text ``GET /metrics`` answers with, and its Content-Type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-__all__ = ["DaemonMetrics", "LATENCY_BUCKETS_S", "LLM_ERROR_KINDS", "TURN_OUTCOMES"]
+class _CacheCollector(Collector):
+    """ivr_tts_cache_hits_total and ivr_tts_cache_misses_total, read from the cache when scraped
+    (0 without a cache: TTS_CACHE_MAX_MB=0)."""
+
+    def __init__(self, metrics: DaemonMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._metrics._cache_stats
+        stats = source() if source is not None else None
+        yield CounterMetricFamily("ivr_tts_cache_hits_total", "Sentences served from the phrase cache.",
+                                  value=stats.hits if stats else 0)
+        yield CounterMetricFamily("ivr_tts_cache_misses_total", "Sentences the phrase cache had to synthesize.",
+                                  value=stats.misses if stats else 0)
+
+
+def llm_error_kind(exc: LlmError) -> str:
+    """timeout | connection (no answer at all) | http (an error status) | bad_reply."""
+    if isinstance(exc, LlmTimeout):
+        return "timeout"
+    if isinstance(exc, LlmUnavailable):
+        return "http" if exc.status is not None else "connection"
+    return "bad_reply"
+
+
+__all__ = ["DaemonMetrics", "HANGUP_REASONS", "LATENCY_BUCKETS_S", "LLM_ERROR_KINDS", "TURN_OUTCOMES",
+           "llm_error_kind"]

@@ -17,6 +17,15 @@ Rules, in order of precedence:
   never waits for a run-on: at the last comma (``;``, ``:``, dash) in the second half of the
   limit, else at the last space, else at the limit.
 
+The first chunk of a reply may be a clause (``first_clause_min_words`` > 0), so that TTS can
+start on a few words while the LLM (or TTS) is still on the rest of the first sentence: the
+first sentence is cut after its first clause boundary (``,`` ``;`` ``:`` or a dash, followed by
+whitespace and more words on the same line) that has at least ``first_clause_min_words`` words
+before it and is no later than word ``first_chunk_max_words``; with no such boundary, a first
+sentence of at least ``first_chunk_max_words + first_clause_min_words`` words is cut after word
+``first_chunk_max_words`` (the rest is never a word or two said alone). Numbers are safe:
+"1,000" and "3:30" have no whitespace after the mark. Later chunks are whole sentences.
+
 A sentence is emitted only once the text that decides it has arrived (a delta ending in
 "Dr." or "3." or "Hi. " waits for the next one), so feeding a text in any pieces gives the
 same sentences as :func:`split_sentences` on the whole. Sentences are stripped; those without
@@ -29,11 +38,18 @@ import re
 
 DEFAULT_SOFT_LIMIT_CHARS = 200
 MIN_SOFT_LIMIT_CHARS = 20
+# The first chunk: a clause of at least this many words, or at most FIRST_CHUNK_MAX_WORDS words.
+# Four words is about 0.3 s of speech: short enough to come out fast, long enough to sound
+# like a phrase rather than a stray word.
+FIRST_CLAUSE_MIN_WORDS = 4
+FIRST_CHUNK_MAX_WORDS = 12
 
 _TERMINATORS = frozenset(".!?…")
 _CLOSERS = frozenset("\"'”’»)]}*")
 _OPENERS = "\"'“‘«([{*"
 _SOFT_BREAKS = frozenset(",;:—–")
+# A lone hyphen between spaces ("yes - but") is a dash too.
+_DASH_WORDS = frozenset({"-", "--", "—", "–"})
 # Followed by a name or an example, never by the end of a sentence.
 _ALWAYS_CONTINUE = frozenset({
     "dr", "mr", "mrs", "ms", "mx", "prof", "sr", "jr", "st", "mt", "vs", "e.g", "i.e", "cf", "approx", "fig",
@@ -47,14 +63,24 @@ _TIMES_OF_DAY = frozenset({"a.m", "p.m"})
 class SentenceSplitter:
     """One reply's sentences: ``feed`` each delta, ``flush`` at the end of the stream; pure, no I/O.
 
-    ``flush`` leaves the splitter empty, ready for the next reply.
+    ``flush`` leaves the splitter empty, ready for the next reply. ``first_clause_min_words``
+    0 (the default) keeps every chunk a whole sentence; > 0 lets the first chunk be a clause
+    (see the module's doc); ``first_chunk_is_clause`` then says whether it was.
     """
 
-    def __init__(self, soft_limit_chars: int = DEFAULT_SOFT_LIMIT_CHARS):
+    def __init__(self, soft_limit_chars: int = DEFAULT_SOFT_LIMIT_CHARS, first_clause_min_words: int = 0,
+                 first_chunk_max_words: int = FIRST_CHUNK_MAX_WORDS):
         if soft_limit_chars < MIN_SOFT_LIMIT_CHARS:
             raise ValueError(f"soft_limit_chars must be at least {MIN_SOFT_LIMIT_CHARS}, got {soft_limit_chars}")
+        if first_clause_min_words < 0 or (first_clause_min_words and first_chunk_max_words < first_clause_min_words):
+            raise ValueError(f"need 0 <= first_clause_min_words <= first_chunk_max_words, got "
+                             f"{first_clause_min_words} and {first_chunk_max_words}")
         self.soft_limit_chars = soft_limit_chars
+        self.first_clause_min_words = first_clause_min_words
+        self.first_chunk_max_words = first_chunk_max_words
         self._pending = ""
+        self._emitted = False  # a chunk of this reply has been given out: no more clause cuts
+        self.first_chunk_is_clause = False  # the first chunk ended inside its sentence
 
     def feed(self, delta: str) -> list[str]:
         """The sentences that ``delta`` completed, oldest first (often none)."""
@@ -65,6 +91,7 @@ class SentenceSplitter:
         """The rest, at the end of the stream: text after the last full stop is a sentence too."""
         sentences = self._take(final=True)
         self._pending = ""
+        self._emitted = False
         return sentences
 
     def _take(self, final: bool) -> list[str]:
@@ -72,10 +99,19 @@ class SentenceSplitter:
         while True:
             self._pending = self._pending.lstrip()
             cut = self._first_cut(self._pending, final)
+            clause = False
+            if not self._emitted and self.first_clause_min_words:
+                clause_cut = _first_clause_cut(self._pending, cut, self.first_clause_min_words,
+                                               self.first_chunk_max_words)
+                if clause_cut is not None:
+                    cut, clause = clause_cut, True
             if cut is None:
                 return sentences
             sentence, self._pending = self._pending[:cut].strip(), self._pending[cut:]
             if any(char.isalnum() for char in sentence):
+                if not self._emitted:
+                    self.first_chunk_is_clause = clause
+                self._emitted = True
                 sentences.append(sentence)
 
     def _first_cut(self, text: str, final: bool) -> int | None:
@@ -139,6 +175,54 @@ def _ends_sentence(text: str, marks_start: int, marks_end: int, end: int, final:
     if next_index == len(text):
         return True if final else None
     return not text[next_index].islower()
+
+
+def _first_clause_cut(text: str, sentence_cut: int | None, min_words: int, max_words: int) -> int | None:
+    """Where to cut the first sentence of ``text`` early (the first chunk), or None: not (yet).
+
+    ``sentence_cut``: where the first sentence ends (None: it has not ended yet, and all of
+    ``text`` belongs to it, except maybe a last word that a next delta may still extend).
+    Only words followed by whitespace count: a word still arriving may be "1,000" or "Mr.".
+    """
+    region = text if sentence_cut is None else text[:sentence_cut]
+    words = 0  # words with a letter or digit so far
+    index, length = 0, len(region)
+    limit_end = None  # where word max_words ends
+    while index < length:
+        while index < length and region[index].isspace():
+            index += 1
+        start = index
+        while index < length and not region[index].isspace():
+            index += 1
+        if index == start or (index == length and sentence_cut is None):
+            break  # no word, or one that may go on in the next delta
+        word = region[start:index]
+        if any(char.isalnum() for char in word):
+            words += 1
+        if min_words <= words <= max_words and _ends_clause(word) and _more_on_line(region, index):
+            return index
+        if words == max_words and limit_end is None:
+            limit_end = index
+        if words >= max_words + min_words:
+            return limit_end
+    return None
+
+
+def _ends_clause(word: str) -> bool:
+    """A word that closes a clause: ends in a comma, semicolon, colon or dash (before closing quotes), or is a dash."""
+    if word in _DASH_WORDS:
+        return True
+    stripped = word.rstrip("".join(_CLOSERS))
+    return bool(stripped) and stripped[-1] in _SOFT_BREAKS and len(stripped) > 1
+
+
+def _more_on_line(text: str, index: int) -> bool:
+    """Whether a word follows ``text[index]`` on the same line (what comes after a clause mark)."""
+    while index < len(text) and text[index].isspace():
+        if text[index] == "\n":
+            return False
+        index += 1
+    return index < len(text) and any(char.isalnum() for char in text[index:index + 40].split(None, 1)[0])
 
 
 def _word_before(text: str, index: int) -> str:

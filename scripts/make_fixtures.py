@@ -3,14 +3,18 @@
 
 The events come from the simulator, which builds them from real FreeSWITCH captures; the
 LLM is the real SmolLM2 on llama.cpp's server (its replies are stored in the fixtures, so
-replays need no LLM). Run from the repository root: .venv/bin/python scripts/make_fixtures.py
-[NAME ...] (the names of the fixtures to re-record; none: all).
+replays need no LLM). SmolLM2-135M cannot call tools, so the two LLM-transfer fixtures are
+recorded against tests/llm_fakes.py's FakeLlmServer (real HTTP, OpenAI's wire format) scripted
+to call transfer_call; their comment lines say so. Run from the repository root:
+.venv/bin/python scripts/make_fixtures.py [NAME ...] (the names of the fixtures to re-record;
+none: all).
 """
 
 from gevent import monkey
 
 monkey.patch_all()
 
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -20,8 +24,13 @@ from pathlib import Path  # noqa: E402
 from ivr_daemon.localllm import LlamaCppServer, find_or_fetch_smollm2, pick_free_port  # noqa: E402
 from ivr_daemon.replay.recorder import record_scripted_calls  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+CACHE = ROOT / ".cache" / "models"
+TRANSFER_AGENTS = FIXTURES / "llm_transfer.agents.toml"  # reception: sales and support
+
+sys.path.insert(0, str(ROOT / "tests"))
+from llm_fakes import FakeLlmServer, FakeReply, FakeToolCall  # noqa: E402
 
 
 def broadcasts(sim, call):
@@ -137,6 +146,41 @@ def goodbye_words(sim):
     sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_kill {call} "), 60)
 
 
+def llm_transfer_allowed(sim):
+    call = sim.new_call(caller_id_number="5551013", variables={"ivr_agent": "reception"})
+    hear_answer(sim, call, 0)  # the greeting
+    sim.speak(call, "can I talk to someone in sales")
+    sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_transfer {call} "), 60)
+    sim.hangup(call)
+
+
+def llm_transfer_refused(sim):
+    call = sim.new_call(caller_id_number="5551014", variables={"ivr_agent": "reception"})
+    hear_answer(sim, call, 0)  # the greeting
+    ask(sim, call, "put me through to billing please")
+    # The greeting, "One moment.", then the two sentences of the LLM's answer to the refusal.
+    assert len(broadcasts(sim, call)) == 4, broadcasts(sim, call)
+    assert not [c for c in sim.commands if c.line.startswith(f"api uuid_transfer {call} ")]
+    sim.hangup(call)
+
+
+def scripted_transfer_llm(target: str, first_words: str):
+    """The fake model's script: ``first_words`` + transfer_call(target); told it is refused, an apology."""
+    def reply(request: dict) -> FakeReply:
+        if request["messages"][-1]["role"] == "tool":
+            return FakeReply("Sorry, I cannot put you through to billing. I can transfer you to sales or support.")
+        return FakeReply(first_words, [FakeToolCall("transfer_call", {"target": target})])
+
+    return FakeLlmServer("openai", replies=reply)
+
+
+SCRIPTED_LLM_COMMENTS = [
+    "The LLM here is tests/llm_fakes.py's FakeLlmServer (real HTTP, OpenAI's streamed wire format),",
+    "scripted to call transfer_call: SmolLM2-135M cannot call tools reliably. Everything else is the",
+    "real daemon on the simulator, recorded by scripts/make_fixtures.py.",
+]
+
+
 MALFORMED = [
     b"Content-Length: 12x\nContent-Type: text/event-plain\n\n",          # a length that is not a number
     b"Content-Length: 5\n\nhello",                                        # no Content-Type
@@ -157,35 +201,54 @@ def malformed_frames(sim):
 
 def main() -> int:
     FIXTURES.mkdir(parents=True, exist_ok=True)
-    base = {"TTS_ENGINE": "null", "LLM_PROVIDER": "openai", "LLM_MODEL": "smollm2", "LLM_TIMEOUT": "60"}
-    with LlamaCppServer(find_or_fetch_smollm2(CACHE)) as llm:
-        good = {**base, "LLM_API_URL": llm.chat_completions_url}
-        down = {**base, "LLM_API_URL": f"http://127.0.0.1:{pick_free_port()}/v1/chat/completions", "LLM_TIMEOUT": "2"}
-        # Recorded before the call flow existed (their @env says so); re-recorded, they would greet.
-        no_call_flow = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
-        call_flow = {"SILENCE_TIMEOUT_S": "0", "OPERATOR_DESTINATION": "1000 XML default"}
-        scenarios = [
-            ("greeting", greeting, {**good, **call_flow}, 1),
-            ("silence_goodbye", silence_goodbye, {**good, "SILENCE_TIMEOUT_S": "1", "MAX_REPROMPTS": "2"}, 1),
-            ("dtmf_transfer", dtmf_transfer, {**good, **call_flow}, 1),
-            ("goodbye_words", goodbye_words, {**good, **call_flow}, 1),
-            ("one_question", one_question, good, 1),
-            ("three_turns_history", three_turns, good, 1),
-            ("hangup_mid_reply", hangup_mid_reply, good, 1),
-            ("two_calls_interleaved", two_calls_interleaved, good, 2),
-            ("llm_failure_fallback", llm_failure, down, 1),
-            ("malformed_frames", malformed_frames, good, 1),
-            ("barge_in", barge_in, good, 1),
-        ]
-        only = set(sys.argv[1:])  # names to re-record; none: all
-        for name, scenario, env, calls in scenarios:
+    # SmolLM2 on llama.cpp's server calls no tools (and the older fixtures were recorded without
+    # them: goodbye_words is about the words, not end_call): it is offered none.
+    base = {"TTS_ENGINE": "null", "LLM_PROVIDER": "openai", "LLM_MODEL": "smollm2", "LLM_TIMEOUT": "60",
+            "LLM_TOOLS": "false"}
+    # Recorded before the call flow existed (their @env says so); re-recorded, they would greet.
+    no_call_flow = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
+    call_flow = {"SILENCE_TIMEOUT_S": "0", "OPERATOR_DESTINATION": "1000 XML default"}
+    transfers = {"SILENCE_TIMEOUT_S": "0", "AGENTS_FILE": str(TRANSFER_AGENTS)}
+    # name, callers, settings, calls, the LLM: "smollm2", "down" or a FakeLlmServer's maker.
+    scenarios = [
+        ("greeting", greeting, call_flow, 1, "smollm2"),
+        ("silence_goodbye", silence_goodbye, {"SILENCE_TIMEOUT_S": "1", "MAX_REPROMPTS": "2"}, 1, "smollm2"),
+        ("dtmf_transfer", dtmf_transfer, call_flow, 1, "smollm2"),
+        ("goodbye_words", goodbye_words, call_flow, 1, "smollm2"),
+        ("one_question", one_question, no_call_flow, 1, "smollm2"),
+        ("three_turns_history", three_turns, no_call_flow, 1, "smollm2"),
+        ("hangup_mid_reply", hangup_mid_reply, no_call_flow, 1, "smollm2"),
+        ("two_calls_interleaved", two_calls_interleaved, no_call_flow, 2, "smollm2"),
+        ("llm_failure_fallback", llm_failure, no_call_flow, 1, "down"),
+        ("malformed_frames", malformed_frames, no_call_flow, 1, "smollm2"),
+        ("barge_in", barge_in, no_call_flow, 1, "smollm2"),
+        ("llm_transfer_allowed", llm_transfer_allowed, transfers, 1,
+         lambda: scripted_transfer_llm("sales", "Let me put you through to sales.")),
+        ("llm_transfer_refused", llm_transfer_refused, transfers, 1,
+         lambda: scripted_transfer_llm("billing", "One moment.")),
+    ]
+    only = set(sys.argv[1:])  # names to re-record; none: all
+    with contextlib.ExitStack() as stack:
+        smollm2_url = None
+        for name, scenario, settings, calls, llm in scenarios:
             if only and name not in only:
                 continue
-            if name not in ("greeting", "silence_goodbye", "dtmf_transfer", "goodbye_words"):
-                env = {**env, **no_call_flow}
+            comments = []
+            if llm == "smollm2":
+                if smollm2_url is None:  # started on first use: the scripted-LLM scenarios need no model
+                    smollm2_url = stack.enter_context(LlamaCppServer(find_or_fetch_smollm2(CACHE))).chat_completions_url
+                env = {**base, "LLM_API_URL": smollm2_url}
+            elif llm == "down":
+                env = {**base, "LLM_API_URL": f"http://127.0.0.1:{pick_free_port()}/v1/chat/completions",
+                       "LLM_TIMEOUT": "2"}
+            else:
+                fake = stack.enter_context(llm())
+                env = {**base, "LLM_API_URL": fake.url, "LLM_MODEL": "scripted-fake", "LLM_TOOLS": "true"}
+                comments = SCRIPTED_LLM_COMMENTS
             out = FIXTURES / f"{name}.esl"
             # WAVs play 5x faster than real time: the flow is the same, the recording shorter.
-            print(record_scripted_calls(out, scenario, env, calls, playback_speed=0.2).strip().splitlines()[-1])
+            print(record_scripted_calls(out, scenario, {**env, **settings}, calls, playback_speed=0.2,
+                                        comments=comments).strip().splitlines()[-1])
     return 0
 
 

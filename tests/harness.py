@@ -117,3 +117,17 @@ def captured_event(capture_name: str, body: str | None = None, transform=None, *
     replace = {key.replace("_", "-"): value for key, value in replace.items()}
     headers = [(k, replace[k] if k in replace else transform(k, v) if transform else v) for k, v in pairs]
     return build_plain_event([(k, v) for k, v in headers if v is not None], body)
+
+
+@contextlib.contextmanager
+def http_server(daemon: Daemon, **kwargs):
+    """The daemon's HTTP server on a free port of 127.0.0.1 (``.url``), as ``ivr-daemon run`` starts it."""
+    from ivr_daemon.http import HttpServer
+
+    server = HttpServer(daemon, daemon.settings, port=0, **kwargs)
+    server.bind()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

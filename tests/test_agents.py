@@ -33,7 +33,8 @@ def test_no_operator_no_default_dtmf():
 
 
 def test_the_shipped_example_loads(tmp_path):
-    book = load_agents(load_settings(environ={"AGENTS_FILE": str(ROOT / "agents.example.toml")}))
+    book = load_agents(load_settings(environ={"AGENTS_FILE": str(ROOT / "agents.example.toml")}),
+                       environ={"CRM_TOKEN": "example-token"})
     assert set(book.agents) == {"reception", "sales"} and book.default_name == "reception"
     reception, sales = book.agents["reception"], book.agents["sales"]
     assert reception.settings.tts_engine == "piper" and reception.settings.silence_timeout_s == 8
@@ -44,6 +45,10 @@ def test_the_shipped_example_loads(tmp_path):
     assert sales.transfer_targets["order_desk"] == TransferTarget("order_desk", "2100", "XML", "default")
     # What an agent does not set comes from the environment, not from another agent.
     assert sales.settings.tts_engine == "coqui"
+    (tool,) = sales.tools
+    assert (tool.name, tool.method, tool.timeout_s) == ("order_status", "POST", 5.0)
+    assert tool.headers == {"Authorization": "Bearer example-token"} and reception.tools == ()
+    assert sales.settings.tool_filler_phrase == "One moment, let me check." and sales.settings.max_tool_calls == 3
 
 
 def test_agent_values_override_only_their_keys(tmp_path):
@@ -87,3 +92,10 @@ def test_a_missing_agents_file_is_a_config_error(tmp_path):
 def test_operator_destination_must_be_plain_words():
     with pytest.raises(ConfigError, match="OPERATOR_DESTINATION"):
         load_settings(environ={"OPERATOR_DESTINATION": "1000 XML default\napi hupall"})
+
+
+def test_an_agent_may_speak_whole_sentences_only(tmp_path):
+    book = agents_from(tmp_path, '[agents.a]\n[agents.b]\nfirst_chunk = "sentence"\n')
+    assert book.agents["a"].settings.first_chunk == "clause" and book.agents["b"].settings.first_chunk == "sentence"
+    with pytest.raises(ConfigError, match=r"\[agents.c\]: first_chunk: must be one of clause \| sentence"):
+        agents_from(tmp_path, '[agents.c]\nfirst_chunk = "word"\n')

@@ -115,3 +115,53 @@ def test_dedup_memory_is_bounded():
     for seq in range(1000):
         router.dedup.is_duplicate(event(A, "DETECTED_SPEECH", seq))
     assert len(router.dedup) == 100
+
+
+class Absorbing(Recorder):
+    """Absorbs the partials it is told to (as a call with nothing playing does)."""
+
+    def __init__(self, uuid, log, seen, absorb_bodies=(), fail=False):
+        super().__init__(uuid, log, seen)
+        self.absorb_bodies, self.fail = set(absorb_bodies), fail
+        self.absorbed = []
+
+    def absorb(self, ev):
+        if self.fail:
+            raise RuntimeError("absorb bug")
+        if ev.body in self.absorb_bodies:
+            self.absorbed.append(ev.sequence)
+            return True
+        return False
+
+
+def test_absorbed_events_skip_dedup_interrupt_and_queue_and_their_copies_stay_copies():
+    seen, handlers = [], {}
+
+    def factory(uuid, log):
+        handlers[uuid] = Absorbing(uuid, log, seen, absorb_bodies={"idle"})
+        return handlers[uuid]
+
+    router = CallRouter(factory)
+    router.route(event(A, "CHANNEL_ANSWER", 1))  # the call exists: later events may be absorbed
+    for seq in (2, 2, 3):
+        router.route(event(A, "DETECTED_SPEECH", seq, body="idle"))
+    assert handlers[A].absorbed == [2, 2, 3] and router.events_absorbed == 3
+    assert handlers[A].interrupted == ["CHANNEL_ANSWER"] and len(router.dedup) == 1
+    # The copy of an absorbed event, arriving when it is no longer absorbed, is still a copy.
+    router.route(event(A, "DETECTED_SPEECH", 3, body="playing"))
+    router.route(event(A, "DETECTED_SPEECH", 4, body="playing"))
+    router.route(event(A, "CHANNEL_HANGUP_COMPLETE", 5))
+    assert router.join(5)
+    assert seen == [(A, 1), (A, 4), (A, 5), (A, "closed")]
+    assert router.dedup.dropped == 1 and router.events_routed == 3
+
+
+def test_a_failing_absorb_is_logged_and_the_event_goes_the_normal_way(caplog):
+    seen = []
+    router = CallRouter(lambda uuid, log: Absorbing(uuid, log, seen, fail=True))
+    router.route(event(A, "CHANNEL_ANSWER", 1))
+    router.route(event(A, "DETECTED_SPEECH", 2, body="hello"))
+    router.route(event(A, "CHANNEL_HANGUP_COMPLETE", 3))
+    assert router.join(5)
+    assert seen == [(A, 1), (A, 2), (A, 3), (A, "closed")]
+    assert any("call_absorb_failed" in str(r.msg) for r in caplog.records)

@@ -64,6 +64,11 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path):
         ("TTS_WORKER_PRIORITY", "20", "niceness from 0 to 19, or idle"),
         ("TTS_WORKER_PRIORITY", "-5", "niceness from 0 to 19, or idle"),
         ("TTS_WORKER_PRIORITY", "lowest", "niceness from 0 to 19, or idle"),
+        ("ASR_ENGINE", "whisper", "vosk | pocketsphinx"),
+        ("VOSK_MODEL_PATH", "/nonexistent/vosk-model", "not a directory: /nonexistent/vosk-model"),
+        ("ASR_SAMPLE_RATE", "4000", "between 8000 and 48000"),
+        ("ASR_PORT", "70000", "between"),
+        ("ASR_HOST", "two words", "not a host"),
     ],
 )
 def test_bad_values_name_the_variable(variable, value, words):
@@ -76,6 +81,18 @@ def test_bad_values_name_the_variable(variable, value, words):
 @pytest.mark.parametrize("value, parsed", [("idle", "idle"), (" IDLE ", "idle"), ("0", "0"), ("07", "7"), ("19", "19")])
 def test_tts_worker_priority_is_idle_or_a_niceness(value, parsed):
     assert load_settings(environ={"TTS_WORKER_PRIORITY": value}).tts_worker_priority == parsed
+
+
+def test_the_asr_engine_follows_vosk_model_path_unless_named(tmp_path):
+    assert load_settings(environ={}).asr_engine == "pocketsphinx"
+    with_model = load_settings(environ={"VOSK_MODEL_PATH": str(tmp_path)})
+    assert (with_model.asr_engine, with_model.vosk_model_path) == ("vosk", str(tmp_path))
+    assert load_settings(environ={"VOSK_MODEL_PATH": str(tmp_path), "ASR_ENGINE": "pocketsphinx"}).asr_engine == "pocketsphinx"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"ASR_ENGINE": "vosk"})
+    assert caught.value.variable == "VOSK_MODEL_PATH" and "alphacephei.com/vosk/models" in str(caught.value)
+    defaults = load_settings(environ={})
+    assert (defaults.asr_host, defaults.asr_port, defaults.asr_sample_rate_hz) == ("127.0.0.1", 2700, 8000)
 
 
 def test_coqui_paths_go_together(tmp_path):
@@ -135,8 +152,8 @@ def test_run_refuses_an_output_dir_others_can_write_with_exit_2(tmp_path):
     unsafe = tmp_path / "tts"
     unsafe.mkdir()
     unsafe.chmod(0o777)  # anyone could plant a WAV under a name anyone can compute
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_"))}
-    env.update({"TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(unsafe)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "HTTP_"))}
+    env.update({"TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(unsafe), "HTTP_PORT": "0"})
     result = subprocess.run([sys.executable, "-m", "ivr_daemon", "--env-file", str(tmp_path / "none.env"), "run"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

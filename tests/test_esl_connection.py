@@ -134,9 +134,10 @@ def test_malformed_frames_are_logged_and_skipped_and_the_connection_lives_on(cap
 
 
 def _daemon_env(sim, tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_"))}
     env.update({"FREESWITCH_PORT": str(sim.port), "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(tmp_path / "tts"),
-                "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "GREETING": "", "SILENCE_TIMEOUT_S": "0"})
+                "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "GREETING": "", "SILENCE_TIMEOUT_S": "0",
+                "HTTP_PORT": "0"})
     env.update(extra)
     return env
 

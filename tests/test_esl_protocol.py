@@ -413,6 +413,8 @@ GOOD = (CAPTURES / "40_event_plain_DETECTED_SPEECH_detected-speech.txt").read_by
         (b"Content-Type: text/event-plain\nthis line has no colon\n\n", "header line without"),
         (b"Content-Length: 2\n\nhi", "no Content-Type"),
         (b"Content-Type: \xff\xfe\n\n", "not UTF-8"),
+        # More digits than int() takes (4,300): refused, not a ValueError out of the reader.
+        (b"Content-Length: " + b"1" * 5000 + b"\nContent-Type: text/event-plain\n\n", "bad Content-Length"),
     ],
 )
 def test_malformed_frames_are_reported_and_the_next_frame_still_parses(bad, reason):
@@ -468,3 +470,11 @@ def test_percent_escapes_decoding_to_crlf_stay_inside_the_value():
     assert b"\r" not in frame and b"evil%0D%0Aapi%20uuid_kill%20x" in frame
     event = parse_event(FrameParser().feed(frame)[0])
     assert event.get("Caller-Caller-ID-Name") == "evil\r\napi uuid_kill x"
+
+
+def test_numbers_longer_than_int_takes_are_refused_not_raised():
+    assert EslEvent(headers={"Event-Sequence": "7" * 5000}).sequence is None
+    inner = b"Event-Name: X\nContent-Length: " + b"1" * 5000 + b"\n\nab"
+    frame = FrameParser().feed(b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % len(inner) + inner)[0]
+    with pytest.raises(MalformedEvent):
+        parse_event(frame)

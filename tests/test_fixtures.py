@@ -13,7 +13,8 @@ LIBRARY = sorted(FIXTURES.glob("*.esl"))
 
 def test_the_library_has_the_flows_it_promises():
     assert {p.stem for p in LIBRARY} >= {"one_question", "three_turns_history", "hangup_mid_reply",
-                                          "two_calls_interleaved", "llm_failure_fallback", "malformed_frames"}
+                                          "two_calls_interleaved", "llm_failure_fallback", "malformed_frames",
+                                          "llm_transfer_allowed", "llm_transfer_refused"}
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=[p.stem for p in LIBRARY])

@@ -27,7 +27,6 @@ REQUIRED_MODULES = {"mod_event_socket", "mod_vosk", "mod_sndfile", "mod_dptools"
 AGENT_ACTION = ("set", "ivr_agent=default")
 EXPECTED_IVR_ACTIONS = [
     ("answer", ""),
-    AGENT_ACTION,
     ("set", "fire_asr_events=true"),
     ("detect_speech", "vosk default default"),
     ("park", ""),
@@ -62,10 +61,21 @@ def _ivr_context() -> ET.Element:
 
 def _ai_extension_condition() -> ET.Element:
     extensions = _ivr_context().findall("extension")
-    assert [e.get("name") for e in extensions] == ["ai"]
-    conditions = extensions[0].findall("condition")
+    assert [e.get("name") for e in extensions] == ["ai_default_agent", "ai"]
+    conditions = extensions[1].findall("condition")
     assert len(conditions) == 1
     return conditions[0]
+
+
+def test_the_default_agent_is_set_only_on_a_channel_without_one():
+    """An outbound call names its agent in the originate; the dialplan must not overwrite it."""
+    extension = _ivr_context().findall("extension")[0]
+    assert extension.get("continue") == "true"  # on to the "ai" extension after it
+    destination, agent = extension.findall("condition")
+    assert destination.get("field") == "destination_number" and re.search(destination.get("expression"), "ai")
+    assert agent.get("field") == "${ivr_agent}" and agent.get("expression") == "^$"
+    assert agent.get("break") in (None, "on-false")  # both conditions must hold
+    assert [(a.get("application"), a.get("data", "")) for a in agent] == [AGENT_ACTION]
 
 
 def _capture_events(path: Path) -> list[dict[str, str]]:
@@ -141,8 +151,8 @@ def test_ivr_actions_are_what_a_real_freeswitch_executed_for_this_dialplan():
         if e["Event-Name"] == "CHANNEL_EXECUTE" and e.get("Channel-Name") == "loopback/ai-b"
     ]
     assert len(executed) > len(EXPECTED_IVR_ACTIONS) - 1  # the capture ran more after park (a broadcast)
+    # The capture's dialplan predates the agent: its first extension set nothing.
     dialplan_actions = [(a.get("application"), a.get("data", "")) for a in _ai_extension_condition()]
-    dialplan_actions.remove(AGENT_ACTION)
     assert executed[:len(dialplan_actions)] == dialplan_actions
 
 
@@ -175,3 +185,28 @@ def test_admin_readme_names_every_shipped_file_and_the_reload_commands():
         assert str(path.relative_to(REPO)) in readme
     for command in ("reload mod_event_socket", "reloadxml", "load mod_vosk", "originate loopback/ai/ivr"):
         assert command in readme
+
+
+SYSTEMD_UNIT = REPO / "freeswitch_conf" / "systemd" / "ivr-daemon-asr.service"
+
+
+def test_mod_vosk_is_pointed_at_where_the_asr_server_listens_by_default():
+    server_url = _settings(VOSK_CONF, "vosk.conf")["server-url"]
+    assert server_url == f"ws://{_default_of('ASR_HOST')}:{_default_of('ASR_PORT')}"
+    assert _default_of("ASR_SAMPLE_RATE") == "8000"  # mod_vosk sends the calls' rate and says nothing
+
+
+def test_the_systemd_unit_runs_the_asr_server_and_does_not_restart_on_a_bad_setting():
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(SYSTEMD_UNIT.read_text(encoding="utf-8"))
+    command = unit["Service"]["ExecStart"].split()
+    assert command[0].endswith("/ivr-daemon") and command[-1] == "asr-server"
+    assert "--env-file" in command and command.index("--env-file") < command.index("asr-server")
+    assert unit["Service"]["RestartPreventExitStatus"] == "2"  # cli.EXIT_CONFIG
+    assert unit["Service"]["KillSignal"] == "SIGTERM"
+    names = {name for name, *_ in VARIABLES}
+    for documented in re.findall(r"^#\s+([A-Z_]+)=", SYSTEMD_UNIT.read_text(encoding="utf-8"), re.M):
+        assert documented in names, documented
+    assert str(SYSTEMD_UNIT.relative_to(REPO)) in ADMIN_README.read_text(encoding="utf-8")

@@ -221,10 +221,10 @@ def test_caller_controlled_values_never_reach_the_socket_except_through_the_buil
 def test_sigterm_finishes_the_turn_in_flight_exits_cleanly_and_leaves_no_files(tmp_path):
     tts_dir = tmp_path / "tts"
     with FakeLlmServer("ollama", replies="Goodbye and thank you.", hold_reply=True) as llm, FreeswitchSimulator() as sim:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_"))}
         env.update({"FREESWITCH_PORT": str(sim.port), "LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url,
                     "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(tts_dir), "TTS_CACHE_MAX_MB": "0", "LOG_FORMAT": "json",
-                    "GREETING": "", "SILENCE_TIMEOUT_S": "0"})
+                    "GREETING": "", "SILENCE_TIMEOUT_S": "0", "HTTP_PORT": "0"})
         log_path = tmp_path / "daemon.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen([str(Path(sys.executable).parent / "ivr-daemon"), "--env-file", os.devnull, "run"],

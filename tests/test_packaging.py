@@ -147,7 +147,7 @@ def providers(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("folders, extras_allowed", [
-    (("ivr_daemon",), ("coqui", "piper", "llm-server")),  # engines and the local LLM are imported lazily
+    (("ivr_daemon",), ("coqui", "piper", "llm-server", "asr")),  # engines, the local LLM, asr-server: imported lazily
     (("tests", "bench", "scripts"), ("test",)),
 ])
 def test_every_import_is_declared(folders, extras_allowed):

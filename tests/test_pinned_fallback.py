@@ -19,8 +19,9 @@ def _broadcast_path(line: str) -> str:
 
 def test_a_full_cache_never_evicts_the_fallback_phrase(tmp_path):
     with FakeLlmServer("ollama", replies=_unique_reply) as llm, FreeswitchSimulator(playback_speed=0.01) as sim:
+        # One broadcast per answer (FIRST_CHUNK=sentence: no first clause), counted below.
         settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, TTS_CACHE_MAX_MB="1",
-                                LLM_TIMEOUT="2")
+                                LLM_TIMEOUT="2", FIRST_CHUNK="sentence")
         with running_daemon(sim, settings) as daemon:
             fallback = daemon.services.fallback_wav
             call = sim.new_call()

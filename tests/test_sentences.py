@@ -172,8 +172,9 @@ def _random_cuts(rng: random.Random, length: int) -> list[int]:
     return sorted(rng.sample(range(1, length), k=rng.randint(0, min(length - 1, 60)))) if length > 1 else []
 
 
-def _split_in_pieces(text: str, cuts: list[int], soft_limit_chars: int = DEFAULT_SOFT_LIMIT_CHARS) -> list[str]:
-    splitter = SentenceSplitter(soft_limit_chars)
+def _split_in_pieces(text: str, cuts: list[int], soft_limit_chars: int = DEFAULT_SOFT_LIMIT_CHARS,
+                     **first_chunk) -> list[str]:
+    splitter = SentenceSplitter(soft_limit_chars, **first_chunk)
     sentences = []
     start = 0
     for cut in [*cuts, len(text)]:
@@ -207,4 +208,101 @@ def test_any_delta_sizes_give_the_same_sentences_as_the_whole_text(text, data, s
         assert len(sentence) <= soft_limit_chars
         assert any(char.isalnum() for char in sentence)
     # No letter or digit is lost, duplicated or reordered.
+    assert [c for c in "".join(whole) if c.isalnum()] == [c for c in text if c.isalnum()]
+
+
+# -- the first chunk: a clause (FIRST_CHUNK=clause) -------------------------------------------
+
+FIRST_CLAUSE_CASES = [
+    # a clause boundary once there are 4 words: the first chunk; the rest stays whole sentences
+    ("We open at nine tomorrow, and we close at six in the evening. See you then.",
+     ["We open at nine tomorrow,", "and we close at six in the evening.", "See you then."], True),
+    ("Your order has shipped; it should arrive on Monday.",
+     ["Your order has shipped;", "it should arrive on Monday."], True),
+    ("Here is what you need: a passport and a photo.", ["Here is what you need:", "a passport and a photo."], True),
+    ("Yes - we do open on Sundays - every week.", ["Yes - we do open on Sundays -", "every week."], True),
+    ("We are open all day—except on holidays.", ["We are open all day—except on holidays."], False),
+    ("We open every single day— except on holidays.", ["We open every single day—", "except on holidays."], True),
+    ('She said "we open at nine," and smiled.', ['She said "we open at nine,"', "and smiled."], True),
+    # too few words before the boundary: the next boundary, or the whole sentence
+    ("Sure, we open at nine. Bye.", ["Sure, we open at nine.", "Bye."], False),
+    ("Sure, we open at nine, and close at six. Bye.", ["Sure, we open at nine,", "and close at six.", "Bye."], True),
+    # numbers, decimals, times and abbreviations are not clause boundaries
+    ("It costs 1,000 dollars and 3.5 cents, or so I am told.", ["It costs 1,000 dollars and 3.5 cents,", "or so I am told."], True),
+    ("The price is 1,250,000 dollars for the house.", ["The price is 1,250,000 dollars for the house."], False),
+    ("We open at 9:30 on weekdays, and 10:00 on weekends.", ["We open at 9:30 on weekdays,", "and 10:00 on weekends."], True),
+    ("Dr. Smith, our dentist, will see you on Monday.", ["Dr. Smith, our dentist,", "will see you on Monday."], True),
+    ("Dr. Smith can see you at 5 p.m. tomorrow, or on Friday.", ["Dr. Smith can see you at 5 p.m. tomorrow,", "or on Friday."], True),
+    # only the first sentence's: a later sentence with commas stays whole
+    ("Hello. We open at nine tomorrow, and close at six.", ["Hello.", "We open at nine tomorrow, and close at six."], False),
+    # no boundary: cut after 12 words, when at least 4 more follow
+    ("One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen.",
+     ["One two three four five six seven eight nine ten eleven twelve", "thirteen fourteen fifteen sixteen."], True),
+    ("One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen.",
+     ["One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen."], False),
+    # a boundary after word 12 comes too late: the word limit cuts first
+    ("One two three four five six seven eight nine ten eleven twelve thirteen, fourteen fifteen sixteen.",
+     ["One two three four five six seven eight nine ten eleven twelve", "thirteen, fourteen fifteen sixteen."], True),
+    # a colon that ends its line ends a sentence anyway: no clause of it
+    ("Here are the options for you:\n1. Tea\n2. Coffee", ["Here are the options for you:", "1. Tea", "2. Coffee"], False),
+    ("Thank you for calling today,", ["Thank you for calling today,"], False),
+]
+
+
+@pytest.mark.parametrize("text, expected, is_clause", FIRST_CLAUSE_CASES)
+def test_the_first_chunk_may_be_a_clause(text, expected, is_clause):
+    splitter = SentenceSplitter(first_clause_min_words=4)
+    assert splitter.feed(text) + splitter.flush() == expected
+    assert splitter.first_chunk_is_clause is is_clause
+    # Delta by delta, as an LLM streams it: the same chunks, whatever the cuts.
+    rng = random.Random(text)
+    for _ in range(30):
+        assert _split_in_pieces(text, _random_cuts(rng, len(text)), first_clause_min_words=4) == expected
+
+
+@pytest.mark.parametrize("text, expected, _is_clause", FIRST_CLAUSE_CASES)
+def test_with_first_clause_off_every_chunk_is_a_whole_sentence(text, expected, _is_clause):
+    splitter = SentenceSplitter()  # first_clause_min_words=0: FIRST_CHUNK=sentence
+    assert splitter.feed(text) + splitter.flush() == split_sentences(text)
+    assert splitter.first_chunk_is_clause is False
+
+
+def test_the_first_clause_is_cut_as_soon_as_its_boundary_and_the_next_word_arrived():
+    splitter = SentenceSplitter(first_clause_min_words=4)
+    assert splitter.feed("We open at nine tomorrow,") == []  # "tomorrow,1" could still be a number
+    assert splitter.feed(" ") == []  # a newline may follow: then it ends a sentence, no clause
+    assert splitter.feed("a") == ["We open at nine tomorrow,"]
+    assert splitter.feed("nd close at six. Then") == ["and close at six."]
+    assert splitter.flush() == ["Then"]
+
+
+def test_each_reply_gets_its_own_first_clause_after_flush():
+    splitter = SentenceSplitter(first_clause_min_words=4)
+    first = splitter.feed("We open at nine tomorrow, and close at six. Later, we will see the team.") + splitter.flush()
+    second = splitter.feed("Hello again my friend, how are you?") + splitter.flush()
+    assert first == ["We open at nine tomorrow,", "and close at six.", "Later, we will see the team."]
+    assert second == ["Hello again my friend,", "how are you?"]
+    assert splitter.first_chunk_is_clause is True
+
+
+def test_first_clause_settings_are_checked():
+    with pytest.raises(ValueError):
+        SentenceSplitter(first_clause_min_words=-1)
+    with pytest.raises(ValueError):
+        SentenceSplitter(first_clause_min_words=5, first_chunk_max_words=4)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=texts, data=st.data(), min_words=st.sampled_from([1, 2, 4]))
+def test_with_a_first_clause_any_delta_sizes_give_the_same_chunks(text, data, min_words):
+    cuts = data.draw(st.lists(st.integers(min_value=0, max_value=len(text)), max_size=40).map(sorted))
+    splitter = SentenceSplitter(first_clause_min_words=min_words, first_chunk_max_words=6)
+    whole = splitter.feed(text) + splitter.flush()
+    assert _split_in_pieces(text, cuts, first_clause_min_words=min_words, first_chunk_max_words=6) == whole
+    # Only the first sentence may be cut: the chunks after the first are split_sentences' own.
+    sentences = split_sentences(text)
+    if splitter.first_chunk_is_clause:
+        assert whole[2:] == sentences[1:] and f"{whole[0]} {whole[1]}".split() == sentences[0].split()
+    else:
+        assert whole == sentences
     assert [c for c in "".join(whole) if c.isalnum()] == [c for c in text if c.isalnum()]

@@ -26,10 +26,11 @@ def test_sigterm_with_a_hung_turn_exits_within_the_budget(tmp_path):
     tts_dir = tmp_path / "tts"
     # The LLM never answers within the turn: the turn stays in flight until shutdown cuts it.
     with FakeLlmServer("ollama", replies="Too late.", delay_s=60) as llm, FreeswitchSimulator() as sim:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_"))}
         env.update({"FREESWITCH_PORT": str(sim.port), "LLM_PROVIDER": "ollama", "LLM_API_URL": llm.url,
                     "LLM_TIMEOUT": "60", "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(tts_dir),
-                    "TTS_CACHE_MAX_MB": "0", "LOG_FORMAT": "json", "GREETING": "", "SILENCE_TIMEOUT_S": "0"})
+                    "TTS_CACHE_MAX_MB": "0", "LOG_FORMAT": "json", "GREETING": "", "SILENCE_TIMEOUT_S": "0",
+                    "HTTP_PORT": "0"})
         log_path = tmp_path / "daemon.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen([str(Path(sys.executable).parent / "ivr-daemon"), "--env-file", os.devnull, "run"],

@@ -274,3 +274,28 @@ def test_uuid_kill_with_a_cause_hangs_up_with_that_cause_like_capture_61(sim, pe
         assert not sim.call_exists(call)
     peer.send("api show channels as json")
     assert peer.reply().raw == capture("11_api_show_channels_as_json_empty.txt")
+
+
+def test_bgapi_originate_to_a_user_runs_the_ivr_extension_on_the_answered_leg_or_fails_like_capture_21(sim, peer):
+    from test_simulator import frames_of, header_names
+
+    peer.login("event plain BACKGROUND_JOB CHANNEL_ANSWER CHANNEL_PARK")
+    peer.send("bgapi originate {origination_uuid=4be6992c-e225-40a1-8e6f-7578aaf0d2a1,ivr_agent=sales,"
+              "customer_name='Ann Lee'}user/1001 ai XML ivr")
+    job = peer.next_frame().headers["Job-UUID"]
+    frame, failed = peer.event("BACKGROUND_JOB")
+    assert header_names(frame) == header_names(frames_of(capture("21_event_plain_BACKGROUND_JOB_originate.txt"))[0])
+    assert (failed.get("Job-UUID"), failed.body) == (job, "-ERR USER_NOT_REGISTERED\n")
+    assert sim.calls() == []
+    sim.registered_users.add("1001")
+    peer.send("bgapi originate {origination_uuid=4be6992c-e225-40a1-8e6f-7578aaf0d2a1,ivr_agent=sales,"
+              "customer_name='Ann Lee'}user/1001 ai XML ivr")
+    job = peer.next_frame().headers["Job-UUID"]
+    _, answer = peer.event("CHANNEL_ANSWER")
+    _, park = peer.event("CHANNEL_PARK")
+    _, done = peer.event("BACKGROUND_JOB")
+    assert (done.get("Job-UUID"), done.body) == (job, "+OK 4be6992c-e225-40a1-8e6f-7578aaf0d2a1\n")
+    assert answer.unique_id == park.unique_id == "4be6992c-e225-40a1-8e6f-7578aaf0d2a1"
+    # The quotes group the value and are dropped (switch_separate_string), as FreeSWITCH does.
+    assert park.get("variable_customer_name") == "Ann Lee" and park.get("variable_ivr_agent") == "sales"
+    assert park.get("variable_fire_asr_events") == "true" and park.get("Caller-Context") == "ivr"

@@ -72,7 +72,10 @@ def test_a_rejected_fallback_is_tried_once_per_turn_not_on_every_pass(tmp_path):
     slow_words = " ".join(["word"] * 60) + "."
     with FakeLlmServer("ollama", replies=slow_words, stream_gap_s=0.05) as llm, \
             FreeswitchSimulator(playback_speed=0.02) as sim:
-        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, LLM_TIMEOUT="0.5")
+        # Whole sentences only: a first clause (FIRST_CHUNK=clause cuts after 12 words) would be
+        # a chunk before the deadline, and this is about a turn with nothing to say in time.
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, LLM_TIMEOUT="0.5",
+                                FIRST_CHUNK="sentence")
         turns = []
         with running_daemon(sim, settings, on_turn=turns.append):
             # A channel FreeSWITCH no longer has: every broadcast to it is answered -ERR.

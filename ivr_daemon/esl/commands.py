@@ -213,3 +213,55 @@ def originate(
             pairs.append(f"{key}={value}")
         prefix = "{" + ",".join(pairs) + "}"
     return _api("originate", f"{prefix}{endpoint}", f"&{application}({app_args})", background=background)
+
+
+# Characters with a meaning in originate's {k=v,...} block (switch_ivr_originate.c: ',' splits
+# pairs, '}' ends the block, '^^<c>' changes the separator, quotes group) or that would split
+# the api line's arguments; '=' only splits at the first, but a value has no need of it.
+_ORIGINATE_VALUE_FORBIDDEN = frozenset(",{}[]<>'\"^=|\\")
+MAX_ORIGINATE_VALUE_CHARS = 256
+
+
+def check_originate_value(value: str, slot: str) -> str:
+    """A channel variable's value inside originate's ``{...}``: printable ASCII, no separators."""
+    _no_line_breaks(slot, value)
+    if not value or value != value.strip():
+        raise UnsafeCommandArgument(slot, value, "empty, or whitespace at either end")
+    if len(value) > MAX_ORIGINATE_VALUE_CHARS:
+        raise UnsafeCommandArgument(slot, value, f"longer than {MAX_ORIGINATE_VALUE_CHARS} characters")
+    if not value.isascii() or not value.isprintable():
+        raise UnsafeCommandArgument(slot, value, "only printable ASCII")
+    if any(c in _ORIGINATE_VALUE_FORBIDDEN for c in value):
+        raise UnsafeCommandArgument(slot, value, "may not contain any of , { } [ ] < > ' \" ^ = | \\")
+    return value
+
+
+def originate_extension(
+    endpoint: str,
+    extension: str,
+    dialplan: str,
+    context: str,
+    variables: Mapping[str, str],
+    background: bool = True,
+) -> EslCommand:
+    """``bgapi originate {k=v,...}endpoint extension dialplan context``: the answered leg runs the
+    extension (its ``origination_uuid`` is then that leg's uuid; with a loopback endpoint, S8,
+    it is the loopback A leg's). Keys are ``[a-z0-9_]``; values pass :func:`check_originate_value`,
+    and one with a space is single-quoted (``{customer_name='Ann Lee'}``)."""
+    check_token(endpoint, "endpoint")
+    if endpoint.startswith(("{", "[", "<", "&")) or "," in endpoint:
+        raise UnsafeCommandArgument("endpoint", endpoint, "a dial string without variables or lists")
+    check_token(extension, "extension")
+    check_token(dialplan, "dialplan")
+    check_token(context, "context")
+    pairs = []
+    for key, value in variables.items():
+        _no_line_breaks("variable", key)
+        if not re.fullmatch(r"[a-z0-9_]+", key):
+            raise UnsafeCommandArgument("variable", key, "names are a-z 0-9 _")
+        value = check_originate_value(value, key)
+        # switch_separate_string() splits the api line at blanks outside '...' and drops the
+        # quotes, so a value with a space is quoted ('\'' itself is refused above).
+        pairs.append(f"{key}='{value}'" if " " in value else f"{key}={value}")
+    prefix = "{" + ",".join(pairs) + "}" if pairs else ""
+    return _api("originate", f"{prefix}{endpoint}", extension, dialplan, context, background=background)

@@ -16,10 +16,17 @@ body (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Client-an
 Lengths count bytes, so frames are cut on bytes and decoded afterwards. Header values are
 URL-decoded exactly once; bodies are never decoded. greenswitch instead unquotes the whole
 frame and glues the body onto the last header (its PR #86), which loses the recognised text.
+
+A plain event carries ~60 headers and the daemon reads a handful: the header block is kept as
+one string (:class:`PlainEventHeaders`), the headers every event is routed on are decoded at
+once and any other one when it is first read, with the same results as decoding them all
+(tests/test_esl_lazy_headers.py). mod_vosk sends a partial transcript every ~200 ms per
+caller, twice while parked, so this is the reader's hot path (bench/events.py).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import re
 from dataclasses import dataclass, field
@@ -32,26 +39,57 @@ _PREVIEW_BYTES = 120
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _is_decimal(text: str) -> bool:
-    # str.isdigit() alone also accepts "²" and other digits int() refuses (ValueError).
-    return text.isascii() and text.isdigit()
+# int() refuses strings of more than 4,300 digits (ValueError): a number that long is junk.
+_MAX_DECIMAL_DIGITS = 4000
+
+
+def _decimal(text: str) -> int | None:
+    """``text`` as a non-negative int when it is plain ASCII digits, else None (never raises)."""
+    # str.isdigit() alone also accepts "²" and other digits int() refuses.
+    if text.isascii() and text.isdigit() and len(text) <= _MAX_DECIMAL_DIGITS:
+        return int(text)
+    return None
 
 
 class MalformedEvent(ValueError):
     """A frame's body is not a well-formed plain or json event."""
 
 
-@dataclass(frozen=True)
 class Frame:
-    """One framed message: outer headers (not URL-encoded) and exactly Content-Length bytes."""
+    """One framed message: outer headers (not URL-encoded) and exactly Content-Length bytes.
 
-    headers: Mapping[str, str]
-    body: bytes
-    raw: bytes = field(repr=False)
+    A plain class with slots, not a frozen dataclass: one is made per frame on the reader. A
+    frame cut by :class:`FrameParser` holds its bytes once (``raw``); ``body`` is sliced from
+    them when first read (:func:`parse_event` reads a plain event in place).
+    """
+
+    __slots__ = ("headers", "raw", "_body", "_body_at")
+
+    def __init__(self, headers: Mapping[str, str], body: bytes | None, raw: bytes, body_at: int = -1):
+        self.headers = headers
+        self.raw = raw
+        self._body = body  # None: raw[body_at:], not sliced yet
+        self._body_at = body_at
+
+    @property
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = self.raw[self._body_at :]
+        return self._body
 
     @property
     def content_type(self) -> str:
         return self.headers.get("Content-Type", "")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (dict(self.headers), self.body, self.raw) == (dict(other.headers), other.body, other.raw)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Frame(headers={dict(self.headers)!r}, body={self.body!r})"
 
 
 @dataclass(frozen=True)
@@ -98,75 +136,106 @@ class FrameParser:
     def feed(self, data: bytes) -> list[ParsedItem]:
         self._buf += data
         items: list[ParsedItem] = []
+        # Frames are cut at an offset and the consumed bytes dropped once at the end: deleting
+        # each frame from the front of the buffer moved the rest of the chunk every time.
+        with memoryview(self._buf) as view:
+            pos = self._cut(view, items)
+        del self._buf[:pos]
+        return items
+
+    def _cut(self, view: memoryview, items: list[ParsedItem]) -> int:
+        """Append the items found in ``view``; return how many of its bytes they consumed."""
+        buf = self._buf
+        size = len(buf)
+        pos = 0
+        fullmatch = _EVENT_FRAME_HEAD.fullmatch
+        max_body_bytes = self._max_body_bytes
         while True:
             if self._skip_bytes:
-                dropped = min(self._skip_bytes, len(self._buf))
-                del self._buf[:dropped]
+                dropped = min(self._skip_bytes, size - pos)
+                pos += dropped
                 self._skip_bytes -= dropped
                 if self._skip_bytes:
-                    return items
+                    return pos
             if self._in_long_header:
-                end = self._buf.find(b"\n\n")
+                end = buf.find(b"\n\n", pos)
                 if end < 0:
-                    del self._buf[: len(self._buf) - 1]  # the last byte may start the blank line
-                    return items
-                del self._buf[: end + 2]
+                    return max(pos, size - 1)  # the last byte may start the blank line
+                pos = end + 2
                 self._in_long_header = False
                 continue
             # FreeSWITCH never sends blank lines between frames; tolerate them anyway.
-            start = 0
-            while start < len(self._buf) and self._buf[start] in (0x0A, 0x0D):
-                start += 1
-            if start:
-                del self._buf[:start]
-            end = self._buf.find(b"\n\n")
+            while pos < size and buf[pos] in (0x0A, 0x0D):
+                pos += 1
+            end = buf.find(b"\n\n", pos)
             if end < 0:
-                # The block is at least len - 1 bytes (its blank line may begin with the last
-                # byte): over the cap for sure, whatever chunk brings the rest.
-                if len(self._buf) > self._max_header_bytes + 1:
-                    items.append(MalformedFrame("header block too long", bytes(self._buf[:_PREVIEW_BYTES]), bytes(self._buf)))
-                    del self._buf[: len(self._buf) - 1]
+                # The block is at least size - pos - 1 bytes (its blank line may begin with the
+                # last byte): over the cap for sure, whatever chunk brings the rest.
+                if size - pos > self._max_header_bytes + 1:
+                    items.append(MalformedFrame("header block too long", bytes(view[pos : pos + _PREVIEW_BYTES]),
+                                                bytes(view[pos:])))
                     self._in_long_header = True
-                return items
-            if end > self._max_header_bytes:
+                    return size - 1
+                return pos
+            if end - pos > self._max_header_bytes:
                 # The same block in one chunk: the same verdict as when it arrives in pieces.
-                items.append(MalformedFrame("header block too long", bytes(self._buf[:_PREVIEW_BYTES]), bytes(self._buf[: end + 2])))
-                del self._buf[: end + 2]
+                items.append(MalformedFrame("header block too long", bytes(view[pos : pos + _PREVIEW_BYTES]),
+                                            bytes(view[pos : end + 2])))
+                pos = end + 2
                 continue
-            item = self._take_frame(end)
+            match = fullmatch(buf, pos, end)
+            if match is not None:
+                # An event frame, the flood on an event connection: what _take_frame does for
+                # it, without taking the header block apart line by line.
+                digits, content_type = match.groups()
+                if len(digits) <= 9 and int(digits) <= max_body_bytes:
+                    stop = end + 2 + int(digits)
+                    if stop > size:
+                        return pos  # body not complete yet
+                    items.append(Frame({"Content-Length": digits.decode("ascii"),
+                                        "Content-Type": _EVENT_CONTENT_TYPES[content_type]},
+                                       None, bytes(view[pos:stop]), end + 2 - pos))
+                    pos = stop
+                    continue
+            item, pos = self._take_frame(view, pos, end)
             if item is None:
-                return items  # body not complete yet
+                return pos  # body not complete yet
             items.append(item)
 
-    def _take_frame(self, end: int) -> ParsedItem | None:
-        head_bytes = bytes(self._buf[:end])
+    def _take_frame(self, view: memoryview, pos: int, end: int) -> tuple[ParsedItem | None, int]:
+        """The frame whose header block is ``view[pos:end]``, and where the next one starts;
+        (None, pos) while its body is not all there."""
+        head_bytes = bytes(view[pos:end])
         body_start = end + 2
         try:
             headers = parse_header_lines(head_bytes.decode("utf-8"), url_decoded=False)
         except (UnicodeDecodeError, MalformedEvent) as exc:
-            del self._buf[:body_start]
             reason = "header block is not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
-            return MalformedFrame(reason, head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n")
+            return MalformedFrame(reason, head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n"), body_start
 
         length = 0
         if "Content-Length" in headers:
             text = headers["Content-Length"].strip()
-            if not _is_decimal(text):
-                del self._buf[:body_start]
-                return MalformedFrame(f"bad Content-Length {text[:20]!r}", head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n")
-            length = int(text)
+            length = _decimal(text)
+            if length is None:
+                return (MalformedFrame(f"bad Content-Length {text[:20]!r}", head_bytes[:_PREVIEW_BYTES],
+                                       head_bytes + b"\n\n"), body_start)
             if length > self._max_body_bytes:
-                del self._buf[:body_start]
                 self._skip_bytes = length
-                return MalformedFrame(f"Content-Length {length} over the {self._max_body_bytes}-byte cap",
-                                      head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n", over_cap=True)
-        if len(self._buf) < body_start + length:
-            return None
-        raw = bytes(self._buf[: body_start + length])
-        del self._buf[: body_start + length]
+                return (MalformedFrame(f"Content-Length {length} over the {self._max_body_bytes}-byte cap",
+                                       head_bytes[:_PREVIEW_BYTES], head_bytes + b"\n\n", over_cap=True), body_start)
+        stop = body_start + length
+        if len(view) < stop:
+            return None, pos
+        raw = bytes(view[pos:stop])
         if "Content-Type" not in headers:
-            return MalformedFrame("no Content-Type header", raw[:_PREVIEW_BYTES], raw)
-        return Frame(headers=headers, body=raw[body_start:], raw=raw)
+            return MalformedFrame("no Content-Type header", raw[:_PREVIEW_BYTES], raw), stop
+        return Frame(headers, None, raw, body_start - pos), stop
+
+
+# The outer block of nearly every frame on an event connection (not URL-encoded; capture 80_*).
+_EVENT_FRAME_HEAD = re.compile(rb"Content-Length: ([0-9]+)\nContent-Type: (text/event-(?:plain|json|xml))")
+_EVENT_CONTENT_TYPES = {kind.encode(): kind for kind in ("text/event-plain", "text/event-json", "text/event-xml")}
 
 
 def parse_header_lines(text: str, *, url_decoded: bool) -> dict[str, str]:
@@ -204,14 +273,23 @@ def parse_header_pairs(text: str, *, url_decoded: bool) -> list[tuple[str, str]]
     return pairs
 
 
-@dataclass(frozen=True)
 class EslEvent:
-    """A FreeSWITCH event: decoded headers plus the raw body text (None when it has none)."""
+    """A FreeSWITCH event: decoded headers plus the raw body text (None when it has none).
 
-    headers: Mapping[str, str]
-    body: str | None = None
-    wire_format: str = "plain"
-    received_s: float = 0.0  # time.monotonic() when its frame came off the socket, if known
+    ``headers`` is a mapping of str to str: a dict, or for a plain event from the wire a
+    :class:`PlainEventHeaders` that decodes a header only when it is read. Not a dataclass:
+    the reader makes one per event, and a frozen dataclass's ``__init__`` costs more than
+    the rest of what the reader does with a partial transcript.
+    """
+
+    __slots__ = ("headers", "body", "wire_format", "received_s")
+
+    def __init__(self, headers: Mapping[str, str], body: str | None = None, wire_format: str = "plain",
+                 received_s: float = 0.0):
+        self.headers = headers
+        self.body = body
+        self.wire_format = wire_format
+        self.received_s = received_s  # time.monotonic() when its frame came off the socket, if known
 
     @property
     def name(self) -> str:
@@ -224,23 +302,39 @@ class EslEvent:
     @property
     def sequence(self) -> int | None:
         text = self.headers.get("Event-Sequence", "")
-        return int(text) if _is_decimal(text) else None
+        return _decimal(text)
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.headers.get(key, default)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EslEvent):
+            return NotImplemented
+        return (dict(self.headers) == dict(other.headers) and self.body == other.body
+                and self.wire_format == other.wire_format and self.received_s == other.received_s)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable headers, as before
+
+    def __repr__(self) -> str:
+        return (f"EslEvent(headers={dict(self.headers)!r}, body={self.body!r}, "
+                f"wire_format={self.wire_format!r}, received_s={self.received_s!r})")
+
 
 def parse_event(frame: Frame, received_s: float = 0.0) -> EslEvent:
     """Decode a ``text/event-plain``, ``-json`` or ``-xml`` frame; raises :class:`MalformedEvent`."""
-    if frame.content_type == "text/event-plain":
-        headers, body, wire_format = _parse_plain_event(frame.body)
-    elif frame.content_type == "text/event-json":
+    content_type = frame.headers.get("Content-Type", "")
+    if content_type == "text/event-plain":
+        if frame._body is None:  # read in place: no copy of the body
+            headers, body, wire_format = _parse_plain_event(frame.raw, frame._body_at)
+        else:
+            headers, body, wire_format = _parse_plain_event(frame._body, 0)
+    elif content_type == "text/event-json":
         headers, body, wire_format = _parse_json_event(frame.body)
-    elif frame.content_type == "text/event-xml":
+    elif content_type == "text/event-xml":
         headers, body, wire_format = _parse_xml_event(frame.body)
     else:
-        raise MalformedEvent(f"not an event frame: Content-Type {frame.content_type!r}")
-    return EslEvent(headers=headers, body=body, wire_format=wire_format, received_s=received_s)
+        raise MalformedEvent(f"not an event frame: Content-Type {content_type!r}")
+    return EslEvent(headers, body, wire_format, received_s)
 
 
 def split_plain_event(data: bytes) -> tuple[list[tuple[str, str]], str | None]:
@@ -248,7 +342,8 @@ def split_plain_event(data: bytes) -> tuple[list[tuple[str, str]], str | None]:
 
     The inner ``Content-Length`` is consumed, not returned: :func:`build_plain_event` writes it
     again from the body, so ``build_plain_event(*split_plain_event(b))`` gives the frame back.
-    Raises :class:`MalformedEvent`.
+    Every header is decoded here: the reader uses :func:`parse_event`, which decodes only what
+    is read. Raises :class:`MalformedEvent`.
     """
     end = data.find(b"\n\n")
     head, rest = (data, b"") if end < 0 else (data[:end], data[end + 2 :])
@@ -259,23 +354,193 @@ def split_plain_event(data: bytes) -> tuple[list[tuple[str, str]], str | None]:
     text = next((value for key, value in pairs if key == "Content-Length"), None)
     if text is None:
         return pairs, None
-    if not _is_decimal(text) or int(text) > len(rest):
-        raise MalformedEvent(f"event body Content-Length {text[:20]!r} does not match its {len(rest)} bytes")
+    return [(key, value) for key, value in pairs if key != "Content-Length"], _inner_body(text, rest, 0)[0]
+
+
+def _inner_body(length_text: str, data: bytes, start: int) -> tuple[str, int]:
+    """The body of a plain event (``Content-Length`` bytes of ``data`` from ``start``, as UTF-8)
+    and its length in bytes."""
+    length = _decimal(length_text)
+    if length is None or length > len(data) - start:
+        raise MalformedEvent(f"event body Content-Length {length_text[:20]!r} does not match its "
+                             f"{len(data) - start} bytes")
     try:
-        body = rest[: int(text)].decode("utf-8")
+        return data[start : start + length].decode("utf-8"), length
     except UnicodeDecodeError:
         raise MalformedEvent("event body is not UTF-8") from None
-    return [(key, value) for key, value in pairs if key != "Content-Length"], body
 
 
-def _parse_plain_event(data: bytes) -> tuple[dict[str, str], str | None, str]:
-    pairs, body = split_plain_event(data)
-    headers: dict[str, str] = {}
-    for key, value in pairs:
-        headers.setdefault(key, value)
-    if body is not None:
-        headers["Content-Length"] = str(len(body.encode("utf-8")))
-    return headers, body, "plain"
+# The header block of a plain event as FreeSWITCH writes it: ``Name: value`` lines, the values
+# URL-encoded, so neither names nor values hold a space, a colon, a control byte or a non-ASCII
+# byte. With the newline before it, deleting every other byte leaves "\n" then ": \n" per line.
+_NOT_STRUCTURAL = bytes(b for b in range(0x21, 0x7F) if b != 0x3A)
+_SKELETON = b"\n" + b": \n" * 4096
+
+_CONTENT_LENGTH_LINE = "\nContent-Length: "
+# Searched with re, which scans for the literal ":" or "\n:" faster than bytes.count/find do.
+_EMPTY_NAME = re.compile(rb"\n:")
+_COLON_WITHOUT_SPACE = re.compile(rb":[^ ]")
+
+
+def _freeswitch_shaped(block: bytes) -> bool:
+    """True when ``block`` (newline, a header block, newline) is ``Name: value`` lines that
+    :func:`parse_header_pairs` reads with no surprise: each line one ``": "`` after a non-empty
+    name, nothing but printable ASCII.
+
+    Any other block (a space or colon in a value, CR, tabs, UTF-8, ``Name:`` with no value,
+    blank lines, over 4096 lines) is valid or not exactly as before: it is decoded the careful way.
+    """
+    skeleton = block.translate(None, _NOT_STRUCTURAL)
+    return (len(skeleton) % 3 == 1 and len(skeleton) > 1 and skeleton == _SKELETON[: len(skeleton)]
+            # One ":" and one " " per line, in that order: adjacent if no ":" is followed by
+            # anything else; the name before it is empty if a line starts with it.
+            and _COLON_WITHOUT_SPACE.search(block) is None
+            and _EMPTY_NAME.search(block) is None)
+
+
+def _line_value(text: str, needle: str) -> str | None:
+    """The decoded value of the first line of ``text`` that starts with ``needle`` (newline, name, ": ")."""
+    start = text.find(needle)
+    if start < 0:
+        return None
+    start += len(needle)
+    value = text[start : text.find("\n", start)]
+    # errors="replace": FreeSWITCH leaves an uppercase %XX alone, so "100%AB" decodes to a lone
+    # byte; keep the event, mark the byte (as parse_header_pairs does).
+    return unquote(value, errors="replace") if "%" in value else value
+
+
+def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], str | None, str]:
+    """The plain event that is ``data[start:]``."""
+    # Where the header block ends. FreeSWITCH writes Content-Length last, right before the blank
+    # line: found with a long needle, that line's end is a guess that costs little (a search for
+    # "\n\n" costs a byte-by-byte scan), and _freeswitch_shaped, no blank line in the block,
+    # tells whether it is the first blank line. A wrong guess only costs the careful path.
+    length_at = data.find(b"\nContent-Length: ", start) + 17
+    end = data.find(b"\n", length_at) if length_at > 16 else -1
+    if end < 0 or data[end + 1 : end + 2] != b"\n":
+        end, length_at = data.find(b"\n\n", start), -1
+    if end < 0:
+        block = b"\n" + data[start:] + b"\n"
+    elif start and data[start - 1] == 0x0A:  # in a frame: the outer header block's blank line
+        block = data[start - 1 : end + 1]
+    else:
+        block = b"\n" + data[start : end + 1]
+    if not _freeswitch_shaped(block):
+        # Not the shape FreeSWITCH writes (hostile or hand-made): decode all of it, the careful way.
+        pairs, body = split_plain_event(data[start:] if start else data)
+        headers: dict[str, str] = {}
+        for key, value in pairs:
+            headers.setdefault(key, value)
+        if body is not None:
+            headers["Content-Length"] = str(len(body.encode("utf-8")))
+        return headers, body, "plain"
+    text = block.decode("ascii")  # every line, the first too, is "\nName: value\n"
+    # Read off every event by the reader, the dedup and the router: decoded at once, each with
+    # one search. The other ~55 headers are decoded if and when something reads them.
+    seen = {"Event-Name": _line_value(text, "\nEvent-Name: "), "Core-UUID": _line_value(text, "\nCore-UUID: "),
+            "Event-Sequence": _line_value(text, "\nEvent-Sequence: "),
+            "Speech-Type": _line_value(text, "\nSpeech-Type: "), "Unique-ID": _line_value(text, "\nUnique-ID: ")}
+    if length_at >= 0 and not data.startswith(b"Content-Length: ", start):
+        # The first Content-Length line is the one found above: no second search.
+        length_text = data[length_at:end].decode("ascii")
+        if "%" in length_text:
+            length_text = unquote(length_text, errors="replace")
+    else:
+        length_text = _line_value(text, _CONTENT_LENGTH_LINE)
+    if length_text is None:
+        return PlainEventHeaders(text, seen, None), None, "plain"
+    body, length = _inner_body(length_text, data, len(data) if end < 0 else end + 2)
+    return PlainEventHeaders(text, seen, str(length)), body, "plain"
+
+
+_UNSEEN = object()
+
+
+class PlainEventHeaders(collections.abc.Mapping):
+    """The headers of a plain event, each decoded (URL-decoded, once) when it is first read.
+
+    An event carries ~60 headers and the daemon reads 3 to 6 of them, so the header block is
+    kept as one string and a read finds its line. What it returns is what decoding every line
+    with :func:`parse_header_pairs` and keeping the first of a repeated header gives (the
+    inner ``Content-Length`` is the body's byte count, last, as :func:`parse_event` always
+    did): tests/test_esl_lazy_headers.py compares the two on every capture and fuzzed input.
+    Only blocks of :func:`_freeswitch_shaped` shape are held this way; others are decoded
+    whole into a dict.
+    """
+
+    __slots__ = ("_text", "_seen", "_all", "_length")
+
+    def __init__(self, text: str, seen: dict[str, str | None], length: str | None):
+        self._text = text  # "\n" + the header block + "\n", FreeSWITCH-shaped
+        self._seen = seen  # decoded so far; None: no such header
+        self._all: dict[str, str] | None = None
+        self._length = length  # the body's byte count, when it has one
+
+    def raw_value(self, key: str) -> str | None:
+        """The first ``key`` line's value, decoded; None when there is none. Not cached."""
+        if "\n" in key:
+            return None  # no name holds one; "a: b\nc" must not match across two lines
+        return _line_value(self._text, "\n" + key + ": ")
+
+    def _lookup(self, key: str) -> str | None:
+        value = self._seen.get(key, _UNSEEN)
+        if value is _UNSEEN:
+            value = self._seen[key] = self._length if key == "Content-Length" else self.raw_value(key)
+        return value  # type: ignore[return-value]
+
+    def get(self, key: str, default=None):  # type: ignore[override]
+        value = self._seen.get(key, _UNSEEN)
+        if value is _UNSEEN:
+            value = self._seen[key] = self._length if key == "Content-Length" else self.raw_value(key)
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> str:
+        value = self._lookup(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._lookup(key) is not None
+
+    def _decoded(self) -> dict[str, str]:
+        """Every header, in order, the first of a repeated one (for iteration, len, dict())."""
+        if self._all is None:
+            headers: dict[str, str] = {}
+            for line in self._text[1:-1].split("\n"):
+                key, _, value = line.partition(": ")
+                if key != "Content-Length" and key not in headers:
+                    headers[key] = unquote(value, errors="replace") if "%" in value else value
+            if self._length is not None:
+                headers["Content-Length"] = self._length
+            self._all = headers
+        return self._all
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def keys(self):  # type: ignore[override]
+        return self._decoded().keys()
+
+    def items(self):  # type: ignore[override]
+        return self._decoded().items()
+
+    def values(self):  # type: ignore[override]
+        return self._decoded().values()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, collections.abc.Mapping):
+            return self._decoded() == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PlainEventHeaders({self._decoded()!r})"
 
 
 def _parse_json_event(data: bytes) -> tuple[dict[str, str], str | None, str]:

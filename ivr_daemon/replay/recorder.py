@@ -2,8 +2,9 @@
 
 ``ivr-daemon record --out FILE`` runs the daemon for real (as ``run`` does) with three taps:
 every frame the reader cuts (kept byte for byte with its time offset), every LLM exchange,
-streamed or not as LLM_STREAM says (the transcript, how much history the request carried, the
-reply or how it failed, and for a stream where it stopped) and every
+streamed or not as LLM_STREAM says (the transcript, or the tool results of a tool round; how
+much history the request carried and which tools it offered; the reply, its tool calls, or how
+it failed, and for a stream where it stopped) and every
 ``api`` command sent. Only the IVR's own calls are kept, those that fired DETECTED_SPEECH, unless
 ``all_calls`` is set. WAV paths vary per run, so they are written as ``{wav}``.
 """
@@ -13,17 +14,17 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Generator
+from typing import Callable, Generator, Sequence
 
 import gevent
 import gevent.event
 
 from ivr_daemon.esl.commands import EslCommand
 from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, parse_event
-from ivr_daemon.llm.base import LlmClient, LlmError, LlmTimeout, LlmUnavailable, Message
+from ivr_daemon.llm.base import LlmClient, LlmError, LlmTimeout, LlmUnavailable, Message, ToolCall, ToolSpec
 from ivr_daemon.logs import get_logger
 from ivr_daemon.replay.fixture import (ABANDONED, ExpectedCommand, FixtureFrame, LlmReply, call_uuid_of, is_call_command,
-                                       render_fixture)
+                                       llm_request, render_fixture)
 
 log = get_logger(__name__)
 
@@ -38,59 +39,82 @@ def _error_kind(exc: LlmError) -> str:
     return "bad-reply"
 
 
+def _exchange(messages: list[Message], tools: Sequence[ToolSpec]) -> Callable[..., LlmReply]:
+    """A maker of the LlmReply that records an answer to this request (what it asked, its history, its tools)."""
+    transcript, results, history = llm_request(messages)
+    offered = tuple(tool.name for tool in tools)
+
+    def reply(text: str | None, error: str | None = None, stopped: str | None = None, delay_s: float = 0.0,
+              calls: Sequence[ToolCall] = ()) -> LlmReply:
+        return LlmReply(transcript, text, error, history, delay_s, 0, stopped, offered, tuple(calls), results)
+
+    return reply
+
+
 class RecordingLlm(LlmClient):
     """Passes every request to the real client, the way the daemon makes it, and notes the exchange.
 
-    ``complete`` (LLM_STREAM=false) and ``stream`` (LLM_STREAM=true) both go to the real
-    client's own method, so a recording asks the LLM what a real run asks it.
+    ``complete`` and ``respond`` (LLM_STREAM=false, without and with tools) and ``stream``
+    (LLM_STREAM=true) go to the real client's own method, so a recording asks the LLM what a
+    real run asks it, tools included when the real client supports them.
     """
-
-    # The fixture format has no tool calls yet: a recording offers the model none, so the
-    # call flow falls back to goodbye words and DTMF, as with the llama3 provider.
-    supports_tools = False
 
     def __init__(self, inner: LlmClient, recorder: "Recorder"):
         self.inner, self.recorder = inner, recorder
         self.provider = inner.provider
+        # As the real client: the call flow offers tools only to a model that can call them.
+        self.supports_tools = inner.supports_tools
 
     def complete(self, messages: list[Message]) -> str:
-        transcript, history = messages[-1]["content"], len(messages) - 2
+        return self._whole(messages, (), lambda: (self.inner.complete(messages), []))[0]
+
+    def respond(self, messages: list[Message], tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
+        return self._whole(messages, tools, lambda: self.inner.respond(messages, tools))
+
+    def _whole(self, messages: list[Message], tools: Sequence[ToolSpec], ask) -> tuple[str, list[ToolCall]]:
+        exchange = _exchange(messages, tools)
         started_s = time.monotonic()
         try:
-            reply = self.inner.complete(messages)
+            text, calls = ask()
         except LlmError as exc:
-            self.recorder.note_llm(LlmReply(transcript, None, _error_kind(exc), history, 0.0, 0))
+            self.recorder.note_llm(exchange(None, error=_error_kind(exc)))
             raise
         except gevent.GreenletExit:
             # The call ended while the LLM was thinking: a replay must be as slow to answer.
             waited_s = time.monotonic() - started_s
-            self.recorder.note_llm(LlmReply(transcript, "(the call ended before this reply arrived)", None, history,
-                                            round(max(1.0, 2 * waited_s), 3), 0))
+            self.recorder.note_llm(exchange("(the call ended before this reply arrived)",
+                                            delay_s=round(max(1.0, 2 * waited_s), 3)))
             raise
-        self.recorder.note_llm(LlmReply(transcript, reply, None, history, 0.0, 0))
-        return reply
+        self.recorder.note_llm(exchange(text, calls=calls))
+        return text, calls
 
-    def stream(self, messages: list[Message]) -> Generator[str, None, None]:
-        """The real client's stream, delta by delta; the text the daemon read is noted when it ends.
+    def stream(self, messages: list[Message], tools: Sequence[ToolSpec] = ()
+               ) -> Generator[str | ToolCall, None, None]:
+        """The real client's stream, delta by delta; the text and tool calls the daemon read are
+        noted when it ends.
 
         A stream that fails after some text, or that the daemon stops reading (a hangup or
         barge-in kills the turn, or it closes the generator), is noted with the text so far
         and how it stopped, so that a replay stops at the same place.
         """
-        transcript, history = messages[-1]["content"], len(messages) - 2
+        exchange = _exchange(messages, tools)
         started_s = time.monotonic()
         parts: list[str] = []
+        calls: list[ToolCall] = []
 
         def note(text: str | None, error: str | None = None, stopped: str | None = None) -> None:
-            self.recorder.note_llm(LlmReply(transcript, text, error, history, 0.0, 0, stopped), at_s=started_s)
+            self.recorder.note_llm(exchange(text, error, stopped, calls=calls), at_s=started_s)
 
-        inner = self.inner.stream(messages)
+        inner = self.inner.stream(messages, tools) if tools else self.inner.stream(messages)
         try:
             for delta in inner:
-                parts.append(delta)
+                if isinstance(delta, ToolCall):
+                    calls.append(delta)
+                else:
+                    parts.append(delta)
                 yield delta
         except LlmError as exc:
-            if parts:
+            if parts or calls:
                 note("".join(parts), stopped=_error_kind(exc))
             else:
                 note(None, error=_error_kind(exc))
@@ -189,12 +213,13 @@ class Recorder:
 
 
 def record_scripted_calls(out_path: Path, scenario, env: dict[str, str], calls: int, timeout_s: float = 300.0,
-                          playback_speed: float = 1.0) -> str:
+                          playback_speed: float = 1.0, comments: Sequence[str] = ()) -> str:
     """Record a fixture without a switch: ``ivr-daemon record`` (a real subprocess) on the simulator.
 
     ``scenario(sim)`` plays the callers (``sim.new_call()``, ``sim.speak()``, ``sim.hangup()``);
     recording stops when ``calls`` calls have ended; ``playback_speed`` scales how long the
-    simulator takes to play each WAV. Returns what the recorder printed.
+    simulator takes to play each WAV; ``comments`` go at the top of the fixture. Returns what
+    the recorder printed.
     """
     import os
     import subprocess
@@ -208,7 +233,7 @@ def record_scripted_calls(out_path: Path, scenario, env: dict[str, str], calls: 
         child_env.update({"FREESWITCH_HOST": "127.0.0.1", "FREESWITCH_PORT": str(sim.port),
                           "FREESWITCH_PASSWORD": sim.password})
         command = [sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "record",
-                   "--out", str(out_path), "--calls", str(calls)]
+                   "--out", str(out_path), "--calls", str(calls), *(f"--comment={c}" for c in comments)]
         proc = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=60)

@@ -12,23 +12,26 @@ compared with the fixture's ``@expect`` lines, call by call, in order.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generator, Mapping
+from typing import Generator, Mapping, Sequence
 
 import gevent
 
 from ivr_daemon.config import Settings, load_settings
 from ivr_daemon.daemon import build_conversation_daemon
 from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, build_plain_event, parse_event, split_plain_event
-from ivr_daemon.llm.base import LlmBadReply, LlmClient, LlmTimeout, LlmUnavailable, Message
+from ivr_daemon.llm.base import (LlmBadReply, LlmClient, LlmTimeout, LlmUnavailable, Message, ToolCall, ToolSpec,
+                                  check_tools)
 from ivr_daemon.logs import get_logger
 from ivr_daemon.replay.fixture import (
-    ExpectedCommand, Fixture, FixtureFrame, LlmReply, call_uuid_of, is_call_command, load_fixture)
+    ExpectedCommand, Fixture, FixtureFrame, LlmReply, call_uuid_of, describe_request, is_call_command, llm_request,
+    load_fixture)
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 from ivr_daemon.tts.base import TtsEngine
 
@@ -46,33 +49,42 @@ REPLAY_OWNED = frozenset({"FREESWITCH_HOST", "FREESWITCH_PORT", "FREESWITCH_PASS
 
 
 class FixtureLlm(LlmClient):
-    """Answers each turn with the reply the fixture recorded for that transcript, in order.
+    """Answers each turn with the reply the fixture recorded for that transcript (or, in a tool
+    round, for those tool results), in order, tool calls included.
 
-    ``stream`` yields the recorded text, then stops as the recording did: a reply that broke
-    off raises its error; one the daemon stopped reading (``stopped=abandoned``) stalls until
-    the replay's hangup or barge-in kills the turn, or until ``timeout_s`` as a silent server would.
+    ``stream`` yields the recorded text, then the recorded tool calls, then stops as the
+    recording did: a reply that broke off raises its error; one the daemon stopped reading
+    (``stopped=abandoned``) stalls until the replay's hangup or barge-in kills the turn, or
+    until ``timeout_s`` as a silent server would. It supports tools when the recording's LLM was
+    offered some (a ``tools=`` block): a fixture recorded without them replays without them,
+    so the call flow decides as it did then (goodbye and operator words, not the LLM).
     """
 
     provider = "fixture"
-    supports_tools = False  # as the recording's (RecordingLlm)
 
     def __init__(self, replies: list[LlmReply], timeout_s: float = 30.0):
         super().__init__("http://fixture.invalid", "fixture", timeout_s)
         self._unused = list(replies)
+        self.supports_tools = any(reply.tools for reply in replies)
         self.problems: list[str] = []
 
-    def _take(self, messages: list[Message]) -> LlmReply:
-        transcript = messages[-1]["content"]
-        reply = next((r for r in self._unused if r.transcript == transcript), None)
+    def _take(self, messages: list[Message], tools: Sequence[ToolSpec] = ()) -> LlmReply:
+        transcript, results, prior = llm_request(messages)
+        reply = next((r for r in self._unused if (r.transcript, r.tool_results) == (transcript, results)), None)
+        asked = describe_request(transcript, results)
         if reply is None:
-            self.problems.append(f"the LLM was asked about {transcript!r}, which the fixture has no @llm reply for")
-            raise LlmUnavailable("fixture: no recorded reply for this transcript")
+            self.problems.append(f"the LLM was asked about {asked}, which the fixture has no @llm reply for")
+            raise LlmUnavailable("fixture: no recorded reply for this request")
         self._unused.remove(reply)
-        prior = len(messages) - 2  # minus the system prompt and the new user message
         if reply.history is not None and prior != reply.history:
             self.problems.append(
-                f"line {reply.line_no}: the LLM request for {transcript!r} carried {prior} earlier messages,"
+                f"line {reply.line_no}: the LLM request for {asked} carried {prior} earlier messages,"
                 f" the fixture expects history={reply.history}")
+        offered = tuple(tool.name for tool in check_tools(tools))
+        if offered != reply.tools:
+            self.problems.append(
+                f"line {reply.line_no}: the LLM request for {asked} offered the tools {', '.join(offered) or 'none'},"
+                f" the fixture expects {', '.join(reply.tools) or 'none'}")
         if reply.delay_s:
             gevent.sleep(reply.delay_s)
         if reply.error:
@@ -91,16 +103,26 @@ class FixtureLlm(LlmClient):
         raise LlmTimeout(f"fixture: the recorded reply stopped here, and no hangup or barge-in came"
                          f" within {self.timeout_s:g} s")
 
+    def _tool_calls(self, reply: LlmReply) -> list[ToolCall]:
+        # A hand-written @tool line may leave out the id: give it one, as a client does.
+        return [call if call.call_id else dataclasses.replace(call, call_id=self.new_call_id())
+                for call in reply.tool_calls]
+
     def complete(self, messages: list[Message]) -> str:
-        reply = self._take(messages)
+        return self.respond(messages)[0]
+
+    def respond(self, messages: list[Message], tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
+        reply = self._take(messages, tools)
         if reply.stopped:
             self._fail(reply.stopped)  # a whole reply cannot carry the part that came before
-        return reply.reply or ""
+        return reply.reply or "", self._tool_calls(reply)
 
-    def stream(self, messages: list[Message]) -> Generator[str, None, None]:
-        reply = self._take(messages)
+    def stream(self, messages: list[Message], tools: Sequence[ToolSpec] = ()
+               ) -> Generator[str | ToolCall, None, None]:
+        reply = self._take(messages, tools)
         if reply.reply:
             yield reply.reply
+        yield from self._tool_calls(reply)
         if reply.stopped:
             self._fail(reply.stopped)
 
@@ -198,7 +220,7 @@ def replay_fixture(fixture: Fixture, *, speed: float = 0.0, tts: TtsEngine | Non
             FreeswitchSimulator(duplicate_speech_while_parked=False, simulate_media=False, auth_timeout_s=None) as sim:
         # The settings the recording ran with (@env), under what the caller sets on purpose
         # (the environment, --env-file): a replay under other settings shows what would change.
-        env = {"TTS_ENGINE": "null", **{k: v for k, v in fixture.env.items() if k not in REPLAY_OWNED},
+        env = {"TTS_ENGINE": "null", **{k: v for k, v in fixture.settings_env().items() if k not in REPLAY_OWNED},
                **{k: v for k, v in (base_env or {}).items() if k not in REPLAY_OWNED}}
         env.update({"FREESWITCH_PORT": str(sim.port), "FREESWITCH_HOST": "127.0.0.1", "TTS_OUTPUT_DIR": tts_dir,
                     "FREESWITCH_PASSWORD": sim.password})

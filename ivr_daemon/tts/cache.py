@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ivr_daemon.logs import get_logger
 from ivr_daemon.storage import CACHE_SUBDIR, make_private_dir, owned_by_us
@@ -119,8 +120,12 @@ class PhraseCache:
                 return path
         return None
 
-    def get_or_synthesize(self, engine: TtsEngine, text: str) -> Path:
-        """The cached WAV for ``text``, synthesizing it on a miss; blocking, raises TtsError as the engine does."""
+    def get_or_synthesize(self, engine: TtsEngine, text: str,
+                          on_synthesized: Callable[[float], None] | None = None) -> Path:
+        """The cached WAV for ``text``, synthesizing it on a miss; blocking, raises TtsError as the engine does.
+
+        ``on_synthesized(seconds)`` is called, on this thread, when this call synthesized it.
+        """
         spoken = normalize_text(text)
         if not spoken:
             raise TtsSynthesisFailed(f"{engine.name}: nothing to say (empty text)")
@@ -146,7 +151,7 @@ class PhraseCache:
                 ) from flight.error
             # Loop to pick the file up from the index: it may have been evicted already.
             joined = True
-        return self._synthesize(engine, spoken, key, path, flight)
+        return self._synthesize(engine, spoken, key, path, flight, on_synthesized)
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -162,10 +167,13 @@ class PhraseCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.wav"
 
-    def _synthesize(self, engine: TtsEngine, spoken: str, key: str, path: Path, flight: InFlight) -> Path:
+    def _synthesize(self, engine: TtsEngine, spoken: str, key: str, path: Path, flight: InFlight,
+                    on_synthesized: Callable[[float], None] | None) -> Path:
         # No lock held here: synthesis takes seconds and other keys must not wait for it.
+        started_s = time.monotonic()
         try:
             engine.synthesize_to_wav(spoken, path)
+            synthesis_s = time.monotonic() - started_s
             size_bytes = path.stat().st_size
         except BaseException as exc:
             # The built-in engines write atomically, but an engine that left a partial file
@@ -183,6 +191,8 @@ class PhraseCache:
             self._evict_beyond_cap(keep=key)
         flight.finish(None)
         log.debug("tts_cache_stored", engine=engine.name, voice_id=engine.voice_id, key=key, size_bytes=size_bytes)
+        if on_synthesized is not None:
+            on_synthesized(synthesis_s)
         return path
 
     def _refresh(self, key: str, path: Path) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from ivr_daemon.logs import get_logger
 from ivr_daemon.storage import PINNED_SUBDIR, make_private_dir, owned_by_us
@@ -62,8 +63,11 @@ class PinnedPhrases:
             return None
         return path if owned_by_us(info) else None
 
-    def prepare(self, text: str) -> Path:
-        """Synthesize ``text`` unless its file is there; returns the path. Blocking; raises TtsError."""
+    def prepare(self, text: str, on_synthesized: Callable[[float], None] | None = None) -> Path:
+        """Synthesize ``text`` unless its file is there; returns the path. Blocking; raises TtsError.
+
+        ``on_synthesized(seconds)`` is called, on this thread, when this call synthesized it.
+        """
         spoken = normalize_text(text)
         if not spoken:
             raise TtsSynthesisFailed(f"{self.engine.name}: nothing to say (empty text)")
@@ -83,13 +87,16 @@ class PinnedPhrases:
                 raise TtsSynthesisFailed(
                     f"{self.engine.name}: the same text failed in another thread: {one_line(flight.error)}"
                 ) from flight.error
-        return self._synthesize(spoken, key, flight)
+        return self._synthesize(spoken, key, flight, on_synthesized)
 
-    def _synthesize(self, spoken: str, key: str, flight: InFlight) -> Path:
+    def _synthesize(self, spoken: str, key: str, flight: InFlight,
+                    on_synthesized: Callable[[float], None] | None) -> Path:
         path = self.path_for(spoken)
         error: BaseException | None = None
+        started_s = time.monotonic()
         try:
             self.engine.synthesize_to_wav(spoken, path)
+            synthesis_s = time.monotonic() - started_s
         except BaseException as exc:
             error = exc
             raise
@@ -99,6 +106,8 @@ class PinnedPhrases:
             flight.finish(error)
         log.info("tts_phrase_pinned", engine=self.engine.name, voice_id=self.engine.voice_id, path=str(path),
                  text_chars=len(spoken))
+        if on_synthesized is not None:
+            on_synthesized(synthesis_s)
         return path
 
     def _remove_stray_temps(self) -> None:

@@ -48,6 +48,31 @@ UUID_DUMP_CALLING = {
 }
 
 
+def separate_quoted(text: str | None, max_parts: int) -> list[str]:
+    """switch_separate_string() as originate uses it: blanks inside '...' do not split, and the
+    quotes are dropped."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for index, char in enumerate(text or ""):
+        if char == "'":
+            quoted = not quoted
+        elif char.isspace() and not quoted:
+            if current:
+                parts.append("".join(current))
+                current = []
+                if len(parts) == max_parts - 1:
+                    rest = (text or "")[index:].strip()
+                    if rest:
+                        parts.append(rest)
+                    return parts
+        else:
+            current.append(char)
+    if current:
+        parts.append("".join(current))
+    return parts
+
+
 def separate(text: str | None, max_parts: int) -> list[str]:
     """switch_separate_string(): blanks collapse, the last part keeps the rest of the line."""
     if not text:
@@ -240,7 +265,8 @@ class ApiMixin:
         return frame_body(build_plain_event(pairs)).decode("utf-8")
 
     def _api_originate(self, arg: str | None) -> str:
-        argv = separate(arg, 10)
+        self.originate_args.append(arg or "")
+        argv = separate_quoted(arg, 10)
         if not 2 <= len(argv) <= 7:
             return f"-USAGE: {USAGE['originate']}\n"
         dial = argv[0]
@@ -251,6 +277,8 @@ class ApiMixin:
                 key, _, value = pair.partition("=")
                 variables[key] = value
         parts = dial.split("/")
+        if parts[0].lower() == "user" and len(parts) >= 2:
+            return self._originate_user(parts[1], argv, variables)
         if parts[0].lower() != "loopback" or len(parts) < 2:
             return "-ERR CHAN_NOT_IMPLEMENTED\n"
         # With loopback the returned uuid is the A leg's (origination_uuid sets it, S8);
@@ -268,6 +296,28 @@ class ApiMixin:
             loopback_a_leg=re.fullmatch(r"&park(\(\))?", argv[1], re.IGNORECASE) is not None,
         )
         return f"+OK {a_leg}\n"
+
+    def _originate_user(self, user: str, argv: list[str], variables: dict[str, str]) -> str:
+        """``originate {..}user/NAME <exten> [dialplan] [context]``: an unregistered NAME fails the
+        way FreeSWITCH does (capture 21's job body, ``-ERR USER_NOT_REGISTERED``); a registered
+        one answers and its leg (uuid = origination_uuid) runs the extension. Only the IVR
+        extension (``ai`` in context ``ivr``: answer, fire_asr_events, detect_speech, park) is
+        simulated; another extension or an &app() is answered +OK and then not played out."""
+        if user.split("@")[0] not in self.registered_users:
+            return "-ERR USER_NOT_REGISTERED\n"
+        call_uuid = variables.get("origination_uuid") or str(uuid_lib.uuid4())
+        extension = argv[1]
+        context = argv[3] if len(argv) > 3 else "default"
+        if extension == "ai" and context == "ivr":
+            self.new_call(
+                variables.get("origination_caller_id_number", "0000000000"),
+                uuid=call_uuid,
+                destination_number=extension,
+                context=context,
+                channel_name=f"sofia/internal/{user}",
+                variables=variables,
+            )
+        return f"+OK {call_uuid}\n"
 
     def _channel_row(self, call: CallState) -> dict[str, str]:
         values = {

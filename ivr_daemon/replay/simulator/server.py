@@ -107,6 +107,9 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, EventsMixin, H
         self._requested_port = port
         self.password = password
         self.refuse_auth = False
+        # user/NAME endpoints an originate reaches; any other NAME: -ERR USER_NOT_REGISTERED.
+        self.registered_users: set[str] = set()
+        self.originate_args: list[str] = []  # every originate's argument, as received
         self.playback_gap_s = playback_gap_s
         self.playback_speed = playback_speed
         self.break_latency_s = break_latency_s

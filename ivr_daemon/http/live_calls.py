@@ -1,0 +1,99 @@
+"""``GET /calls`` (the live phone calls), ``GET /calls/{uuid}`` (one call and its history) and
+``POST /calls`` (place an outbound call, :mod:`ivr_daemon.outbound`).
+
+Read-only: what the router and each call's handler already know, read on the loop between
+two of their steps. Caller numbers and what callers said are personal data: with
+HTTP_API_TOKEN set these routes need it (config refuses a non-loopback HTTP_HOST without it).
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import falcon
+
+from ivr_daemon.calls import Call
+from ivr_daemon.daemon import Daemon
+from ivr_daemon.outbound import BadCallRequest, CallRequest, OutboundError, place_call
+
+_HTTP_ERRORS = {400: falcon.HTTPBadRequest, 404: falcon.HTTPNotFound, 502: falcon.HTTPBadGateway,
+                504: falcon.HTTPGatewayTimeout}
+_CALL_FIELDS = frozenset({"destination", "agent", "variables", "caller_id"})
+
+
+def call_summary(call: Call) -> dict[str, object]:
+    handler = call.handler
+    agent = getattr(handler, "agent", None)
+    return {
+        "uuid": call.uuid,
+        "agent": agent.name if agent is not None else None,
+        "caller_number": getattr(handler, "caller_number", None),
+        "started": datetime.datetime.fromtimestamp(call.started_unix_s, datetime.timezone.utc)
+                           .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "turns": getattr(handler, "turns", 0),
+        "state": getattr(handler, "state", "listening"),
+    }
+
+
+class CallsResource:
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        calls = [call for call in list(self.daemon.router.calls.values()) if not call.ended]
+        resp.media = {"calls": [call_summary(call) for call in calls]}
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """``{"destination": "user/1001", "agent": "sales", "variables": {...}, "caller_id": "..."}``
+        -> 201 ``{"uuid": ...}``; 400 bad request, 404 unknown agent, 502 FreeSWITCH's error,
+        504 no BACKGROUND_JOB in time. The originate goes through the daemon's one ESL writer."""
+        from ivr_daemon.http.transcription import read_json_object
+
+        body = read_json_object(req)
+        try:
+            request = _call_request(body)
+            if self.daemon.agents is None:
+                raise BadCallRequest("this daemon has no agents to call with")
+            call_uuid = place_call(request, self.daemon.agents, self.daemon.esl.send, self.daemon.jobs)
+        except OutboundError as exc:
+            status = exc.http_status
+            raise _HTTP_ERRORS[status](title=f"{status} {_TITLES[status]}", description=exc.message) from None
+        resp.status = falcon.HTTP_201
+        resp.media = {"uuid": call_uuid, "destination": request.destination,
+                      "agent": request.agent or self.daemon.agents.default_name}
+
+
+_TITLES = {400: "Bad Request", 404: "Not Found", 502: "Bad Gateway", 504: "Gateway Timeout"}
+
+
+def _call_request(body: dict) -> CallRequest:
+    unknown = sorted(set(body) - _CALL_FIELDS)
+    if unknown:
+        raise BadCallRequest(f"unknown field(s): {', '.join(k[:40] for k in unknown[:5])}")
+    destination = body.get("destination")
+    if not isinstance(destination, str) or not destination:
+        raise BadCallRequest("'destination' (a dial string such as user/1001) is required")
+    agent = body.get("agent")
+    if agent is not None and not isinstance(agent, str):
+        raise BadCallRequest("'agent' must be a string")
+    caller_id = body.get("caller_id")
+    if caller_id is not None and not isinstance(caller_id, str):
+        raise BadCallRequest("'caller_id' must be a string")
+    variables = body.get("variables", {})
+    if not isinstance(variables, dict):
+        raise BadCallRequest("'variables' must be an object of names to strings")
+    return CallRequest(destination, agent, variables, caller_id)
+
+
+class CallResource:
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, call_uuid: str) -> None:
+        call = self.daemon.router.calls.get(call_uuid)
+        if call is None or call.ended:
+            raise falcon.HTTPNotFound(title="404 Not Found", description=f"no live call {call_uuid[:128]}")
+        history = getattr(call.handler, "history", None)
+        # The conversation itself; the system prompt is the agent's, not the call's.
+        messages = history.messages()[1:] if history is not None else []
+        resp.media = {**call_summary(call), "history": messages}
