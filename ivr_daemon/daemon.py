@@ -33,6 +33,7 @@ from ivr_daemon.tts import start_voice
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
+from ivr_daemon.tts.workers import CLOSE_REAP_S
 from ivr_daemon.webhooks import DEFAULT_BACKOFF_BASE_S, WebhookSender
 
 log = get_logger(__name__)
@@ -42,7 +43,8 @@ log = get_logger(__name__)
 SHUTDOWN_BUDGET_S = 9.0
 SHUTDOWN_EXIT_S = 1.0  # the "exit" command's reply
 SHUTDOWN_CLEANUP_S = 1.0  # calls' clean-up and syntheses still running
-SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S
+SHUTDOWN_VOICES_S = CLOSE_REAP_S  # the TTS worker processes killed and reaped, last
+SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S - SHUTDOWN_VOICES_S
 # At most this long (within the budget) for webhook events still queued: a dead receiver must
 # not make every shutdown take the whole budget.
 SHUTDOWN_WEBHOOK_FLUSH_S = 2.0

@@ -45,6 +45,10 @@ __all__ = ["WorkerEngine", "WorkerDied"]
 WORKER_START_TIMEOUT_S = 600.0
 # A killed worker is reaped within this, or left to the kernel (it cannot outlive SIGKILL).
 WORKER_REAP_S = 2.0
+# close() reaps all its killed workers within this, together: it runs inside the daemon's 10 s
+# shutdown budget. A SIGKILLed process is gone in milliseconds unless stuck in the kernel (D state);
+# one that is still a zombie when the daemon exits is reaped by init.
+CLOSE_REAP_S = 0.5
 
 _native_thread_id = get_original("_thread", "get_ident")
 
@@ -104,10 +108,10 @@ class _Worker:
             except ProcessLookupError:
                 pass
 
-    def reap(self) -> int | None:
-        """The exit status, once the process is gone (None if it lingers past WORKER_REAP_S)."""
+    def reap(self, timeout_s: float = WORKER_REAP_S) -> int | None:
+        """The exit status, once the process is gone (None if it lingers past ``timeout_s``)."""
         try:
-            return self.proc.wait(timeout=WORKER_REAP_S)
+            return self.proc.wait(timeout=timeout_s)
         except gevent.subprocess.TimeoutExpired:
             return None
 
@@ -236,8 +240,9 @@ class WorkerEngine(TtsEngine):
         workers = list(self._all)
         for worker in workers:
             worker.kill()
+        deadline_s = time.monotonic() + CLOSE_REAP_S
         for worker in workers:
-            worker.reap()
+            worker.reap(max(0.0, deadline_s - time.monotonic()))
             if not worker.busy:  # a synthesis under way sees the end of the pipe and closes it
                 worker.close_pipes()
         self._all.clear()
