@@ -108,13 +108,14 @@ def test_an_empty_text_is_refused_without_bothering_a_worker(one_worker, tmp_pat
         one_worker.synthesize_to_wav("   ", tmp_path / "empty.wav")
 
 
-def test_a_worker_killed_mid_sentence_fails_that_sentence_and_a_fresh_worker_says_the_next(one_worker, tmp_path):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])  # kill -9; a native crash
+def test_a_worker_killed_mid_sentence_fails_that_sentence_and_a_fresh_worker_says_the_next(one_worker, tmp_path, how):
     [victim] = one_worker.pids
     with capture_logs() as logs:
         sentence = gevent.spawn(one_worker.synthesize_to_wav, LONG_TEXT, tmp_path / "long.wav")
         wait_until(lambda: one_worker.busy_pids == [victim], 30)
-        os.kill(victim, signal.SIGSEGV)  # what a crash in native code looks like from outside
-        with pytest.raises(TtsSynthesisFailed, match=f"TTS worker {victim} was killed by SIGSEGV"):
+        os.kill(victim, how)
+        with pytest.raises(TtsSynthesisFailed, match=f"TTS worker {victim} was killed by {how.name}"):
             sentence.get(timeout=60)
         assert not (tmp_path / "long.wav").exists()
         after = one_worker.synthesize_to_wav("Hello again.", tmp_path / "again.wav")
@@ -144,9 +145,13 @@ def test_a_voice_broken_on_disk_fails_sentences_not_the_engine_until_it_is_repai
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: victim not in engine.pids, 30)  # seen dead; its replacement is loading
         # The replacement cannot load the voice, and each sentence tries again and says why.
-        for attempt in range(2):
-            with pytest.raises(TtsSynthesisFailed, match="no TTS worker: .*could not be loaded"):
-                engine.synthesize_to_wav("Is anyone there?", tmp_path / f"{attempt}.wav")
+        with capture_logs() as logs:
+            for attempt in range(2):
+                with pytest.raises(TtsSynthesisFailed, match="no TTS worker: .*could not be loaded"):
+                    engine.synthesize_to_wav("Is anyone there?", tmp_path / f"{attempt}.wav")
+        failed = [line for line in logs if line["event"] == "tts_worker_start_failed"]
+        # One clear line per try (the replacement started at the death, then each sentence's own).
+        assert len(failed) >= 2 and all(str(voice_copy) in line["error"] and "\n" not in line["error"] for line in failed)
         assert engine.pids == []
         voice_copy.write_bytes(good)
         assert assert_telephony_wav(engine.synthesize_to_wav("Back now.", tmp_path / "back.wav")) > 0.3
@@ -216,3 +221,30 @@ def test_a_worker_crash_mid_turn_plays_the_fallback_and_the_next_turn_speaks(tmp
             assert daemon.esl.connected
         pids = voice.pids
     assert pids == [] and worker_children() == []
+
+
+def test_a_daemon_whose_voice_breaks_keeps_answering_with_the_fallback(voice_copy, tmp_path):
+    """The voice file is damaged under a running daemon and its workers die: every reply falls
+    back to the pinned fallback phrase (made at start-up), the log says why, the daemon stays up."""
+    turns = TurnLog()
+    with FakeLlmServer("ollama", replies=["Our opening hours are nine to five.", "We are in the high street."]) as llm, \
+            FreeswitchSimulator(playback_speed=0.0) as sim:
+        settings = settings_for(sim, tmp_path / "tts", LLM_PROVIDER="ollama", LLM_API_URL=llm.url,
+                                TTS_ENGINE="piper", PIPER_VOICE=str(voice_copy), TTS_CACHE_MAX_MB="0", LLM_TIMEOUT="60")
+        with running_daemon(sim, settings, on_turn=turns) as daemon:
+            [voice] = daemon.voices
+            victims = voice.pids
+            voice_copy.write_bytes(b"not an onnx model any more")
+            with capture_logs() as logs:
+                for victim in victims:
+                    os.kill(victim, signal.SIGKILL)
+                wait_until(lambda: not set(victims) & set(voice.pids), 30)
+                call = sim.new_call()
+                for number, words in enumerate(["when are you open", "where are you"], start=1):
+                    sim.speak(call, words)
+                    turn = turns.wait(number, call, timeout_s=120)[-1]
+                    assert turn.used_fallback
+                    assert broadcasts(sim, call)[-1].split()[3] == str(daemon.services.fallback_wav)
+                assert daemon.esl.connected
+            assert any(line["event"] == "tts_worker_start_failed" and str(voice_copy) in line["error"] for line in logs)
+    assert worker_children() == []
