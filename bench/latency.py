@@ -13,12 +13,13 @@ Prints a table, and as its last line one JSON object:
   first_audio_stream_ms, first_audio_batch_ms, stream_over_batch
                                     DETECTED_SPEECH -> first broadcast, streaming on and off
   loop_lag_p99_ms                   lag of a 10 ms ticker on the gevent loop while 8 calls
-                                    synthesize with Piper at once
+                                    synthesize with Piper at once (in its worker processes)
   barge_in_p99_ms                   partial-speech frame written -> uuid_break read
   cached_phrase_broadcast_p99_ms    a reply the phrase cache holds: DETECTED_SPEECH frame written
                                     -> its uuid_broadcast read, minus the LLM's time to that
                                     sentence, while 8 (--busy-calls) other calls synthesize uncached Piper
-                                    sentences (the daemon in its own process, the cache on)
+                                    sentences (the daemon in its own process, the cache on; --busy-calls 0
+                                    measures what the machine adds without them)
   overhead_dead_webhook_p50_ms, overhead_dead_webhook_p99_ms
                                     the overhead again with WEBHOOK_URL at a receiver that accepts
                                     connections and never answers (call events must not slow turns)
@@ -101,6 +102,11 @@ MEASUREMENTS = ("overhead", "overhead-dead-webhook", "first-audio", "loop-lag", 
 NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
 
+def worker_priority(args) -> dict[str, str]:
+    """TTS_WORKER_PRIORITY for the daemon when --tts-worker-priority says so (else its default)."""
+    return {"TTS_WORKER_PRIORITY": args.tts_worker_priority} if args.tts_worker_priority else {}
+
+
 def percentile(values, q):
     ordered = sorted(values)
     if not ordered:
@@ -121,7 +127,7 @@ class Rig:
         values = {"FREESWITCH_PORT": str(self.sim.port), "LLM_PROVIDER": "openai", "LLM_API_URL": self.llm.url,
                   "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
                   "LLM_STREAM": "true" if llm_stream else "false", "LOG_LEVEL": "WARNING", **NO_CALL_FLOW_SPEECH,
-                  **(env or {})}
+                  **worker_priority(args), **(env or {})}
         self.settings = load_settings(environ=values)
         self.daemon = build_conversation_daemon(self.settings, tts=tts, on_turn=self.turns.append)
         self.daemon.start()
@@ -155,6 +161,7 @@ class DaemonProcessRig:
                     "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
                     "TTS_CACHE_MAX_MB": str(cache_mb), "LLM_STREAM": "true" if llm_stream else "false",
                     "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "HTTP_PORT": "0", **NO_CALL_FLOW_SPEECH,
+                    **worker_priority(args),
                     **(extra_env or {})})
         # Logs to a file, as in production: a pipe the benchmark reads late would stall the
         # daemon's writes to stderr, and with them its whole loop.
@@ -487,8 +494,9 @@ def bench_first_clause(args):
             rig.close()
 
 
-def bench_loop_lag(args, tts):
-    rig = Rig(args, tts_engine="piper", tts=tts, sim_options={"playback_speed": 0.0}, env={"TTS_CACHE_MAX_MB": "0"})
+def bench_loop_lag(args):
+    # The voice as the daemon runs it: Piper in worker processes.
+    rig = Rig(args, tts_engine="piper", sim_options={"playback_speed": 0.0}, env={"TTS_CACHE_MAX_MB": "0"})
     lags, stop = [], False
 
     def ticker():
@@ -647,6 +655,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", metavar="PATH",
                         help="burst, partials-load: also measure the daemon of this checkout, interleaved")
     parser.add_argument("--rounds", type=int, default=1, help="burst, partials-load: rounds (each: baseline, ours)")
+    parser.add_argument("--tts-worker-priority", help="TTS_WORKER_PRIORITY of the daemon (idle or 0-19)")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS,
                         help="run only this measurement (repeatable); default: all")
     parser.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)  # the cached-phrase LLM
@@ -686,7 +695,7 @@ def main(argv=None) -> int:
                        stream_over_batch=round(stream_ms / batch_ms, 3))
 
     if "loop-lag" in selected:
-        lags = bench_loop_lag(args, make_tts_engine(load_settings(environ={"TTS_ENGINE": "piper"})))
+        lags = bench_loop_lag(args)
         print(f"gevent loop lag while 8 calls synthesize with Piper: p50 {percentile(lags, 50):.2f} ms, "
               f"p99 {percentile(lags, 99):.2f} ms, max {max(lags):.2f} ms ({len(lags)} ticks)")
         figures.update(loop_lag_p99_ms=round(percentile(lags, 99), 2))

@@ -92,8 +92,10 @@ def cmd_run(args) -> int:
     except AuthenticationFailed as exc:
         log.error("esl_authentication_failed", error=str(exc), hint="set FREESWITCH_PASSWORD to the password in event_socket.conf.xml")
         return EXIT_AUTH
-    for greenlet in shutting_down:
-        greenlet.join(timeout=10)
+    finally:
+        for greenlet in shutting_down:
+            greenlet.join(timeout=10)
+        daemon.close_voices()  # after the shutdown, which lets syntheses in flight land
     log.info("daemon_stopped")
     return EXIT_OK
 

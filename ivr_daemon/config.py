@@ -103,6 +103,9 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "/var/lib/ivr-daemon/tts if writable, else ~/.local/state/ivr-daemon/tts"),
     ("TTS_CACHE_MAX_MB", "tts_cache_max_mb", "200",
      "size cap of the phrase cache in TTS_OUTPUT_DIR/cache; 0 turns it off"),
+    ("TTS_WORKER_PRIORITY", "tts_worker_priority", "10",
+     "CPU priority of the Piper/Coqui worker processes: a niceness 0-19 (higher: the daemon's own work "
+     "runs first), or idle (only CPU time nothing else in the daemon's session or cgroup wants)"),
     ("LLM_STREAM", "llm_stream", "true",
      "true: speak sentence 1 while the LLM writes the rest; false: wait for the whole reply"),
     ("FIRST_CHUNK", "first_chunk", "clause",
@@ -184,6 +187,7 @@ class Settings:
     piper_voice: str
     tts_output_dir: Path
     tts_cache_max_mb: int
+    tts_worker_priority: str
     llm_stream: bool
     barge_in: str
     barge_in_min_words: int
@@ -339,6 +343,16 @@ def _shard(variable: str, raw: str) -> tuple[int, int]:
     if not match or not 0 <= int(match.group(1)) < int(match.group(2)) <= 1024:
         raise ConfigError(variable, f"must be k/N with 0 <= k < N (e.g. 0/2 and 1/2 for two daemons), got {raw!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+def _worker_priority(variable: str, raw: str) -> str:
+    """``idle`` or a niceness 0-19, as text: what ``os.nice`` adds, or SCHED_IDLE."""
+    value = raw.strip().lower()
+    if value == "idle":
+        return value
+    if not re.match(r"^\d+$", value) or not 0 <= int(value) <= 19:
+        raise ConfigError(variable, f"must be a niceness from 0 to 19, or idle, got {raw!r}")
+    return str(int(value))
 
 
 def _bool(variable: str, raw: str) -> bool:
@@ -570,6 +584,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         # Absolute: the path is handed to FreeSWITCH, whose working directory is not ours.
         tts_output_dir=Path(output_dir).absolute(),
         tts_cache_max_mb=_int("TTS_CACHE_MAX_MB", raw["tts_cache_max_mb"], 0, 1_000_000),
+        tts_worker_priority=_worker_priority("TTS_WORKER_PRIORITY", raw["tts_worker_priority"]),
         llm_stream=_bool("LLM_STREAM", raw["llm_stream"]),
         barge_in=_choice("BARGE_IN", raw["barge_in"], BARGE_IN_MODES),
         first_chunk=_choice("FIRST_CHUNK", raw["first_chunk"], FIRST_CHUNK_MODES),

@@ -27,10 +27,11 @@ from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.outbound import BadCallRequest, JobWaiters, placeholders
 from ivr_daemon.switches import Switch
 from ivr_daemon.storage import prepare_output_dir
-from ivr_daemon.tts import make_tts_engine
+from ivr_daemon.tts import start_voice
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
+from ivr_daemon.tts.workers import CLOSE_REAP_S
 from ivr_daemon.webhooks import DEFAULT_BACKOFF_BASE_S, WebhookSender
 
 log = get_logger(__name__)
@@ -40,7 +41,8 @@ log = get_logger(__name__)
 SHUTDOWN_BUDGET_S = 9.0
 SHUTDOWN_EXIT_S = 1.0  # the "exit" command's reply
 SHUTDOWN_CLEANUP_S = 1.0  # calls' clean-up and syntheses still running
-SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S
+SHUTDOWN_VOICES_S = CLOSE_REAP_S  # the TTS worker processes killed and reaped, last
+SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S - SHUTDOWN_VOICES_S
 # At most this long (within the budget) for webhook events still queued: a dead receiver must
 # not make every shutdown take the whole budget.
 SHUTDOWN_WEBHOOK_FLUSH_S = 2.0
@@ -101,6 +103,7 @@ class Daemon:
         self.services: TurnServices | None = None  # the default agent's, set by build_conversation_daemon
         self.flow: CallFlowServices | None = None  # every agent's (the first switch's, for test turns)
         self.flows: list[CallFlowServices] = []  # every switch's
+        self.voices: list[TtsEngine] = []  # the voices build_conversation_daemon started: closed at stop
         self.webhooks: WebhookSender | None = None  # set by build_conversation_daemon
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
@@ -204,6 +207,12 @@ class Daemon:
             self._greenlet.join(timeout=timeout_s)
         if self.webhooks is not None:
             self.webhooks.stop(timeout_s=0.0)
+        self.close_voices()
+
+    def close_voices(self) -> None:
+        """Stop the voices' worker processes (syntheses still running fail). Idempotent."""
+        for voice in self.voices:
+            voice.close()
 
     def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """SIGTERM: take no new turns, let turns in flight send their audio, then leave cleanly.
@@ -246,6 +255,7 @@ class Daemon:
         if self.webhooks is not None:
             # The calls' last events (call.ended) were queued by their clean-up just now.
             self.webhooks.stop(timeout_s=max(0.0, min(SHUTDOWN_WEBHOOK_FLUSH_S, deadline_s - time.monotonic())))
+        self.close_voices()
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
     def _all_services(self) -> list[TurnServices]:
@@ -286,22 +296,27 @@ def build_conversation_daemon(
     engines: dict[tuple, TtsEngine] = {}
     clients: dict[tuple, LlmClient] = {}
     prepared: dict[str, tuple[Agent, LlmClient, TtsEngine, PinnedPhrases, object]] = {}
-    for name, agent in agents.agents.items():
-        agent_settings = agent.settings
-        engine = tts or engines.get(_voice_key(agent_settings))
-        if engine is None:
-            engine = engines[_voice_key(agent_settings)] = _load_voice(agent_settings, name, agents)
-        client = llm or clients.get(_llm_key(agent_settings))
-        if client is None:
-            client = clients[_llm_key(agent_settings)] = make_llm_client(agent_settings)
-        pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, engine)
-        try:
-            fallback_wav = prepare_fallback_wav(pinned, agent_settings)
-            for phrase in agent_phrases(agent_settings, has_tools=bool(agent.tools)):
-                pinned.prepare(phrase)
-        except TtsError as exc:
-            raise TtsModelUnavailable(f"agent {name}{_where(agents)}: {exc}") from exc
-        prepared[name] = (agent, client, engine, pinned, fallback_wav)
+    try:
+        for name, agent in agents.agents.items():
+            agent_settings = agent.settings
+            engine = tts or engines.get(_voice_key(agent_settings))
+            if engine is None:
+                engine = engines[_voice_key(agent_settings)] = _load_voice(agent_settings, name, agents)
+            client = llm or clients.get(_llm_key(agent_settings))
+            if client is None:
+                client = clients[_llm_key(agent_settings)] = make_llm_client(agent_settings)
+            pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, engine)
+            try:
+                fallback_wav = prepare_fallback_wav(pinned, agent_settings)
+                for phrase in agent_phrases(agent_settings, has_tools=bool(agent.tools)):
+                    pinned.prepare(phrase)
+            except TtsError as exc:
+                raise TtsModelUnavailable(f"agent {name}{_where(agents)}: {exc}") from exc
+            prepared[name] = (agent, client, engine, pinned, fallback_wav)
+    except BaseException:
+        for engine in engines.values():  # no worker process outlives a start-up that failed
+            engine.close()
+        raise
 
     def handlers_for(esl: EslClient) -> HandlerFactory:
         by_agent = {
@@ -325,6 +340,7 @@ def build_conversation_daemon(
              tts_engine=prepared[agents.default_name][2].name, tts_voice=prepared[agents.default_name][2].voice_id,
              shard="/".join(map(str, settings.daemon_shard)))
     daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)
+    daemon.voices = list(engines.values())
     daemon.flow = made[0]
     daemon.flows = made
     daemon.agents = agents
@@ -377,7 +393,7 @@ def _where(agents: AgentBook) -> str:
 
 def _load_voice(settings: Settings, agent_name: str, agents: AgentBook) -> TtsEngine:
     try:
-        return make_tts_engine(settings)
+        return start_voice(settings)
     except TtsModelUnavailable as exc:
         raise TtsModelUnavailable(f"agent {agent_name}{_where(agents)}, tts_engine={settings.tts_engine}: {exc}") \
             from exc

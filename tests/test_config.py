@@ -61,6 +61,9 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path):
         ("FREESWITCH_PASSWORD", "two words", "no whitespace"),
         ("LOG_FORMAT", "xml", "json | console"),
         ("FALLBACK_PHRASE", "line one\nline two", "single line"),
+        ("TTS_WORKER_PRIORITY", "20", "niceness from 0 to 19, or idle"),
+        ("TTS_WORKER_PRIORITY", "-5", "niceness from 0 to 19, or idle"),
+        ("TTS_WORKER_PRIORITY", "lowest", "niceness from 0 to 19, or idle"),
         ("ASR_ENGINE", "whisper", "vosk | pocketsphinx"),
         ("VOSK_MODEL_PATH", "/nonexistent/vosk-model", "not a directory: /nonexistent/vosk-model"),
         ("ASR_SAMPLE_RATE", "4000", "between 8000 and 48000"),
@@ -73,6 +76,11 @@ def test_bad_values_name_the_variable(variable, value, words):
         load_settings(environ={variable: value})
     assert caught.value.variable == variable
     assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("value, parsed", [("idle", "idle"), (" IDLE ", "idle"), ("0", "0"), ("07", "7"), ("19", "19")])
+def test_tts_worker_priority_is_idle_or_a_niceness(value, parsed):
+    assert load_settings(environ={"TTS_WORKER_PRIORITY": value}).tts_worker_priority == parsed
 
 
 def test_the_asr_engine_follows_vosk_model_path_unless_named(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable, TtsSynthesisFailed
 
-__all__ = ["TtsEngine", "TtsError", "TtsModelUnavailable", "TtsSynthesisFailed", "make_tts_engine"]
+__all__ = ["TtsEngine", "TtsError", "TtsModelUnavailable", "TtsSynthesisFailed", "make_tts_engine", "start_voice"]
 
 
 def make_tts_engine(settings) -> TtsEngine:
@@ -26,3 +26,19 @@ def make_tts_engine(settings) -> TtsEngine:
 
         return NullEngine()
     raise ValueError(f"unknown TTS engine {settings.tts_engine!r}: expected coqui | piper | null")
+
+
+def start_voice(settings) -> TtsEngine:
+    """The voice the daemon speaks with: Piper and Coqui in worker processes, null (silence) here.
+
+    Piper gets one worker per core, each synthesis on one core; Coqui one worker, since one
+    forward pass already uses every core. Raises TtsModelUnavailable as the engine does.
+    """
+    if settings.tts_engine == "null":
+        return make_tts_engine(settings)
+    import os
+
+    from ivr_daemon.tts.workers import WorkerEngine
+
+    workers = 1 if settings.tts_engine == "coqui" else max(1, os.cpu_count() or 1)
+    return WorkerEngine(settings, workers)

@@ -64,6 +64,9 @@ class TtsEngine(abc.ABC):
     def synthesize(self, text: str) -> tuple[numpy.ndarray, int]:
         """Blocking, CPU-bound: returns (mono samples, native sample rate in Hz). Called from a worker thread."""
 
+    def close(self) -> None:
+        """Free what the engine holds beyond memory (worker processes); the daemon calls it at exit."""
+
     def synthesize_to_wav(self, text: str, path: str | os.PathLike) -> Path:
         """Synthesize ``text`` into an 8 kHz mono PCM_16 WAV at ``path``; raises TtsSynthesisFailed."""
         if not text or not text.strip():

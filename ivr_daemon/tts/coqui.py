@@ -41,7 +41,8 @@ def _quiet_download_tracebacks():
 
 
 class CoquiEngine(TtsEngine):
-    """One Coqui model loaded once and shared; synthesis is serialized by a lock.
+    """One Coqui model loaded once (the daemon runs it in one worker process) and shared;
+    synthesis is serialized by a lock.
 
     Coqui does not say its models are thread-safe (some keep per-model state), and on CPU one
     forward pass already spreads over torch.get_num_threads() threads, all the cores: running

@@ -32,8 +32,9 @@ def default_voice_path() -> Path:
 
 
 class PiperEngine(TtsEngine):
-    """One Piper voice loaded once, shared by the worker threads: as many syntheses run at once
-    as there are threads in the pool (one per core), each on one core.
+    """One Piper voice loaded once. The daemon runs one per worker process (``workers.py``),
+    one synthesis at a time each; in a process of its own (tests, ``tts=``) it is shared by the
+    synthesis threads: as many syntheses run at once as there are threads, each on one core.
 
     Only phonemization (milliseconds) is serialized: piper drives espeak-ng, one process-wide C
     state, guarded by a ``threading.Lock`` that gevent's monkey-patching turns into a gevent
