@@ -41,8 +41,9 @@ def _agents_or_exit(settings):
 def cmd_run(args) -> int:
     import time
 
-    from ivr_daemon.daemon import SHUTDOWN_BUDGET_S, build_conversation_daemon
+    from ivr_daemon.daemon import SHUTDOWN_BUDGET_S, build_conversation_daemon, open_records
     from ivr_daemon.http.server import STOP_TIMEOUT_S
+    from ivr_daemon.records import RecordsError
     from ivr_daemon.storage import UnsafeOutputDir
     from ivr_daemon.esl.connection import AuthenticationFailed
     from ivr_daemon.logs import configure_logging, get_logger
@@ -55,7 +56,12 @@ def cmd_run(args) -> int:
         log.warning("esl_default_password", hint="FREESWITCH_PASSWORD is FreeSWITCH's well-known default ClueCon: change it on the switch and here")
     agents = _agents_or_exit(settings)
     try:
-        daemon = build_conversation_daemon(settings, agents=agents)
+        records = open_records(settings)  # tables created or upgraded; a database down is waited for
+    except RecordsError as exc:
+        print(f"ivr-daemon: configuration error: DATABASE_URL: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        daemon = build_conversation_daemon(settings, agents=agents, records=records)
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -333,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out-dir", default=".cache/demo", help="where the WAVs and server log go")
     demo.add_argument("--tts-engine", default="piper", choices=["piper", "coqui", "null"])
     demo.set_defaults(func=cmd_demo)
+
+    from ivr_daemon.records.cli import add_parser as add_calls_parser
+
+    add_calls_parser(sub, _settings_or_exit)
     return parser
 
 

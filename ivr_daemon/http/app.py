@@ -12,6 +12,7 @@ Routes (each in its own module):
 ``GET /health``                          JSON; 200 while the ESL connection is up, else 503
 ``GET /metrics``                         Prometheus exposition (prometheus_client)
 ``GET /calls``, ``GET /calls/{uuid}``    the live phone calls; one call's history
+``GET /calls/{uuid}/transcript``         an ended call's record (the records database)
 ``POST /calls``                          place an outbound call into the IVR extension
 =======================================  ==============================================
 """
@@ -24,7 +25,7 @@ import time
 import falcon
 
 from ivr_daemon.daemon import Daemon
-from ivr_daemon.http.live_calls import CallResource, CallsResource
+from ivr_daemon.http.live_calls import CallResource, CallsResource, TranscriptResource
 from ivr_daemon.http.status import HealthResource, MetricsResource
 from ivr_daemon.http.test_calls import TestCalls
 from ivr_daemon.http.transcription import TestCallResource, TranscriptionResource, TurnSlots
@@ -93,4 +94,5 @@ def make_app(daemon: Daemon, test_calls: TestCalls, *, token: str = "", turn_slo
     app.add_route("/metrics", MetricsResource(daemon))
     app.add_route("/calls", CallsResource(daemon))
     app.add_route("/calls/{call_uuid}", CallResource(daemon))
+    app.add_route("/calls/{call_uuid}/transcript", TranscriptResource(daemon))
     return app
