@@ -402,22 +402,7 @@ class ConversationHandler:
         path = event.get("Playback-File-Path")
         if not path:
             return
-        if event.name == "PLAYBACK_START":
-            item = next((s for s in reply.spoken if s.path == path and not s.started), None)
-            if item is not None:
-                item.started = True
-            else:
-                self._follow_earlier(event, path)
-        else:
-            item = next((s for s in reply.spoken if s.path == path and s.started and s.status is None), None)
-            if item is not None:
-                item.status = event.get("Playback-Status") or "done"
-                self._count_turn_if_over(reply)
-            else:
-                self._follow_earlier(event, path)
-
-    def _follow_earlier(self, event: EslEvent, path: str) -> None:
-        for earlier in self._earlier_replies:
+        for earlier in (reply, *self._earlier_replies):  # the current reply's, almost always
             if event.name == "PLAYBACK_START":
                 item = next((s for s in earlier.spoken if s.path == path and not s.started), None)
                 if item is not None:
@@ -427,7 +412,9 @@ class ConversationHandler:
             item = next((s for s in earlier.spoken if s.path == path and s.started and s.status is None), None)
             if item is not None:
                 item.status = event.get("Playback-Status") or "done"
-                if not earlier.playing:
+                if earlier is reply:
+                    self._count_turn_if_over(reply)
+                elif not earlier.playing:
                     self._earlier_replies.remove(earlier)
                     self._turn_changed(earlier)
                 return
@@ -540,7 +527,7 @@ class ConversationHandler:
         """A turn's answer is sent (or cut); the call flow tells the webhook receiver."""
 
     def _turn_changed(self, reply: _Reply) -> None:
-        """A reply of a turn is over or may have changed (cut, played out); the call flow records it."""
+        """A turn's reply is over or changed (cut, played out): the call flow records it."""
 
     def _after_reply(self, reply: _Reply, messages: list[Message], log) -> None:
         """What a reply leads to once spoken (tool calls: transfer, end the call); the call flow's."""
