@@ -261,6 +261,8 @@ def test_retention_deletes_old_calls_and_their_turns(db_url):
         writer.retention_days = 90
         assert writer.enforce_retention() == 1
         assert read_call(writer, "old") is None and len(read_call(writer, "recent")["turns"]) == 1
+        listed = writer.in_db_thread(writer.store.list_calls)
+        assert [(c["uuid"], c["turns"]) for c in listed] == [("recent", 1)]
         writer.put_call(call_row("older", started_at=utc_now() - datetime.timedelta(days=200)))
         assert writer.flush(10)
     finally:

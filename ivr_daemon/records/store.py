@@ -172,9 +172,9 @@ class RecordStore:
     def list_calls(self, *, since: datetime.datetime | None = None, agent: str | None = None,
                    limit: int | None = 100) -> list[dict]:
         """Calls, newest first, each with its number of turns."""
-        query = (select(*calls.c, func.count(turns.c.turn_index).label("turns"))
-                 .select_from(calls.outerjoin(turns, turns.c.call_uuid == calls.c.uuid))
-                 .group_by(*calls.c).order_by(calls.c.started_at.desc(), calls.c.uuid))
+        # A correlated count, not a GROUP BY: PostgreSQL cannot group by a json column.
+        turn_count = select(func.count()).where(turns.c.call_uuid == calls.c.uuid).scalar_subquery()
+        query = select(*calls.c, turn_count.label("turns")).order_by(calls.c.started_at.desc(), calls.c.uuid)
         query = _filtered(query, since, agent)
         if limit:
             query = query.limit(limit)
