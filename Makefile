@@ -20,8 +20,16 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ivr-daemon demo
 
-test: $(STAMP)
+# The records tests run a throwaway PostgreSQL server (initdb + pg_ctl): Debian's postgresql package.
+PG_INITDB := /usr/lib/postgresql/15/bin/initdb
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+test: $(STAMP) $(PG_INITDB)
 	$(BIN)/python -m pytest
+
+$(PG_INITDB):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql
 
 clean:
 	rm -rf $(VENV) .cache

@@ -89,7 +89,7 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("WEBHOOK_QUEUE_MAX", "webhook_queue_max", "1000",
      "webhook events waiting at most; past it the oldest is dropped (ivr_webhooks_dropped_total)"),
     ("DATABASE_URL", "database_url", "",
-     "where call records and transcripts go: sqlite:///FILE or postgresql://user:password@host/db. "
+     "where call records and transcripts go: sqlite:///FILE or postgresql://user:password@host/db; off: none kept. "
      "Empty: sqlite:///<TTS_OUTPUT_DIR's parent>/ivr_daemon.db"),
     ("RECORDS_RETENTION_DAYS", "records_retention_days", "90",
      "days call records are kept (deleted daily); 0 keeps them forever"),
@@ -393,6 +393,8 @@ def _database_url(raw: str, tts_output_dir: Path) -> str:
     (/var/lib/ivr-daemon/ivr_daemon.db, or ~/.local/state/ivr-daemon/ivr_daemon.db by default)."""
     from ivr_daemon.records.store import BadDatabaseUrl, database_url
 
+    if raw.strip().lower() == "off":
+        return ""  # no records (Settings.database_url "": open_records makes none)
     text = raw.strip() or f"sqlite:///{tts_output_dir.parent / DATABASE_FILE}"
     try:
         database_url(text)

@@ -297,6 +297,7 @@ def test_check_database_says_what_it_found_and_why_it_failed(tmp_path, postgres)
 def test_database_url_setting(tmp_path):
     tts = tmp_path / "data" / "tts"
     assert load_settings(environ={"TTS_OUTPUT_DIR": str(tts)}).database_url == f"sqlite:///{tmp_path}/data/ivr_daemon.db"
+    assert load_settings(environ={"DATABASE_URL": "off", "TTS_OUTPUT_DIR": str(tts)}).database_url == ""
     assert database_url("postgresql://u:p@db.example/ivr").drivername == "postgresql+psycopg"
     assert database_url("postgres://u:p@db.example/ivr").drivername == "postgresql+psycopg"
     for bad, problem in (("mysql://u@h/db", "only sqlite"), ("nonsense", "not a database URL"),
