@@ -18,7 +18,7 @@ from harness import broadcasts, http_server, running_daemon, settings_for, wait_
 from llm_fakes import FakeLlmServer, FakeReply, FakeToolCall
 from pg_server import free_port
 from ivr_daemon.config import ConfigError, load_settings
-from ivr_daemon.daemon import build_conversation_daemon
+from ivr_daemon.daemon import build_conversation_daemon, open_records
 from ivr_daemon.records import RecordStore, RecordWriter, check_database
 from ivr_daemon.records.store import DatabaseUnavailable, database_url, utc_now
 from ivr_daemon.replay.simulator import FreeswitchSimulator
@@ -244,6 +244,26 @@ def test_a_record_the_database_refuses_is_dropped_and_the_rest_written(postgres)
         assert writer.flush(10)
         assert [t["turn_index"] for t in read_call(writer, "good")["turns"]] == [1]
         assert writer.metrics.records_dropped_total.labels(reason="refused")._value.get() == 1
+    finally:
+        writer.stop()
+
+
+def test_a_database_down_at_start_up_gets_its_tables_when_it_is_back(tmp_path, postgres):
+    url = postgres.new_database()
+    postgres.stop()
+    try:
+        writer = open_records(load_settings(environ={"DATABASE_URL": url, "TTS_OUTPUT_DIR": str(tmp_path / "tts")}))
+        assert writer is not None and not writer.db_up  # the daemon starts anyway
+        writer.backoff_base_s, writer.backoff_max_s = 0.05, 0.5
+        writer.start()
+        writer.put_call(call_row("early"))
+        wait_until(lambda: writer._down_since_s is not None)
+        assert writer.queued == 1
+    finally:
+        postgres.start()
+    try:
+        assert writer.flush(20) and writer.db_up
+        assert read_call(writer, "early")["caller_number"] == "5551234"
     finally:
         writer.stop()
 

@@ -67,7 +67,6 @@ class RecordWriter:
         self._retry_now = gevent.event.Event()  # cuts a backoff short: the shutdown's last try
         self._idle = gevent.event.Event()
         self._idle.set()
-        self._writing = False
         # The one native thread that talks to the database (see the module's docstring).
         self._thread = gevent.threadpool.ThreadPool(1)
         self._greenlets: list[gevent.Greenlet] = []
@@ -143,14 +142,18 @@ class RecordWriter:
             self._waiting.clear()
         gevent.killall(self._greenlets, block=True, timeout=1.0)
         self._greenlets = []
-        if not self._writing:
-            # The thread is free: let it close the connections it opened (a stuck write keeps them).
-            try:
-                with gevent.Timeout(1.0):
-                    self.in_db_thread(self.store.close)
-            except (gevent.Timeout, Exception) as exc:  # noqa: BLE001 -- closing only
-                log.warning("records_close_failed", error=repr(exc)[:200])
-        self._thread.kill()
+        busy = self._thread.task_queue.unfinished_tasks  # what the thread runs or has queued
+        if busy:
+            # A write or read hangs in the driver (a black-holed server): the thread cannot be
+            # stopped, and waiting for it would hold the shutdown. It dies with the process.
+            log.warning("records_thread_busy_at_stop", tasks=busy)
+            return
+        try:
+            with gevent.Timeout(1.0):
+                self.in_db_thread(self.store.close)  # the connections, closed by the thread that opened them
+                self._thread.kill()
+        except (gevent.Timeout, Exception) as exc:  # noqa: BLE001 -- closing only
+            log.warning("records_close_failed", error=repr(exc)[:200])
 
     # -- the pump -------------------------------------------------------------------------------
 
@@ -186,22 +189,18 @@ class RecordWriter:
 
     def _write(self, records: list[tuple[str, dict]]) -> int:
         """Write the batch; on a refused record, one by one, dropping only the refused ones."""
-        self._writing = True
         try:
+            return self.in_db_thread(self.store.write, records)
+        except RecordRefused:
+            pass
+        written = 0
+        for record in records:
             try:
-                return self.in_db_thread(self.store.write, records)
-            except RecordRefused:
-                pass
-            written = 0
-            for record in records:
-                try:
-                    written += self.in_db_thread(self.store.write, [record])
-                except RecordRefused as exc:
-                    log.error("record_refused", kind=record[0], call_uuid=_call_of(record), error=str(exc))
-                    self._drop([record], "refused")
-            return written
-        finally:
-            self._writing = False
+                written += self.in_db_thread(self.store.write, [record])
+            except RecordRefused as exc:
+                log.error("record_refused", kind=record[0], call_uuid=_call_of(record), error=str(exc))
+                self._drop([record], "refused")
+        return written
 
     def _drop(self, records: list[tuple[str, dict]], reason: str) -> None:
         self.dropped += len(records)
