@@ -340,3 +340,19 @@ def test_the_sqlite_file_is_private_and_never_a_planted_link(tmp_path):
 
     with pytest.raises(BadDatabaseUrl, match="symlink"):
         RecordStore(f"sqlite:///{tmp_path}/link.db")
+
+
+def test_the_migrations_make_the_schema_the_code_uses(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from ivr_daemon.records.schema import metadata
+
+    store = RecordStore(db_url)
+    try:
+        store.migrate()
+        with store.engine.connect() as connection:
+            differences = compare_metadata(MigrationContext.configure(connection), metadata)
+    finally:
+        store.close()
+    assert differences == []  # a change to schema.py needs a migration in records/migrations/versions/
