@@ -8,9 +8,10 @@ the fake LLM in another, the simulator here; null TTS), run side by side on the 
   sqlite                the default, an SQLite file beside TTS_OUTPUT_DIR
   postgresql            a throwaway PostgreSQL 15 server (tests/pg_server.py), with --postgres
 
-Each run: --calls calls (default 1,000) up at once, each caller asking once at a random moment
-within --spread-s (default 50 s: 20 turns a second, the rate of latency.py's 200 calls in
-10 s), then every call hung up. Then the database is read: every call must be there, ended,
+Each run: --calls calls (default 1,000) arriving at random within --spread-s (default 50 s:
+20 turns a second, the rate of latency.py's 200 calls in 10 s); each caller asks once
+--ask-after-s after the answer and hangs up --hang-up-after-s after the first audio of the
+reply (~70 calls up at once). Then the database is read: every call must be there, ended,
 with its turn (``records_complete``), and how long the writes took to land after the last
 hangup (``records_flush_s``).
 
@@ -44,16 +45,25 @@ def run_once(args, name: str, database_url: str | None) -> dict:
     env = {"DATABASE_URL": database_url or "off"}
     rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env)
     try:
-        calls = [rig.sim.new_call() for _ in range(args.calls)]
-        gevent.sleep(1.0)
         rng = random.Random(7)
-        sequences = {}
+        sequences: dict[str, int] = {}
+        calls: list[str] = []
 
-        def ask(call, index):
+        def lifecycle(index: int) -> None:
+            # A caller rings, asks once, listens to the answer and hangs up.
+            call = rig.sim.new_call()
+            calls.append(call)
+            gevent.sleep(args.ask_after_s)
             sequences[call] = rig.sim.speak(call, f"question number {index}")
+            rig.sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180, consume=False)
+            gevent.sleep(args.hang_up_after_s)  # the rest of the answer streams and plays meanwhile
+            rig.sim.hangup(call)
 
-        greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), ask, call, i) for i, call in enumerate(calls)]
+        greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), lifecycle, i) for i in range(args.calls)]
         gevent.joinall(greenlets)
+        hung_up_s = time.monotonic()
+        failed = [g for g in greenlets if not g.successful()]
+        assert not failed, f"{len(failed)} callers failed: {failed[0].exception!r}"
         rig.wait_turns(len(calls))
         overheads = []
         for call in calls:
@@ -61,9 +71,6 @@ def run_once(args, name: str, database_url: str | None) -> dict:
             if turn is None or turn.get("first_audio_ms") is None:
                 continue
             overheads.append(_first_broadcast_ms(rig.sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
-        for call in calls:
-            rig.sim.hangup(call)
-        hung_up_s = time.monotonic()
         figures = {f"{name}_overhead_p50_ms": round(percentile(overheads, 50), 2),
                    f"{name}_overhead_p99_ms": round(percentile(overheads, 99), 2),
                    f"{name}_answered": len(overheads)}
@@ -73,7 +80,7 @@ def run_once(args, name: str, database_url: str | None) -> dict:
               f"p99 {figures[f'{name}_overhead_p99_ms']:.2f} ms"
               + (f"; {figures[f'{name}_calls_written']} calls written, complete: "
                  f"{figures[f'{name}_records_complete']}, flushed {figures[f'{name}_records_flush_s']} s "
-                 "after the last hangup" if database_url else ""))
+                 "after the last hangup" if database_url else ""), flush=True)
         return figures
     finally:
         rig.close()
@@ -105,6 +112,9 @@ def main(argv=None) -> int:
     parser.add_argument("--spread-s", type=float, default=50.0, help="callers ask within this window")
     parser.add_argument("--first-token-ms", type=float, default=200.0)
     parser.add_argument("--tokens-per-s", type=float, default=30.0)
+    parser.add_argument("--ask-after-s", type=float, default=0.5, help="a caller asks this long after answer")
+    parser.add_argument("--hang-up-after-s", type=float, default=3.0,
+                        help="a caller hangs up this long after the first audio of the answer")
     parser.add_argument("--postgres", action="store_true", help="also a run on a throwaway PostgreSQL server")
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
