@@ -128,11 +128,12 @@ class RecordWriter:
         return self._idle.wait(timeout_s) and not self._waiting
 
     def stop(self, timeout_s: float = 1.0) -> None:
-        """Take no more records, write what can be within ``timeout_s``, then log what is left."""
-        self._stopping = True
+        """Write what can be within ``timeout_s`` (records still arriving meanwhile, the last
+        calls' clean-ups, are taken too), then take no more and log what is left."""
         if self._waiting:
             self._retry_now.set()  # a pump waiting out a backoff tries once more, now
             self.flush(timeout_s)
+        self._stopping = True
         left = list(self._waiting.values())
         if left:
             # The database is down or slow: these were not written. Said loudly, with the calls.
@@ -140,7 +141,8 @@ class RecordWriter:
                       calls=sorted({row.get("uuid") or row.get("call_uuid") for _kind, row in left})[:20])
             self._drop(left, "shutdown")
             self._waiting.clear()
-        gevent.killall(self._greenlets, block=True, timeout=1.0)
+        # Not waited for: a loop this busy may take a while to run them, and the shutdown has a budget.
+        gevent.killall(self._greenlets, block=False)
         self._greenlets = []
         busy = self._thread.task_queue.unfinished_tasks  # what the thread runs or has queued
         if busy:
