@@ -4,7 +4,10 @@
 - :mod:`.store`: the database (engine, Alembic migrations shipped in ``migrations/``, queries);
 - :mod:`.writer`: the bounded queue and the one native thread that writes, off the gevent loop;
 - :mod:`.recorder`: what a phone call records, and when;
+- :mod:`.views`: a recorded call as JSON, CSV rows or a readable dialogue;
 - :mod:`.cli`: ``ivr-daemon calls list|show|export``.
+
+For ``ivr-daemon doctor``: :func:`check_database` (one line, or DatabaseUnavailable/BadDatabaseUrl).
 
 Arrows point down: the call flow hands records to the writer; nothing here knows ESL or HTTP.
 """
