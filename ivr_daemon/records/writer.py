@@ -41,6 +41,10 @@ T = TypeVar("T")
 
 DEFAULT_QUEUE_MAX = 10_000
 BATCH_MAX = 200  # records in one transaction
+# After the first record of a quiet spell, gather for this long before writing: one commit for
+# many records, and a turn's snapshots (sent, played out) often become one write. A record is
+# still in the database well within a second; the shutdown's flush does not wait for it.
+GATHER_S = 0.25
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
 PROBE_INTERVAL_S = 30.0  # while idle: is the database still there (ivr_records_db_up)?
@@ -167,6 +171,8 @@ class RecordWriter:
                 self._wakeup.clear()
                 if not self._wakeup.wait(PROBE_INTERVAL_S):
                     self._probe()
+                elif not self._stopping:
+                    self._retry_now.wait(GATHER_S)  # set by stop(): no gathering then
                 continue
             batch = list(self._waiting.items())[:BATCH_MAX]
             try:
