@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ask-after-s", type=float, default=0.5, help="a caller asks this long after answer")
     parser.add_argument("--hang-up-after-s", type=float, default=3.0,
                         help="a caller hangs up this long after the first audio of the answer")
+    parser.add_argument("--reverse", action="store_true", help="run the variants in the opposite order")
     parser.add_argument("--postgres", action="store_true", help="also a run on a throwaway PostgreSQL server")
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
 
             server = stack.enter_context(PostgresServer.started())
             runs.append(("postgresql", server.new_database()))
+        if args.reverse:
+            runs.reverse()  # the same runs, the other way round: does the order matter on this machine?
         for name, url in runs:
             figures.update(run_once(args, name, url))
     figures["seconds"] = round(time.monotonic() - started, 1)

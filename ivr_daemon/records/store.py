@@ -16,8 +16,10 @@ Errors come in two kinds, because the writer treats them differently:
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -265,6 +267,11 @@ def prepare_sqlite_file(path: Path) -> None:
 
 
 def _psycopg():
+    # psycopg sees gevent's patched select and would wait for the server through a gevent hub of
+    # its own in the records' native thread; that thread must simply block (libpq's C wait,
+    # GIL released). Decided when psycopg is first imported; an explicit setting wins.
+    if "psycopg" not in sys.modules and importlib.util.find_spec("psycopg_binary") is not None:
+        os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_c")
     try:
         import psycopg
     except ImportError as exc:
