@@ -150,14 +150,15 @@ class RecordStore:
         """Upsert ``("call", row)`` and ``("turn", row)`` records in one transaction; returns how many."""
         if not self.migrated:
             self.migrate()
+        by_kind: dict[str, list[dict]] = {"call": [], "turn": []}
+        for kind, row in records:
+            if kind not in by_kind:
+                raise RecordRefused(f"unknown record kind {kind!r}")
+            by_kind[kind].append(row)
         with _classified(self.description), self.engine.begin() as connection:
-            for kind, row in records:
-                if kind == "call":
-                    _upsert(connection, calls, ("uuid",), row)
-                elif kind == "turn":
-                    _upsert(connection, turns, ("call_uuid", "turn_index"), row)
-                else:
-                    raise RecordRefused(f"unknown record kind {kind!r}")
+            # Calls first: their turns refer to them.
+            _upsert_many(connection, calls, ("uuid",), by_kind["call"])
+            _upsert_many(connection, turns, ("call_uuid", "turn_index"), by_kind["turn"])
         return len(records)
 
     def delete_older_than(self, cutoff: datetime.datetime) -> int:
@@ -294,13 +295,34 @@ def _filtered(query, since: datetime.datetime | None, agent: str | None):
     return query.where(and_(*conditions)) if conditions else query
 
 
-def _upsert(connection, table: sqlalchemy.Table, key: tuple[str, ...], row: dict) -> None:
-    """Update by key, insert when nothing matched: the same on every database (no dialect's
-    ON CONFLICT), and a record written twice is the same row."""
-    match = and_(*(table.c[name] == row[name] for name in key))
-    changes = {name: value for name, value in row.items() if name not in key}
-    if connection.execute(table.update().where(match).values(changes)).rowcount == 0:
-        connection.execute(table.insert().values(row))
+def _upsert_many(connection, table: sqlalchemy.Table, key: tuple[str, ...], rows: list[dict]) -> None:
+    """Update the rows whose key exists, insert the others: the same on every database (no
+    dialect's ON CONFLICT), a record written twice is the same row, and three statements for a
+    whole batch (executemany), not two a row: the Python work on the records thread competes
+    with the gevent loop for the GIL."""
+    if not rows:
+        return
+    newest = {tuple(row[name] for name in key): row for row in rows}  # the batch's last snapshot wins
+    key_columns = [table.c[name] for name in key]
+    wanted = list(newest)
+    found = set()
+    for start in range(0, len(wanted), 500):  # IN lists of a bounded size
+        chunk = wanted[start:start + 500]
+        condition = (key_columns[0].in_([k[0] for k in chunk]) if len(key) == 1
+                     else sqlalchemy.tuple_(*key_columns).in_(chunk))
+        found.update(tuple(r) for r in connection.execute(select(*key_columns).where(condition)))
+    existing = [row for k, row in newest.items() if k in found]
+    new = [row for k, row in newest.items() if k not in found]
+    if existing:
+        others = [column for column in table.c if column.name not in key]
+        statement = (table.update()
+                     .where(and_(*(table.c[name] == sqlalchemy.bindparam(f"key_{name}") for name in key)))
+                     .values({column.name: sqlalchemy.bindparam(f"new_{column.name}") for column in others}))
+        connection.execute(statement, [{**{f"key_{name}": row[name] for name in key},
+                                        **{f"new_{column.name}": row.get(column.name) for column in others}}
+                                       for row in existing])
+    if new:
+        connection.execute(table.insert(), new)
 
 
 class _classified:
