@@ -26,12 +26,20 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ivr-daemon demo $(DEMO_ARGS)
 
-test: $(STAMP) $(CHROMEDRIVER)
+# The records tests run a throwaway PostgreSQL server (initdb + pg_ctl): Debian's postgresql package.
+PG_INITDB := /usr/lib/postgresql/15/bin/initdb
+
+test: $(STAMP) $(CHROMEDRIVER) $(PG_INITDB)
 	$(BIN)/python -m pytest
 
 $(CHROMEDRIVER):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+	test -x $@
+
+$(PG_INITDB):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql
 	test -x $@
 
 clean:

@@ -60,6 +60,8 @@ from ivr_daemon.esl.connection import EslError
 from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.llm.base import Message, ToolCall, ToolSpec
 from ivr_daemon.outbound import BadCallRequest, fill, placeholders
+from ivr_daemon.records.recorder import CallRecorder
+from ivr_daemon.records.writer import RecordWriter
 from ivr_daemon.tools import CallContext, HttpTool, ToolOutcome, run_tool
 from ivr_daemon.webhooks import WebhookSender
 
@@ -114,6 +116,7 @@ class CallFlowServices:
     default_agent: str
     counters: CallFlowCounters = field(default_factory=CallFlowCounters)
     webhooks: WebhookSender | None = None  # the daemon's; each agent's webhook_url says where to
+    records: RecordWriter | None = None  # the daemon's call records (DATABASE_URL), None: not kept
 
 
 class PhoneCall(ConversationHandler):
@@ -140,6 +143,7 @@ class PhoneCall(ConversationHandler):
         self._last_reply_text = ""
         self._created_s = time.monotonic()
         self._started_sent = False  # call.started: call.ended only follows it
+        self.recorder = CallRecorder(flow.records, call_uuid) if flow.records is not None else None
 
     @property
     def agent(self):
@@ -166,13 +170,20 @@ class PhoneCall(ConversationHandler):
             self._barge_in(event)  # a key that does something cuts what plays, as speech does
 
     def handle(self, event: EslEvent) -> None:
+        if self.recorder is not None:
+            self.recorder.learn_times(event.headers)
+            if event.name == "CHANNEL_ANSWER":
+                self.recorder.answered()
         if event.name == "CHANNEL_HANGUP_COMPLETE":
             if self._started_sent:
                 self._emit("call.ended", {
                     "duration_s": round(time.monotonic() - self._created_s, 3), "turns": self.turns,
                     "hangup_cause": (event.get("Hangup-Cause") or "")[:64] or None,
                     "transferred_to": self.transferred_to})
-            super().handle(event)
+            super().handle(event)  # the clean-up settles the turns: what was heard is known now
+            if self.recorder is not None:
+                self.recorder.end(self._record_fields(), event.get("Hangup-Cause"),
+                                  self.services.settings.fallback_phrase)
             return
         self._learn_agent(event)
         if self.caller_number is None and event.get("Caller-Caller-ID-Number"):
@@ -223,6 +234,8 @@ class PhoneCall(ConversationHandler):
             self.log.warning("unknown_agent", agent=name[:64], using=self.flow.default_agent)
             return
         self.log.info("call_agent", agent=name)
+        if self.recorder is not None:
+            self.recorder.update(self._record_fields())
         if services is not self.services:
             self.services = services
             self._prompt_filled = False  # the new agent's prompt, filled by the caller
@@ -268,6 +281,8 @@ class PhoneCall(ConversationHandler):
             self.log.warning("system_prompt_placeholders_unfilled",
                              missing=fill(self.services.settings.system_prompt, self.dynamic_variables)[1])
         self._emit_started()
+        if self.recorder is not None:
+            self.recorder.begin(self._record_fields())
         greeting = self.services.settings.greeting
         if greeting and self.services.accepting_turns:
             filled, missing = fill(greeting, self.dynamic_variables)
@@ -299,7 +314,19 @@ class PhoneCall(ConversationHandler):
         self.flow.webhooks.send(event_type, self.call_uuid, {"agent": self.agent.name if self.agent else None,
                                                              **data}, url=url)
 
+    def _record_fields(self) -> dict:
+        """What the call's record holds besides its times (records/recorder.py)."""
+        return {"agent": self.agent.name if self.agent is not None else self.agent_name,
+                "caller_number": self.caller_number, "variables": self.dynamic_variables,
+                "transferred_to": self.transferred_to}
+
+    def _turn_changed(self, reply: _Reply) -> None:
+        if self.recorder is not None:
+            self.recorder.reply_changed(reply, self._record_fields(), self.services.settings.fallback_phrase)
+
     def _turn_completed(self, result: TurnResult) -> None:
+        if self._reply is not None and self._reply.turn == result.turn:
+            self._turn_changed(self._reply)  # sent: its row now, what was heard of it follows
         self._emit("turn.completed", {
             "turn": result.turn, "transcript": result.transcript, "reply": result.reply,
             "interrupted": result.interrupted, "used_fallback": result.used_fallback,
@@ -407,6 +434,8 @@ class PhoneCall(ConversationHandler):
             self.log.error("transfer_not_sent", target=target.name, error=str(exc))
             return
         self.transferred_to = target.name
+        if self.recorder is not None:
+            self.recorder.update(self._record_fields())
         self._emit("call.transferred", {"target": target.name, "source": source})
         self.flow.counters.transfers += 1
         self.services.metrics.transfers_total.inc()
@@ -513,7 +542,10 @@ class PhoneCall(ConversationHandler):
                      *({"role": "tool", "tool_call_id": call.call_id, "name": call.name, "content": content}
                        for call, content in zip(reply.tool_calls, results))]
         tools = None if tool_round + 1 < max_rounds else ()
-        answer = self._speak(lambda r, sentences: self._produce(follow_up, sentences, log, r, tools), log)
+        answer = self._speak(lambda r, sentences: self._produce(follow_up, sentences, log, r, tools), log,
+                             turn=reply.turn)
+        answer.sent_all = True
+        self._count_turn_if_over(answer)  # records: the turn's row gets this answer too
         if answer.text and not answer.fallback and not answer.interrupted:
             self.history.add("assistant", answer.text)
         self._after_reply(answer, follow_up, log, tool_round + 1)

@@ -42,8 +42,9 @@ def cmd_run(args) -> int:
     import time
 
     from ivr_daemon import resolver
-    from ivr_daemon.daemon import SHUTDOWN_BUDGET_S, build_conversation_daemon
+    from ivr_daemon.daemon import SHUTDOWN_BUDGET_S, build_conversation_daemon, open_records
     from ivr_daemon.http.server import STOP_TIMEOUT_S
+    from ivr_daemon.records import RecordsError
     from ivr_daemon.storage import UnsafeOutputDir
     from ivr_daemon.esl.connection import AuthenticationFailed
     from ivr_daemon.logs import configure_logging, get_logger
@@ -59,7 +60,12 @@ def cmd_run(args) -> int:
                     switches=[switch.name for switch in settings.switches if switch.password == DEFAULT_ESL_PASSWORD])
     agents = _agents_or_exit(settings)
     try:
-        daemon = build_conversation_daemon(settings, agents=agents)
+        records = open_records(settings)  # tables created or upgraded; a database down is waited for
+    except RecordsError as exc:
+        print(f"ivr-daemon: configuration error: DATABASE_URL: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        daemon = build_conversation_daemon(settings, agents=agents, records=records)
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -363,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --asr: stream the caller's audio X times faster than real time (default 1: real time,"
                            " as FreeSWITCH does)")
     demo.set_defaults(func=cmd_demo)
+
+    from ivr_daemon.records.cli import add_parser as add_calls_parser
+
+    add_calls_parser(sub, _settings_or_exit)
     return parser
 
 

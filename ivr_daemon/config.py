@@ -91,6 +91,14 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("WEBHOOK_TIMEOUT_S", "webhook_timeout_s", "5", "seconds one webhook POST may take before it is retried"),
     ("WEBHOOK_QUEUE_MAX", "webhook_queue_max", "1000",
      "webhook events waiting at most; past it the oldest is dropped (ivr_webhooks_dropped_total)"),
+    ("DATABASE_URL", "database_url", "",
+     "where call records and transcripts go: sqlite:///FILE or postgresql://user:password@host/db; off: none kept. "
+     "Empty: sqlite:///<TTS_OUTPUT_DIR's parent>/ivr_daemon.db"),
+    ("RECORDS_RETENTION_DAYS", "records_retention_days", "90",
+     "days call records are kept (deleted daily); 0 keeps them forever"),
+    ("RECORDS_QUEUE_MAX", "records_queue_max", "10000",
+     "records waiting at most for the database (e.g. while it is down); past it new ones are dropped "
+     "(ivr_records_dropped_total)"),
     ("TTS_ENGINE", "tts_engine", "coqui", "coqui | piper | null (silence, for tests)"),
     ("COQUI_MODEL", "coqui_model", DEFAULT_COQUI_MODEL,
      "Coqui model name, downloaded on first use"),
@@ -205,6 +213,9 @@ class Settings:
     log_transcripts: bool
     first_chunk: str = "clause"  # last, with a default: Settings built by hand before it existed stay valid
     freeswitch_hosts: tuple[str, ...] = ()  # FREESWITCH_HOSTS' entries as given; () is FREESWITCH_HOST alone
+    database_url: str = ""  # load_settings always sets it; "" (a hand-built Settings): no records
+    records_retention_days: int = 90
+    records_queue_max: int = 10_000
 
     @property
     def uses_default_esl_password(self) -> bool:
@@ -454,6 +465,24 @@ def _webhook(raw: Mapping[str, str]) -> tuple[str, str]:
     return url, secret
 
 
+DATABASE_FILE = "ivr_daemon.db"
+
+
+def _database_url(raw: str, tts_output_dir: Path) -> str:
+    """DATABASE_URL, checked (not connected to); empty: an SQLite file beside TTS_OUTPUT_DIR
+    (/var/lib/ivr-daemon/ivr_daemon.db, or ~/.local/state/ivr-daemon/ivr_daemon.db by default)."""
+    from ivr_daemon.records.store import BadDatabaseUrl, database_url
+
+    if raw.strip().lower() == "off":
+        return ""  # no records (Settings.database_url "": open_records makes none)
+    text = raw.strip() or f"sqlite:///{tts_output_dir.parent / DATABASE_FILE}"
+    try:
+        database_url(text)
+    except BadDatabaseUrl as exc:
+        raise ConfigError("DATABASE_URL", str(exc)) from None
+    return text
+
+
 def normalize_words(text: str) -> str:
     """Lower case, punctuation dropped, whitespace collapsed: how goodbye words are compared."""
     return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
@@ -526,6 +555,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
     if not output_dir or any(c.isspace() or c == ";" for c in output_dir):
         # The path goes into uuid_broadcast lines, where whitespace splits arguments.
         raise ConfigError("TTS_OUTPUT_DIR", f"must be a path without spaces or ';', got {output_dir!r}")
+
+    database = _database_url(raw["database_url"], Path(output_dir).absolute())
 
     fallback = _one_line("FALLBACK_PHRASE", raw["fallback_phrase"]).strip()
     if not fallback:
@@ -601,4 +632,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         log_level=_choice("LOG_LEVEL", raw["log_level"], LOG_LEVELS, upper=True),
         log_format=_choice("LOG_FORMAT", raw["log_format"], LOG_FORMATS),
         log_transcripts=_bool("LOG_TRANSCRIPTS", raw["log_transcripts"]),
+        database_url=database,
+        records_retention_days=_int("RECORDS_RETENTION_DAYS", raw["records_retention_days"], 0, 36_500),
+        records_queue_max=_int("RECORDS_QUEUE_MAX", raw["records_queue_max"], 1, 10_000_000),
     )

@@ -216,6 +216,10 @@ class _Reply:
     turn_started_s: float | None = None
     sent_all: bool = False  # the turn sent everything it will: no more sentences of it
     counted: bool = False
+    # Which turn this reply answers (the answer itself, or the answer to its tool calls), and
+    # what the caller said (the answer only): for the call records.
+    turn: int | None = None
+    transcript: str | None = None
 
     @property
     def playing(self) -> bool:
@@ -254,6 +258,9 @@ class ConversationHandler:
         self.hung_up = False
         self._turn_greenlet: gevent.Greenlet | None = None
         self._reply: _Reply | None = None  # the latest reply that may still be playing
+        # Turns' replies something else was said after while they still played (a goodbye after
+        # the answer): followed to the end only for what the records say was heard of them.
+        self._earlier_replies: list[_Reply] = []
         # This call's syntheses still running -> the per-call WAV each writes (None: a cache file).
         self._pending_syntheses: dict[gevent.event.AsyncResult, Path | None] = {}
         self._closed = False
@@ -395,15 +402,22 @@ class ConversationHandler:
         path = event.get("Playback-File-Path")
         if not path:
             return
-        if event.name == "PLAYBACK_START":
-            item = next((s for s in reply.spoken if s.path == path and not s.started), None)
-            if item is not None:
-                item.started = True
-        else:
-            item = next((s for s in reply.spoken if s.path == path and s.started and s.status is None), None)
+        for earlier in (reply, *self._earlier_replies):  # the current reply's, almost always
+            if event.name == "PLAYBACK_START":
+                item = next((s for s in earlier.spoken if s.path == path and not s.started), None)
+                if item is not None:
+                    item.started = True
+                    return
+                continue
+            item = next((s for s in earlier.spoken if s.path == path and s.started and s.status is None), None)
             if item is not None:
                 item.status = event.get("Playback-Status") or "done"
-                self._count_turn_if_over(reply)
+                if earlier is reply:
+                    self._count_turn_if_over(reply)
+                elif not earlier.playing:
+                    self._earlier_replies.remove(earlier)
+                    self._turn_changed(earlier)
+                return
 
     def _is_barge_in(self, event: EslEvent) -> bool:
         mode = self.services.settings.barge_in
@@ -457,7 +471,11 @@ class ConversationHandler:
     def _count_turn(self, reply: _Reply | None, outcome: str | None = None) -> None:
         """ivr_turns_total, once per turn: interrupted (the caller cut it: barge-in, or hung up
         before it was sent) over fallback over answered. Phrases of the call flow do not count."""
-        if reply is None or reply.turn_started_s is None or reply.counted:
+        if reply is None:
+            return
+        if reply.turn is not None:
+            self._turn_changed(reply)  # what was heard of it may have changed: records
+        if reply.turn_started_s is None or reply.counted:
             return
         reply.counted = True
         outcome = outcome or ("interrupted" if reply.interrupted else "fallback" if reply.fallback else "answered")
@@ -476,7 +494,7 @@ class ConversationHandler:
         messages = self.history.ask(transcript)
         try:
             reply = self._speak(lambda reply, sentences: self._produce(messages, sentences, log, reply), log,
-                                turn_started_s=started_s)
+                                turn_started_s=started_s, turn=turn, transcript=transcript)
         except gevent.GreenletExit:
             # Killed: by a barge-in (counted there already) or by the hangup.
             self._count_turn(self._reply, "interrupted")
@@ -508,6 +526,9 @@ class ConversationHandler:
     def _turn_completed(self, result: TurnResult) -> None:
         """A turn's answer is sent (or cut); the call flow tells the webhook receiver."""
 
+    def _turn_changed(self, reply: _Reply) -> None:
+        """A turn's reply is over or changed (cut, played out): the call flow records it."""
+
     def _after_reply(self, reply: _Reply, messages: list[Message], log) -> None:
         """What a reply leads to once spoken (tool calls: transfer, end the call); the call flow's."""
 
@@ -538,14 +559,19 @@ class ConversationHandler:
         return reply
 
     def _speak(self, produce: Callable[[_Reply, gevent.queue.Queue], None], log, barge_in: bool = True,
-               turn_started_s: float | None = None) -> _Reply:
+               turn_started_s: float | None = None, turn: int | None = None,
+               transcript: str | None = None) -> _Reply:
         """Broadcast, in order and as each is ready, the sentences ``produce`` queues (with their
         pending syntheses); the fallback phrase if nothing is ready by the first-audio deadline.
-        ``turn_started_s``: this is a turn's answer (metrics)."""
+        ``turn_started_s``: this is a turn's answer (metrics); ``turn``: the turn it answers
+        (records; ``transcript`` for the answer itself)."""
         previous = self._reply
         if previous is not None and previous.sent_all:
             self._count_turn(previous)  # something else speaks now: that answer is over
-        reply = self._reply = _Reply(barge_in=barge_in, turn_started_s=turn_started_s)
+        if previous is not None and previous.turn is not None and previous.playing:
+            self._earlier_replies = [*self._earlier_replies[-3:], previous]
+        reply = self._reply = _Reply(barge_in=barge_in, turn_started_s=turn_started_s, turn=turn,
+                                     transcript=transcript)
         sentences: gevent.queue.Queue = gevent.queue.Queue()
         producer = gevent.spawn(produce, reply, sentences)
         # No dead air: the first audio goes out by LLM_TIMEOUT (+ a margin that lets the LLM

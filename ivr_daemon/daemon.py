@@ -26,6 +26,7 @@ from ivr_daemon.logs import get_logger
 from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.outbound import BadCallRequest, JobWaiters, placeholders
 from ivr_daemon.switches import Switch
+from ivr_daemon.records.writer import RecordWriter
 from ivr_daemon.storage import prepare_output_dir
 from ivr_daemon.tts import start_voice
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
@@ -46,6 +47,10 @@ SHUTDOWN_GRACE_S = SHUTDOWN_BUDGET_S - SHUTDOWN_EXIT_S - SHUTDOWN_CLEANUP_S - SH
 # At most this long (within the budget) for webhook events still queued: a dead receiver must
 # not make every shutdown take the whole budget.
 SHUTDOWN_WEBHOOK_FLUSH_S = 2.0
+# Call records still queued (the calls' last rows are queued by their clean-up): at most this
+# long, and at least SHUTDOWN_RECORDS_MIN_S even when the turns took the whole grace.
+SHUTDOWN_RECORDS_FLUSH_S = 2.0
+SHUTDOWN_RECORDS_MIN_S = 0.5
 RESYNC_INTERVAL_S = 60.0
 
 # What the daemon subscribes to (https://developer.signalwire.com/freeswitch/FreeSWITCH-Explained/Introduction/Event-System/Event-List_7143557/).
@@ -105,6 +110,7 @@ class Daemon:
         self.flows: list[CallFlowServices] = []  # every switch's
         self.voices: list[TtsEngine] = []  # the voices build_conversation_daemon started: closed at stop
         self.webhooks: WebhookSender | None = None  # set by build_conversation_daemon
+        self.records: RecordWriter | None = None  # set by build_conversation_daemon
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
         self.agents: AgentBook | None = None  # set by build_conversation_daemon (POST /calls)
@@ -149,6 +155,8 @@ class Daemon:
         switch has refused it. A switch that refuses it later stops alone; the others go on."""
         if self.webhooks is not None:
             self.webhooks.start()  # idempotent
+        if self.records is not None:
+            self.records.start()  # idempotent
         periodic = gevent.spawn(self._resync_every, RESYNC_INTERVAL_S)
         runners = {gevent.spawn(_run_client, switch.esl): switch for switch in self.switches}
         try:
@@ -207,6 +215,8 @@ class Daemon:
             self._greenlet.join(timeout=timeout_s)
         if self.webhooks is not None:
             self.webhooks.stop(timeout_s=0.0)
+        if self.records is not None:
+            self.records.stop(timeout_s=timeout_s)  # tests stop this way: what was queued is written
         self.close_voices()
 
     def close_voices(self) -> None:
@@ -252,6 +262,10 @@ class Daemon:
                 log.warning("shutdown_syntheses_abandoned", count=len(running) - len(done))
         if self._greenlet is not None:
             self._greenlet.join(timeout=max(0.0, deadline_s - time.monotonic()))
+        if self.records is not None:
+            # The calls' last rows (their ends) were queued by their clean-up just now.
+            self.records.stop(timeout_s=min(SHUTDOWN_RECORDS_FLUSH_S,
+                                            max(SHUTDOWN_RECORDS_MIN_S, deadline_s - time.monotonic())))
         if self.webhooks is not None:
             # The calls' last events (call.ended) were queued by their clean-up just now.
             self.webhooks.stop(timeout_s=max(0.0, min(SHUTDOWN_WEBHOOK_FLUSH_S, deadline_s - time.monotonic())))
@@ -273,6 +287,7 @@ def build_conversation_daemon(
     synth_threads: int | None = None,
     agents: AgentBook | None = None,
     webhook_backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
+    records: RecordWriter | None = None,
     **esl_options,
 ) -> Daemon:
     """The daemon ``ivr-daemon run`` runs: every agent's LLM and voice loaded once, and its
@@ -281,7 +296,8 @@ def build_conversation_daemon(
 
     ``llm``/``tts`` given: every agent uses them. Raises ConfigError for a bad agents file and
     TtsModelUnavailable (naming the agent) when a voice cannot be loaded or speak, and
-    UnsafeOutputDir when TTS_OUTPUT_DIR is not private to the daemon's user.
+    UnsafeOutputDir when TTS_OUTPUT_DIR is not private to the daemon's user. ``records``: where
+    calls and turns are recorded (``ivr-daemon run`` gives :func:`open_records`'s); None: nowhere.
     """
     prepare_output_dir(settings.tts_output_dir)  # before anything is written or adopted there
     agents = agents or load_agents(settings)
@@ -325,7 +341,7 @@ def build_conversation_daemon(
                                metrics=metrics)
             for name, (agent, client, engine, pinned, fallback_wav) in prepared.items()
         }
-        flow = CallFlowServices(by_agent, agents.default_name, webhooks=webhooks)
+        flow = CallFlowServices(by_agent, agents.default_name, webhooks=webhooks, records=records)
         made.append(flow)
         return call_flow_factory(flow)
 
@@ -345,6 +361,9 @@ def build_conversation_daemon(
     daemon.flows = made
     daemon.agents = agents
     daemon.webhooks = webhooks
+    if records is not None:
+        records.use_metrics(metrics)
+        daemon.records = records
     daemon.services = made[0].by_agent[agents.default_name]
     return daemon
 
@@ -357,6 +376,31 @@ def _run_client(esl: EslClient) -> Exception | None:
     except Exception as exc:
         return exc
     return None
+
+
+def open_records(settings: Settings) -> RecordWriter | None:
+    """The call records of ``ivr-daemon run``: DATABASE_URL's tables created or upgraded now.
+
+    A database that cannot be reached now does not stop the daemon: records wait for it (and
+    the tables are made when it answers). Raises BadDatabaseUrl for a URL or SQLite file that
+    cannot be used at all. None when the settings name no database (a hand-built Settings).
+    """
+    from ivr_daemon.records.store import DatabaseUnavailable, RecordStore
+
+    if not settings.database_url:
+        return None
+    store = RecordStore(settings.database_url)
+    writer = RecordWriter(store, queue_max=settings.records_queue_max,
+                          retention_days=settings.records_retention_days)
+    try:
+        revision = writer.in_db_thread(store.migrate)
+    except DatabaseUnavailable as exc:
+        log.error("records_database_down", database=store.description, error=str(exc)[:300],
+                  hint="records wait in memory (RECORDS_QUEUE_MAX) and are written when it is back")
+    else:
+        writer.db_up = True
+        log.info("records_database_ready", database=store.description, revision=revision)
+    return writer
 
 
 def agent_phrases(settings: Settings, has_tools: bool = False) -> list[str]:

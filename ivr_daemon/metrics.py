@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -27,6 +27,8 @@ TURN_OUTCOMES = ("answered", "fallback", "interrupted")
 LLM_ERROR_KINDS = ("timeout", "connection", "http", "bad_reply")
 # Why the daemon ended a call with its goodbye (call_flow's reasons).
 HANGUP_REASONS = ("llm_end_call", "goodbye_words", "dtmf", "silence")
+# Why a call record was not written (ivr_daemon.records.writer).
+RECORD_DROP_REASONS = ("queue_full", "refused", "shutdown", "stopped")
 
 
 class DaemonMetrics:
@@ -78,6 +80,13 @@ class DaemonMetrics:
         self.webhooks_dropped_total = Counter(
             "ivr_webhooks_dropped_total", "Call-event webhooks dropped unsent: the queue was full (oldest first).",
             registry=r)
+        self.records_written_total = Counter(
+            "ivr_records_written_total", "Call and turn records written to the database (DATABASE_URL).", registry=r)
+        self.records_dropped_total = Counter(
+            "ivr_records_dropped_total", "Call and turn records not written, by reason.", ["reason"], registry=r)
+        # The records' queue and the database's state are read from the writer when scraped.
+        self._records = None
+        r.register(_RecordsCollector(self))
         # Known label values show as 0 from the start: a dashboard's rate() needs the series.
         for outcome in TURN_OUTCOMES:
             self.turns_total.labels(outcome=outcome)
@@ -85,6 +94,8 @@ class DaemonMetrics:
             self.llm_errors_total.labels(kind=kind)
         for reason in HANGUP_REASONS:
             self.hangups_by_ivr_total.labels(reason=reason)
+        for reason in RECORD_DROP_REASONS:
+            self.records_dropped_total.labels(reason=reason)
         # For GET /health: what went wrong last, so an administrator sees it without the logs.
         self.last_llm_error: dict[str, object] | None = None
 
@@ -99,6 +110,10 @@ class DaemonMetrics:
     def watch_cache(self, stats: Callable[[], CacheStats]) -> None:
         """Expose the phrase cache's hit and miss counts (``PhraseCache.stats``)."""
         self._cache_stats = stats
+
+    def watch_records(self, writer) -> None:
+        """Expose the records writer's queue length and database state (``RecordWriter``)."""
+        self._records = writer
 
     def note_llm_error(self, exc: LlmError) -> None:
         """Count an LLM failure by kind and keep it as the last one."""
@@ -127,6 +142,21 @@ class _CacheCollector(Collector):
                                   value=stats.misses if stats else 0)
 
 
+class _RecordsCollector(Collector):
+    """ivr_records_queued and ivr_records_db_up, read from the records writer when scraped
+    (0 and 0 without one)."""
+
+    def __init__(self, metrics: DaemonMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        writer = self._metrics._records
+        yield GaugeMetricFamily("ivr_records_queued", "Call and turn records waiting to be written.",
+                                value=writer.queued if writer is not None else 0)
+        yield GaugeMetricFamily("ivr_records_db_up", "1 while the records database answers, else 0.",
+                                value=1 if writer is not None and writer.db_up else 0)
+
+
 def llm_error_kind(exc: LlmError) -> str:
     """timeout | connection (no answer at all) | http (an error status) | bad_reply."""
     if isinstance(exc, LlmTimeout):
@@ -136,5 +166,5 @@ def llm_error_kind(exc: LlmError) -> str:
     return "bad_reply"
 
 
-__all__ = ["DaemonMetrics", "HANGUP_REASONS", "LATENCY_BUCKETS_S", "LLM_ERROR_KINDS", "TURN_OUTCOMES",
+__all__ = ["DaemonMetrics", "HANGUP_REASONS", "LATENCY_BUCKETS_S", "LLM_ERROR_KINDS", "RECORD_DROP_REASONS", "TURN_OUTCOMES",
            "llm_error_kind"]

@@ -58,3 +58,12 @@ def pytest_configure(config):
     from ivr_daemon.logs import configure_logging
 
     configure_logging("DEBUG", "console")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/pg_server.py), removed afterwards."""
+    from pg_server import PostgresServer
+
+    with PostgresServer.started() as server:
+        yield server

@@ -12,6 +12,7 @@ Routes (each in its own module):
 ``GET /health``                          JSON; 200 while a switch's ESL connection is up, else 503
 ``GET /metrics``                         Prometheus exposition (prometheus_client)
 ``GET /calls``, ``GET /calls/{uuid}``    the live phone calls; one call's history
+``GET /calls/{uuid}/transcript``         an ended call's record (the records database)
 ``POST /calls``                          place an outbound call into the IVR extension
 ``GET /ws/transcribe``                   WebSocket: live transcription, each final a turn
 ``GET /``, ``GET /static/...``           the page to talk to the agent (talk.py)
@@ -27,7 +28,7 @@ import urllib.parse
 import falcon
 
 from ivr_daemon.daemon import Daemon
-from ivr_daemon.http.live_calls import CallResource, CallsResource
+from ivr_daemon.http.live_calls import CallResource, CallsResource, TranscriptResource
 from ivr_daemon.http.status import HealthResource, MetricsResource
 from ivr_daemon.http.talk import STATIC_DIR, TalkPageResource, TalkSessions, TranscribeResource
 from ivr_daemon.http.test_calls import TestCalls
@@ -117,4 +118,5 @@ def make_app(daemon: Daemon, test_calls: TestCalls, *, token: str = "", turn_slo
     app.add_route("/ws/transcribe", TranscribeResource(test_calls, talk_sessions))
     app.add_route("/", TalkPageResource())
     app.add_static_route("/static", str(STATIC_DIR), fallback_filename=None)
+    app.add_route("/calls/{call_uuid}/transcript", TranscriptResource(daemon))
     return app

@@ -1,5 +1,6 @@
-"""``GET /calls`` (the live phone calls), ``GET /calls/{uuid}`` (one call and its history) and
-``POST /calls`` (place an outbound call, :mod:`ivr_daemon.outbound`).
+"""``GET /calls`` (the live phone calls), ``GET /calls/{uuid}`` (one call and its history),
+``POST /calls`` (place an outbound call, :mod:`ivr_daemon.outbound`) and
+``GET /calls/{uuid}/transcript`` (an ended call, from the records database).
 
 Read-only: what the router and each call's handler already know, read on the loop between
 two of their steps. Caller numbers and what callers said are personal data: with
@@ -124,3 +125,40 @@ class CallResource:
         # The conversation itself; the system prompt is the agent's, not the call's.
         messages = history.messages()[1:] if history is not None else []
         resp.media = {**call_summary(call, switch.name), "history": messages}
+
+
+class TranscriptResource:
+    """``GET /calls/{uuid}/transcript``: an ended call's record and its turns (what the caller
+    said, what was sent and what was heard) from the records database. 404 unknown; 409 still
+    live (``GET /calls/{uuid}``); 503 its record not written yet (``Retry-After``), the database
+    down, or no records kept. The read runs on the records' own thread, never on the loop."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, call_uuid: str) -> None:
+        from ivr_daemon.records import DatabaseUnavailable, RecordsError
+        from ivr_daemon.records.views import call_json
+
+        if any((call := switch.router.calls.get(call_uuid)) is not None and not call.ended
+               for switch in self.daemon.switches):
+            raise falcon.HTTPConflict(title="409 Conflict",
+                                      description=f"call {call_uuid[:128]} is still going on: GET /calls/{{uuid}}")
+        records = self.daemon.records
+        if records is None:
+            raise falcon.HTTPServiceUnavailable(title="503 Service Unavailable",
+                                                description="this daemon keeps no call records")
+        if records.pending_for(call_uuid):
+            raise falcon.HTTPServiceUnavailable(title="503 Service Unavailable", retry_after=1,
+                                                description=f"the record of {call_uuid[:128]} is being written")
+        try:
+            found = records.in_db_thread(records.store.call, call_uuid)
+        except DatabaseUnavailable as exc:
+            raise falcon.HTTPServiceUnavailable(title="503 Service Unavailable", retry_after=5,
+                                                description=f"records database unavailable: {exc}") from None
+        except RecordsError as exc:
+            raise falcon.HTTPInternalServerError(title="500 Internal Server Error",
+                                                 description=f"records database error: {exc}") from None
+        if found is None:
+            raise falcon.HTTPNotFound(title="404 Not Found", description=f"no recorded call {call_uuid[:128]}")
+        resp.media = call_json(found)

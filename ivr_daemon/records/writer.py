@@ -1,0 +1,275 @@
+"""Call records written off the gevent loop, never in a call's way, never lost silently.
+
+``put_call``/``put_turn`` only put a record into a bounded in-memory queue and return. A
+pump greenlet hands batches of it to **one native thread** (a ``gevent.threadpool.ThreadPool``
+of size 1) that does the blocking database work: the SQLite and libpq calls never hold the
+loop. Every use of the database (writes, migrations, retention, the transcript reads of
+``GET /calls/{uuid}/transcript``) goes through that same thread, so SQLAlchemy's pool and the
+driver's connections are only ever touched by one thread: under monkey-patching their locks
+are gevent's, which threads must not share.
+
+Records are snapshots, keyed (a call by its UUID, a turn by call and index): a newer snapshot
+of a record still waiting replaces it in place. A call's row therefore stays ahead of its turns,
+and a call whose state changes ten times while the database is down waits as one record.
+
+While the database is down (connection refused, server gone mid-write, file locked) nothing is
+dropped: the batch stays queued and is retried with backoff (0.5 s doubling to 10 s), and
+``ivr_records_db_up`` is 0. Only a full queue (``RECORDS_QUEUE_MAX`` records waiting: a new
+record is refused, the ones waiting are kept) or a record the database itself refuses is
+dropped, and each drop is logged and counted in ``ivr_records_dropped_total``. At shutdown the
+queue is flushed within the budget it is given; what is left is logged with its count.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import time
+from typing import Callable, TypeVar
+
+import gevent
+import gevent.event
+import gevent.threadpool
+
+from ivr_daemon.logs import get_logger
+from ivr_daemon.metrics import DaemonMetrics
+from ivr_daemon.records.store import DatabaseUnavailable, RecordRefused, RecordStore, utc_now
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_QUEUE_MAX = 10_000
+BATCH_MAX = 200  # records in one transaction
+# After the first record of a quiet spell, gather for this long before writing: one commit for
+# many records, and a turn's snapshots (sent, played out) often become one write. A record is
+# still in the database well within a second; the shutdown's flush does not wait for it.
+GATHER_S = 0.25
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 10.0
+PROBE_INTERVAL_S = 30.0  # while idle: is the database still there (ivr_records_db_up)?
+RETENTION_INTERVAL_S = 24 * 3600.0
+RETENTION_RETRY_S = 3600.0
+
+Key = tuple[str, ...]
+
+
+class RecordWriter:
+    """Owned by the daemon: ``start()``, ``put_*`` from any greenlet, ``stop()`` at shutdown."""
+
+    def __init__(self, store: RecordStore, metrics: DaemonMetrics | None = None, *,
+                 queue_max: int = DEFAULT_QUEUE_MAX, retention_days: int = 90,
+                 backoff_base_s: float = BACKOFF_BASE_S, backoff_max_s: float = BACKOFF_MAX_S):
+        self.store = store
+        self.metrics = metrics if metrics is not None else DaemonMetrics()
+        self.queue_max = max(1, queue_max)
+        self.retention_days = retention_days
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._waiting: collections.OrderedDict[Key, tuple[str, dict]] = collections.OrderedDict()
+        self._wakeup = gevent.event.Event()
+        self._retry_now = gevent.event.Event()  # cuts a backoff short: the shutdown's last try
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        # The one native thread that talks to the database (see the module's docstring).
+        self._thread = gevent.threadpool.ThreadPool(1)
+        self._greenlets: list[gevent.Greenlet] = []
+        self._stopping = False
+        self.db_up = False
+        self._down_since_s: float | None = None
+        self.written = 0
+        self.dropped = 0
+        self.metrics.watch_records(self)
+
+    def use_metrics(self, metrics: DaemonMetrics) -> None:
+        """Count into the daemon's metrics (build_conversation_daemon makes them)."""
+        self.metrics = metrics
+        metrics.watch_records(self)
+
+    # -- the daemon's side ----------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Records waiting (the batch being written included)."""
+        return len(self._waiting)
+
+    def start(self) -> None:
+        if not self._greenlets:
+            self._greenlets = [gevent.spawn(self._pump)]
+            if self.retention_days > 0:
+                self._greenlets.append(gevent.spawn(self._retain))
+
+    def put_call(self, row: dict) -> bool:
+        """Queue the newest snapshot of a call's row; False when it could not be queued."""
+        return self._put(("call", row["uuid"]), ("call", row))
+
+    def put_turn(self, row: dict) -> bool:
+        """Queue the newest snapshot of a turn's row; False when it could not be queued."""
+        return self._put(("turn", row["call_uuid"], str(row["turn_index"])), ("turn", row))
+
+    def _put(self, key: Key, record: tuple[str, dict]) -> bool:
+        if key in self._waiting:
+            self._waiting[key] = record  # in place: the call stays ahead of its turns
+        elif self._stopping or len(self._waiting) >= self.queue_max:
+            self._drop([record], "stopped" if self._stopping else "queue_full")
+            return False
+        else:
+            self._waiting[key] = record
+        self._idle.clear()
+        self._wakeup.set()
+        return True
+
+    def pending_for(self, call_uuid: str) -> bool:
+        """Some record of this call is still waiting to be written."""
+        return any(key[1] == call_uuid for key in self._waiting)
+
+    def in_db_thread(self, work: Callable[..., T], *args) -> T:
+        """``work(*args)`` on the database thread; the calling greenlet waits, the loop does not."""
+        return self._thread.apply(work, args)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued record is written (or dropped), at most ``timeout_s``."""
+        return self._idle.wait(timeout_s) and not self._waiting
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Write what can be within ``timeout_s`` (records still arriving meanwhile, the last
+        calls' clean-ups, are taken too), then take no more and log what is left."""
+        if self._waiting:
+            self._retry_now.set()  # a pump waiting out a backoff tries once more, now
+            self.flush(timeout_s)
+        self._stopping = True
+        left = list(self._waiting.values())
+        if left:
+            # The database is down or slow: these were not written. Said loudly, with the calls.
+            log.error("records_abandoned_at_shutdown", count=len(left),
+                      calls=sorted({row.get("uuid") or row.get("call_uuid") for _kind, row in left})[:20])
+            self._drop(left, "shutdown")
+            self._waiting.clear()
+        # Not waited for: a loop this busy may take a while to run them, and the shutdown has a budget.
+        gevent.killall(self._greenlets, block=False)
+        self._greenlets = []
+        busy = self._thread.task_queue.unfinished_tasks  # what the thread runs or has queued
+        if busy:
+            # A write or read hangs in the driver (a black-holed server): the thread cannot be
+            # stopped, and waiting for it would hold the shutdown. It dies with the process.
+            log.warning("records_thread_busy_at_stop", tasks=busy)
+            return
+        try:
+            with gevent.Timeout(1.0):
+                self.in_db_thread(self.store.close)  # the connections, closed by the thread that opened them
+                self._thread.kill()
+        except (gevent.Timeout, Exception) as exc:  # noqa: BLE001 -- closing only
+            log.warning("records_close_failed", error=repr(exc)[:200])
+
+    # -- the pump -------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        backoff_s = self.backoff_base_s
+        while True:
+            if not self._waiting:
+                self._idle.set()
+                self._wakeup.clear()
+                if not self._wakeup.wait(PROBE_INTERVAL_S):
+                    self._probe()
+                elif not self._stopping:
+                    self._retry_now.wait(GATHER_S)  # set by stop(): no gathering then
+                continue
+            batch = list(self._waiting.items())[:BATCH_MAX]
+            try:
+                written = self._write([record for _key, record in batch])
+            except DatabaseUnavailable as exc:
+                self._note_down(exc, len(self._waiting), backoff_s)
+                self._retry_now.wait(backoff_s)
+                self._retry_now.clear()
+                backoff_s = min(self.backoff_max_s, backoff_s * 2)
+                continue
+            except Exception:  # a bug here must not end the pump: the next records still go
+                log.exception("records_writer_failed", batch=len(batch))
+                gevent.sleep(backoff_s)
+                continue
+            backoff_s = self.backoff_base_s
+            self._note_up()
+            for key, record in batch:
+                if self._waiting.get(key) is record:  # not replaced by a newer snapshot meanwhile
+                    del self._waiting[key]
+            self.written += written
+            self.metrics.records_written_total.inc(written)
+
+    def _write(self, records: list[tuple[str, dict]]) -> int:
+        """Write the batch; on a refused record, one by one, dropping only the refused ones."""
+        try:
+            return self.in_db_thread(self.store.write, records)
+        except RecordRefused:
+            pass
+        written = 0
+        for record in records:
+            try:
+                written += self.in_db_thread(self.store.write, [record])
+            except RecordRefused as exc:
+                log.error("record_refused", kind=record[0], call_uuid=_call_of(record), error=str(exc))
+                self._drop([record], "refused")
+        return written
+
+    def _drop(self, records: list[tuple[str, dict]], reason: str) -> None:
+        self.dropped += len(records)
+        self.metrics.records_dropped_total.labels(reason=reason).inc(len(records))
+        if reason != "shutdown":  # already logged, all together
+            for record in records:
+                log.warning("record_dropped", reason=reason, kind=record[0], call_uuid=_call_of(record),
+                            queue_max=self.queue_max)
+
+    def _probe(self) -> None:
+        try:
+            self.in_db_thread(self.store.ping)
+        except DatabaseUnavailable as exc:
+            self._note_down(exc, 0, PROBE_INTERVAL_S)
+        else:
+            self._note_up()
+
+    def _note_down(self, exc: Exception, waiting: int, retry_in_s: float) -> None:
+        if self.db_up or self._down_since_s is None:
+            self._down_since_s = time.monotonic()
+            log.error("records_database_down", database=self.store.description, error=str(exc)[:300],
+                      records_waiting=waiting, retry_in_s=retry_in_s)
+        else:
+            log.debug("records_database_still_down", error=str(exc)[:300], records_waiting=waiting,
+                      retry_in_s=retry_in_s)
+        self.db_up = False
+
+    def _note_up(self) -> None:
+        if not self.db_up and self._down_since_s is not None:
+            log.info("records_database_back", database=self.store.description,
+                     down_s=round(time.monotonic() - self._down_since_s, 1), records_waiting=len(self._waiting))
+        elif not self.db_up:
+            log.info("records_database_ready", database=self.store.description)
+        self.db_up = True
+        self._down_since_s = None
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def _retain(self) -> None:
+        """Daily: delete the calls (and their turns) older than RECORDS_RETENTION_DAYS."""
+        while True:
+            wait_s = RETENTION_INTERVAL_S if self.enforce_retention() is not None else RETENTION_RETRY_S
+            gevent.sleep(wait_s)
+
+    def enforce_retention(self) -> int | None:
+        """Delete what is past retention now; how many calls (None: the database was down)."""
+        if self.retention_days <= 0:
+            return 0  # kept forever
+        cutoff = utc_now() - datetime.timedelta(days=self.retention_days)
+        try:
+            deleted = self.in_db_thread(self.store.delete_older_than, cutoff)
+        except (DatabaseUnavailable, RecordRefused) as exc:
+            log.warning("records_retention_failed", error=str(exc)[:300], retry_in_s=RETENTION_RETRY_S)
+            return None
+        log.info("records_retention", calls_deleted=deleted, retention_days=self.retention_days)
+        return deleted
+
+
+def _call_of(record: tuple[str, dict]) -> str | None:
+    row = record[1]
+    return row.get("uuid") or row.get("call_uuid")
+
+
+__all__ = ["DEFAULT_QUEUE_MAX", "RecordWriter"]
