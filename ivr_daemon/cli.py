@@ -287,6 +287,19 @@ def cmd_asr_server(args) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args) -> int:
+    """Check, in order, everything the daemon needs; a ✔/✘ table with the fix for each ✘. 0: all fine."""
+    from pathlib import Path
+
+    from ivr_daemon.doctor import DoctorRun, doctor
+    from ivr_daemon.logs import configure_logging
+
+    configure_logging("CRITICAL", "console")  # the table is the output; the parts' own logs would bury it
+    run = DoctorRun(env_file=args.env_file, vosk_conf=Path(args.vosk_conf) if args.vosk_conf else None,
+                    freeswitch_user=args.freeswitch_user, timeout_s=args.timeout)
+    return doctor(run, sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivr-daemon", description="A conversational IVR beside FreeSWITCH.")
     parser.add_argument("--env-file", default=".env", help="optional .env file (default: ./.env)")
@@ -327,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     asr = sub.add_parser("asr-server", help="speech recognition for mod_vosk: a vosk-server WebSocket on ASR_HOST:ASR_PORT")
     asr.set_defaults(func=cmd_asr_server)
+
+    doc = sub.add_parser("doctor", help="check FreeSWITCH, mod_vosk, the recogniser, the LLM, the voices and "
+                                         "TTS_OUTPUT_DIR in order; print what to fix (exit 1 if anything is)")
+    doc.add_argument("--vosk-conf", default=None, metavar="PATH",
+                     help="FreeSWITCH's vosk.conf.xml (default: /etc/freeswitch/autoload_configs/ or "
+                          "/usr/local/freeswitch/conf/autoload_configs/; none: ASR_HOST/ASR_PORT)")
+    doc.add_argument("--freeswitch-user", default="freeswitch", metavar="USER",
+                     help="the user FreeSWITCH runs as, who must read the WAVs (default: freeswitch)")
+    doc.add_argument("--timeout", type=float, default=5.0, help="seconds for each network check (default 5)")
+    doc.set_defaults(func=cmd_doctor)
 
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")
     demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")
