@@ -63,10 +63,27 @@ def cmd_run(args) -> int:
         print(f"ivr-daemon: configuration error: TTS_OUTPUT_DIR: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     http = _http_server_or_exit(daemon, settings)
+    # systemd (Type=notify): READY once FreeSWITCH is connected and the HTTP API listens (it
+    # already does here), the watchdog fed from this loop, STOPPING at SIGTERM.
+    from ivr_daemon.service_manager import ServiceNotifier
+
+    notifier = ServiceNotifier()
+    freeswitch = f"{settings.freeswitch_host}:{settings.freeswitch_port}"
+    http_where = f", HTTP on {http.url}" if http is not None else ""
+
+    def tell_systemd_when_ready() -> None:
+        daemon.esl.wait_connected()
+        notifier.ready(f"connected to FreeSWITCH {freeswitch}{http_where}")
+
+    if notifier.enabled:
+        notifier.start_watchdog()
+        notifier.status(f"connecting to FreeSWITCH {freeswitch}")
+        gevent.spawn(tell_systemd_when_ready)
     # Signal handlers run on the loop; the shutdown waits, so it gets its own greenlet.
     shutting_down: list[gevent.Greenlet] = []
 
     def shutdown() -> None:
+        notifier.stopping("stopping: finishing turns in flight")
         started_s = time.monotonic()
         if http is not None:
             http.close()  # no new connections; new test turns are refused like calls' turns
@@ -277,10 +294,17 @@ def cmd_asr_server(args) -> int:
         print(f"ivr-daemon: configuration error: ASR_HOST/ASR_PORT: cannot listen on "
               f"{settings.asr_host}:{settings.asr_port}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from ivr_daemon.service_manager import ServiceNotifier
+
+    notifier = ServiceNotifier()  # systemd Type=notify: READY now that it listens, the watchdog, STOPPING
+    notifier.start_watchdog()
+    host, port = server.address
+    notifier.ready(f"listening on ws://{host}:{port} ({engine.name})")
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
     stop.wait()
+    notifier.stopping()
     log.info("asr_server_stopping", open_streams=server.open_streams)
     server.stop()
     log.info("asr_server_stopped")
