@@ -324,6 +324,29 @@ def cmd_doctor(args) -> int:
     return doctor(run, sys.stdout)
 
 
+def cmd_fetch_model(args) -> int:
+    """Download a Coqui model now (for a box that goes offline later); print the settings that use it."""
+    from pathlib import Path
+
+    from ivr_daemon.logs import configure_logging
+    from ivr_daemon.tts.fetch import FetchFailed, fetch_coqui_model
+
+    configure_logging("WARNING", "console")
+    try:
+        fetched = fetch_coqui_model(args.name, Path(args.dir).absolute(),
+                                    Path(args.models_file) if args.models_file else None)
+    except FetchFailed as exc:
+        print(f"ivr-daemon: fetch-model: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"fetched {fetched.name}; put these in the daemon's environment or .env:", file=sys.stderr)
+    if fetched.vocoder:
+        print(f"note: {fetched.name} speaks through the vocoder {fetched.vocoder}, which COQUI_MODEL_PATH cannot "
+              "name: the daemon would fall back to Griffin-Lim. An end-to-end model (.../vits) needs none.",
+              file=sys.stderr)
+    print("\n".join(fetched.settings_lines()))  # stdout: ready for >> .env
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ivr-daemon", description="A conversational IVR beside FreeSWITCH.")
     parser.add_argument("--env-file", default=".env", help="optional .env file (default: ./.env)")
@@ -374,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the user FreeSWITCH runs as, who must read the WAVs (default: freeswitch)")
     doc.add_argument("--timeout", type=float, default=5.0, help="seconds for each network check (default 5)")
     doc.set_defaults(func=cmd_doctor)
+
+    fetch = sub.add_parser("fetch-model", help="download a Coqui model to a local directory and print the "
+                                                "COQUI_MODEL_PATH/COQUI_CONFIG_PATH that use it")
+    fetch.add_argument("name", metavar="NAME", help="a Coqui model name, e.g. tts_models/en/ljspeech/vits")
+    fetch.add_argument("--dir", default="models", help="where the model goes (under DIR/tts/; default: ./models)")
+    fetch.add_argument("--models-file", default=None, metavar="PATH",
+                       help="a models.json of your own (e.g. pointing at a mirror) instead of the list Coqui ships")
+    fetch.set_defaults(func=cmd_fetch_model)
 
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")
     demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")
