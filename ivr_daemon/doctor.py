@@ -100,8 +100,8 @@ def check_settings(run: DoctorRun) -> Iterator[Row]:
         run.settings = load_settings(environ=run.environ, dotenv_path=run.env_file)
         run.agents = load_agents(run.settings)
     except ConfigError as exc:
-        yield Row(FAIL, str(exc), f"correct {exc.variable} in the environment or {run.env_file}"
-                  if getattr(exc, "variable", None) else f"correct the setting in the environment or {run.env_file}")
+        where = f"the environment or {run.env_file}" if run.env_file else "the environment"
+        yield Row(FAIL, str(exc), f"correct {exc.variable} in {where}")
         return
     names = list(run.agents.agents)
     yield Row(PASS, f"{len(names)} agent{'s' * (len(names) != 1)}: {', '.join(names)}")
