@@ -24,6 +24,15 @@ from llm_fakes import FakeLlmServer
 NO_SUCH_USER = "ivr-doctor-test-no-such-user"
 
 
+@pytest.fixture(autouse=True)
+def suite_logging_restored():
+    """cli.main() configures logging for its command (quieter); later tests need conftest's DEBUG."""
+    yield
+    from ivr_daemon.logs import configure_logging
+
+    configure_logging("DEBUG", "console")
+
+
 @pytest.fixture(scope="module")
 def asr_server():
     with AsrServer(PocketsphinxEngine(), port=0) as server:

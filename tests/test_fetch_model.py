@@ -30,6 +30,15 @@ def closed_local_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def suite_logging_restored():
+    """cli.main() configures logging for its command (quieter); later tests need conftest's DEBUG."""
+    yield
+    from ivr_daemon.logs import configure_logging
+
+    configure_logging("DEBUG", "console")
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """Every download fails fast, here and on a machine that has a network."""
