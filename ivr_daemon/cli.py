@@ -73,10 +73,27 @@ def cmd_run(args) -> int:
         print(f"ivr-daemon: configuration error: TTS_OUTPUT_DIR: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     http = _http_server_or_exit(daemon, settings)
+    # systemd (Type=notify): READY once FreeSWITCH is connected and the HTTP API listens (it
+    # already does here), the watchdog fed from this loop, STOPPING at SIGTERM.
+    from ivr_daemon.service_manager import ServiceNotifier
+
+    notifier = ServiceNotifier()
+    freeswitch = f"{settings.freeswitch_host}:{settings.freeswitch_port}"
+    http_where = f", HTTP on {http.url}" if http is not None else ""
+
+    def tell_systemd_when_ready() -> None:
+        daemon.esl.wait_connected()
+        notifier.ready(f"connected to FreeSWITCH {freeswitch}{http_where}")
+
+    if notifier.enabled:
+        notifier.start_watchdog()
+        notifier.status(f"connecting to FreeSWITCH {freeswitch}")
+        gevent.spawn(tell_systemd_when_ready)
     # Signal handlers run on the loop; the shutdown waits, so it gets its own greenlet.
     shutting_down: list[gevent.Greenlet] = []
 
     def shutdown() -> None:
+        notifier.stopping("stopping: finishing turns in flight")
         started_s = time.monotonic()
         if http is not None:
             http.close()  # no new connections; new test turns are refused like calls' turns
@@ -305,13 +322,56 @@ def cmd_asr_server(args) -> int:
         print(f"ivr-daemon: configuration error: ASR_HOST/ASR_PORT: cannot listen on "
               f"{settings.asr_host}:{settings.asr_port}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from ivr_daemon.service_manager import ServiceNotifier
+
+    notifier = ServiceNotifier()  # systemd Type=notify: READY now that it listens, the watchdog, STOPPING
+    notifier.start_watchdog()
+    host, port = server.address
+    notifier.ready(f"listening on ws://{host}:{port} ({engine.name})")
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
     stop.wait()
+    notifier.stopping()
     log.info("asr_server_stopping", open_streams=server.open_streams)
     server.stop()
     log.info("asr_server_stopped")
+    return EXIT_OK
+
+
+def cmd_doctor(args) -> int:
+    """Check, in order, everything the daemon needs; a ✔/✘ table with the fix for each ✘. 0: all fine."""
+    from pathlib import Path
+
+    from ivr_daemon.doctor import DoctorRun, doctor
+    from ivr_daemon.logs import configure_logging
+
+    configure_logging("CRITICAL", "console")  # the table is the output; the parts' own logs would bury it
+    run = DoctorRun(env_file=args.env_file, vosk_conf=Path(args.vosk_conf) if args.vosk_conf else None,
+                    freeswitch_user=args.freeswitch_user, timeout_s=args.timeout)
+    return doctor(run, sys.stdout)
+
+
+def cmd_fetch_model(args) -> int:
+    """Download a Coqui model now (for a box that goes offline later); print the settings that use it."""
+    from pathlib import Path
+
+    from ivr_daemon.logs import configure_logging
+    from ivr_daemon.tts.fetch import FetchFailed, fetch_coqui_model
+
+    configure_logging("WARNING", "console")
+    try:
+        fetched = fetch_coqui_model(args.name, Path(args.dir).absolute(),
+                                    Path(args.models_file) if args.models_file else None)
+    except FetchFailed as exc:
+        print(f"ivr-daemon: fetch-model: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"fetched {fetched.name}; put these in the daemon's environment or .env:", file=sys.stderr)
+    if fetched.vocoder:
+        print(f"note: {fetched.name} speaks through the vocoder {fetched.vocoder}, which COQUI_MODEL_PATH cannot "
+              "name: the daemon would fall back to Griffin-Lim. An end-to-end model (.../vits) needs none.",
+              file=sys.stderr)
+    print("\n".join(fetched.settings_lines()))  # stdout: ready for >> .env
     return EXIT_OK
 
 
@@ -357,6 +417,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     asr = sub.add_parser("asr-server", help="speech recognition for mod_vosk: a vosk-server WebSocket on ASR_HOST:ASR_PORT")
     asr.set_defaults(func=cmd_asr_server)
+
+    doc = sub.add_parser("doctor", help="check FreeSWITCH, mod_vosk, the recogniser, the LLM, the voices and "
+                                         "TTS_OUTPUT_DIR in order; print what to fix (exit 1 if anything is)")
+    doc.add_argument("--vosk-conf", default=None, metavar="PATH",
+                     help="FreeSWITCH's vosk.conf.xml (default: /etc/freeswitch/autoload_configs/ or "
+                          "/usr/local/freeswitch/conf/autoload_configs/; none: ASR_HOST/ASR_PORT)")
+    doc.add_argument("--freeswitch-user", default="freeswitch", metavar="USER",
+                     help="the user FreeSWITCH runs as, who must read the WAVs (default: freeswitch)")
+    doc.add_argument("--timeout", type=float, default=5.0, help="seconds for each network check (default 5)")
+    doc.set_defaults(func=cmd_doctor)
+
+    fetch = sub.add_parser("fetch-model", help="download a Coqui model to a local directory and print the "
+                                                "COQUI_MODEL_PATH/COQUI_CONFIG_PATH that use it")
+    fetch.add_argument("name", metavar="NAME", help="a Coqui model name, e.g. tts_models/en/ljspeech/vits")
+    fetch.add_argument("--dir", default="models", help="where the model goes (under DIR/tts/; default: ./models)")
+    fetch.add_argument("--models-file", default=None, metavar="PATH",
+                       help="a models.json of your own (e.g. pointing at a mirror) instead of the list Coqui ships")
+    fetch.set_defaults(func=cmd_fetch_model)
 
     demo = sub.add_parser("demo", help="a whole call on this machine: local LLM, simulator, daemon, scripted caller")
     demo.add_argument("--cache-dir", default=".cache", help="where the LLM model is kept (default: .cache)")

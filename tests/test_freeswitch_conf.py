@@ -188,6 +188,7 @@ def test_admin_readme_names_every_shipped_file_and_the_reload_commands():
 
 
 SYSTEMD_UNIT = REPO / "freeswitch_conf" / "systemd" / "ivr-daemon-asr.service"
+DAEMON_UNIT = REPO / "freeswitch_conf" / "systemd" / "ivr-daemon.service"
 
 
 def test_mod_vosk_is_pointed_at_where_the_asr_server_listens_by_default():
@@ -207,6 +208,7 @@ def test_the_systemd_unit_runs_the_asr_server_and_does_not_restart_on_a_bad_sett
     assert unit["Service"]["RestartPreventExitStatus"] == "2"  # cli.EXIT_CONFIG
     assert unit["Service"]["KillSignal"] == "SIGTERM"
     names = {name for name, *_ in VARIABLES}
-    for documented in re.findall(r"^#\s+([A-Z_]+)=", SYSTEMD_UNIT.read_text(encoding="utf-8"), re.M):
-        assert documented in names, documented
-    assert str(SYSTEMD_UNIT.relative_to(REPO)) in ADMIN_README.read_text(encoding="utf-8")
+    for unit_file in (SYSTEMD_UNIT, DAEMON_UNIT):
+        for documented in re.findall(r"^#\s+([A-Z_]+)=", unit_file.read_text(encoding="utf-8"), re.M):
+            assert documented in names, f"{unit_file.name}: {documented}"
+        assert str(unit_file.relative_to(REPO)) in ADMIN_README.read_text(encoding="utf-8")

@@ -751,3 +751,20 @@ def test_api_originate_replies_with_the_a_leg_and_carries_the_variables_like_s8(
     for name in ("variable_origination_uuid", "variable_ivr_agent", "variable_other_loopback_leg_uuid", "Caller-Caller-ID-Number"):
         assert answer.get(name) == real_answer.get(name), name
     assert answer.unique_id != a_leg and sim.calls() == [answer.unique_id]
+
+
+def test_module_exists_answers_as_mod_commands_does(sim, peer):
+    # mod_commands.c module_exists_function writes "true"/"false" with no newline, the shape of
+    # uuid_exists's captured replies (53, 64); no argument writes nothing, which mod_event_socket
+    # answers with "-ERR no reply\n".
+    peer.login()
+
+    def api(line: str) -> bytes:
+        peer.send(line)
+        return peer.reply().raw
+
+    assert api("api module_exists mod_vosk") == capture("53_api_uuid_exists_true.txt")
+    assert api("api module_exists mod_nonesuch") == capture("64_api_uuid_exists_false.txt")
+    assert api("api module_exists") == api_response(b"-ERR no reply\n")
+    sim.loaded_modules.discard("mod_vosk")
+    assert api("api module_exists mod_vosk") == capture("64_api_uuid_exists_false.txt")

@@ -21,6 +21,7 @@ from ivr_daemon.tts import TtsEngine, TtsModelUnavailable, TtsSynthesisFailed, m
 from ivr_daemon.tts import piper as piper_module
 from ivr_daemon.tts.base import native_lock
 from ivr_daemon.tts.null import NullEngine
+from tiny_coqui import build_tiny_vits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # A plain sentence pocketsphinx's generic model reliably gets (5 of its 6 words) from the joe voice.
@@ -64,40 +65,7 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vits(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny, untrained VITS saved as checkpoint + config.json, the layout Coqui loads."""
-    import torch
-    from TTS.tts.configs.shared_configs import CharactersConfig
-    from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
-    from TTS.tts.models.vits import Vits
-
-    config = VitsConfig(
-        model_args=VitsArgs(
-            hidden_channels=16,
-            hidden_channels_ffn_text_encoder=32,
-            num_layers_text_encoder=1,
-            num_layers_posterior_encoder=1,
-            num_layers_flow=1,
-            upsample_initial_channel_decoder=16,
-            init_discriminator=False,
-        ),
-        use_phonemes=False,  # plain characters: no espeak/gruut needed
-        text_cleaner="english_cleaners",
-        characters=CharactersConfig(
-            characters_class="TTS.tts.models.vits.VitsCharacters",
-            characters="abcdefghijklmnopqrstuvwxyz",
-            punctuations="!'(),-.:;? ",
-            pad="<PAD>",
-            eos="<EOS>",
-            bos="<BOS>",
-            blank="<BLNK>",
-        ),
-    )
-    model = Vits(config)
-    model_dir = tmp_path_factory.mktemp("tiny_vits")
-    # Coqui loads {"model": state_dict} with torch.load(weights_only=True): plain tensors only.
-    torch.save({"model": model.state_dict()}, model_dir / "model.pth")
-    config.save_json(str(model_dir / "config.json"))
-    return model_dir / "model.pth", model_dir / "config.json"
+    return build_tiny_vits(tmp_path_factory.mktemp("tiny_vits"))
 
 
 @pytest.fixture(scope="module")

@@ -182,6 +182,11 @@ def uuid_exists(uuid: str) -> EslCommand:
     return _api("uuid_exists", check_uuid(uuid))
 
 
+def module_exists(module: str) -> EslCommand:
+    """Replies ``true`` or ``false`` with no trailing newline (mod_commands.c module_exists_function)."""
+    return _api("module_exists", check_token(module, "module"))
+
+
 def show_channels_json() -> EslCommand:
     return _api("show", "channels", "as", "json")
 

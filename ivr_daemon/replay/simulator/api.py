@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 
 STATUS_VERSION_LINE = "FreeSWITCH (Version 1.11.3-dev  64bit) is ready"  # capture 10, two spaces
 HOSTNAME = "vm"  # FreeSWITCH-Hostname of every captured event
+# What `module_exists` finds loaded unless a test takes one away (FreeswitchSimulator.loaded_modules):
+# the modules a switch serving this daemon has (modules.conf.xml in freeswitch_conf/ adds mod_vosk).
+DEFAULT_LOADED_MODULES = frozenset({
+    "mod_console", "mod_logfile", "mod_event_socket", "mod_commands", "mod_dptools", "mod_dialplan_xml",
+    "mod_sofia", "mod_loopback", "mod_sndfile", "mod_native_file", "mod_tone_stream", "mod_vosk",
+})
 
 # "-USAGE: ...\n" texts of mod_commands.c.
 USAGE = {
@@ -107,6 +113,7 @@ class ApiMixin:
             "uuid_setvar": lambda a: (self._api_uuid_setvar(a), []),
             "uuid_getvar": lambda a: (self._api_uuid_getvar(a), []),
             "uuid_exists": lambda a: ("true" if a is not None and self.call_exists(a) else "false", []),
+            "module_exists": lambda a: (self._api_module_exists(a), []),
             "uuid_transfer": self._api_uuid_transfer,
             "uuid_dump": lambda a: (self._api_uuid_dump(a), []),
             "originate": lambda a: (self._api_originate(a), []),
@@ -117,6 +124,13 @@ class ApiMixin:
         if handler is None:
             return f"-ERR {name} Command not found!\n", []
         return handler(arg)
+
+    def _api_module_exists(self, arg: str | None) -> str:
+        """mod_commands.c module_exists_function: "true"/"false" with no newline, nothing (so
+        mod_event_socket's "-ERR no reply") without an argument. The whole argument is the name."""
+        if not arg:
+            return ""
+        return "true" if arg in self.loaded_modules else "false"
 
     def _api_status(self) -> str:
         up_us = int((time.monotonic() - self._started_monotonic) * 1e6)

@@ -22,7 +22,7 @@ from ivr_daemon.esl.protocol import (
     parse_event,
 )
 from ivr_daemon.logs import get_logger
-from ivr_daemon.replay.simulator.api import ApiMixin
+from ivr_daemon.replay.simulator.api import DEFAULT_LOADED_MODULES, ApiMixin
 from ivr_daemon.replay.simulator.asr import AsrMixin
 from ivr_daemon.replay.simulator.channels import HANGUP_CAUSES, CallState, ChannelsMixin
 from ivr_daemon.replay.simulator.connection import WRITER_DRAIN_TIMEOUT_S, ClientConnection, ConnectionInfo
@@ -117,6 +117,8 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, AsrMixin, Even
         self.refuse_auth = False
         # user/NAME endpoints an originate reaches; any other NAME: -ERR USER_NOT_REGISTERED.
         self.registered_users: set[str] = set()
+        # What `api module_exists NAME` finds: take "mod_vosk" out to play a switch without it.
+        self.loaded_modules: set[str] = set(DEFAULT_LOADED_MODULES)
         self.originate_args: list[str] = []  # every originate's argument, as received
         self.playback_gap_s = playback_gap_s
         self.playback_speed = playback_speed
