@@ -303,19 +303,19 @@ def test_the_table_and_the_exit_code_of_the_command(sim, llm, asr_server, tmp_pa
     env_file = tmp_path / "doctor.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in environment(sim, llm, tmp_path).items()))
     for name in list(os.environ):
-        if name.startswith(("FREESWITCH_", "LLM_", "TTS_", "PIPER_", "ASR_", "AGENTS_")):
+        if name.startswith(("FREESWITCH_", "LLM_", "TTS_", "PIPER_", "ASR_", "AGENTS_", "DATABASE_", "RECORDS_")):
             monkeypatch.delenv(name)
     argv = ["--env-file", str(env_file), "doctor", "--vosk-conf", str(conf), "--freeswitch-user", NO_SUCH_USER]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("✔ settings parse ")
-    assert out.rstrip().endswith("9 fine, 1 not checked")  # no such user: neither fine nor a fault
+    assert out.rstrip().endswith("10 fine, 1 not checked")  # no such user: neither fine nor a fault
     sim.loaded_modules.discard("mod_vosk")
     assert cli.main(argv) == 1
     out = capsys.readouterr().out
     assert "✘ mod_vosk loaded" in out
     assert "  fix: add <load module=\"mod_vosk\"/>" in out
-    assert out.rstrip().endswith("8 fine, 1 to fix, 1 not checked")
+    assert out.rstrip().endswith("9 fine, 1 to fix, 1 not checked")
 
 
 def test_print_table_cuts_long_details_but_never_the_fix():
