@@ -375,6 +375,8 @@ def test_a_client_trickling_a_frame_byte_by_byte_is_idle_all_the_same(quiet_daem
             if sessions.closed:
                 break
             gevent.sleep(0.05)
+        else:
+            pytest.fail("the whole frame went out a byte at a time and the socket was never closed")
         (summary,) = sessions.wait_closed(1)
     assert summary.reason == "idle" and summary.messages == 0
 

@@ -312,9 +312,15 @@ class TranscribeSession:
             self._send(CloseConnection(code=code, reason=reason or None))
         except _Closed:
             return
-        self.sock.settimeout(CLOSE_LINGER_S)
+        # One deadline for the whole linger, not one per read: a client trickling bytes must not
+        # keep a closed session (and its slot) alive.
+        deadline_s = time.monotonic() + CLOSE_LINGER_S
         try:
             while self.ws.state is not ConnectionState.CLOSED:
+                left_s = deadline_s - time.monotonic()
+                if left_s <= 0:
+                    return
+                self.sock.settimeout(left_s)
                 data = self.sock.recv(RECV_BYTES)
                 self.ws.receive_data(data or None)
                 list(self.ws.events())
