@@ -142,6 +142,30 @@ def test_eof_before_any_audio_is_an_empty_final(server):
     client.shut()
 
 
+def test_a_client_that_trickles_bytes_instead_of_answering_our_close_is_let_go(server):
+    """After eof the server closes and waits a moment for the client's close frame: a client that
+    sends a byte every 50 ms instead must not keep the stream open past that moment."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    client = WsClient(*server.address)
+    client.send_text('{"eof" : 1}')
+    assert json.loads(client.recv_message()) == {"text": ""}
+    assert isinstance(client.recv_message(), CloseConnection)
+    frame = FrameProtocol(client=True, extensions=[]).send_data(bytes(3200), fin=True)
+    for at in range(len(frame)):
+        try:
+            client.sock.sendall(frame[at:at + 1])
+        except OSError:
+            break
+        if server.closed_streams:
+            break
+        gevent.sleep(0.05)
+    else:
+        pytest.fail("the whole frame went out a byte at a time and the stream was never let go")
+    client.shut()
+    assert server.wait_for_closed_streams(1)[0].reason == "eof"
+
+
 def test_config_is_taken_before_audio_only_and_unknown_keys_are_ignored(server, help_pcm, caplog):
     client = WsClient(*server.address)
     client.send_text(json.dumps({"config": {"sample_rate": 8000, "words": 1, "phrase_list": ["bill"]}}))

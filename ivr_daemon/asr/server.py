@@ -41,6 +41,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ivr_daemon.asr.base import AsrEngine, AsrResult, AsrStream
+from ivr_daemon.asr.websocket import linger_for_close
 from ivr_daemon.config import MAX_ASR_RATE_HZ, MIN_ASR_RATE_HZ
 from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.tts.base import one_line
@@ -361,17 +362,7 @@ class _Stream:
                 pass
 
     def _linger(self) -> None:
-        """After our close frame: wait briefly for the client's, so it sees a clean close."""
-        self.sock.settimeout(CLOSE_LINGER_S)
-        try:
-            while self.ws.state is not ConnectionState.CLOSED:
-                data = self.sock.recv(RECV_BYTES)
-                self.ws.receive_data(data or None)
-                list(self.ws.events())
-                if not data:
-                    return
-        except (OSError, LocalProtocolError):
-            pass
+        linger_for_close(self.sock, self.ws, CLOSE_LINGER_S)
 
     def _log_end(self) -> None:
         summary = self.summary

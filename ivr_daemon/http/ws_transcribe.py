@@ -40,6 +40,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, generate_accept_token
 
 from ivr_daemon.asr.base import PCM16_SAMPLE_BYTES, AsrResult
+from ivr_daemon.asr.websocket import linger_for_close
 from ivr_daemon.http.talk import SAMPLE_RATE_HZ, SessionSummary, TalkSessions
 from ivr_daemon.http.test_calls import TestCall
 from ivr_daemon.logs import get_logger, spoken_text
@@ -312,22 +313,7 @@ class TranscribeSession:
             self._send(CloseConnection(code=code, reason=reason or None))
         except _Closed:
             return
-        # One deadline for the whole linger, not one per read: a client trickling bytes must not
-        # keep a closed session (and its slot) alive.
-        deadline_s = time.monotonic() + CLOSE_LINGER_S
-        try:
-            while self.ws.state is not ConnectionState.CLOSED:
-                left_s = deadline_s - time.monotonic()
-                if left_s <= 0:
-                    return
-                self.sock.settimeout(left_s)
-                data = self.sock.recv(RECV_BYTES)
-                self.ws.receive_data(data or None)
-                list(self.ws.events())
-                if not data:
-                    return
-        except (OSError, LocalProtocolError):
-            pass
+        linger_for_close(self.sock, self.ws, CLOSE_LINGER_S)
 
     # --- the end ----------------------------------------------------------------------------------
 
