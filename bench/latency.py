@@ -104,7 +104,8 @@ NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
 
 def worker_priority(args) -> dict[str, str]:
     """TTS_WORKER_PRIORITY for the daemon when --tts-worker-priority says so (else its default)."""
-    return {"TTS_WORKER_PRIORITY": args.tts_worker_priority} if args.tts_worker_priority else {}
+    priority = getattr(args, "tts_worker_priority", None)  # bench/records.py and multiswitch.py: their own args
+    return {"TTS_WORKER_PRIORITY": priority} if priority else {}
 
 
 def percentile(values, q):
