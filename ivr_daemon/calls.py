@@ -12,6 +12,7 @@ there: no dedup entry, no queue, no greenlet switch, no log line.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections import OrderedDict, deque
@@ -74,6 +75,7 @@ class Call:
         self.started_unix_s = time.time()  # when the daemon first heard of it (GET /calls)
         self._log_speech_text = log_speech_text
         self.log = log.bind(call_uuid=uuid, **(log_context or {}))
+        self._log_events = logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self._on_done = on_done
         self.ended = False
@@ -88,13 +90,15 @@ class Call:
                 event = self.queue.get()
                 if event is None:
                     break
-                # Partials come every ~200 ms while the caller talks: debug, not info.
-                partial = event.get("Speech-Type") == "detected-partial-speech"
-                getattr(self.log, "debug" if partial else "info")(
-                    "esl_event", event_name=event.name, event_sequence=event.sequence,
-                    speech_type=event.get("Speech-Type"),
-                    # A DETECTED_SPEECH body is what the caller said (LOG_TRANSCRIPTS).
-                    **spoken_text("body", event.body, verbatim=self._log_speech_text))
+                # Every event at DEBUG: a call's story at INFO is its turns, transfers and
+                # hangup (each line says what it acted on). An INFO line per playback event
+                # was three lines per sentence, and the line before a turn delayed its start.
+                if self._log_events:  # checked first: partials come 5 times a second per call
+                    self.log.debug(
+                        "esl_event", event_name=event.name, event_sequence=event.sequence,
+                        speech_type=event.get("Speech-Type"),
+                        # A DETECTED_SPEECH body is what the caller said (LOG_TRANSCRIPTS).
+                        **spoken_text("body", event.body, verbatim=self._log_speech_text))
                 try:
                     self.handler.handle(event)
                 except Exception:
