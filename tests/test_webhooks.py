@@ -464,3 +464,25 @@ def test_stop_never_waits_for_a_worker_slow_to_die():
     may_die.set()
     worker.join(timeout=10)
     assert worker.dead
+
+
+def test_events_queued_while_stop_flushes_are_delivered_too():
+    # The last calls' clean-up queues their call.ended while the shutdown flush runs: taken and sent.
+    with Receiver(hold=True) as receiver:
+        webhooks = sender(concurrency=1)
+        first = webhooks.send("call.started", "call-a", {}, url=receiver.url)
+        wait_until(lambda: len(receiver.requests) == 1)  # held: stop() has something to flush
+        flushing = gevent.event.Event()
+
+        def stop():
+            flushing.set()  # the waiter wakes once stop() blocks in its flush, not before
+            webhooks.stop(timeout_s=30)
+
+        stopper = gevent.spawn(stop)
+        assert flushing.wait(10) and not stopper.dead
+        late = webhooks.send("call.ended", "call-b", {"hangup_cause": "DAEMON_SHUTDOWN"}, url=receiver.url)
+        assert late is not None
+        receiver.release.set()
+        stopper.join(timeout=30)
+        assert stopper.successful()
+    assert [event["id"] for event in receiver.events()] == [first, late]
