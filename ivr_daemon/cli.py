@@ -13,30 +13,9 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_AUTH = 3
-
-
-def _settings_or_exit(args):
-    from ivr_daemon.config import ConfigError, load_settings
-
-    try:
-        return load_settings(dotenv_path=args.env_file)
-    except ConfigError as exc:
-        print(f"ivr-daemon: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
-
-
-def _agents_or_exit(settings):
-    from ivr_daemon.agents import load_agents
-    from ivr_daemon.config import ConfigError
-
-    try:
-        return load_agents(settings)
-    except ConfigError as exc:
-        print(f"ivr-daemon: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
+from ivr_daemon.cli_settings import EXIT_AUTH, EXIT_CONFIG, EXIT_OK, config_error  # noqa: E402
+from ivr_daemon.cli_settings import agents_or_exit as _agents_or_exit  # noqa: E402
+from ivr_daemon.cli_settings import settings_or_exit as _settings_or_exit  # noqa: E402
 
 
 def cmd_run(args) -> int:
@@ -63,16 +42,14 @@ def cmd_run(args) -> int:
     try:
         records = open_records(settings)  # tables created or upgraded; a database down is waited for
     except RecordsError as exc:
-        print(f"ivr-daemon: configuration error: DATABASE_URL: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(f"DATABASE_URL: {exc}")
     try:
         daemon = build_conversation_daemon(settings, agents=agents, records=records)
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except UnsafeOutputDir as exc:
-        print(f"ivr-daemon: configuration error: TTS_OUTPUT_DIR: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(f"TTS_OUTPUT_DIR: {exc}")
     http = _http_server_or_exit(daemon, settings)
     # systemd (Type=notify): READY once FreeSWITCH is connected and the HTTP API listens (it
     # already does here), the watchdog fed from this loop, STOPPING at SIGTERM.
@@ -140,9 +117,8 @@ def _http_server_or_exit(daemon, settings):
     try:
         http.bind()
     except OSError as exc:
-        print(f"ivr-daemon: configuration error: HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
+        raise SystemExit(config_error(f"HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}: "
+                                      f"{exc.strerror or exc}"))
     http.start()
     return http
 
@@ -186,9 +162,8 @@ def cmd_record(args) -> int:
     settings = _settings_or_exit(args)
     if len(settings.switches) > 1:
         # A fixture is one switch's timeline: two switches' frames (and their UUIDs) would mix.
-        print("ivr-daemon: configuration error: FREESWITCH_HOSTS: record one switch at a time "
-              "(FREESWITCH_HOSTS with one entry, or FREESWITCH_HOST)", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error("FREESWITCH_HOSTS: record one switch at a time "
+                            "(FREESWITCH_HOSTS with one entry, or FREESWITCH_HOST)")
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger("ivr_daemon.cli")
     out_path = Path(args.out)
@@ -201,8 +176,7 @@ def cmd_record(args) -> int:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except UnsafeOutputDir as exc:
-        print(f"ivr-daemon: configuration error: TTS_OUTPUT_DIR: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(f"TTS_OUTPUT_DIR: {exc}")
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
@@ -242,8 +216,7 @@ def cmd_replay(args) -> int:
                             junit_xml=Path(args.junit_xml) if args.junit_xml else None,
                             json_out=Path(args.json) if args.json else None)
     except ConfigError as exc:
-        print(f"ivr-daemon: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(exc)
     except TtsModelUnavailable as exc:
         print(f"ivr-daemon: TTS model unavailable: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -326,9 +299,8 @@ def cmd_asr_server(args) -> int:
     try:
         server.start()
     except OSError as exc:
-        print(f"ivr-daemon: configuration error: ASR_HOST/ASR_PORT: cannot listen on "
-              f"{settings.asr_host}:{settings.asr_port}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_error(f"ASR_HOST/ASR_PORT: cannot listen on {settings.asr_host}:{settings.asr_port}: "
+                            f"{exc.strerror or exc}")
     from ivr_daemon.service_manager import ServiceNotifier
 
     notifier = ServiceNotifier()  # systemd Type=notify: READY now that it listens, the watchdog, STOPPING
@@ -457,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ivr_daemon.records.cli import add_parser as add_calls_parser
 
-    add_calls_parser(sub, _settings_or_exit)
+    add_calls_parser(sub)
     return parser
 
 

@@ -75,7 +75,7 @@ class WebhookSender:
         self._waiting: collections.OrderedDict[str, _Event] = collections.OrderedDict()
         self._shards = [collections.deque() for _ in range(max(1, concurrency))]
         self._wakeups = [gevent.event.Event() for _ in self._shards]
-        self._busy = [False for _ in self._shards]
+        self._in_flight: list[_Event | None] = [None for _ in self._shards]  # each worker's delivery
         self._idle = gevent.event.Event()
         self._idle.set()
         self._workers: list[gevent.Greenlet] = []
@@ -85,7 +85,7 @@ class WebhookSender:
     @property
     def pending(self) -> int:
         """Events queued or being delivered."""
-        return len(self._waiting) + sum(self._busy)
+        return len(self._waiting) + sum(event is not None for event in self._in_flight)
 
     def start(self) -> None:
         if not self._workers:
@@ -124,14 +124,25 @@ class WebhookSender:
         return self._idle.wait(timeout_s) and self.pending == 0
 
     def stop(self, timeout_s: float = 1.0) -> None:
-        """Take no more events, deliver what can be within ``timeout_s``, then abandon the rest."""
-        self._stopping = True
+        """Deliver what can be within ``timeout_s`` (events still queued meanwhile, the last calls'
+        clean-ups, are taken too), then take no more and log what is abandoned, event by event."""
         if self.pending:
             self.flush(timeout_s)
-        left = self.pending
-        if left:
-            log.warning("webhooks_abandoned_at_shutdown", count=left)
-        gevent.killall(self._workers, block=True, timeout=1.0)
+        self._stopping = True
+        in_flight = [event for event in self._in_flight if event is not None]
+        queued = list(self._waiting.values())
+        if in_flight or queued:
+            # The receiver is down or slow: these never reached it. Said loudly, with the calls.
+            left = in_flight + queued
+            log.warning("webhooks_abandoned_at_shutdown", count=len(left), in_flight=len(in_flight),
+                        queued=len(queued), calls=sorted({event.call_uuid for event in left})[:20],
+                        events=[f"{event.event_type} {event.event_id}" for event in left][:20])
+            self._waiting.clear()
+            for shard in self._shards:
+                shard.clear()
+        # Not waited for: a loop this busy may take a while to run them, and the shutdown has a
+        # budget (a killall with a timeout raises when it runs out, in the middle of the shutdown).
+        gevent.killall(self._workers, block=False)
         self._workers = []
         self._session.close()
 
@@ -147,16 +158,16 @@ class WebhookSender:
                 continue
             event = shard.popleft()
             del self._waiting[event.event_id]
-            self._busy[index] = True
+            self._in_flight[index] = event
             try:
                 self._deliver(event)
             except Exception:  # a bug here must not end the worker: the next events still go
                 log.exception("webhook_worker_failed", call_uuid=event.call_uuid, event_id=event.event_id)
             finally:
-                self._busy[index] = False
+                self._in_flight[index] = None
 
     def _note_idle(self) -> None:
-        if not self._waiting and not any(self._busy):
+        if not self._waiting and all(event is None for event in self._in_flight):
             self._idle.set()
 
     def _deliver(self, event: _Event) -> None:

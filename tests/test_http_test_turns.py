@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import requests
 import soundfile
+from gevent.monkey import get_original
 
 from harness import broadcasts, http_server, running_daemon, settings_for, wait_until
 from llm_fakes import FakeLlmServer, FakeReply, FakeToolCall
+from ivr_daemon.audio import join_telephony_wavs
+from ivr_daemon.http import test_calls
 from ivr_daemon.http.test_calls import IDLE_S, TestCalls
 from ivr_daemon.http.transcription import MAX_BODY_BYTES, MAX_TRANSCRIPTION_CHARS
 from ivr_daemon.replay.simulator import FreeswitchSimulator
@@ -285,3 +288,36 @@ def test_the_agent_field_picks_the_agents_prompt_tools_and_phrases(sim, tmp_path
     assert "X-Call-Action" not in reception.headers
     assert [c.line for c in sim.commands if c.line.startswith(("api uuid_", "bgapi uuid_"))] == []
     assert len(llm.requests) == 3
+
+
+def test_the_reply_wavs_are_joined_off_the_loop_into_the_same_bytes(sim, tmp_path, monkeypatch):
+    # Reading and joining a reply's sentence WAVs is CPU and file work: the loop, which ESL
+    # events need, must not do it. The real join runs, on whatever thread the daemon picks.
+    native_ident = get_original("_thread", "get_ident")
+    loop_thread = native_ident()
+    joins = []
+
+    def recording_join(paths):
+        paths = list(paths)
+        inputs = [path.read_bytes() for path in paths]  # the per-call WAVs are deleted after the turn
+        result = join_telephony_wavs(paths)
+        joins.append((native_ident(), inputs, result))
+        return result
+
+    monkeypatch.setattr(test_calls, "join_telephony_wavs", recording_join)
+    with FakeLlmServer("ollama", replies="First sentence here. And a second one.") as llm:
+        settings = settings_for(sim, tmp_path / "tts", LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        with running_daemon(sim, settings) as daemon, http_server(daemon) as http:
+            answer = post_turn(http, "joined", "hello")
+
+    assert answer.status_code == 200, answer.text
+    [(thread, inputs, (wav, frames))] = joins
+    assert thread != loop_thread
+    assert answer.content == wav
+    # Byte for byte what joining the same sentence WAVs on the loop gives.
+    copies = []
+    for index, data in enumerate(inputs):
+        copies.append(tmp_path / f"sentence-{index}.wav")
+        copies[-1].write_bytes(data)
+    assert len(copies) == 2
+    assert join_telephony_wavs(copies) == (answer.content, frames)

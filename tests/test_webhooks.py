@@ -416,3 +416,73 @@ def test_a_stuck_receiver_keeps_the_queue_bounded_and_the_newest_events():
         finally:
             webhooks.stop(timeout_s=1)
     assert [event["id"] for event in receiver.events()] == [first, *ids[-5:]]
+
+
+def test_stop_with_a_receiver_that_never_answers_logs_each_abandoned_event_and_waits_for_no_worker():
+    with Receiver(hold=True) as receiver:
+        webhooks = sender(concurrency=1, timeout_s=30)
+        in_flight = webhooks.send("call.started", "call-a", {}, url=receiver.url)
+        wait_until(lambda: len(receiver.requests) == 1)  # held: the next one queues behind it
+        queued = webhooks.send("call.ended", "call-a", {}, url=receiver.url)
+        worker = webhooks._workers[0]
+        with capture_logs() as logs:
+            webhooks.stop(timeout_s=0.1)
+        [abandoned] = [line for line in logs if line["event"] == "webhooks_abandoned_at_shutdown"]
+        assert (abandoned["count"], abandoned["in_flight"], abandoned["queued"]) == (2, 1, 1)
+        assert abandoned["calls"] == ["call-a"]
+        assert abandoned["events"] == [f"call.started {in_flight}", f"call.ended {queued}"]
+        assert webhooks.send("call.ended", "call-b", {}, url=receiver.url) is None  # no more taken
+        worker.join(timeout=10)  # cut, though stop() did not wait for it
+        assert worker.dead and webhooks.pending == 0
+    assert [event["id"] for event in receiver.events()] == [in_flight]
+
+
+def test_stop_never_waits_for_a_worker_slow_to_die():
+    # Under overload a killed worker may take longer than any fixed timeout to run its exit;
+    # stop() is part of a shutdown with a budget and must neither wait for it nor raise.
+    webhooks = sender(concurrency=1)
+    dying = gevent.event.Event()
+    may_die = gevent.event.Event()
+
+    def deliver_slow_to_die(event):
+        try:
+            gevent.event.Event().wait()  # a receiver that never answers
+        except gevent.GreenletExit:
+            dying.set()
+            may_die.wait()  # the exit takes its time, as on a loop too busy to run it
+            raise
+
+    webhooks._deliver = deliver_slow_to_die
+    webhooks.send("call.started", "call-a", {}, url="http://127.0.0.1:9/hooks")
+    wait_until(lambda: webhooks.pending == 1 and not webhooks._shards[0])
+    worker = webhooks._workers[0]
+    with capture_logs() as logs:
+        webhooks.stop(timeout_s=0.0)  # raised gevent.Timeout after 1 s when stop() waited on killall
+    assert [line["count"] for line in logs if line["event"] == "webhooks_abandoned_at_shutdown"] == [1]
+    assert dying.wait(10)
+    assert not worker.dead
+    may_die.set()
+    worker.join(timeout=10)
+    assert worker.dead
+
+
+def test_events_queued_while_stop_flushes_are_delivered_too():
+    # The last calls' clean-up queues their call.ended while the shutdown flush runs: taken and sent.
+    with Receiver(hold=True) as receiver:
+        webhooks = sender(concurrency=1)
+        first = webhooks.send("call.started", "call-a", {}, url=receiver.url)
+        wait_until(lambda: len(receiver.requests) == 1)  # held: stop() has something to flush
+        flushing = gevent.event.Event()
+
+        def stop():
+            flushing.set()  # the waiter wakes once stop() blocks in its flush, not before
+            webhooks.stop(timeout_s=30)
+
+        stopper = gevent.spawn(stop)
+        assert flushing.wait(10) and not stopper.dead
+        late = webhooks.send("call.ended", "call-b", {"hangup_cause": "DAEMON_SHUTDOWN"}, url=receiver.url)
+        assert late is not None
+        receiver.release.set()
+        stopper.join(timeout=30)
+        assert stopper.successful()
+    assert [event["id"] for event in receiver.events()] == [first, late]

@@ -34,14 +34,11 @@ import gevent.pool
 import gevent.threadpool
 from gevent.server import StreamServer
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Message, Ping, RejectConnection,
-                            Request, TextMessage)
+from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.frame_protocol import CloseReason
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ivr_daemon.asr.base import AsrEngine, AsrResult, AsrStream
-from ivr_daemon.asr.websocket import linger_for_close
+from ivr_daemon.asr.websocket import RECV_BYTES, SessionClosed, WebSocketSession
 from ivr_daemon.config import MAX_ASR_RATE_HZ, MIN_ASR_RATE_HZ
 from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.tts.base import one_line
@@ -52,7 +49,6 @@ MAX_MESSAGE_BYTES = 1 << 20
 IDLE_TIMEOUT_S = 60.0
 # Streams at once, each with its own greenlet and, while it decodes, its own worker thread.
 MAX_STREAMS = 256
-RECV_BYTES = 65536
 # After our close frame, how long a client gets to answer with its own before the socket goes.
 CLOSE_LINGER_S = 1.0
 
@@ -144,28 +140,20 @@ def _timed(function, args):
     return result, time.perf_counter() - started_s
 
 
-class _Closed(Exception):
-    """The stream is over; ``reason`` goes into its summary."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class _Stream:
+class _Stream(WebSocketSession):
     """One WebSocket connection: handshake, messages in, one reply per audio message."""
 
+    log_prefix = "asr"
+    close_linger_s = 0.0  # an error close: the socket goes at once (after eof the client gets CLOSE_LINGER_S)
+    malformed_close_is_normal = True  # libks's close at every mod_vosk hangup
+
     def __init__(self, server: AsrServer, sock: socket.socket, peer: str, stream_id: int):
+        super().__init__(WSConnection(ConnectionType.SERVER), log.bind(asr_stream=stream_id, peer=peer),
+                         server.max_message_bytes, sock)
         self.server = server
-        self.sock = sock
-        self.ws = WSConnection(ConnectionType.SERVER)
         self.summary = StreamSummary(stream_id=stream_id, peer=peer, sample_rate_hz=server.sample_rate_hz)
-        self.log = log.bind(asr_stream=stream_id, peer=peer)
         self.recognizer: AsrStream | None = None
         self._job: gevent.event.AsyncResult | None = None  # a decode running on a worker thread
-        self._message = bytearray()
-        self._text = False
         self._opened_s = time.monotonic()
 
     # --- the loop ------------------------------------------------------------------------
@@ -173,16 +161,16 @@ class _Stream:
     def run(self) -> None:
         try:
             self._serve()
-        except _Closed as closed:
+        except SessionClosed as closed:
             self.summary.reason, self.summary.detail = closed.reason, closed.detail
         except gevent.GreenletExit:
             self.summary.reason = "server_stopped"
-            self._send_close(CloseReason.GOING_AWAY, "server stopping")
+            self._close(CloseReason.GOING_AWAY, "server stopping")
             raise
         except Exception as exc:  # a bug of ours: this stream ends, the server goes on
             self.log.exception("asr_stream_failed", error=one_line(exc))
             self.summary.reason, self.summary.detail = "decode_failed", one_line(exc)
-            self._send_close(CloseReason.INTERNAL_ERROR, "internal error")
+            self._close(CloseReason.INTERNAL_ERROR, "internal error")
         finally:
             self._release_recognizer()
             try:
@@ -198,64 +186,22 @@ class _Stream:
                 data = self.sock.recv(RECV_BYTES)
             except socket.timeout:
                 self.log.warning("asr_stream_idle", idle_s=self.server.idle_timeout_s)
-                self._send_close(CloseReason.POLICY_VIOLATION, "idle")
-                raise _Closed("idle", f"nothing received for {self.server.idle_timeout_s} s") from None
+                self._close(CloseReason.POLICY_VIOLATION, "idle")
+                raise SessionClosed("idle", f"nothing received for {self.server.idle_timeout_s} s") from None
             except OSError as exc:
-                raise _Closed("disconnected", one_line(exc)) from None
-            try:
-                self.ws.receive_data(data or None)  # None: the peer closed TCP
-                events = list(self.ws.events())
-            except RemoteProtocolError as exc:  # raised only while the HTTP upgrade is read
-                self.log.warning("asr_handshake_failed", error=one_line(exc))
-                if isinstance(exc.event_hint, RejectConnection):
-                    self._send(exc.event_hint)
-                raise _Closed("handshake_failed", one_line(exc)) from None
-            for event in events:
-                self._on_event(event)
+                raise SessionClosed("disconnected", one_line(exc)) from None
+            self._receive(data)
             if not data:
-                raise _Closed("disconnected", "connection closed without a close frame")
+                raise SessionClosed("disconnected", "connection closed without a close frame")
 
-    def _on_event(self, event) -> None:
-        if isinstance(event, Request):
-            self.summary.path = event.target
-            self._send(AcceptConnection())
-            self.log.debug("asr_stream_opened", path=event.target)
-        elif isinstance(event, Message):
-            self._on_message_part(event)
-        elif isinstance(event, Ping):
-            self._send(event.response())
-        elif isinstance(event, CloseConnection):
-            self._on_close(event)
+    def _on_request(self, event: Request) -> None:
+        self.summary.path = event.target
+        self._send(AcceptConnection())
+        self.log.debug("asr_stream_opened", path=event.target)
 
-    def _on_close(self, event: CloseConnection) -> None:
-        if self.ws.state is ConnectionState.REMOTE_CLOSING:  # a well-formed close frame
-            self._send(event.response())
-            raise _Closed("client_closed", f"code {int(event.code)}")
-        if event.code == CloseReason.ABNORMAL_CLOSURE:  # TCP closed under us (wsproto's 1006)
-            raise _Closed("disconnected", "connection closed without a close frame")
-        # wsproto could not parse what came. Every close frame wsproto refuses it reports as
-        # "CLOSE with ...": libks's, with status code 1 (mod_vosk passes a flag where libks
-        # wants a code), is how every mod_vosk stream ends at hangup.
-        if event.reason.startswith("CLOSE"):
-            raise _Closed("client_closed_malformed", event.reason)
-        self.log.warning("asr_protocol_error", error=event.reason)
-        self._send_close(event.code, "protocol error")
-        raise _Closed("protocol_error", event.reason)
-
-    def _on_message_part(self, event: Message) -> None:
-        if not self._message:
-            self._text = isinstance(event, TextMessage)
-        part = event.data.encode("utf-8") if isinstance(event, TextMessage) else event.data
-        if len(self._message) + len(part) > self.server.max_message_bytes:
-            self.log.warning("asr_message_too_big", max_bytes=self.server.max_message_bytes)
-            self._send_close(CloseReason.MESSAGE_TOO_BIG, "message too big")
-            raise _Closed("too_big", f"a message over {self.server.max_message_bytes} bytes")
-        self._message += part
-        if not event.message_finished:
-            return
-        message, self._message = bytes(self._message), bytearray()
+    def _on_message(self, message: bytes, is_text: bool) -> None:
         self.summary.messages += 1
-        if self._text:
+        if is_text:
             self._on_text(message.decode("utf-8"))
         else:
             self._on_audio(message)
@@ -270,8 +216,8 @@ class _Stream:
 
     def _bad_message(self, problem: str) -> None:
         self.log.warning("asr_bad_message", error=problem)
-        self._send_close(CloseReason.INVALID_FRAME_PAYLOAD_DATA, "bad message")
-        raise _Closed("bad_message", problem)
+        self._close(CloseReason.INVALID_FRAME_PAYLOAD_DATA, "bad message")
+        raise SessionClosed("bad_message", problem)
 
     def _on_text(self, text: str) -> None:
         try:
@@ -285,9 +231,8 @@ class _Stream:
         elif "eof" in parsed:
             final = self._decode(self.recognizer.finish) if self.recognizer is not None else AsrResult("", True)
             self._reply(final)
-            self._send_close(CloseReason.NORMAL_CLOSURE, "")
-            self._linger()
-            raise _Closed("eof")
+            self._close(CloseReason.NORMAL_CLOSURE, "", linger_s=CLOSE_LINGER_S)
+            raise SessionClosed("eof")
         else:
             self.log.warning("asr_unknown_message", keys=sorted(map(str, parsed))[:10])
 
@@ -327,8 +272,8 @@ class _Stream:
             raise
         except Exception as exc:
             self.log.error("asr_decode_failed", error=one_line(exc), engine=self.server.engine.name)
-            self._send_close(CloseReason.INTERNAL_ERROR, "decoding failed")
-            raise _Closed("decode_failed", one_line(exc)) from exc
+            self._close(CloseReason.INTERNAL_ERROR, "decoding failed")
+            raise SessionClosed("decode_failed", one_line(exc)) from exc
         finally:
             if self._job.ready():
                 self._job = None
@@ -343,26 +288,6 @@ class _Stream:
             self._job.rawlink(lambda _job: gevent.spawn(self.server.pool.spawn, recognizer.close))
         else:
             self.server.pool.spawn(recognizer.close)
-
-    # --- the socket ------------------------------------------------------------------------
-
-    def _send(self, event) -> None:
-        try:
-            self.sock.sendall(self.ws.send(event))
-        except LocalProtocolError:
-            pass  # the connection is past the state where this could go out (closing)
-        except OSError as exc:
-            raise _Closed("disconnected", one_line(exc)) from None
-
-    def _send_close(self, code: int, reason: str) -> None:
-        if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            try:
-                self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason or None)))
-            except (OSError, LocalProtocolError):
-                pass
-
-    def _linger(self) -> None:
-        linger_for_close(self.sock, self.ws, CLOSE_LINGER_S)
 
     def _log_end(self) -> None:
         summary = self.summary

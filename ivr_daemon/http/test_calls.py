@@ -114,7 +114,10 @@ class TestCall(PhoneCall):
                                           "Unique-ID": self.call_uuid},
                                  body=json.dumps({"text": transcript}), received_s=time.monotonic()))
             try:
-                wav, frames = join_telephony_wavs(path for _sentence, path in self._said)
+                # Reading, joining and encoding the WAVs is CPU and file work: on the synthesis
+                # pool's thread, as synthesis is, so the loop stays free for ESL events.
+                paths = [path for _sentence, path in self._said]
+                wav, frames = self.services.synth_pool.apply(join_telephony_wavs, (paths,))
             finally:
                 # The answer is in memory now: no per-call file is left behind (cache files stay).
                 self.delete_own_wavs()

@@ -32,15 +32,14 @@ import socket
 import time
 
 import gevent
-import gevent.lock
 from wsproto import ConnectionType
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.connection import Connection
+from wsproto.events import BytesMessage, TextMessage
 from wsproto.frame_protocol import CloseReason
-from wsproto.utilities import LocalProtocolError, generate_accept_token
+from wsproto.utilities import generate_accept_token
 
 from ivr_daemon.asr.base import PCM16_SAMPLE_BYTES, AsrResult
-from ivr_daemon.asr.websocket import linger_for_close
+from ivr_daemon.asr.websocket import RECV_BYTES, SessionClosed, WebSocketSession
 from ivr_daemon.http.talk import SAMPLE_RATE_HZ, SessionSummary, TalkSessions
 from ivr_daemon.http.test_calls import TestCall
 from ivr_daemon.logs import get_logger, spoken_text
@@ -48,7 +47,6 @@ from ivr_daemon.tts.base import one_line
 
 log = get_logger(__name__)
 
-RECV_BYTES = 65536
 CLOSE_LINGER_S = 1.0  # after our close frame, how long the client gets to answer with its own
 TURN_STOP_S = 2.0  # at the end of a socket, how long a cut turn gets to wind down
 
@@ -58,29 +56,22 @@ def accept_token(key: str) -> str:
     return generate_accept_token(key.encode("latin-1")).decode("ascii")
 
 
-class _Closed(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
+class TranscribeSession(WebSocketSession):
+    """The socket's greenlet reads and decodes; each turn runs on a greenlet of its own (both send)."""
 
-
-class TranscribeSession:
-    """The socket's greenlet reads and decodes; each turn runs on a greenlet of its own."""
+    log_prefix = "talk"
+    close_linger_s = CLOSE_LINGER_S
 
     def __init__(self, sessions: TalkSessions, flow, agent: str, *, session_id: str, peer: str):
+        # The handshake is done (pywsgi sent the 101): frames only.
+        super().__init__(Connection(ConnectionType.SERVER), log.bind(call_uuid=session_id, peer=peer, websocket=True),
+                         sessions.max_message_bytes)
         self.sessions = sessions
         self.flow = flow
         self.summary = SessionSummary(session_id=session_id, peer=peer, agent=agent)
-        self.log = log.bind(call_uuid=session_id, peer=peer, websocket=True)
-        self.ws = Connection(ConnectionType.SERVER)  # the handshake is done: frames only
-        self.sock: socket.socket | None = None
         self.call: TestCall | None = None
         self.recognizer = None
         self.turn: gevent.Greenlet | None = None
-        self._send_lock = gevent.lock.Semaphore()  # the reader and a turn both send: whole frames only
-        self._message = bytearray()
-        self._message_is_text = False
         self._last_partial = ""
         self._opened_s = time.monotonic()
         self._last_message_s = self._opened_s
@@ -106,7 +97,7 @@ class TranscribeSession:
                 self.log.warning("talk_too_many_sockets", max_sockets=self.sessions.max_sockets)
                 self._error(f"too many sockets at once (at most {self.sessions.max_sockets}): try again later")
                 self._close(CloseReason.TRY_AGAIN_LATER, "too many sockets")
-                raise _Closed("too_many_sockets")
+                raise SessionClosed("too_many_sockets")
             early = _buffered(self.sock, rfile)  # what pywsgi's reader took past the headers
             self.call = TestCall(self.summary.session_id, self.flow, self.summary.agent, time.monotonic())
             self._send_json(type="connection", status="connected",
@@ -115,7 +106,7 @@ class TranscribeSession:
             if early:
                 self._receive(early)
             self._serve()
-        except _Closed as closed:
+        except SessionClosed as closed:
             self.summary.reason, self.summary.detail = closed.reason, closed.detail
         except gevent.GreenletExit:  # the HTTP server stops: its connections are cut
             self.summary.reason = "server_stopped"
@@ -129,13 +120,13 @@ class TranscribeSession:
         try:
             engine = self.sessions.engine()
             self.recognizer = self._decode(engine.open_stream, SAMPLE_RATE_HZ)
-        except _Closed:
+        except SessionClosed:
             raise
         except Exception as exc:  # no model, no extra: the client hears why
             self.log.error("talk_asr_unavailable", error=one_line(exc))
             self._error(f"speech recognition is not available: {one_line(exc)}")
             self._close(CloseReason.INTERNAL_ERROR, "no speech recognition")
-            raise _Closed("asr_unavailable", one_line(exc)) from None
+            raise SessionClosed("asr_unavailable", one_line(exc)) from None
 
     def _serve(self) -> None:
         idle_s = self.sessions.idle_timeout_s
@@ -157,54 +148,21 @@ class TranscribeSession:
                 self.log.warning("talk_socket_idle", idle_s=self.sessions.idle_timeout_s)
                 self._error(f"nothing received for {self.sessions.idle_timeout_s:g} s: closing")
                 self._close(CloseReason.POLICY_VIOLATION, "idle")
-                raise _Closed("idle", f"nothing received for {self.sessions.idle_timeout_s:g} s") from None
+                raise SessionClosed("idle", f"nothing received for {self.sessions.idle_timeout_s:g} s") from None
             except OSError as exc:
-                raise _Closed("disconnected", one_line(exc)) from None
+                raise SessionClosed("disconnected", one_line(exc)) from None
             self._receive(data)
             if not data:
-                raise _Closed("disconnected", "connection closed without a close frame")
+                raise SessionClosed("disconnected", "connection closed without a close frame")
 
-    def _receive(self, data: bytes) -> None:
-        self.ws.receive_data(data or None)  # None: the peer closed TCP
-        for event in self.ws.events():
-            if isinstance(event, Message):
-                self._on_message_part(event)
-            elif isinstance(event, Ping):
-                self._send(event.response())
-            elif isinstance(event, CloseConnection):
-                self._on_close(event)
-
-    def _on_close(self, event: CloseConnection) -> None:
-        if self.ws.state is ConnectionState.REMOTE_CLOSING:  # a well-formed close frame
-            self._send(event.response())
-            raise _Closed("client_closed", f"code {int(event.code)}")
-        if event.code == CloseReason.ABNORMAL_CLOSURE:  # TCP closed under us (wsproto's 1006)
-            raise _Closed("disconnected", "connection closed without a close frame")
-        # wsproto could not parse what came (an unmasked frame, a bad opcode, bad UTF-8...).
-        self.log.warning("talk_protocol_error", error=event.reason[:200])
-        self._close(event.code, "protocol error")
-        raise _Closed("protocol_error", event.reason[:200])
-
-    def _on_message_part(self, event: Message) -> None:
-        if not self._message:
-            self._message_is_text = isinstance(event, TextMessage)
-        part = event.data.encode("utf-8") if isinstance(event, TextMessage) else event.data
-        if len(self._message) + len(part) > self.sessions.max_message_bytes:
-            self.log.warning("talk_message_too_big", max_bytes=self.sessions.max_message_bytes)
-            self._error(f"a message over {self.sessions.max_message_bytes} bytes: send audio in small pieces")
-            self._close(CloseReason.MESSAGE_TOO_BIG, "message too big")
-            raise _Closed("too_big", f"a message over {self.sessions.max_message_bytes} bytes")
-        self._message += part
-        if not event.message_finished:
-            return
-        message, self._message = bytes(self._message), bytearray()
+    def _on_message(self, message: bytes, is_text: bool) -> None:
         self.summary.messages += 1
         self._last_message_s = time.monotonic()
-        if self._message_is_text:
+        if is_text:
             self.log.warning("talk_bad_message", error="a text message", chars=len(message))
             self._error("send audio as binary messages of 16 kHz mono PCM16; text messages are not understood")
             self._close(CloseReason.UNSUPPORTED_DATA, "binary audio only")
-            raise _Closed("bad_message", f"a text message of {len(message)} bytes")
+            raise SessionClosed("bad_message", f"a text message of {len(message)} bytes")
         self._on_audio(message)
 
     # --- audio and turns -------------------------------------------------------------------------
@@ -253,7 +211,7 @@ class TranscribeSession:
                     self._error(message)
                 else:
                     self._send(message)
-        except _Closed:
+        except SessionClosed:
             pass  # the client is gone; the reader sees it too
 
     def _answer(self, text: str) -> list:
@@ -287,33 +245,15 @@ class TranscribeSession:
     def _send_json(self, **message) -> None:
         self._send(TextMessage(data=json.dumps(message, ensure_ascii=False)))
 
+    def _tell_client(self, text: str) -> None:
+        self._error(text)
+
     def _error(self, message: str) -> None:
         self.summary.errors += 1
         try:
             self._send_json(type="error", message=message)
-        except _Closed:
+        except SessionClosed:
             pass
-
-    def _send(self, event) -> None:
-        with self._send_lock:
-            try:
-                data = self.ws.send(event)
-            except LocalProtocolError:
-                return  # the connection is past the state where this could go out (closing)
-            try:
-                self.sock.sendall(data)
-            except OSError as exc:
-                raise _Closed("disconnected", one_line(exc)) from None
-
-    def _close(self, code: int, reason: str) -> None:
-        """Send our close frame (once), then give the client a moment to answer with its own."""
-        if self.ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            return
-        try:
-            self._send(CloseConnection(code=code, reason=reason or None))
-        except _Closed:
-            return
-        linger_for_close(self.sock, self.ws, CLOSE_LINGER_S)
 
     # --- the end ----------------------------------------------------------------------------------
 

@@ -11,9 +11,8 @@ import datetime
 import re
 import sys
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+from ivr_daemon.cli_settings import EXIT_FAILED, EXIT_OK, config_error, settings_or_exit
+
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
 _UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -34,7 +33,7 @@ def parse_since(text: str, now: datetime.datetime | None = None) -> datetime.dat
     return moment
 
 
-def add_parser(sub, settings_or_exit) -> None:
+def add_parser(sub) -> None:
     """The ``calls`` subcommand and its three actions, on the main parser's subparsers."""
     calls = sub.add_parser("calls", help="call records and transcripts (DATABASE_URL): list, show, export")
     actions = calls.add_subparsers(dest="calls_command", required=True)
@@ -48,7 +47,7 @@ def add_parser(sub, settings_or_exit) -> None:
                         help="jsonl: one call (with its turns) a line; csv: one turn a row")
     export.add_argument("--out", default="-", help="file to write (default: standard output)")
     _filters(export)
-    calls.set_defaults(func=lambda args: cmd_calls(args, settings_or_exit))
+    calls.set_defaults(func=cmd_calls)
 
 
 def _filters(parser: argparse.ArgumentParser) -> None:
@@ -57,15 +56,14 @@ def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent", default=None, help="only this agent's calls")
 
 
-def cmd_calls(args, settings_or_exit) -> int:
+def cmd_calls(args) -> int:
     from ivr_daemon.records.store import DatabaseUnavailable, RecordsError, RecordStore
 
     settings = settings_or_exit(args)
     try:
         store = RecordStore(settings.database_url)
     except RecordsError as exc:
-        print(f"ivr-daemon: configuration error: DATABASE_URL: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return config_error(f"DATABASE_URL: {exc}")
     try:
         store.migrate()  # what `run` does first: a fresh database answers with no calls
         return _ACTIONS[args.calls_command](store, args)
