@@ -22,6 +22,7 @@ from ivr_daemon.esl.connection import AuthenticationFailed, EslClient
 from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_wav
 from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
+from ivr_daemon.llm.replicas import ReplicaSet
 from ivr_daemon.logs import get_logger
 from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.outbound import BadCallRequest, JobWaiters, placeholders
@@ -350,9 +351,15 @@ def build_conversation_daemon(
     webhooks = WebhookSender(settings.webhook_secret, metrics, queue_max=settings.webhook_queue_max,
                              timeout_s=settings.webhook_timeout_s, backoff_base_s=webhook_backoff_base_s) \
         if any(agent.settings.webhook_url for agent in agents.agents.values()) else None
+    for _, client, *_ in prepared.values():
+        if isinstance(client, ReplicaSet):
+            metrics.watch_llm_replicas(client)
     default = agents.default
+    default_llm = prepared[agents.default_name][1]
     log.info("daemon_ready", agents=list(agents.agents), default_agent=agents.default_name,
-             llm_provider=default.settings.llm_provider, llm_api_url=default.settings.llm_api_url,
+             llm_provider=default.settings.llm_provider,
+             # A replica set says host:port only: its URLs may carry credentials.
+             llm_api_url=default_llm.api_url if isinstance(default_llm, ReplicaSet) else default.settings.llm_api_url,
              tts_engine=prepared[agents.default_name][2].name, tts_voice=prepared[agents.default_name][2].voice_id,
              shard="/".join(map(str, settings.daemon_shard)))
     daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)

@@ -216,7 +216,10 @@ def check_asr(run: DoctorRun) -> Iterator[Row]:
 
 
 def check_llm(run: DoctorRun) -> Iterator[Row]:
+    """One row per agent's LLM; with several replicas (LLM_API_URL a list), one row per replica,
+    so that the one that is down shows."""
     from ivr_daemon.llm import LlmError, make_llm_client
+    from ivr_daemon.llm.replicas import redacted, replica_label, split_urls
 
     settings = _settings(run)
     agents = run.agents.agents if run.agents is not None else {"default": None}
@@ -229,18 +232,27 @@ def check_llm(run: DoctorRun) -> Iterator[Row]:
             yield Row(SKIP, f"the same LLM as agent {seen[key]}", title=title)
             continue
         seen[key] = name
-        where = f"{agent_settings.llm_provider} {agent_settings.llm_model} at {agent_settings.llm_api_url}"
-        started_s = time.monotonic()
-        try:
-            answer = make_llm_client(agent_settings).complete(list(LLM_PROMPT))
-        except LlmError as exc:
+        urls = split_urls(agent_settings.llm_api_url)
+        for url in urls:
+            replica_title, shown = title, url
+            if len(urls) > 1:
+                shown = replica_label(url)  # the URL may carry credentials
+                replica_title = f"{title} [replica {shown}]"
+            where = f"{agent_settings.llm_provider} {agent_settings.llm_model} at {shown}"
+            started_s = time.monotonic()
+            try:
+                answer = make_llm_client(dataclasses.replace(agent_settings, llm_api_url=url)).complete(list(LLM_PROMPT))
+            except LlmError as exc:
+                if len(urls) > 1:
+                    redacted(exc, url)
+                elapsed_ms = (time.monotonic() - started_s) * 1000
+                yield Row(FAIL, f"{where}: {exc} (after {elapsed_ms:.0f} ms)",
+                          "start the LLM server, or correct LLM_PROVIDER/LLM_API_URL/LLM_MODEL "
+                          "(for Ollama: ollama pull the model); a slow answer needs a larger LLM_TIMEOUT",
+                          title=replica_title)
+                continue
             elapsed_ms = (time.monotonic() - started_s) * 1000
-            yield Row(FAIL, f"{where}: {exc} (after {elapsed_ms:.0f} ms)",
-                      "start the LLM server, or correct LLM_PROVIDER/LLM_API_URL/LLM_MODEL "
-                      "(for Ollama: ollama pull the model); a slow answer needs a larger LLM_TIMEOUT", title=title)
-            continue
-        elapsed_ms = (time.monotonic() - started_s) * 1000
-        yield Row(PASS, f"{where}: {answer[:40]!r} in {elapsed_ms:.0f} ms", title=title)
+            yield Row(PASS, f"{where}: {answer[:40]!r} in {elapsed_ms:.0f} ms", title=replica_title)
 
 
 def check_voices(run: DoctorRun) -> Iterator[Row]:

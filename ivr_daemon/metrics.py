@@ -96,6 +96,9 @@ class DaemonMetrics:
             self.hangups_by_ivr_total.labels(reason=reason)
         for reason in RECORD_DROP_REASONS:
             self.records_dropped_total.labels(reason=reason)
+        # LLM replicas (LLM_API_URL with several URLs): read from the replica sets when scraped.
+        self.llm_replica_sets: list = []
+        r.register(_ReplicaCollector(self))
         # For GET /health: what went wrong last, so an administrator sees it without the logs.
         self.last_llm_error: dict[str, object] | None = None
 
@@ -106,6 +109,11 @@ class DaemonMetrics:
         self.esl_connected.labels(switch=name).set_function(lambda: 1 if connected() else 0)
         self.calls_total.labels(switch=name)
         self.esl_reconnects_total.labels(switch=name)
+
+    def watch_llm_replicas(self, replica_set) -> None:
+        """Expose a :class:`~ivr_daemon.llm.replicas.ReplicaSet`'s per-replica counts and state."""
+        if all(known is not replica_set for known in self.llm_replica_sets):
+            self.llm_replica_sets.append(replica_set)
 
     def watch_cache(self, stats: Callable[[], CacheStats]) -> None:
         """Expose the phrase cache's hit and miss counts (``PhraseCache.stats``)."""
@@ -155,6 +163,46 @@ class _RecordsCollector(Collector):
                                 value=writer.queued if writer is not None else 0)
         yield GaugeMetricFamily("ivr_records_db_up", "1 while the records database answers, else 0.",
                                 value=1 if writer is not None and writer.db_up else 0)
+
+
+class _ReplicaCollector(Collector):
+    """The ivr_llm_replica_* series, one per replica (label ``replica``: host:port, bounded by
+    LLM_API_URL), read from the replica sets when scraped. Two agents' sets naming the same
+    host:port (two models on one server) add up into one series."""
+
+    def __init__(self, metrics: DaemonMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("ivr_llm_replica_requests_total",
+                                       "LLM requests sent to a replica (a retry counts on the replica it went to).",
+                                       labels=["replica"])
+        failures = CounterMetricFamily("ivr_llm_replica_failures_total", "LLM requests a replica failed.",
+                                       labels=["replica"])
+        retries = CounterMetricFamily("ivr_llm_replica_retries_total",
+                                      "LLM requests that failed on a replica before any answer and were sent to "
+                                      "another.", labels=["replica"])
+        up = GaugeMetricFamily("ivr_llm_replica_up", "1 unless the replica is backing off after a failure.",
+                               labels=["replica"])
+        in_flight = GaugeMetricFamily("ivr_llm_replica_in_flight", "LLM requests a replica is answering now.",
+                                      labels=["replica"])
+        totals: dict[str, list[int]] = {}
+        for replica_set in self._metrics.llm_replica_sets:
+            states = {state["replica"]: state for state in replica_set.status()}
+            for replica in replica_set.replicas:
+                row = totals.setdefault(replica.label, [0, 0, 0, 1, 0])
+                row[0] += replica.requests
+                row[1] += replica.failures
+                row[2] += replica.retries
+                row[3] = min(row[3], 1 if states[replica.label]["up"] else 0)
+                row[4] += replica.in_flight
+        for label, (sent, failed, retried, is_up, busy) in totals.items():
+            requests.add_metric([label], sent)
+            failures.add_metric([label], failed)
+            retries.add_metric([label], retried)
+            up.add_metric([label], is_up)
+            in_flight.add_metric([label], busy)
+        yield from (requests, failures, retries, up, in_flight)
 
 
 def llm_error_kind(exc: LlmError) -> str:

@@ -346,3 +346,18 @@ def test_records_off_is_a_pass_that_says_so(sim, llm, asr_server, tmp_path):
     rows = doctor_rows(environment(sim, llm, tmp_path, DATABASE_URL="off"), conf)
     assert statuses(rows) == ALL_FINE
     assert rows["call-records database reachable"].detail == "DATABASE_URL=off: no call records kept"
+
+
+def test_llm_replicas_one_row_each_the_down_one_failing(sim, llm, asr_server, tmp_path):
+    conf = vosk_conf(tmp_path, f"ws://127.0.0.1:{asr_server.address[1]}")
+    down_port = free_port()
+    env = environment(sim, llm, tmp_path,
+                      LLM_API_URL=f"{llm.url},http://user:pw@127.0.0.1:{down_port}/api/chat")
+    rows = doctor_rows(env, conf)
+    up_title = f"LLM answers [replica 127.0.0.1:{llm.port}]"
+    down_title = f"LLM answers [replica 127.0.0.1:{down_port}]"
+    expected = {title: status for title, status in ALL_FINE.items() if title != "LLM answers"}
+    assert statuses(rows) == {**expected, up_title: PASS, down_title: FAIL}
+    assert rows[up_title].detail.startswith(f"ollama llama3 at 127.0.0.1:{llm.port}: 'Hello.' in ")
+    assert "cannot reach" in rows[down_title].detail and "LLM_API_URL" in rows[down_title].fix
+    assert "pw@" not in rows[down_title].detail  # the label, never the URL's credentials
