@@ -17,7 +17,7 @@ import gevent.threadpool
 from ivr_daemon.agents import Agent, AgentBook, load_agents
 from ivr_daemon.call_flow import CallFlowServices, call_flow_factory
 from ivr_daemon.calls import Call, CallHandler, CallRouter, HandlerFactory
-from ivr_daemon.config import Settings
+from ivr_daemon.config import Settings, SwitchAddress
 from ivr_daemon.esl.connection import AuthenticationFailed, EslClient
 from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_wav
 from ivr_daemon.llm import make_llm_client
@@ -336,10 +336,11 @@ def build_conversation_daemon(
         raise
 
     def handlers_for(esl: EslClient) -> HandlerFactory:
+        switch = SwitchAddress(esl.host, esl.port, "").name  # the label its calls' metrics carry
         by_agent = {
             name: TurnServices(agent.settings, client, engine, esl.send, pool, fallback_wav, on_turn, cache,
                                wait_connected=esl.wait_connected, pinned=pinned, agent=agent, in_flight=in_flight,
-                               metrics=metrics)
+                               metrics=metrics, switch=switch)
             for name, (agent, client, engine, pinned, fallback_wav) in prepared.items()
         }
         flow = CallFlowServices(by_agent, agents.default_name, webhooks=webhooks, records=records)
