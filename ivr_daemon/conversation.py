@@ -101,9 +101,7 @@ class TurnServices:
     in_flight: set[gevent.event.AsyncResult] = field(default_factory=set)
     # The daemon's, shared by every agent's services (build_conversation_daemon).
     metrics: DaemonMetrics = field(default_factory=DaemonMetrics)
-    # The switch (host:port) whose calls these services answer: the ``switch`` label of their
-    # metrics. "" for services on no switch (a bench, a fuzz run).
-    switch: str = ""
+    switch: str = ""  # host:port of the switch its calls are on, their metrics' label ("": on none)
 
     def __post_init__(self) -> None:
         self.metrics.watch_call_series(self.switch)  # its calls' series at 0 from the start
@@ -252,10 +250,7 @@ class ConversationHandler:
     # (no switch behind ``send``): its turns are counted as soon as they have sent everything.
     follows_playback = True
 
-    @property
-    def metrics_switch(self) -> str:
-        """The ``switch`` label of this call's metrics: the switch it is on."""
-        return self.services.switch
+    metrics_switch = property(lambda self: self.services.switch)  # the ``switch`` label of its metrics
 
     def __init__(self, call_uuid: str, call_log: structlog.stdlib.BoundLogger, services: TurnServices):
         self.call_uuid = call_uuid
@@ -669,8 +664,8 @@ class ConversationHandler:
             """Queue one chunk's synthesis; False once the reply has said enough sentences."""
             if not submitted:
                 reply.llm_ms = (time.monotonic() - started_s) * 1000
-                self.services.metrics.llm_first_sentence_seconds.labels(switch=self.metrics_switch).observe(
-                    reply.llm_ms / 1000)
+                first_sentence = self.services.metrics.llm_first_sentence_seconds
+                first_sentence.labels(switch=self.metrics_switch).observe(reply.llm_ms / 1000)
             submitted.append(sentence)
             path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
             pending = self._synthesis_after_first_clause(sentence, path, reply, first_clause)
