@@ -260,3 +260,17 @@ def test_errors_and_log_lines_of_a_replica_carry_no_credentials(refusing_url):
     assert client.replicas[0].last_error and "cannot reach" in client.replicas[0].last_error
     assert refusing_url in client.replicas[0].last_error
     assert "hunter2" not in repr(logs) and "hunter2" not in repr(client.status())
+
+
+def test_requests_in_flight_failing_together_are_one_failure_of_the_replica():
+    clock = Clock()
+    with FakeLlmServer("ollama", status=503, hold_reply=True) as a:
+        client = ReplicaSet([OllamaClient(a.url, "m", 5)], clock=clock)
+        held = [gevent.spawn(client.complete, MESSAGES) for _ in range(3)]
+        wait_until(lambda: len(a.requests) == 3)
+        a.release_reply.set()
+        gevent.joinall(held, timeout=5)
+        assert all(isinstance(g.exception, LlmUnavailable) for g in held)
+    replica = client.replicas[0]
+    assert replica.failures == 3 and replica.failures_in_row == 1
+    assert replica.down_until_s == clock.now_s + 1.0  # one outage: the first back-off, not the third

@@ -199,6 +199,11 @@ class ReplicaSet(LlmClient):
             log.warning("llm_replica_failed", replica=replica.label, error=str(exc),
                         error_type=type(exc).__name__, answered=answered)
             return
+        if replica.backing_off(self._clock()):
+            # The same outage, seen by another request that was already in flight (or one sent
+            # while every replica backed off): it does not lengthen the back-off.
+            log.debug("llm_replica_still_down", replica=replica.label, error_type=type(exc).__name__)
+            return
         replica.failures_in_row += 1
         backoff_s = min(self._backoff_max_s, self._backoff_first_s * 2 ** (replica.failures_in_row - 1))
         replica.down_until_s = self._clock() + backoff_s
