@@ -405,7 +405,7 @@ class PhoneCall(ConversationHandler):
         try:
             answer = self.services.send(commands.uuid_kill(self.call_uuid, HANGUP_CAUSE))
             self.flow.counters.hangups_by_ivr += 1
-            self.services.metrics.hangups_by_ivr_total.labels(reason=reason).inc()
+            self.services.metrics.hangups_by_ivr_total.labels(switch=self.metrics_switch, reason=reason).inc()
             self.log.info("call_hung_up_by_ivr", reason=reason, reply=answer.text.strip()[:80])
         except (EslError, commands.UnsafeCommandArgument) as exc:
             self.log.error("uuid_kill_not_sent", reason=reason, error=str(exc))
@@ -438,7 +438,7 @@ class PhoneCall(ConversationHandler):
             self.recorder.update(self._record_fields())
         self._emit("call.transferred", {"target": target.name, "source": source})
         self.flow.counters.transfers += 1
-        self.services.metrics.transfers_total.inc()
+        self.services.metrics.transfers_total.labels(switch=self.metrics_switch).inc()
         # +OK even for an extension that does not exist (capture S6b): the switch owns the call now.
         self.log.info("call_transferred", target=target.name, source=source, reply=answer.text.strip()[:80],
                       destination=f"{target.destination} {target.dialplan} {target.context}")
@@ -447,7 +447,7 @@ class PhoneCall(ConversationHandler):
         """Send nothing; log and count it; what the LLM is told."""
         targets = self.agent.transfer_targets if self.agent is not None else {}
         self.flow.counters.transfers_refused += 1
-        self.services.metrics.transfers_refused_total.inc()
+        self.services.metrics.transfers_refused_total.labels(switch=self.metrics_switch).inc()
         self.log.warning("transfer_refused", requested=repr(requested)[:120], source=source, allowed=sorted(targets))
         allowed = ", ".join(sorted(targets)) or "none"
         return f"Transfer refused: {str(requested)[:60]!r} is not an allowed target. Allowed: {allowed}."

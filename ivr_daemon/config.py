@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
 
 LLM_PROVIDERS = ("ollama", "openai", "llama3")
 TTS_ENGINES = ("coqui", "piper", "null")
@@ -48,7 +49,9 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
      "several switches, one ESL client each: comma-separated host:port or password@host:port (password "
      "percent-encoded; without one: FREESWITCH_PASSWORD); set, it replaces FREESWITCH_HOST"),
     ("LLM_PROVIDER", "llm_provider", "ollama", "ollama | openai | llama3"),
-    ("LLM_API_URL", "llm_api_url", "http://localhost:11434/api/chat", "the LLM endpoint URL"),
+    ("LLM_API_URL", "llm_api_url", "http://localhost:11434/api/chat",
+     "the LLM endpoint URL; several comma-separated: replicas of one model, each request to the least "
+     "busy one, a failing one skipped for a back-off (1 s doubling to 30 s)"),
     ("LLM_MODEL", "llm_model", "llama3", "model name sent to the LLM server"),
     ("LLM_API_KEY", "llm_api_key", "", "optional Bearer token (openai provider)"),
     ("LLM_TIMEOUT", "llm_timeout_s", "30", "seconds to wait for an LLM reply"),
@@ -319,6 +322,26 @@ def default_tts_output_dir(environ: Mapping[str, str]) -> Path:
 
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-:\[\]]+$")
+
+
+def _llm_api_urls(raw: str) -> str:
+    """LLM_API_URL: one http(s) URL, or several separated by commas (replicas of one model),
+    each with a host; returned stripped, joined by bare commas."""
+    entries = [entry.strip() for entry in raw.strip().split(",")]
+    for number, url in enumerate(entries, 1):
+        where = f"entry {number} " if len(entries) > 1 else ""
+        if not re.match(r"^https?://[^\s/]+", url) or any(c.isspace() for c in url):
+            raise ConfigError("LLM_API_URL", f"{where}must be an http(s) URL, got {url!r}")
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (raises ValueError for a port that is not one)
+        except ValueError:
+            raise ConfigError("LLM_API_URL", f"{where}has a bad port: {url!r}") from None
+        if not parts.hostname:
+            raise ConfigError("LLM_API_URL", f"{where}has no host: {url!r}")
+    if len(set(entries)) < len(entries):
+        raise ConfigError("LLM_API_URL", "a replica is listed twice")
+    return ",".join(entries)
 MIN_HTTP_TOKEN_CHARS = 16
 
 
@@ -539,9 +562,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         parse_switch_hosts(hosts_raw, freeswitch_port, password)  # every entry checked now, once
     freeswitch_hosts = tuple(entry.strip() for entry in hosts_raw.split(",")) if hosts_raw else ()
 
-    api_url = raw["llm_api_url"].strip()
-    if not re.match(r"^https?://[^\s/]+", api_url):
-        raise ConfigError("LLM_API_URL", f"must be an http(s) URL, got {raw['llm_api_url']!r}")
+    api_url = _llm_api_urls(raw["llm_api_url"])
 
     tts_engine = _choice("TTS_ENGINE", raw["tts_engine"], TTS_ENGINES)
     model_path = _existing_file("COQUI_MODEL_PATH", raw["coqui_model_path"].strip())

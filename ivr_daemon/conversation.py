@@ -101,6 +101,10 @@ class TurnServices:
     in_flight: set[gevent.event.AsyncResult] = field(default_factory=set)
     # The daemon's, shared by every agent's services (build_conversation_daemon).
     metrics: DaemonMetrics = field(default_factory=DaemonMetrics)
+    switch: str = ""  # host:port of the switch its calls are on, their metrics' label ("": on none)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch_call_series(self.switch)  # its calls' series at 0 from the start
 
     @property
     def log_spoken_text(self) -> bool:
@@ -245,6 +249,8 @@ class ConversationHandler:
     # counted once its answer has played. False for a handler whose broadcasts nothing plays
     # (no switch behind ``send``): its turns are counted as soon as they have sent everything.
     follows_playback = True
+
+    metrics_switch = property(lambda self: self.services.switch)  # the ``switch`` label of its metrics
 
     def __init__(self, call_uuid: str, call_log: structlog.stdlib.BoundLogger, services: TurnServices):
         self.call_uuid = call_uuid
@@ -435,7 +441,7 @@ class ConversationHandler:
         reply.interrupted = True
         self._playback_changed.set()
         self.barge_ins += 1
-        self.services.metrics.barge_ins_total.inc()
+        self.services.metrics.barge_ins_total.labels(switch=self.metrics_switch).inc()
         self._count_turn(reply)  # interrupted, whether the turn still runs or its answer plays
         gevent.spawn(self._send_break)  # the one writer; the reader must not wait for its reply
         self._kill_turn()
@@ -479,7 +485,7 @@ class ConversationHandler:
             return
         reply.counted = True
         outcome = outcome or ("interrupted" if reply.interrupted else "fallback" if reply.fallback else "answered")
-        self.services.metrics.turns_total.labels(outcome=outcome).inc()
+        self.services.metrics.turns_total.labels(switch=self.metrics_switch, outcome=outcome).inc()
 
     # -- the turn -----------------------------------------------------------------------------
 
@@ -626,7 +632,7 @@ class ConversationHandler:
                     if reply.first_path is None:
                         reply.first_path, reply.first_broadcast, reply.first_audio_s = path, text, time.monotonic()
                         if reply.turn_started_s is not None:
-                            self.services.metrics.turn_first_audio_seconds.observe(
+                            self.services.metrics.turn_first_audio_seconds.labels(switch=self.metrics_switch).observe(
                                 reply.first_audio_s - reply.turn_started_s)
                 if is_fallback:
                     # Sent or refused (-ERR, a call that just went away), the fallback is the
@@ -658,7 +664,8 @@ class ConversationHandler:
             """Queue one chunk's synthesis; False once the reply has said enough sentences."""
             if not submitted:
                 reply.llm_ms = (time.monotonic() - started_s) * 1000
-                self.services.metrics.llm_first_sentence_seconds.observe(reply.llm_ms / 1000)
+                first_sentence = self.services.metrics.llm_first_sentence_seconds
+                first_sentence.labels(switch=self.metrics_switch).observe(reply.llm_ms / 1000)
             submitted.append(sentence)
             path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
             pending = self._synthesis_after_first_clause(sentence, path, reply, first_clause)

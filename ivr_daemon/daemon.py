@@ -17,11 +17,12 @@ import gevent.threadpool
 from ivr_daemon.agents import Agent, AgentBook, load_agents
 from ivr_daemon.call_flow import CallFlowServices, call_flow_factory
 from ivr_daemon.calls import Call, CallHandler, CallRouter, HandlerFactory
-from ivr_daemon.config import Settings
+from ivr_daemon.config import Settings, SwitchAddress
 from ivr_daemon.esl.connection import AuthenticationFailed, EslClient
 from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_wav
 from ivr_daemon.llm import make_llm_client
 from ivr_daemon.llm.base import LlmClient
+from ivr_daemon.llm.replicas import ReplicaSet
 from ivr_daemon.logs import get_logger
 from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.outbound import BadCallRequest, JobWaiters, placeholders
@@ -335,10 +336,11 @@ def build_conversation_daemon(
         raise
 
     def handlers_for(esl: EslClient) -> HandlerFactory:
+        switch = SwitchAddress(esl.host, esl.port, "").name  # the label its calls' metrics carry
         by_agent = {
             name: TurnServices(agent.settings, client, engine, esl.send, pool, fallback_wav, on_turn, cache,
                                wait_connected=esl.wait_connected, pinned=pinned, agent=agent, in_flight=in_flight,
-                               metrics=metrics)
+                               metrics=metrics, switch=switch)
             for name, (agent, client, engine, pinned, fallback_wav) in prepared.items()
         }
         flow = CallFlowServices(by_agent, agents.default_name, webhooks=webhooks, records=records)
@@ -350,9 +352,15 @@ def build_conversation_daemon(
     webhooks = WebhookSender(settings.webhook_secret, metrics, queue_max=settings.webhook_queue_max,
                              timeout_s=settings.webhook_timeout_s, backoff_base_s=webhook_backoff_base_s) \
         if any(agent.settings.webhook_url for agent in agents.agents.values()) else None
+    for _, client, *_ in prepared.values():
+        if isinstance(client, ReplicaSet):
+            metrics.watch_llm_replicas(client)
     default = agents.default
+    default_llm = prepared[agents.default_name][1]
     log.info("daemon_ready", agents=list(agents.agents), default_agent=agents.default_name,
-             llm_provider=default.settings.llm_provider, llm_api_url=default.settings.llm_api_url,
+             llm_provider=default.settings.llm_provider,
+             # A replica set says host:port only: its URLs may carry credentials.
+             llm_api_url=default_llm.api_url if isinstance(default_llm, ReplicaSet) else default.settings.llm_api_url,
              tts_engine=prepared[agents.default_name][2].name, tts_voice=prepared[agents.default_name][2].voice_id,
              shard="/".join(map(str, settings.daemon_shard)))
     daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)

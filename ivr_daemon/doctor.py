@@ -68,15 +68,16 @@ class DoctorRun:
     timeout_s: float = DEFAULT_TIMEOUT_S
     settings: object | None = None
     agents: object | None = None
-    esl_reachable: bool = False
-    esl: object | None = None  # the authenticated EslConnection
-    esl_subscribed: bool = False
+    # Per switch (by name, host:port): reachable, its authenticated EslConnection, subscribed.
+    esl_reachable: set[str] = field(default_factory=set)
+    esl: dict[str, object] = field(default_factory=dict)
+    esl_subscribed: set[str] = field(default_factory=set)
     rows: list[Row] = field(default_factory=list)
 
     def close(self) -> None:
-        if self.esl is not None:
-            self.esl.close(send_exit=True, exit_timeout_s=1.0)
-            self.esl = None
+        while self.esl:
+            _, conn = self.esl.popitem()
+            conn.close(send_exit=True, exit_timeout_s=1.0)
 
 
 class NotChecked(Exception):
@@ -108,95 +109,115 @@ def check_settings(run: DoctorRun) -> Iterator[Row]:
 
 
 def check_esl_reachable(run: DoctorRun) -> Iterator[Row]:
-    settings = _settings(run)
-    where = f"{settings.freeswitch_host}:{settings.freeswitch_port}"
-    fix = (f"start FreeSWITCH (systemctl start freeswitch) with mod_event_socket loaded, and make "
-           f"FREESWITCH_HOST/FREESWITCH_PORT ({where}) match listen-ip/listen-port in event_socket.conf.xml")
-    try:
-        sock = gevent.socket.create_connection((settings.freeswitch_host, settings.freeswitch_port),
-                                               timeout=run.timeout_s)
-    except OSError as exc:
-        yield Row(FAIL, f"cannot connect to {where}: {_reason(exc)}", fix)
-        return
-    try:
-        frame = _first_frame(sock, run.timeout_s)
-    except OSError as exc:
-        yield Row(FAIL, f"{where} accepted the connection but sent no auth/request: {_reason(exc)}", fix)
-        return
-    finally:
-        sock.close()
-    if frame is None:
-        yield Row(FAIL, f"{where} closed the connection without a word", fix)
-    elif frame.content_type == "auth/request":
-        run.esl_reachable = True
-        yield Row(PASS, f"{where} asks for the password")
-    elif frame.content_type == "text/rude-rejection":
-        # mod_event_socket's answer to an address its apply-inbound-acl does not allow.
-        yield Row(FAIL, f"{where} refused this host: {frame.body.decode('utf-8', 'replace').strip()}",
-                  "allow this host in event_socket.conf.xml's apply-inbound-acl (an acl.conf.xml list), "
-                  "then fs_cli -x 'reload mod_event_socket'")
-    else:
-        yield Row(FAIL, f"{where} is not FreeSWITCH's event socket (first reply: {frame.content_type!r})", fix)
+    for switch, title in _switches(run, "FreeSWITCH event socket reachable"):
+        where = switch.name
+        variables = "FREESWITCH_HOSTS" if run.settings.freeswitch_hosts else "FREESWITCH_HOST/FREESWITCH_PORT"
+        fix = (f"start FreeSWITCH (systemctl start freeswitch) with mod_event_socket loaded, and make "
+               f"{variables} ({where}) match listen-ip/listen-port in event_socket.conf.xml")
+        try:
+            sock = gevent.socket.create_connection((switch.host, switch.port), timeout=run.timeout_s)
+        except OSError as exc:
+            yield Row(FAIL, f"cannot connect to {where}: {_reason(exc)}", fix, title=title)
+            continue
+        try:
+            frame = _first_frame(sock, run.timeout_s)
+        except OSError as exc:
+            yield Row(FAIL, f"{where} accepted the connection but sent no auth/request: {_reason(exc)}", fix,
+                      title=title)
+            continue
+        finally:
+            sock.close()
+        if frame is None:
+            yield Row(FAIL, f"{where} closed the connection without a word", fix, title=title)
+        elif frame.content_type == "auth/request":
+            run.esl_reachable.add(switch.name)
+            yield Row(PASS, f"{where} asks for the password", title=title)
+        elif frame.content_type == "text/rude-rejection":
+            # mod_event_socket's answer to an address its apply-inbound-acl does not allow.
+            yield Row(FAIL, f"{where} refused this host: {frame.body.decode('utf-8', 'replace').strip()}",
+                      "allow this host in event_socket.conf.xml's apply-inbound-acl (an acl.conf.xml list), "
+                      "then fs_cli -x 'reload mod_event_socket'", title=title)
+        else:
+            yield Row(FAIL, f"{where} is not FreeSWITCH's event socket (first reply: {frame.content_type!r})", fix,
+                      title=title)
 
 
 def check_esl_password(run: DoctorRun) -> Iterator[Row]:
+    from ivr_daemon.config import DEFAULT_ESL_PASSWORD
     from ivr_daemon.esl.connection import AuthenticationFailed, EslConnection, EslError
 
-    if not run.esl_reachable:
-        raise NotChecked("the event socket is unreachable")
-    settings = run.settings
-    conn = EslConnection(settings.freeswitch_host, settings.freeswitch_port, settings.freeswitch_password,
-                         on_event=lambda event: None, connect_timeout_s=run.timeout_s,
-                         command_timeout_s=run.timeout_s)
-    try:
-        conn.connect()
-    except AuthenticationFailed as exc:
-        yield Row(FAIL, str(exc), "set FREESWITCH_PASSWORD to the password in event_socket.conf.xml "
-                                         "(<param name=\"password\" .../>)")
-        return
-    except EslError as exc:
-        yield Row(FAIL, str(exc), "retry; if it persists, check FreeSWITCH's log (fs_cli -x 'console loglevel debug')")
-        return
-    run.esl = conn
-    note = " (FreeSWITCH's well-known default ClueCon: change it on both sides)" \
-        if settings.uses_default_esl_password else ""
-    yield Row(PASS, f"authenticated{note}")
+    for switch, title in _switches(run, "event socket password accepted"):
+        if switch.name not in run.esl_reachable:
+            yield Row(SKIP, "not checked: the event socket is unreachable", title=title)
+            continue
+        conn = EslConnection(switch.host, switch.port, switch.password, on_event=lambda event: None,
+                             connect_timeout_s=run.timeout_s, command_timeout_s=run.timeout_s)
+        where = f"{switch.name}: " if run.settings.freeswitch_hosts else ""
+        try:
+            conn.connect()
+        except AuthenticationFailed as exc:
+            variable = (f"the password of {switch.name} in FREESWITCH_HOSTS (password@host:port) or FREESWITCH_PASSWORD"
+                        if run.settings.freeswitch_hosts else "FREESWITCH_PASSWORD")
+            yield Row(FAIL, f"{where}{exc}", f"set {variable} to the password in event_socket.conf.xml "
+                                             "(<param name=\"password\" .../>)", title=title)
+            continue
+        except EslError as exc:
+            yield Row(FAIL, f"{where}{exc}",
+                      "retry; if it persists, check FreeSWITCH's log (fs_cli -x 'console loglevel debug')",
+                      title=title)
+            continue
+        run.esl[switch.name] = conn
+        note = " (FreeSWITCH's well-known default ClueCon: change it on both sides)" \
+            if switch.password == DEFAULT_ESL_PASSWORD else ""
+        yield Row(PASS, f"{where}authenticated{note}", title=title)
 
 
 def check_esl_events(run: DoctorRun) -> Iterator[Row]:
     from ivr_daemon.daemon import SUBSCRIBED_EVENTS
     from ivr_daemon.esl.connection import EslError
 
-    conn = _esl(run)
-    try:
-        reply = conn.send(commands.subscribe_events(SUBSCRIBED_EVENTS))
-    except EslError as exc:
-        yield Row(FAIL, f"event {' '.join(SUBSCRIBED_EVENTS[:2])} ...: {exc}", "check FreeSWITCH's log")
-        return
-    if not reply.ok:
-        yield Row(FAIL, f"FreeSWITCH answered {reply.text!r}", "check FreeSWITCH's log")
-        return
-    run.esl_subscribed = True
-    yield Row(PASS, f"{reply.text} ({len(SUBSCRIBED_EVENTS)} event types)")
+    for switch, title in _switches(run, "event subscription works"):
+        conn = run.esl.get(switch.name)
+        if conn is None:
+            yield Row(SKIP, "not checked: no authenticated event socket", title=title)
+            continue
+        where = f"{switch.name}: " if run.settings.freeswitch_hosts else ""
+        try:
+            reply = conn.send(commands.subscribe_events(SUBSCRIBED_EVENTS))
+        except EslError as exc:
+            yield Row(FAIL, f"{where}event {' '.join(SUBSCRIBED_EVENTS[:2])} ...: {exc}", "check FreeSWITCH's log",
+                      title=title)
+            continue
+        if not reply.ok:
+            yield Row(FAIL, f"{where}FreeSWITCH answered {reply.text!r}", "check FreeSWITCH's log", title=title)
+            continue
+        run.esl_subscribed.add(switch.name)
+        yield Row(PASS, f"{where}{reply.text} ({len(SUBSCRIBED_EVENTS)} event types)", title=title)
 
 
 def check_mod_vosk(run: DoctorRun) -> Iterator[Row]:
     from ivr_daemon.esl.connection import EslError
 
-    conn = _esl(run)
-    try:
-        answer = conn.send(commands.module_exists("mod_vosk")).text.strip()
-    except EslError as exc:
-        yield Row(FAIL, f"module_exists mod_vosk: {exc}", "check FreeSWITCH's log")
-        return
-    if answer == "true":
-        yield Row(PASS, "module_exists mod_vosk: true")
-    elif answer == "false":
-        yield Row(FAIL, "module_exists mod_vosk: false (no speech events will come)",
-                  "add <load module=\"mod_vosk\"/> to modules.conf.xml and run fs_cli -x 'load mod_vosk' "
-                  "(freeswitch_conf/README.md, \"mod_vosk\", if your packages lack mod_vosk.so)")
-    else:
-        yield Row(FAIL, f"module_exists mod_vosk answered {answer[:80]!r}", "check FreeSWITCH's version and log")
+    for switch, title in _switches(run, "mod_vosk loaded"):
+        conn = run.esl.get(switch.name)
+        if conn is None:
+            yield Row(SKIP, "not checked: no authenticated event socket", title=title)
+            continue
+        where = f"{switch.name}: " if run.settings.freeswitch_hosts else ""
+        try:
+            answer = conn.send(commands.module_exists("mod_vosk")).text.strip()
+        except EslError as exc:
+            yield Row(FAIL, f"{where}module_exists mod_vosk: {exc}", "check FreeSWITCH's log", title=title)
+            continue
+        if answer == "true":
+            yield Row(PASS, f"{where}module_exists mod_vosk: true", title=title)
+        elif answer == "false":
+            yield Row(FAIL, f"{where}module_exists mod_vosk: false (no speech events will come)",
+                      "add <load module=\"mod_vosk\"/> to modules.conf.xml and run fs_cli -x 'load mod_vosk' "
+                      "(freeswitch_conf/README.md, \"mod_vosk\", if your packages lack mod_vosk.so)", title=title)
+        else:
+            yield Row(FAIL, f"{where}module_exists mod_vosk answered {answer[:80]!r}",
+                      "check FreeSWITCH's version and log", title=title)
 
 
 def check_asr(run: DoctorRun) -> Iterator[Row]:
@@ -216,7 +237,10 @@ def check_asr(run: DoctorRun) -> Iterator[Row]:
 
 
 def check_llm(run: DoctorRun) -> Iterator[Row]:
+    """One row per agent's LLM; with several replicas (LLM_API_URL a list), one row per replica,
+    so that the one that is down shows."""
     from ivr_daemon.llm import LlmError, make_llm_client
+    from ivr_daemon.llm.replicas import redacted, replica_label, split_urls
 
     settings = _settings(run)
     agents = run.agents.agents if run.agents is not None else {"default": None}
@@ -229,18 +253,27 @@ def check_llm(run: DoctorRun) -> Iterator[Row]:
             yield Row(SKIP, f"the same LLM as agent {seen[key]}", title=title)
             continue
         seen[key] = name
-        where = f"{agent_settings.llm_provider} {agent_settings.llm_model} at {agent_settings.llm_api_url}"
-        started_s = time.monotonic()
-        try:
-            answer = make_llm_client(agent_settings).complete(list(LLM_PROMPT))
-        except LlmError as exc:
+        urls = split_urls(agent_settings.llm_api_url)
+        for url in urls:
+            replica_title, shown = title, url
+            if len(urls) > 1:
+                shown = replica_label(url)  # the URL may carry credentials
+                replica_title = f"{title} [replica {shown}]"
+            where = f"{agent_settings.llm_provider} {agent_settings.llm_model} at {shown}"
+            started_s = time.monotonic()
+            try:
+                answer = make_llm_client(dataclasses.replace(agent_settings, llm_api_url=url)).complete(list(LLM_PROMPT))
+            except LlmError as exc:
+                if len(urls) > 1:
+                    redacted(exc, url)
+                elapsed_ms = (time.monotonic() - started_s) * 1000
+                yield Row(FAIL, f"{where}: {exc} (after {elapsed_ms:.0f} ms)",
+                          "start the LLM server, or correct LLM_PROVIDER/LLM_API_URL/LLM_MODEL "
+                          "(for Ollama: ollama pull the model); a slow answer needs a larger LLM_TIMEOUT",
+                          title=replica_title)
+                continue
             elapsed_ms = (time.monotonic() - started_s) * 1000
-            yield Row(FAIL, f"{where}: {exc} (after {elapsed_ms:.0f} ms)",
-                      "start the LLM server, or correct LLM_PROVIDER/LLM_API_URL/LLM_MODEL "
-                      "(for Ollama: ollama pull the model); a slow answer needs a larger LLM_TIMEOUT", title=title)
-            continue
-        elapsed_ms = (time.monotonic() - started_s) * 1000
-        yield Row(PASS, f"{where}: {answer[:40]!r} in {elapsed_ms:.0f} ms", title=title)
+            yield Row(PASS, f"{where}: {answer[:40]!r} in {elapsed_ms:.0f} ms", title=replica_title)
 
 
 def check_voices(run: DoctorRun) -> Iterator[Row]:
@@ -382,10 +415,12 @@ def _settings(run: DoctorRun):
     return run.settings
 
 
-def _esl(run: DoctorRun):
-    if run.esl is None:
-        raise NotChecked("no authenticated event socket")
-    return run.esl
+def _switches(run: DoctorRun, title: str) -> Iterator[tuple[object, str]]:
+    """(switch address, row title) of every switch the daemon connects to (FREESWITCH_HOSTS, or
+    FREESWITCH_HOST): with one, "" (the check's own title); with several, ``title [host:port]``."""
+    switches = _settings(run).switches
+    for switch in switches:
+        yield switch, (f"{title} [{switch.name}]" if len(switches) > 1 else "")
 
 
 def _reason(exc: BaseException) -> str:

@@ -42,20 +42,23 @@ class DaemonMetrics:
         self.calls_active = Gauge("ivr_calls_active", "Calls the daemon is tracking now.", ["switch"], registry=r)
         self.calls_total = Counter("ivr_calls_total", "Calls the daemon has started tracking.", ["switch"],
                                    registry=r)
+        # What happens in calls is per switch too (label ``switch``: the call's switch; "test" for
+        # the HTTP test calls): a switch whose callers wait longer shows as that switch's.
         self.turns_total = Counter(
             "ivr_turns_total", "Turns whose answer is over (played, cut by the caller, or the call ended), "
-            "by how they ended.", ["outcome"], registry=r)
+            "by how they ended.", ["switch", "outcome"], registry=r)
         self.turn_first_audio_seconds = Histogram(
             "ivr_turn_first_audio_seconds", "Turn start (final transcript) to the first uuid_broadcast of the answer.",
-            buckets=LATENCY_BUCKETS_S, registry=r)
+            ["switch"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.llm_first_sentence_seconds = Histogram(
             "ivr_llm_first_sentence_seconds",
             "LLM request to its first complete sentence (streaming) or whole reply (batch).",
-            buckets=LATENCY_BUCKETS_S, registry=r)
+            ["switch"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.tts_synthesis_seconds = Histogram(
             "ivr_tts_synthesis_seconds", "One synthesis (a cache miss or a per-call WAV), on a worker thread.",
             buckets=LATENCY_BUCKETS_S, registry=r)
-        self.barge_ins_total = Counter("ivr_barge_ins_total", "Answers the caller interrupted.", registry=r)
+        self.barge_ins_total = Counter("ivr_barge_ins_total", "Answers the caller interrupted.", ["switch"],
+                                       registry=r)
         self.esl_reconnects_total = Counter(
             "ivr_esl_reconnects_total", "Event socket connections made after the first one.", ["switch"], registry=r)
         self.esl_connected = Gauge("ivr_esl_connected", "1 while the event socket is up and subscribed.",
@@ -67,11 +70,12 @@ class DaemonMetrics:
         self.llm_errors_total = Counter(
             "ivr_llm_errors_total", "LLM requests that failed, by kind.", ["kind"], registry=r)
         self.transfers_total = Counter(
-            "ivr_transfers_total", "Calls transferred (uuid_transfer answered).", registry=r)
+            "ivr_transfers_total", "Calls transferred (uuid_transfer answered).", ["switch"], registry=r)
         self.transfers_refused_total = Counter(
-            "ivr_transfers_refused_total", "Transfers refused: a target not in the agent's allowlist.", registry=r)
+            "ivr_transfers_refused_total", "Transfers refused: a target not in the agent's allowlist.", ["switch"],
+            registry=r)
         self.hangups_by_ivr_total = Counter(
-            "ivr_hangups_by_ivr_total", "Calls the daemon hung up after its goodbye, by reason.", ["reason"],
+            "ivr_hangups_by_ivr_total", "Calls the daemon hung up after its goodbye, by reason.", ["switch", "reason"],
             registry=r)
         self.webhooks_delivered_total = Counter(
             "ivr_webhooks_delivered_total", "Call-event webhooks the receiver accepted (2xx).", registry=r)
@@ -88,14 +92,14 @@ class DaemonMetrics:
         self._records = None
         r.register(_RecordsCollector(self))
         # Known label values show as 0 from the start: a dashboard's rate() needs the series.
-        for outcome in TURN_OUTCOMES:
-            self.turns_total.labels(outcome=outcome)
+        # (The per-call ones per switch, as each switch is watched: watch_call_series.)
         for kind in LLM_ERROR_KINDS:
             self.llm_errors_total.labels(kind=kind)
-        for reason in HANGUP_REASONS:
-            self.hangups_by_ivr_total.labels(reason=reason)
         for reason in RECORD_DROP_REASONS:
             self.records_dropped_total.labels(reason=reason)
+        # LLM replicas (LLM_API_URL with several URLs): read from the replica sets when scraped.
+        self.llm_replica_sets: list = []
+        r.register(_ReplicaCollector(self))
         # For GET /health: what went wrong last, so an administrator sees it without the logs.
         self.last_llm_error: dict[str, object] | None = None
 
@@ -106,6 +110,22 @@ class DaemonMetrics:
         self.esl_connected.labels(switch=name).set_function(lambda: 1 if connected() else 0)
         self.calls_total.labels(switch=name)
         self.esl_reconnects_total.labels(switch=name)
+        self.watch_call_series(name)
+
+    def watch_call_series(self, switch: str) -> None:
+        """The per-call series of ``switch`` (a switch's name, or "test"), shown at 0 from the start."""
+        for outcome in TURN_OUTCOMES:
+            self.turns_total.labels(switch=switch, outcome=outcome)
+        for reason in HANGUP_REASONS:
+            self.hangups_by_ivr_total.labels(switch=switch, reason=reason)
+        for metric in (self.turn_first_audio_seconds, self.llm_first_sentence_seconds, self.barge_ins_total,
+                       self.transfers_total, self.transfers_refused_total):
+            metric.labels(switch=switch)
+
+    def watch_llm_replicas(self, replica_set) -> None:
+        """Expose a :class:`~ivr_daemon.llm.replicas.ReplicaSet`'s per-replica counts and state."""
+        if all(known is not replica_set for known in self.llm_replica_sets):
+            self.llm_replica_sets.append(replica_set)
 
     def watch_cache(self, stats: Callable[[], CacheStats]) -> None:
         """Expose the phrase cache's hit and miss counts (``PhraseCache.stats``)."""
@@ -155,6 +175,46 @@ class _RecordsCollector(Collector):
                                 value=writer.queued if writer is not None else 0)
         yield GaugeMetricFamily("ivr_records_db_up", "1 while the records database answers, else 0.",
                                 value=1 if writer is not None and writer.db_up else 0)
+
+
+class _ReplicaCollector(Collector):
+    """The ivr_llm_replica_* series, one per replica (label ``replica``: host:port, bounded by
+    LLM_API_URL), read from the replica sets when scraped. Two agents' sets naming the same
+    host:port (two models on one server) add up into one series."""
+
+    def __init__(self, metrics: DaemonMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("ivr_llm_replica_requests_total",
+                                       "LLM requests sent to a replica (a retry counts on the replica it went to).",
+                                       labels=["replica"])
+        failures = CounterMetricFamily("ivr_llm_replica_failures_total", "LLM requests a replica failed.",
+                                       labels=["replica"])
+        retries = CounterMetricFamily("ivr_llm_replica_retries_total",
+                                      "LLM requests that failed on a replica before any answer and were sent to "
+                                      "another.", labels=["replica"])
+        up = GaugeMetricFamily("ivr_llm_replica_up", "1 unless the replica is backing off after a failure.",
+                               labels=["replica"])
+        in_flight = GaugeMetricFamily("ivr_llm_replica_in_flight", "LLM requests a replica is answering now.",
+                                      labels=["replica"])
+        totals: dict[str, list[int]] = {}
+        for replica_set in self._metrics.llm_replica_sets:
+            states = {state["replica"]: state for state in replica_set.status()}
+            for replica in replica_set.replicas:
+                row = totals.setdefault(replica.label, [0, 0, 0, 1, 0])
+                row[0] += replica.requests
+                row[1] += replica.failures
+                row[2] += replica.retries
+                row[3] = min(row[3], 1 if states[replica.label]["up"] else 0)
+                row[4] += replica.in_flight
+        for label, (sent, failed, retried, is_up, busy) in totals.items():
+            requests.add_metric([label], sent)
+            failures.add_metric([label], failed)
+            retries.add_metric([label], retried)
+            up.add_metric([label], is_up)
+            in_flight.add_metric([label], busy)
+        yield from (requests, failures, retries, up, in_flight)
 
 
 def llm_error_kind(exc: LlmError) -> str:

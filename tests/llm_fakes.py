@@ -17,7 +17,8 @@ shapes. Knobs for failure tests: ``status`` (an HTTP error with the provider's e
 ``delay_s`` (wait before answering), ``hold_reply`` (answer nothing, headers included, until
 the test sets ``.release_reply``: a client that still waits then cannot be told apart from
 one that timed out only by the clock) and ``trickle_s`` (send the body, or each streamed
-chunk, one byte at a time). ``.bodies_completed`` counts non-streamed bodies written to
+chunk, one byte at a time). ``port=`` listens on that port (a stopped server's: the same
+endpoint back up). ``.bodies_completed`` counts non-streamed bodies written to
 their last byte.
 
 A reply may also call tools: ``FakeReply("Let me put you through.", [FakeToolCall("transfer_call",
@@ -418,6 +419,7 @@ class FakeLlmServer:
         stream_gap_s: float = 0.0,
         stream_hold_after: int | None = None,
         stream_break_after: int | None = None,
+        port: int = 0,
     ):
         if provider not in PROVIDER_PATHS:
             raise ValueError(f"unknown provider {provider!r}")
@@ -448,6 +450,7 @@ class FakeLlmServer:
         self._sequence = itertools.count()
         self._closing = gevent.event.Event()
         self._server: WSGIServer | None = None
+        self._listen_port = port  # 0: any free one; a stopped server's port: the same server back
 
     @property
     def port(self) -> int:
@@ -466,7 +469,7 @@ class FakeLlmServer:
         # A listen queue as deep as a serving engine's (uvicorn's 2048): gevent's default of 128
         # drops the SYNs of a burst of turns, and each dropped one costs its turn 1-3 s of
         # TCP retransmission that is no part of the daemon.
-        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None, error_log=None, handler_class=_Handler,
+        self._server = WSGIServer(("127.0.0.1", self._listen_port), self._app, log=None, error_log=None, handler_class=_Handler,
                                   backlog=LISTEN_BACKLOG)
         self._server.start()
         return self

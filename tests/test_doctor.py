@@ -84,7 +84,7 @@ def environment(sim, llm, tmp_path: Path, **overrides: str) -> dict[str, str]:
 def doctor_rows(env: dict[str, str], conf: Path | None, user: str = NO_SUCH_USER) -> dict[str, Row]:
     run = DoctorRun(env_file=None, environ=env, vosk_conf=conf, freeswitch_user=user, timeout_s=3.0)
     rows = run_checks(run)
-    assert run.esl is None, "the doctor left its event socket open"
+    assert not run.esl, "the doctor left an event socket open"
     titles = [row.title for row in rows]
     assert len(set(titles)) == len(titles), titles
     return {row.title: row for row in rows}
@@ -346,3 +346,65 @@ def test_records_off_is_a_pass_that_says_so(sim, llm, asr_server, tmp_path):
     rows = doctor_rows(environment(sim, llm, tmp_path, DATABASE_URL="off"), conf)
     assert statuses(rows) == ALL_FINE
     assert rows["call-records database reachable"].detail == "DATABASE_URL=off: no call records kept"
+
+
+def test_llm_replicas_one_row_each_the_down_one_failing(sim, llm, asr_server, tmp_path):
+    conf = vosk_conf(tmp_path, f"ws://127.0.0.1:{asr_server.address[1]}")
+    down_port = free_port()
+    env = environment(sim, llm, tmp_path,
+                      LLM_API_URL=f"{llm.url},http://user:pw@127.0.0.1:{down_port}/api/chat")
+    rows = doctor_rows(env, conf)
+    up_title = f"LLM answers [replica 127.0.0.1:{llm.port}]"
+    down_title = f"LLM answers [replica 127.0.0.1:{down_port}]"
+    expected = {title: status for title, status in ALL_FINE.items() if title != "LLM answers"}
+    assert statuses(rows) == {**expected, up_title: PASS, down_title: FAIL}
+    assert rows[up_title].detail.startswith(f"ollama llama3 at 127.0.0.1:{llm.port}: 'Hello.' in ")
+    assert "cannot reach" in rows[down_title].detail and "LLM_API_URL" in rows[down_title].fix
+    assert "pw@" not in rows[down_title].detail  # the label, never the URL's credentials
+
+
+ESL_TITLES = ("FreeSWITCH event socket reachable", "event socket password accepted", "event subscription works",
+              "mod_vosk loaded")
+
+
+def switch_rows(rows: dict[str, Row], *names: str) -> dict[str, dict[str, str]]:
+    """The ESL rows of each switch: {name: {check title: status}}."""
+    return {name: {title: rows[f"{title} [{name}]"].status for title in ESL_TITLES} for name in names}
+
+
+@pytest.fixture
+def sim_b():
+    with FreeswitchSimulator(password="other") as simulator:
+        yield simulator
+
+
+def test_every_switch_of_freeswitch_hosts_gets_its_rows(sim, sim_b, llm, asr_server, tmp_path):
+    sim_b.loaded_modules.discard("mod_vosk")  # the broken one
+    conf = vosk_conf(tmp_path, f"ws://127.0.0.1:{asr_server.address[1]}")
+    a, b = f"127.0.0.1:{sim.port}", f"127.0.0.1:{sim_b.port}"
+    rows = doctor_rows(environment(sim, llm, tmp_path, FREESWITCH_HOSTS=f"{a},other@{b}"), conf)
+    assert switch_rows(rows, a, b) == {a: dict.fromkeys(ESL_TITLES, PASS),
+                                       b: {**dict.fromkeys(ESL_TITLES, PASS), "mod_vosk loaded": FAIL}}
+    assert not any(title in rows for title in ESL_TITLES)  # no row without its switch
+    assert rows[f"mod_vosk loaded [{b}]"].detail == f"{b}: module_exists mod_vosk: false (no speech events will come)"
+    assert rows[f"mod_vosk loaded [{a}]"].detail == f"{a}: module_exists mod_vosk: true"
+    # Each simulator was asked once, with its own password.
+    assert [c.line for c in sim.commands][0] == "auth s3cret"
+    assert [c.line for c in sim_b.commands][0] == "auth other"
+    assert "api module_exists mod_vosk" in [c.line for c in sim_b.commands]
+
+
+def test_a_wrong_password_or_a_switch_down_fails_only_that_switch(sim, sim_b, llm, asr_server, tmp_path):
+    conf = vosk_conf(tmp_path, f"ws://127.0.0.1:{asr_server.address[1]}")
+    a, b, down = f"127.0.0.1:{sim.port}", f"127.0.0.1:{sim_b.port}", f"127.0.0.1:{free_port()}"
+    rows = doctor_rows(environment(sim, llm, tmp_path, FREESWITCH_HOSTS=f"{a},wrong@{b},{down}"), conf)
+    not_in = {"event subscription works": SKIP, "mod_vosk loaded": SKIP}
+    assert switch_rows(rows, a, b, down) == {
+        a: dict.fromkeys(ESL_TITLES, PASS),
+        b: {"FreeSWITCH event socket reachable": PASS, "event socket password accepted": FAIL, **not_in},
+        down: {"FreeSWITCH event socket reachable": FAIL, "event socket password accepted": SKIP, **not_in},
+    }
+    assert f"the password of {b} in FREESWITCH_HOSTS" in rows[f"event socket password accepted [{b}]"].fix
+    assert rows[f"FreeSWITCH event socket reachable [{down}]"].detail == f"cannot connect to {down}: Connection refused"
+    assert "FREESWITCH_HOSTS" in rows[f"FreeSWITCH event socket reachable [{down}]"].fix
+    assert rows["LLM answers"].status == PASS  # the rest of the doctor ran as usual

@@ -102,14 +102,17 @@ def test_metrics_are_prometheus_text_and_show_the_live_calls(tmp_path):
 
 
 def test_metrics_count_a_phone_turn_and_a_test_turn(tmp_path):
-    """A test turn is counted like a phone turn: the same turn machinery."""
+    """A test turn is counted like a phone turn: the same turn machinery; under switch="test",
+    apart from the switch's calls."""
     turns = TurnLog()
     with FakeLlmServer("ollama", replies="Fine.") as llm, FreeswitchSimulator() as sim:
         settings = settings_for(sim, tmp_path / "tts", LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
         with running_daemon(sim, settings, on_turn=turns) as daemon, http_server(daemon) as http:
-            def answered() -> float:
+            phone = f"127.0.0.1:{sim.port}"
+
+            def answered(switch: str = phone) -> float:
                 return sample(requests.get(http.url + "/metrics", timeout=10).text, "ivr_turns_total",
-                              outcome="answered")
+                              switch=switch, outcome="answered")
 
             assert answered() == 0
             call = sim.new_call()
@@ -120,7 +123,7 @@ def test_metrics_count_a_phone_turn_and_a_test_turn(tmp_path):
             turn = requests.post(http.url + "/test/transcription", timeout=10,
                                  json={"call_uuid": "metrics", "transcription": "hello"})
             assert turn.status_code == 200
-            assert answered() == 2
+            assert answered("test") == 1 and answered() == 1
 
 
 def test_calls_lists_the_live_calls_with_their_state_and_one_calls_history(tmp_path):

@@ -43,7 +43,12 @@ def scrape(metrics: DaemonMetrics) -> dict[tuple[str, tuple], float]:
 
 
 # Per switch (label ``switch``); a one-switch daemon's tests read its one switch's series.
-SWITCH_METRICS = ("ivr_calls_active", "ivr_calls_total", "ivr_esl_connected", "ivr_esl_reconnects_total")
+SWITCH_METRICS = ("ivr_calls_active", "ivr_calls_total", "ivr_esl_connected", "ivr_esl_reconnects_total",
+                  "ivr_turns_total", "ivr_barge_ins_total", "ivr_transfers_total", "ivr_transfers_refused_total",
+                  "ivr_hangups_by_ivr_total",
+                  *(f"{histogram}_{part}" for histogram in ("ivr_turn_first_audio_seconds",
+                                                            "ivr_llm_first_sentence_seconds")
+                    for part in ("count", "sum", "bucket")))
 
 
 def value(daemon, name: str, **labels: str) -> float:
@@ -321,11 +326,12 @@ def test_a_turn_whose_broadcasts_nothing_plays_is_counted_when_it_ends(tmp_path,
             handler = handler_class("0b7c3f6e-3a52-4c55-9d7b-2d1f5b1c9a10", get_logger("test"), services)
             handler.handle(EslEvent(headers={"Event-Name": "DETECTED_SPEECH", "Speech-Type": "detected-speech",
                                              "Unique-ID": handler.call_uuid}, body="hi"))
-            answered = lambda: value_of(services.metrics, "ivr_turns_total", outcome="answered")  # noqa: E731
+            # Services on no switch (switch=""): their calls' series carry that.
+            answered = lambda: value_of(services.metrics, "ivr_turns_total", switch="", outcome="answered")  # noqa: E731
             assert handler.turns == 1 and answered() == (1 if counted_at_once else 0)
             handler.close()  # the call ended: whatever it was, it is counted now
             assert answered() == 1
-            assert value_of(services.metrics, "ivr_turn_first_audio_seconds_count") == 1
+            assert value_of(services.metrics, "ivr_turn_first_audio_seconds_count", switch="") == 1
             # No phrase cache: the sentence was synthesized into a per-call WAV, and timed.
             assert value_of(services.metrics, "ivr_tts_synthesis_seconds_count") == 1
         finally:

@@ -322,3 +322,36 @@ def test_replay_and_record_stay_on_one_switch(tmp_path):
                              "--out", str(tmp_path / "x.esl")], env=env, capture_output=True, text=True, timeout=60)
     assert record.returncode == 2 and "FREESWITCH_HOSTS" in record.stderr
     assert not (tmp_path / "x.esl").exists()
+
+
+def test_turn_metrics_are_per_switch(tmp_path):
+    turns = TurnLog()
+    with FakeLlmServer("ollama", replies=echo) as llm, \
+            FreeswitchSimulator(playback_speed=0.02) as sim_a, FreeswitchSimulator(playback_speed=0.02) as sim_b:
+        with two_switch_daemon(sim_a, sim_b, tmp_path, llm, on_turn=turns) as daemon, \
+                http_server(daemon) as http:
+            before = scrape(http)
+            for sim in (sim_a, sim_b):  # every switch's series, at 0 before its first call
+                assert before[("ivr_turns_total", (("outcome", "answered"), ("switch", name(sim))))] == 0
+                assert per_switch(before, "ivr_turn_first_audio_seconds_count", sim) == 0
+                assert per_switch(before, "ivr_barge_ins_total", sim) == 0
+            calls = [sim_a.new_call(), sim_a.new_call(), sim_b.new_call()]
+            for call, sim in zip(calls, (sim_a, sim_a, sim_b)):
+                sim.speak(call, "hello")
+                turns.wait(1, call)
+                wait_heard(sim, call)
+
+            def answered(sim) -> float:
+                return scrape(http)[("ivr_turns_total", (("outcome", "answered"), ("switch", name(sim))))]
+
+            wait_until(lambda: (answered(sim_a), answered(sim_b)) == (2, 1))
+            samples = scrape(http)
+            for sim, count in ((sim_a, 2), (sim_b, 1)):
+                assert per_switch(samples, "ivr_turn_first_audio_seconds_count", sim) == count
+                assert per_switch(samples, "ivr_llm_first_sentence_seconds_count", sim) == count
+            # No series without a switch: every call-metric sample names one of the two.
+            switches = {name(sim_a), name(sim_b)}
+            for (metric, labels), _ in samples.items():
+                if metric.startswith(("ivr_turns_total", "ivr_turn_first_audio", "ivr_llm_first_sentence",
+                                      "ivr_barge_ins", "ivr_transfers", "ivr_hangups_by_ivr")):
+                    assert dict(labels)["switch"] in switches, (metric, labels)

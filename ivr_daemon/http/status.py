@@ -36,9 +36,21 @@ class HealthResource:
             "last_llm_error": daemon.metrics.last_llm_error,
             "switches": switches,
         }
+        replicas = _llm_replicas(daemon)
+        if replicas:
+            resp.media["llm_replicas"] = replicas
         resp.status = falcon.HTTP_200 if connected else falcon.HTTP_503
 
     on_head = on_get  # some load balancers ask with HEAD: the same status, no body
+
+
+def _llm_replicas(daemon: Daemon) -> list[dict]:
+    """Every LLM replica the agents use (LLM_API_URL with several URLs), each once: which are down."""
+    seen: dict[str, dict] = {}
+    for replica_set in daemon.metrics.llm_replica_sets:
+        for state in replica_set.status():
+            seen.setdefault(state["replica"], state)
+    return list(seen.values())
 
 
 class MetricsResource:

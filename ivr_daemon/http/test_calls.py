@@ -67,6 +67,8 @@ class TestCallBusy(Exception):
 class TestCallsFull(Exception):
     """Every one of the MAX_TEST_CALLS test calls has a turn in flight."""
 
+# The ``switch`` label of the metrics of test calls (POST /test/turn, the talk page).
+TEST_CALL_SWITCH = "test"
 
 class AgentMismatch(Exception):
     """The test call exists and talks to another agent."""
@@ -77,6 +79,7 @@ class TestCall(PhoneCall):
 
     __test__ = False  # not a pytest test class, whatever its name says
     follows_playback = False  # nothing plays what it "broadcasts": a turn is over once all is sent
+    metrics_switch = TEST_CALL_SWITCH  # on no switch: its turns count apart from the phone calls'
 
     def __init__(self, call_uuid: str, flow: CallFlowServices, agent_name: str, now_s: float):
         call_log = log.bind(call_uuid=call_uuid, test_call=True, agent=agent_name)
