@@ -21,7 +21,8 @@ A plain event carries ~60 headers and the daemon reads a handful: the header blo
 one string (:class:`PlainEventHeaders`), the headers every event is routed on are decoded at
 once and any other one when it is first read, with the same results as decoding them all
 (tests/test_esl_lazy_headers.py). mod_vosk sends a partial transcript every ~200 ms per
-caller, twice while parked, so this is the reader's hot path (bench/events.py).
+caller, twice while parked, so this is the reader's hot path (bench/events.py); the second,
+byte-identical copy is read off the first one's result.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ class FrameParser:
         buf = self._buf
         size = len(buf)
         pos = 0
-        fullmatch = _EVENT_FRAME_HEAD.fullmatch
+        match_head = _EVENT_FRAME_HEAD.match
         max_body_bytes = self._max_body_bytes
+        max_header_bytes = self._max_header_bytes
         while True:
             if self._skip_bytes:
                 dropped = min(self._skip_bytes, size - pos)
@@ -167,6 +169,23 @@ class FrameParser:
             # FreeSWITCH never sends blank lines between frames; tolerate them anyway.
             while pos < size and buf[pos] in (0x0A, 0x0D):
                 pos += 1
+            match = match_head(buf, pos)
+            if match is not None:
+                # An event frame, the flood on an event connection: what _take_frame does for
+                # it, without searching for the blank line or taking the block apart line by
+                # line (the match ends at the first blank line: nothing in it holds another).
+                digits, content_type = match.groups()
+                length = int(digits)
+                body_at = match.end()
+                if length <= max_body_bytes and body_at - 2 - pos <= max_header_bytes:
+                    stop = body_at + length
+                    if stop > size:
+                        return pos  # body not complete yet
+                    items.append(Frame({"Content-Length": digits.decode("ascii"),
+                                        "Content-Type": _EVENT_CONTENT_TYPES[content_type]},
+                                       None, bytes(view[pos:stop]), body_at - pos))
+                    pos = stop
+                    continue
             end = buf.find(b"\n\n", pos)
             if end < 0:
                 # The block is at least size - pos - 1 bytes (its blank line may begin with the
@@ -183,20 +202,6 @@ class FrameParser:
                                             bytes(view[pos : end + 2])))
                 pos = end + 2
                 continue
-            match = fullmatch(buf, pos, end)
-            if match is not None:
-                # An event frame, the flood on an event connection: what _take_frame does for
-                # it, without taking the header block apart line by line.
-                digits, content_type = match.groups()
-                if len(digits) <= 9 and int(digits) <= max_body_bytes:
-                    stop = end + 2 + int(digits)
-                    if stop > size:
-                        return pos  # body not complete yet
-                    items.append(Frame({"Content-Length": digits.decode("ascii"),
-                                        "Content-Type": _EVENT_CONTENT_TYPES[content_type]},
-                                       None, bytes(view[pos:stop]), end + 2 - pos))
-                    pos = stop
-                    continue
             item, pos = self._take_frame(view, pos, end)
             if item is None:
                 return pos  # body not complete yet
@@ -234,7 +239,8 @@ class FrameParser:
 
 
 # The outer block of nearly every frame on an event connection (not URL-encoded; capture 80_*).
-_EVENT_FRAME_HEAD = re.compile(rb"Content-Length: ([0-9]+)\nContent-Type: (text/event-(?:plain|json|xml))")
+# Up to 9 digits: a longer number is over any body cap, and _take_frame says so.
+_EVENT_FRAME_HEAD = re.compile(rb"Content-Length: ([0-9]{1,9})\nContent-Type: (text/event-(?:plain|json|xml))\n\n")
 _EVENT_CONTENT_TYPES = {kind.encode(): kind for kind in ("text/event-plain", "text/event-json", "text/event-xml")}
 
 
@@ -410,8 +416,20 @@ def _line_value(text: str, needle: str) -> str | None:
     return unquote(value, errors="replace") if "%" in value else value
 
 
+# The last plain event read well (its bytes, where it starts, and what it read as). While a
+# channel is parked every DETECTED_SPEECH arrives twice in a row, byte-identical (dedup.py):
+# the second copy is the same bytes, so it reads the same, for one comparison of bytes instead
+# of a parse (bytes of another frame mostly differ in length, else the comparison stops at the
+# first byte that differs).
+_last_plain: tuple[bytes, int, str, dict[str, str | None], str | None, str | None] | None = None
+
+
 def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], str | None, str]:
     """The plain event that is ``data[start:]``."""
+    global _last_plain
+    last = _last_plain
+    if last is not None and last[1] == start and last[0] == data:
+        return PlainEventHeaders(last[2], last[3].copy(), last[4]), last[5], "plain"
     # Where the header block ends. FreeSWITCH writes Content-Length last, right before the blank
     # line: found with a long needle, that line's end is a guess that costs little (a search for
     # "\n\n" costs a byte-by-byte scan), and _freeswitch_shaped, no blank line in the block,
@@ -449,9 +467,12 @@ def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], 
     else:
         length_text = _line_value(text, _CONTENT_LENGTH_LINE)
     if length_text is None:
-        return PlainEventHeaders(text, seen, None), None, "plain"
-    body, length = _inner_body(length_text, data, len(data) if end < 0 else end + 2)
-    return PlainEventHeaders(text, seen, str(length)), body, "plain"
+        body = length = None
+    else:
+        body, byte_count = _inner_body(length_text, data, len(data) if end < 0 else end + 2)
+        length = str(byte_count)
+    _last_plain = (data, start, text, seen.copy(), length, body)
+    return PlainEventHeaders(text, seen, length), body, "plain"
 
 
 _UNSEEN = object()

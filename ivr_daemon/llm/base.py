@@ -38,11 +38,10 @@ import http.client
 import itertools
 import json
 import os
-import re
 import socket
 import time
 from types import MappingProxyType
-from typing import Any, Callable, Generator, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Literal, NoReturn, Sequence
 
 import gevent
 import requests
@@ -77,7 +76,9 @@ _STREAM_MAX_LINE_BYTES = 1 << 20
 # After the end marker only the chunked-encoding trailer is left; reading it lets the
 # connection go back to the pool, but a server dawdling over it is not worth waiting for.
 _STREAM_DRAIN_S = 0.25
-_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+# requests.RequestException is an OSError; the rest are what urllib3 or http.client occasionally
+# let through unwrapped (bad URL, broken chunking, header overflow).
+_TRANSPORT_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError)
 _STREAM_ACCEPT = MappingProxyType({"ndjson": "application/x-ndjson", "sse": "text/event-stream"})
 
 
@@ -184,7 +185,12 @@ def _body_lines(raw: urllib3.response.BaseHTTPResponse, provider: str) -> Iterat
         pending += chunk
         # A CR at the end may be the first half of a CRLF that the next read completes.
         held = b"\r" if pending.endswith(b"\r") else b""
-        *lines, pending = _LINE_BREAK.split(pending[: len(pending) - len(held)])
+        if held:
+            pending = pending[:-1]
+        # bytes.splitlines ends a line at LF, CRLF or CR and at nothing else (str.splitlines would
+        # also at \x1c, \x85, U+2028...): one C call instead of a regex split.
+        lines = pending.splitlines()
+        pending = lines.pop() if lines and not pending.endswith((b"\n", b"\r")) else b""
         pending += held
         if len(pending) > _STREAM_MAX_LINE_BYTES:
             raise LlmBadReply(f"{provider}: stream line longer than {_STREAM_MAX_LINE_BYTES} bytes")
@@ -372,6 +378,7 @@ class LlmClient(abc.ABC):
             _settle_environment(session, self.api_url)
         self._session = session
         self._call_numbers = itertools.count()
+        self._prepared_posts: dict[tuple, requests.PreparedRequest] = {}  # see _post_streamed
 
     @classmethod
     def endpoint_url(cls, api_url: str) -> str:
@@ -538,12 +545,23 @@ class LlmClient(abc.ABC):
         started_s = time.monotonic()
         first_delta_ms = None
         outcome = "abandoned"
+        # What _bounded does around each next(), without a context manager and two closures
+        # per delta (~30 deltas a turn). A fresh timer each time: a libev timer stopped and
+        # started again runs on with what was left of its time, not the whole timeout_s.
+        timed_out = lambda: self._stream_timeout(progress)  # noqa: E731
+        failed = lambda exc: self._stream_failure(progress, exc)  # noqa: E731
         try:
             while True:
-                with self._bounded(
-                    lambda: self._stream_timeout(progress), lambda exc: self._stream_failure(progress, exc)
-                ):
+                deadline = gevent.Timeout(self.timeout_s)
+                deadline.start()
+                try:
                     delta = next(deltas, None)
+                except gevent.Timeout as exc:
+                    self._raise_mapped(exc, deadline, timed_out, failed)
+                except _TRANSPORT_ERRORS as exc:
+                    self._raise_mapped(exc, deadline, timed_out, failed)
+                finally:
+                    deadline.close()
                 if delta is None:
                     break
                 if first_delta_ms is None:
@@ -576,9 +594,7 @@ class LlmClient(abc.ABC):
             # A compressing proxy may hold small chunks back until its buffer fills.
             "Accept-Encoding": "identity",
         }
-        response = self._session.post(
-            self.api_url, json=payload, headers=headers, timeout=(self.timeout_s, self.timeout_s), stream=True
-        )
+        response = self._post_streamed(payload, headers)
         try:
             progress.status = response.status_code
             if response.status_code >= 400:
@@ -623,6 +639,31 @@ class LlmClient(abc.ABC):
         finally:
             response.close()
 
+    def _post_streamed(self, payload: dict, headers: dict[str, str]) -> requests.Response:
+        """``session.post(api_url, json=payload, headers=headers, stream=True)``, the same request.
+
+        Preparing it (merging the session's headers, auth, cookies, hooks and settings into a
+        new request, parsing the URL) cost about as much of the loop's work in a burst of turns
+        as everything else requests does: the session's part is prepared once per URL and
+        headers, and each turn copies it and adds its body. Only with a session whose settings
+        cannot change under it: the environment settled (``trust_env`` off, as this client's
+        own session is) and no cookie in its jar; any other session posts the usual way.
+        """
+        session = self._session
+        timeout = (self.timeout_s, self.timeout_s)
+        if session.trust_env or session.cookies:
+            return session.post(self.api_url, json=payload, headers=headers, timeout=timeout, stream=True)
+        key = (self.api_url, *headers.items())
+        template = self._prepared_posts.get(key)
+        if template is None:
+            template = session.prepare_request(requests.Request("POST", self.api_url, headers=headers))
+            self._prepared_posts[key] = template
+        prepared = template.copy()
+        prepared.prepare_body(None, None, json=payload)
+        # What Session.request passes on once the (settled) environment is merged in.
+        return session.send(prepared, timeout=timeout, stream=True, verify=session.verify, cert=session.cert,
+                            proxies=session.proxies, allow_redirects=True)
+
     def _stream_events(self, response: requests.Response, framing: StreamFraming) -> Iterable[str]:
         if framing == "sse" and response.headers.get("Content-Type", "").startswith("application/json"):
             # Not a stream after all: a server that ignores "stream": true, or an error object.
@@ -661,19 +702,26 @@ class LlmClient(abc.ABC):
         try:
             yield
         except gevent.Timeout as exc:
-            if exc is not deadline:
-                raise  # a caller's own timeout: not ours to translate
-            raise timed_out() from None
-        except requests.Timeout as exc:
-            raise timed_out() from exc
-        except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError) as exc:
-            # requests.RequestException is an OSError; the rest are what urllib3 or http.client
-            # occasionally let through unwrapped (bad URL, broken chunking, header overflow).
-            if _caused_by_read_timeout(exc):
-                raise timed_out() from exc
-            raise failed(exc) from exc
+            self._raise_mapped(exc, deadline, timed_out, failed)
+        except _TRANSPORT_ERRORS as exc:
+            self._raise_mapped(exc, deadline, timed_out, failed)
         finally:
             deadline.close()
+
+    @staticmethod
+    def _raise_mapped(
+        exc: BaseException, deadline: gevent.Timeout, timed_out: Callable[[], LlmTimeout],
+        failed: Callable[[BaseException], LlmUnavailable],
+    ) -> NoReturn:
+        """Raise the LlmError for ``exc`` (a gevent.Timeout or one of _TRANSPORT_ERRORS), caught
+        while ``deadline`` ran; from an ``except`` block only."""
+        if isinstance(exc, gevent.Timeout):
+            if exc is not deadline:
+                raise exc  # a caller's own timeout: not ours to translate
+            raise timed_out() from None
+        if isinstance(exc, requests.Timeout) or _caused_by_read_timeout(exc):
+            raise timed_out() from exc
+        raise failed(exc) from exc
 
     def _timeout(self) -> LlmTimeout:
         return LlmTimeout(f"{self.provider}: no reply from {self.api_url} within {self.timeout_s:g} s")
