@@ -27,59 +27,96 @@ import latency  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 
 from latency import DaemonProcessRig, _first_broadcast_ms, percentile  # noqa: E402
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.records import RecordStore  # noqa: E402
 
 FLUSH_TIMEOUT_S = 120.0
+TICK_S = 0.01  # the benchmark's own loop-lag ticker
 
 
-def run_once(args, name: str, database_url: str | None) -> dict:
+def run_once(args, name: str, database_url: str | None, checkout: Path | None = None) -> dict:
     env = {"DATABASE_URL": database_url or "off"}
-    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env)
+    profile_path = args.profile_daemon and f"{args.profile_daemon}.{name}"
+    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env,
+                           checkout=checkout, profile_path=profile_path)
     try:
         rng = random.Random(7)
         sequences: dict[str, int] = {}
+        searched_from: dict[str, int] = {}
         calls: list[str] = []
+        lags_ms: list[float] = []
+        stop = gevent.event.Event()
+
+        def ticker() -> None:
+            # This process's own loop lag: the simulator here timestamps the frames and commands,
+            # so a busy benchmark would be measured as the daemon's overhead.
+            while not stop.is_set():
+                before = time.monotonic()
+                gevent.sleep(TICK_S)
+                lags_ms.append((time.monotonic() - before - TICK_S) * 1000)
 
         def lifecycle(index: int) -> None:
-            # A caller rings, asks once, listens to the answer and hangs up.
+            # A caller rings, asks once (after the call is up: its set-up is not the turn's),
+            # listens to the answer and hangs up.
             call = rig.sim.new_call()
             calls.append(call)
             gevent.sleep(args.ask_after_s)
+            searched_from[call] = 0 if args.search_whole_history else rig.sim.commands_received
             sequences[call] = rig.sim.speak(call, f"question number {index}")
-            rig.sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180, consume=False)
+            rig.sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180,
+                                     start_index=searched_from[call], consume=False)
             gevent.sleep(args.hang_up_after_s)  # the rest of the answer streams and plays meanwhile
             rig.sim.hangup(call)
 
+        if profile_path:
+            Path(profile_path).unlink(missing_ok=True)
+            rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the calls only
+        cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
+        lag = gevent.spawn(ticker)
         greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), lifecycle, i) for i in range(args.calls)]
         gevent.joinall(greenlets)
+        stop.set()
+        lag.join()
         hung_up_s = time.monotonic()
         failed = [g for g in greenlets if not g.successful()]
         assert not failed, f"{len(failed)} callers failed: {failed[0].exception!r}"
         # The records first: their flush time runs from the last hangup, not from the wait below
         # (on an overloaded box, turns cut by the hangup never log turn_complete: it waits them out).
         written = _check_written(database_url, calls, hung_up_s, name) if database_url else {}
+        cpu_ms_per_call = (rig.cpu_s() - cpu_before_s) * 1000 / len(calls)
+        if profile_path:
+            rig.daemon.send_signal(signal.SIGUSR2)
+            deadline_s = time.monotonic() + 60
+            while not Path(profile_path).exists() and time.monotonic() < deadline_s:
+                gevent.sleep(0.05)
         rig.wait_turns(len(calls))
         overheads = []
         for call in calls:
             turn = rig.turns.get(call)
             if turn is None or turn.get("first_audio_ms") is None:
                 continue
-            overheads.append(_first_broadcast_ms(rig.sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
+            overheads.append(_first_broadcast_ms(rig.sim, call, sequences[call], start_index=searched_from[call])
+                             - turn["llm_ms"] - turn["tts_ms"])
         figures = {f"{name}_overhead_p50_ms": round(percentile(overheads, 50), 2),
                    f"{name}_overhead_p99_ms": round(percentile(overheads, 99), 2),
-                   f"{name}_answered": len(overheads)}
+                   f"{name}_answered": len(overheads),
+                   f"{name}_daemon_cpu_ms_per_call": round(cpu_ms_per_call, 2),
+                   f"{name}_bench_loop_lag_p99_ms": round(percentile(lags_ms, 99), 2)}
         figures.update(written)
         print(f"{name}: {len(overheads)} turns answered, overhead p50 {figures[f'{name}_overhead_p50_ms']:.2f} ms, "
-              f"p99 {figures[f'{name}_overhead_p99_ms']:.2f} ms"
+              f"p99 {figures[f'{name}_overhead_p99_ms']:.2f} ms; daemon CPU {cpu_ms_per_call:.2f} ms a call; "
+              f"benchmark's own loop lag p99 {figures[f'{name}_bench_loop_lag_p99_ms']:.2f} ms"
               + (f"; {figures[f'{name}_calls_written']} calls written, complete: "
                  f"{figures[f'{name}_records_complete']}, flushed {figures[f'{name}_records_flush_s']} s "
                  "after the last hangup" if database_url else ""), flush=True)
@@ -119,6 +156,14 @@ def main(argv=None) -> int:
                         help="a caller hangs up this long after the first audio of the answer")
     parser.add_argument("--reverse", action="store_true", help="run the variants in the opposite order")
     parser.add_argument("--postgres", action="store_true", help="also a run on a throwaway PostgreSQL server")
+    parser.add_argument("--only", action="append", choices=("no_records", "sqlite", "postgresql"),
+                        help="run only this variant (repeatable)")
+    parser.add_argument("--baseline", metavar="PATH", type=Path,
+                        help="also run the daemon of this checkout (e.g. main), before ours, for each variant")
+    parser.add_argument("--profile-daemon", metavar="PATH",
+                        help="run the daemon under cProfile (its loop's thread), stats to PATH.<run>")
+    parser.add_argument("--search-whole-history", action="store_true",
+                        help="the benchmark's old way: each caller searches every command since the start")
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
     started = time.monotonic()
@@ -133,11 +178,19 @@ def main(argv=None) -> int:
 
             server = stack.enter_context(PostgresServer.started())
             runs.append(("postgresql", server.new_database()))
+        if args.only:
+            runs = [run for run in runs if run[0] in args.only]
         if args.reverse:
             runs.reverse()  # the same runs, the other way round: does the order matter on this machine?
         for name, url in runs:
-            figures.update(run_once(args, name, url))
+            if args.baseline:
+                # Each variant's database afresh for each daemon: the same work for both.
+                base_url = url and (url.replace("records.db", "baseline.db") if name == "sqlite"
+                                    else server.new_database())
+                figures.update(run_once(args, f"baseline_{name}", base_url, checkout=args.baseline))
+            figures.update(run_once(args, name, url, checkout=latency.ROOT))  # this checkout's daemon
     figures["seconds"] = round(time.monotonic() - started, 1)
+    figures["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures))
     return 0
 
