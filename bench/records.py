@@ -32,6 +32,12 @@ first call to the last record written, a call: the figure a shared machine canno
 --baseline PATH runs another checkout's daemon (e.g. /work/main) before ours for each variant,
 its figures prefixed ``baseline_``.
 
+--writer measures the records writer alone instead, no daemon (each checkout in a process of its
+own): the call/turn records recorder.py puts for --calls calls within --spread-s through a
+RecordWriter, and per run ``<run>_records_thread_cpu_ms_per_call`` (the Python work of the
+records thread, which holds the GIL the loop needs), ``<run>_statements_per_call`` and the
+loop's lag meanwhile (``<run>_loop_lag_p99_ms``, ``<run>_loop_lag_max_ms``).
+
 Usage: .venv/bin/python bench/records.py [--calls 1000] [--spread-s 50] [--postgres] [--baseline PATH]
                                          [--only no_records|sqlite|postgresql] [--profile-daemon PATH]
 """
@@ -142,6 +148,85 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         rig.close()
 
 
+def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
+    """The records' own cost, without a daemon: ``calls`` calls' records (a call's row at park,
+    its turn when sent, played out and at the end, the call's row again at the end: what
+    recorder.py puts) through a RecordWriter here at ``rate_per_s`` calls a second. CPU of the
+    records thread per call (time.thread_time around each write: the Python work that holds the
+    GIL the loop needs), statements per call, and this loop's lag (5 ms ticker) meanwhile."""
+    import sqlalchemy
+
+    from ivr_daemon.records import RecordWriter
+    from ivr_daemon.records.store import utc_now
+
+    store = RecordStore(url)
+    writer = RecordWriter(store)
+    counts = {"statements": 0, "thread_cpu_s": 0.0}
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute",
+                            lambda *_args: counts.__setitem__("statements", counts["statements"] + 1))
+    write = store.write
+
+    def timed_write(records):
+        started_s = time.thread_time()
+        try:
+            return write(records)
+        finally:
+            counts["thread_cpu_s"] += time.thread_time() - started_s
+
+    store.write = timed_write
+    writer.start()
+    writer.in_db_thread(store.migrate)
+    counts.update(statements=0, thread_cpu_s=0.0)
+    lags_ms: list[float] = []
+    stop = gevent.event.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            before = time.monotonic()
+            gevent.sleep(0.005)
+            lags_ms.append((time.monotonic() - before - 0.005) * 1000)
+
+    def call(index: int) -> None:
+        uuid = f"writer-{index}"
+        row = {"uuid": uuid, "agent": "default", "caller_number": "5551234", "variables": {"order_id": "1"},
+               "started_at": utc_now(), "answered_at": utc_now(), "ended_at": None, "hangup_cause": None,
+               "transferred_to": None}
+        writer.put_call(dict(row))
+        gevent.sleep(0.7)
+        turn = {"call_uuid": uuid, "turn_index": 1, "started_at": utc_now(), "transcript": f"question number {index}",
+                "reply": "Sure, we open at nine.", "heard": "", "interrupted": False, "used_fallback": False,
+                "llm_ms": 200.0, "tts_ms": 0.1, "first_audio_ms": 201.0, "tool_calls": []}
+        writer.put_turn(dict(turn))
+        gevent.sleep(1.0)
+        writer.put_turn(dict(turn, reply=latency.REPLY, heard="Sure, we open at nine."))
+        gevent.sleep(2.5)
+        writer.put_turn(dict(turn, reply=latency.REPLY, heard=latency.REPLY))
+        writer.put_call(dict(row, ended_at=utc_now(), hangup_cause="NORMAL_CLEARING"))
+
+    lag = gevent.spawn(ticker)
+    rng = random.Random(7)
+    gevent.joinall([gevent.spawn_later(rng.uniform(0, calls / rate_per_s), call, i) for i in range(calls)])
+    assert writer.flush(60), "records not written within 60 s"
+    stop.set()
+    lag.join()
+    writer.stop(5)
+    return {"records_thread_cpu_ms_per_call": round(counts["thread_cpu_s"] * 1000 / calls, 3),
+            "statements_per_call": round(counts["statements"] / calls, 2),
+            "loop_lag_p99_ms": round(percentile(lags_ms, 99), 2), "loop_lag_max_ms": round(max(lags_ms), 2)}
+
+
+def run_writer(args, name: str, url: str, checkout: Path) -> dict:
+    """writer_cost in a process of its own running ``checkout``'s ivr_daemon (--writer)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    out = subprocess.run([sys.executable, __file__, "--writer-child", url, "--calls", str(args.calls),
+                          "--spread-s", str(args.spread_s)], env=env, check=True, capture_output=True, text=True)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{name} records writer: {figures}", flush=True)
+    return {f"{name}_{key}": value for key, value in figures.items()}
+
+
 def _check_written(database_url: str, calls: list[str], hung_up_s: float, name: str) -> dict:
     """Poll the database (read-only, from here) until every call is recorded as ended with its turn."""
     store = RecordStore(database_url)
@@ -181,8 +266,15 @@ def main(argv=None) -> int:
                         help="run the daemon under cProfile (its loop's thread), stats to PATH.<run>")
     parser.add_argument("--search-whole-history", action="store_true",
                         help="the benchmark's old way: each caller searches every command since the start")
+    parser.add_argument("--writer", action="store_true",
+                        help="the records writer alone, no daemon: its thread's CPU, statements, loop lag a call")
+    parser.add_argument("--writer-child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
+    if args.writer_child:
+        os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_c")  # as in the daemon (store.py's _psycopg)
+        print(json.dumps(writer_cost(args.writer_child, args.calls, args.calls / args.spread_s)))
+        return 0
     started = time.monotonic()
     figures: dict = {"calls": args.calls, "spread_s": args.spread_s}
     with contextlib.ExitStack() as stack:
@@ -200,6 +292,14 @@ def main(argv=None) -> int:
         if args.reverse:
             runs.reverse()  # the same runs, the other way round: does the order matter on this machine?
         for name, url in runs:
+            if args.writer:
+                if url is None:
+                    continue
+                if args.baseline:
+                    base_url = url.replace("records.db", "baseline.db") if name == "sqlite" else server.new_database()
+                    figures.update(run_writer(args, f"baseline_{name}", base_url, args.baseline))
+                figures.update(run_writer(args, name, url, latency.ROOT))
+                continue
             if args.baseline:
                 # Each variant's database afresh for each daemon: the same work for both.
                 base_url = url and (url.replace("records.db", "baseline.db") if name == "sqlite"
