@@ -203,6 +203,11 @@ class DaemonProcessRig:
             gevent.sleep(0.05)
         return self.turns[call]
 
+    def cpu_s(self):
+        """The daemon process's CPU seconds so far (user + system): its work's cost, whatever else
+        the machine is doing."""
+        return _cpu_s(self.daemon.pid)
+
     def wait_turns(self, count, timeout_s=180):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -256,10 +261,12 @@ runpy.run_module("ivr_daemon", run_name="__main__")
 """
 
 
-def _first_broadcast_ms(sim, call, sequence, timeout_s=180):
-    """DETECTED_SPEECH frame (by its Event-Sequence) written -> first uuid_broadcast read, in ms."""
+def _first_broadcast_ms(sim, call, sequence, timeout_s=180, start_index=0):
+    """DETECTED_SPEECH frame (by its Event-Sequence) written -> first uuid_broadcast read, in ms.
+    ``start_index``: search the simulator's commands from there (its ``commands_received`` before
+    the speech), not the whole history."""
     sent = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), timeout_s,
-                                consume=False).t_monotonic
+                                start_index=start_index, consume=False).t_monotonic
     return (sent - sim.written_at(sequence)) * 1000
 
 

@@ -48,17 +48,16 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from latency import REPLY, percentile  # noqa: E402  (one reply and one percentile for every benchmark)
+# One reply, one percentile, one way to read the daemon's log for every benchmark.
+from latency import NO_CALL_FLOW_SPEECH, REPLY, DaemonProcessRig, _first_broadcast_ms, percentile  # noqa: E402
 
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.replay.simulator import FreeswitchSimulator  # noqa: E402
 
-# The turn is timed from the final transcript to the first broadcast: no greeting, no re-prompts.
-NO_CALL_FLOW_SPEECH = {"GREETING": "", "SILENCE_TIMEOUT_S": "0"}
-
-
-class MultiSwitchRig:
-    """N simulators here, the daemon on all of them in its own process; torn down together."""
+class MultiSwitchRig(DaemonProcessRig):
+    """N simulators here, the daemon on all of them in its own process; torn down together.
+    Reads the daemon's log and CPU as bench/latency.py's DaemonProcessRig (the fake LLM is the
+    caller's, shared by every setup)."""
 
     def __init__(self, args, switches: int, llm_url: str, checkout: Path = ROOT):
         """``checkout``: run the daemon of that copy of the project (--baseline)."""
@@ -83,31 +82,6 @@ class MultiSwitchRig:
             sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
         self._log_offset = 0
 
-    def cpu_s(self) -> float:
-        """The daemon process's CPU time so far (user + system): what its work cost, whatever
-        else the machine is doing (wall-clock figures on a shared box are mostly its load)."""
-        fields = Path(f"/proc/{self.daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def _read_log(self) -> None:
-        with open(self.log_path) as log_file:
-            log_file.seek(self._log_offset)
-            for line in log_file:
-                if not line.endswith("\n"):
-                    break
-                self._log_offset += len(line.encode())
-                if '"turn_complete"' in line:
-                    record = json.loads(line)
-                    self.turns[record["call_uuid"]] = record
-
-    def wait_turns(self, count: int, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._read_log()
-            if len(self.turns) >= count:
-                return
-            gevent.sleep(0.2)
-
     def close(self) -> None:
         self.daemon.terminate()
         try:
@@ -118,12 +92,6 @@ class MultiSwitchRig:
         for sim in self.sims:
             sim.stop()
         self.tmp.cleanup()
-
-
-def first_broadcast_ms(sim, call: str, sequence: int) -> float:
-    sent = sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180,
-                                consume=False).t_monotonic
-    return (sent - sim.written_at(sequence)) * 1000
 
 
 def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int,
@@ -144,14 +112,14 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
         greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), ask, sim, call, i)
                      for i, (sim, call) in enumerate(calls)]
         gevent.joinall(greenlets)
-        rig.wait_turns(len(calls))
+        rig.wait_turns(len(calls), timeout_s=300)
         cpu_s = rig.cpu_s() - cpu_before_s
         overheads = []
         for sim, call in calls:
             turn = rig.turns.get(call)
             if turn is None or turn.get("first_audio_ms") is None:
                 continue
-            overheads.append(first_broadcast_ms(sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
+            overheads.append(_first_broadcast_ms(sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
         return overheads, len(rig.turns), len(calls), cpu_s
     finally:
         rig.close()

@@ -15,11 +15,31 @@ reply (~70 calls up at once). Then the database is read: every call must be ther
 with its turn (``records_complete``), and how long the writes took to land after the last
 hangup (``records_flush_s``).
 
-Prints a line per run and, last, one JSON object: for each run ``<run>_overhead_p50_ms``,
-``<run>_overhead_p99_ms``, and for the recorded ones ``<run>_calls_written``,
-``<run>_records_complete``, ``<run>_records_flush_s``.
+What is measured, and what is fair: a caller speaks after the call is up (0.5 s after its
+CHANNEL_ANSWER/PARK, as a person does), so its own call set-up is not on its turn's path. Other
+calls ringing and hanging up meanwhile are (~20 of each a second): a switch has them, and
+latency.py's overhead, whose calls are all up before anyone speaks and never hang up, does not.
+The simulator here timestamps the speech frames and the daemon's commands, so this process
+must stay light: each caller searches the commands from its own speech on (searching the
+whole history from every caller once made the benchmark's own loop lag the tail it measured),
+and ``<run>_bench_loop_lag_p99_ms`` says how late this process's loop ran.
 
-Usage: .venv/bin/python bench/records.py [--calls 1000] [--spread-s 50] [--postgres]
+Prints a line per run and, last, one JSON object: for each run ``<run>_overhead_p50_ms``,
+``<run>_overhead_p99_ms``, ``<run>_daemon_cpu_ms_per_call`` (the daemon process's CPU from the
+first call to the last record written, a call: the figure a shared machine cannot blur),
+``<run>_bench_loop_lag_p99_ms``, and for the recorded ones ``<run>_calls_written``,
+``<run>_records_complete``, ``<run>_records_flush_s``; and ``load_average_1min``.
+--baseline PATH runs another checkout's daemon (e.g. /work/main) before ours for each variant,
+its figures prefixed ``baseline_``.
+
+--writer measures the records writer alone instead, no daemon (each checkout in a process of its
+own): the call/turn records recorder.py puts for --calls calls within --spread-s through a
+RecordWriter, and per run ``<run>_records_thread_cpu_ms_per_call`` (the Python work of the
+records thread, which holds the GIL the loop needs), ``<run>_statements_per_call`` and the
+loop's lag meanwhile (``<run>_loop_lag_p99_ms``, ``<run>_loop_lag_max_ms``).
+
+Usage: .venv/bin/python bench/records.py [--calls 1000] [--spread-s 50] [--postgres] [--baseline PATH]
+                                         [--only no_records|sqlite|postgresql] [--profile-daemon PATH]
 """
 
 import latency  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys.path
@@ -27,65 +47,184 @@ import latency  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 
 from latency import DaemonProcessRig, _first_broadcast_ms, percentile  # noqa: E402
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.records import RecordStore  # noqa: E402
 
 FLUSH_TIMEOUT_S = 120.0
+TURNS_TIMEOUT_S = 20.0
+TICK_S = 0.01  # the benchmark's own loop-lag ticker
 
 
-def run_once(args, name: str, database_url: str | None) -> dict:
+def run_once(args, name: str, database_url: str | None, checkout: Path | None = None) -> dict:
     env = {"DATABASE_URL": database_url or "off"}
-    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env)
+    profile_path = args.profile_daemon and f"{args.profile_daemon}.{name}"
+    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env,
+                           checkout=checkout, profile_path=profile_path)
     try:
         rng = random.Random(7)
         sequences: dict[str, int] = {}
+        searched_from: dict[str, int] = {}
         calls: list[str] = []
+        lags_ms: list[float] = []
+        stop = gevent.event.Event()
+
+        def ticker() -> None:
+            # This process's own loop lag: the simulator here timestamps the frames and commands,
+            # so a busy benchmark would be measured as the daemon's overhead.
+            while not stop.is_set():
+                before = time.monotonic()
+                gevent.sleep(TICK_S)
+                lags_ms.append((time.monotonic() - before - TICK_S) * 1000)
 
         def lifecycle(index: int) -> None:
-            # A caller rings, asks once, listens to the answer and hangs up.
+            # A caller rings, asks once (after the call is up: its set-up is not the turn's),
+            # listens to the answer and hangs up.
             call = rig.sim.new_call()
             calls.append(call)
             gevent.sleep(args.ask_after_s)
+            searched_from[call] = 0 if args.search_whole_history else rig.sim.commands_received
             sequences[call] = rig.sim.speak(call, f"question number {index}")
-            rig.sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180, consume=False)
+            rig.sim.wait_for_command(lambda c: c.line.startswith(f"api uuid_broadcast {call} "), 180,
+                                     start_index=searched_from[call], consume=False)
             gevent.sleep(args.hang_up_after_s)  # the rest of the answer streams and plays meanwhile
             rig.sim.hangup(call)
 
+        if profile_path:
+            Path(profile_path).unlink(missing_ok=True)
+            rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the calls only
+        cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
+        lag = gevent.spawn(ticker)
         greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), lifecycle, i) for i in range(args.calls)]
         gevent.joinall(greenlets)
+        stop.set()
+        lag.join()
         hung_up_s = time.monotonic()
         failed = [g for g in greenlets if not g.successful()]
         assert not failed, f"{len(failed)} callers failed: {failed[0].exception!r}"
         # The records first: their flush time runs from the last hangup, not from the wait below
         # (on an overloaded box, turns cut by the hangup never log turn_complete: it waits them out).
         written = _check_written(database_url, calls, hung_up_s, name) if database_url else {}
-        rig.wait_turns(len(calls))
+        cpu_ms_per_call = (rig.cpu_s() - cpu_before_s) * 1000 / len(calls)
+        if profile_path:
+            rig.daemon.send_signal(signal.SIGUSR2)
+            deadline_s = time.monotonic() + 60
+            while not Path(profile_path).exists() and time.monotonic() < deadline_s:
+                gevent.sleep(0.05)
+        # Every caller has hung up: a turn its hangup cut never logs turn_complete (and is not
+        # counted), so this waits only for the last ones still logging, not a whole timeout.
+        rig.wait_turns(len(calls), timeout_s=TURNS_TIMEOUT_S)
         overheads = []
         for call in calls:
             turn = rig.turns.get(call)
             if turn is None or turn.get("first_audio_ms") is None:
                 continue
-            overheads.append(_first_broadcast_ms(rig.sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
+            overheads.append(_first_broadcast_ms(rig.sim, call, sequences[call], start_index=searched_from[call])
+                             - turn["llm_ms"] - turn["tts_ms"])
         figures = {f"{name}_overhead_p50_ms": round(percentile(overheads, 50), 2),
                    f"{name}_overhead_p99_ms": round(percentile(overheads, 99), 2),
-                   f"{name}_answered": len(overheads)}
+                   f"{name}_answered": len(overheads),
+                   f"{name}_daemon_cpu_ms_per_call": round(cpu_ms_per_call, 2),
+                   f"{name}_bench_loop_lag_p99_ms": round(percentile(lags_ms, 99), 2)}
         figures.update(written)
         print(f"{name}: {len(overheads)} turns answered, overhead p50 {figures[f'{name}_overhead_p50_ms']:.2f} ms, "
-              f"p99 {figures[f'{name}_overhead_p99_ms']:.2f} ms"
+              f"p99 {figures[f'{name}_overhead_p99_ms']:.2f} ms; daemon CPU {cpu_ms_per_call:.2f} ms a call; "
+              f"benchmark's own loop lag p99 {figures[f'{name}_bench_loop_lag_p99_ms']:.2f} ms"
               + (f"; {figures[f'{name}_calls_written']} calls written, complete: "
                  f"{figures[f'{name}_records_complete']}, flushed {figures[f'{name}_records_flush_s']} s "
                  "after the last hangup" if database_url else ""), flush=True)
         return figures
     finally:
         rig.close()
+
+
+def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
+    """The records' own cost, without a daemon: ``calls`` calls' records (a call's row at park,
+    its turn when sent, played out and at the end, the call's row again at the end: what
+    recorder.py puts) through a RecordWriter here at ``rate_per_s`` calls a second. CPU of the
+    records thread per call (time.thread_time around each write: the Python work that holds the
+    GIL the loop needs), statements per call, and this loop's lag (5 ms ticker) meanwhile."""
+    import sqlalchemy
+
+    from ivr_daemon.records import RecordWriter
+    from ivr_daemon.records.store import utc_now
+
+    store = RecordStore(url)
+    writer = RecordWriter(store)
+    counts = {"statements": 0, "thread_cpu_s": 0.0}
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute",
+                            lambda *_args: counts.__setitem__("statements", counts["statements"] + 1))
+    write = store.write
+
+    def timed_write(records):
+        started_s = time.thread_time()
+        try:
+            return write(records)
+        finally:
+            counts["thread_cpu_s"] += time.thread_time() - started_s
+
+    store.write = timed_write
+    writer.start()
+    writer.in_db_thread(store.migrate)
+    counts.update(statements=0, thread_cpu_s=0.0)
+    lags_ms: list[float] = []
+    stop = gevent.event.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            before = time.monotonic()
+            gevent.sleep(0.005)
+            lags_ms.append((time.monotonic() - before - 0.005) * 1000)
+
+    def call(index: int) -> None:
+        uuid = f"writer-{index}"
+        row = {"uuid": uuid, "agent": "default", "caller_number": "5551234", "variables": {"order_id": "1"},
+               "started_at": utc_now(), "answered_at": utc_now(), "ended_at": None, "hangup_cause": None,
+               "transferred_to": None}
+        writer.put_call(dict(row))
+        gevent.sleep(0.7)
+        turn = {"call_uuid": uuid, "turn_index": 1, "started_at": utc_now(), "transcript": f"question number {index}",
+                "reply": "Sure, we open at nine.", "heard": "", "interrupted": False, "used_fallback": False,
+                "llm_ms": 200.0, "tts_ms": 0.1, "first_audio_ms": 201.0, "tool_calls": []}
+        writer.put_turn(dict(turn))
+        gevent.sleep(1.0)
+        writer.put_turn(dict(turn, reply=latency.REPLY, heard="Sure, we open at nine."))
+        gevent.sleep(2.5)
+        writer.put_turn(dict(turn, reply=latency.REPLY, heard=latency.REPLY))
+        writer.put_call(dict(row, ended_at=utc_now(), hangup_cause="NORMAL_CLEARING"))
+
+    lag = gevent.spawn(ticker)
+    rng = random.Random(7)
+    gevent.joinall([gevent.spawn_later(rng.uniform(0, calls / rate_per_s), call, i) for i in range(calls)])
+    assert writer.flush(60), "records not written within 60 s"
+    stop.set()
+    lag.join()
+    writer.stop(5)
+    return {"records_thread_cpu_ms_per_call": round(counts["thread_cpu_s"] * 1000 / calls, 3),
+            "statements_per_call": round(counts["statements"] / calls, 2),
+            "loop_lag_p99_ms": round(percentile(lags_ms, 99), 2), "loop_lag_max_ms": round(max(lags_ms), 2)}
+
+
+def run_writer(args, name: str, url: str, checkout: Path) -> dict:
+    """writer_cost in a process of its own running ``checkout``'s ivr_daemon (--writer)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    out = subprocess.run([sys.executable, __file__, "--writer-child", url, "--calls", str(args.calls),
+                          "--spread-s", str(args.spread_s)], env=env, check=True, capture_output=True, text=True)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{name} records writer: {figures}", flush=True)
+    return {f"{name}_{key}": value for key, value in figures.items()}
 
 
 def _check_written(database_url: str, calls: list[str], hung_up_s: float, name: str) -> dict:
@@ -119,8 +258,23 @@ def main(argv=None) -> int:
                         help="a caller hangs up this long after the first audio of the answer")
     parser.add_argument("--reverse", action="store_true", help="run the variants in the opposite order")
     parser.add_argument("--postgres", action="store_true", help="also a run on a throwaway PostgreSQL server")
+    parser.add_argument("--only", action="append", choices=("no_records", "sqlite", "postgresql"),
+                        help="run only this variant (repeatable)")
+    parser.add_argument("--baseline", metavar="PATH", type=Path,
+                        help="also run the daemon of this checkout (e.g. main), before ours, for each variant")
+    parser.add_argument("--profile-daemon", metavar="PATH",
+                        help="run the daemon under cProfile (its loop's thread), stats to PATH.<run>")
+    parser.add_argument("--search-whole-history", action="store_true",
+                        help="the benchmark's old way: each caller searches every command since the start")
+    parser.add_argument("--writer", action="store_true",
+                        help="the records writer alone, no daemon: its thread's CPU, statements, loop lag a call")
+    parser.add_argument("--writer-child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
+    if args.writer_child:
+        os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_c")  # as in the daemon (store.py's _psycopg)
+        print(json.dumps(writer_cost(args.writer_child, args.calls, args.calls / args.spread_s)))
+        return 0
     started = time.monotonic()
     figures: dict = {"calls": args.calls, "spread_s": args.spread_s}
     with contextlib.ExitStack() as stack:
@@ -133,11 +287,27 @@ def main(argv=None) -> int:
 
             server = stack.enter_context(PostgresServer.started())
             runs.append(("postgresql", server.new_database()))
+        if args.only:
+            runs = [run for run in runs if run[0] in args.only]
         if args.reverse:
             runs.reverse()  # the same runs, the other way round: does the order matter on this machine?
         for name, url in runs:
-            figures.update(run_once(args, name, url))
+            if args.writer:
+                if url is None:
+                    continue
+                if args.baseline:
+                    base_url = url.replace("records.db", "baseline.db") if name == "sqlite" else server.new_database()
+                    figures.update(run_writer(args, f"baseline_{name}", base_url, args.baseline))
+                figures.update(run_writer(args, name, url, latency.ROOT))
+                continue
+            if args.baseline:
+                # Each variant's database afresh for each daemon: the same work for both.
+                base_url = url and (url.replace("records.db", "baseline.db") if name == "sqlite"
+                                    else server.new_database())
+                figures.update(run_once(args, f"baseline_{name}", base_url, checkout=args.baseline))
+            figures.update(run_once(args, name, url, checkout=latency.ROOT))  # this checkout's daemon
     figures["seconds"] = round(time.monotonic() - started, 1)
+    figures["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures))
     return 0
 

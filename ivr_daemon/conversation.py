@@ -254,8 +254,12 @@ class ConversationHandler:
 
     def __init__(self, call_uuid: str, call_log: structlog.stdlib.BoundLogger, services: TurnServices):
         self.call_uuid = call_uuid
-        # What this call's own WAVs are named after (and found by, at clean-up): its UUID.
+        # What this call's own WAVs are named after: its UUID.
         self.wav_stem = call_uuid
+        # Every per-call WAV path handed to a synthesis, deleted at clean-up. Not a glob of
+        # TTS_OUTPUT_DIR: that compiled a fresh pattern and listed the whole directory on the
+        # loop at every hangup (~1-4 ms each, growing with the live calls' files).
+        self._own_wavs: list[Path] = []
         self.log = call_log
         self.services = services
         settings = services.settings
@@ -364,7 +368,8 @@ class ConversationHandler:
             if per_call_path is not None and not pending.ready():
                 pending.rawlink(lambda _done, path=per_call_path: self._delete_wav(path))
                 late += 1
-        removed = sum(self._delete_wav(path) for path in self.services.settings.tts_output_dir.glob(f"{self.wav_stem}-*.wav"))
+        own, self._own_wavs = self._own_wavs, []
+        removed = sum(self._delete_wav(path) for path in own)
         return removed, late
 
     def _delete_wav(self, path: Path) -> bool:
@@ -551,6 +556,8 @@ class ConversationHandler:
             reply.text = text
             reply.queued = 1
             per_call_path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{kind}-{self.turns:04d}.wav"
+            if not pinned:
+                self._own_wavs.append(per_call_path)
             pending = (self.services.pinned_phrase(text) if pinned
                        else self.services.spawn_synthesis(text, per_call_path))
             sentences.put((text, pending, False))
@@ -668,6 +675,7 @@ class ConversationHandler:
                 first_sentence.labels(switch=self.metrics_switch).observe(reply.llm_ms / 1000)
             submitted.append(sentence)
             path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
+            self._own_wavs.append(path)  # written there unless the cache serves it: deleted at clean-up
             pending = self._synthesis_after_first_clause(sentence, path, reply, first_clause)
             if not submitted[1:] and splitter.first_chunk_is_clause:
                 first_clause.append(pending)

@@ -98,12 +98,13 @@ BODY_TRAPS: tuple[bytes, ...] = (
 
 
 def hangup_cleanup_bug(call_uuid: str | None) -> bool:
-    """A Unique-ID that makes ConversationHandler.close() raise (reported, not fixed: conversation.py).
+    """A Unique-ID that made ConversationHandler.close() raise (reported, not fixed: conversation.py).
 
-    close() globs ``<tts dir>/<Unique-ID>-*.wav``: an absolute Unique-ID raises
-    NotImplementedError and one with "**" inside a name raises ValueError (and "../*" quietly
-    deletes WAVs outside the directory). Without the phrase cache, ``<tts dir>/<Unique-ID>-....wav``
-    is also where a turn writes its WAV, directories created on the way.
+    close() globbed ``<tts dir>/<Unique-ID>-*.wav``: an absolute Unique-ID raised
+    NotImplementedError and one with "**" inside a name ValueError (and "../*" quietly deleted
+    WAVs outside the directory). It now deletes only the paths its own syntheses were given, so
+    it no longer raises; still, without the phrase cache, ``<tts dir>/<Unique-ID>-....wav`` is
+    where a turn writes its WAV, directories created on the way. Kept as a tolerance until that is fixed.
     """
     return call_uuid is not None and ("/" in call_uuid or "**" in call_uuid)
 

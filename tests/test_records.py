@@ -12,6 +12,7 @@ import uuid as uuid_lib
 
 import pytest
 import requests
+import sqlalchemy
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import broadcasts, http_server, running_daemon, settings_for, wait_heard, wait_until
@@ -266,6 +267,32 @@ def test_a_database_down_at_start_up_gets_its_tables_when_it_is_back(tmp_path, p
         assert read_call(writer, "early")["caller_number"] == "5551234"
     finally:
         writer.stop()
+
+
+def test_writes_are_upserts_one_statement_per_kind(db_url):
+    store = RecordStore(db_url, connect_timeout_s=2)
+    statements: list[str] = []
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute",
+                            lambda _conn, _cursor, statement, *_rest: statements.append(statement.split()[0]))
+    try:
+        store.migrate()
+        statements.clear()
+        row = call_row("upserted")
+        del row["variables"]  # a column with a default, left out: the default, not NULL
+        turn = turn_row("upserted", 1)
+        del turn["tool_calls"]
+        # Two snapshots of the same turn in one batch: the last one is the row.
+        assert store.write([("call", row), ("turn", turn), ("turn", turn_row("upserted", 1, heard="cut"))]) == 3
+        assert statements == ["INSERT", "INSERT"]  # one per kind, calls first, no SELECT/UPDATE round trips
+        store.write([("call", call_row("upserted", hangup_cause="NORMAL_CLEARING", variables={"lang": "en"})),
+                     ("turn", turn_row("upserted", 2))])
+        written = store.call("upserted")
+        assert (written["hangup_cause"], written["variables"]) == ("NORMAL_CLEARING", {"lang": "en"})
+        assert [(t["turn_index"], t["heard"], t["tool_calls"]) for t in written["turns"]] == [(1, "cut", []),
+                                                                                            (2, "answer 2", [])]
+        assert len(store.list_calls()) == 1
+    finally:
+        store.close()
 
 
 def test_retention_deletes_old_calls_and_their_turns(db_url):

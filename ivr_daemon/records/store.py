@@ -28,6 +28,8 @@ import alembic.config
 import alembic.runtime.migration
 import alembic.script
 import sqlalchemy
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 import sqlalchemy.exc
 from sqlalchemy import and_, func, select
 
@@ -112,6 +114,7 @@ class RecordStore:
             connect_args = {"connect_timeout": max(1, int(connect_timeout_s))}
         # pre_ping: a pooled connection that died with the server is noticed and replaced.
         self.engine = sqlalchemy.create_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
+        self._upserts = _upsert_statements(self.url.get_backend_name())
         self.migrated = False
 
     # -- schema ---------------------------------------------------------------------------------
@@ -150,15 +153,18 @@ class RecordStore:
         """Upsert ``("call", row)`` and ``("turn", row)`` records in one transaction; returns how many."""
         if not self.migrated:
             self.migrate()
-        by_kind: dict[str, list[dict]] = {"call": [], "turn": []}
+        by_kind: dict[str, dict[tuple, dict]] = {"call": {}, "turn": {}}
         for kind, row in records:
             if kind not in by_kind:
                 raise RecordRefused(f"unknown record kind {kind!r}")
-            by_kind[kind].append(row)
+            by_kind[kind][tuple(row.get(name) for name in _KEYS[kind])] = row  # the batch's last snapshot wins
         with _classified(self.description), self.engine.begin() as connection:
-            # Calls first: their turns refer to them.
-            _upsert_many(connection, calls, ("uuid",), by_kind["call"])
-            _upsert_many(connection, turns, ("call_uuid", "turn_index"), by_kind["turn"])
+            # Calls first: their turns refer to them. One executemany per kind: on PostgreSQL and
+            # SQLite, SQLAlchemy sends it as one multi-row INSERT (insertmanyvalues).
+            for kind in ("call", "turn"):
+                if by_kind[kind]:
+                    connection.execute(self._upserts[kind],
+                                       [_full_row(_TABLES[kind], row) for row in by_kind[kind].values()])
         return len(records)
 
     def delete_older_than(self, cutoff: datetime.datetime) -> int:
@@ -295,34 +301,41 @@ def _filtered(query, since: datetime.datetime | None, agent: str | None):
     return query.where(and_(*conditions)) if conditions else query
 
 
-def _upsert_many(connection, table: sqlalchemy.Table, key: tuple[str, ...], rows: list[dict]) -> None:
-    """Update the rows whose key exists, insert the others: the same on every database (no
-    dialect's ON CONFLICT), a record written twice is the same row, and three statements for a
-    whole batch (executemany), not two a row: the Python work on the records thread competes
-    with the gevent loop for the GIL."""
-    if not rows:
-        return
-    newest = {tuple(row[name] for name in key): row for row in rows}  # the batch's last snapshot wins
-    key_columns = [table.c[name] for name in key]
-    wanted = list(newest)
-    found = set()
-    for start in range(0, len(wanted), 500):  # IN lists of a bounded size
-        chunk = wanted[start:start + 500]
-        condition = (key_columns[0].in_([k[0] for k in chunk]) if len(key) == 1
-                     else sqlalchemy.tuple_(*key_columns).in_(chunk))
-        found.update(tuple(r) for r in connection.execute(select(*key_columns).where(condition)))
-    existing = [row for k, row in newest.items() if k in found]
-    new = [row for k, row in newest.items() if k not in found]
-    if existing:
-        others = [column for column in table.c if column.name not in key]
-        statement = (table.update()
-                     .where(and_(*(table.c[name] == sqlalchemy.bindparam(f"key_{name}") for name in key)))
-                     .values({column.name: sqlalchemy.bindparam(f"new_{column.name}") for column in others}))
-        connection.execute(statement, [{**{f"key_{name}": row[name] for name in key},
-                                        **{f"new_{column.name}": row.get(column.name) for column in others}}
-                                       for row in existing])
-    if new:
-        connection.execute(table.insert(), new)
+def _upsert_statements(backend: str) -> dict[str, sqlalchemy.Insert]:
+    """For each record kind, one ``INSERT ... ON CONFLICT (key) DO UPDATE`` of every other column:
+    a record written twice is the same row. Built once per store (SQLAlchemy memoizes a
+    statement's cache key, so each write skips building and keying it again): the Python work on
+    the records thread competes with the gevent loop for the GIL."""
+    dialect_insert = sqlalchemy.dialects.postgresql.insert if backend == "postgresql" else sqlalchemy.dialects.sqlite.insert
+    statements = {}
+    for kind, table, key in (("call", calls, ("uuid",)), ("turn", turns, ("call_uuid", "turn_index"))):
+        statement = dialect_insert(table)
+        statements[kind] = statement.on_conflict_do_update(
+            index_elements=[table.c[name] for name in key],
+            set_={column.name: statement.excluded[column.name] for column in table.c if column.name not in key})
+    return statements
+
+
+# The key of a record of each kind: a batch keeps only its last snapshot of a row (a row changed
+# twice by one INSERT ... ON CONFLICT is an error on PostgreSQL).
+_KEYS = {"call": ("uuid",), "turn": ("call_uuid", "turn_index")}
+_TABLES = {"call": calls, "turn": turns}
+
+
+def _full_row(table: sqlalchemy.Table, row: dict) -> dict:
+    """Every column of the table (executemany wants the same keys in every row): a missing one
+    gets its column's default (``variables``, ``tool_calls``) or NULL."""
+    if len(row) == len(table.c) and all(column.name in row for column in table.c):
+        return row
+    full = {}
+    for column in table.c:
+        if column.name in row:
+            full[column.name] = row[column.name]
+        elif column.default is not None and column.default.is_callable:
+            full[column.name] = column.default.arg(None)
+        else:
+            full[column.name] = None if column.default is None else column.default.arg
+    return full
 
 
 class _classified:
