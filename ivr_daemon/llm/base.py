@@ -140,9 +140,9 @@ def parse_tool_arguments(raw: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _caused_by_read_timeout(exc: BaseException) -> bool:
-    # requests wraps a read timeout hit while downloading the body in ConnectionError, not
-    # Timeout (models.Response.iter_content), so look inside before calling it "unavailable".
+def caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """True when ``exc`` or anything in its chain is one of ``kinds``: requests and urllib3 wrap
+    the real cause in their own errors (as an argument, a ``reason``, a cause or a context)."""
     seen: set[int] = set()
     pending: list[object] = [exc]
     while pending:
@@ -150,11 +150,17 @@ def _caused_by_read_timeout(exc: BaseException) -> bool:
         if not isinstance(current, BaseException) or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, (urllib3.exceptions.ReadTimeoutError, socket.timeout, requests.Timeout)):
+        if isinstance(current, kinds):
             return True
         pending.extend(current.args)
-        pending.extend((current.__cause__, getattr(current, "reason", None)))
+        pending.extend((current.__cause__, current.__context__, getattr(current, "reason", None)))
     return False
+
+
+def _caused_by_read_timeout(exc: BaseException) -> bool:
+    # requests wraps a read timeout hit while downloading the body in ConnectionError, not
+    # Timeout (models.Response.iter_content), so look inside before calling it "unavailable".
+    return caused_by(exc, (urllib3.exceptions.ReadTimeoutError, socket.timeout, requests.Timeout))
 
 
 def _server_error(reply: object) -> str | None:

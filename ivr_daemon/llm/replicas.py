@@ -34,7 +34,9 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3.exceptions
 
-from ivr_daemon.llm.base import LlmClient, LlmError, LlmTimeout, LlmUnavailable, Message, ToolCall, ToolSpec
+from ivr_daemon.llm.base import (
+    LlmClient, LlmError, LlmTimeout, LlmUnavailable, Message, ToolCall, ToolSpec, caused_by,
+)
 from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
@@ -115,18 +117,7 @@ def puts_in_backoff(exc: LlmError) -> bool:
 
 
 def _connect_timed_out(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    pending: list[object] = [exc]
-    while pending:
-        current = pending.pop()
-        if not isinstance(current, BaseException) or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
-            return True
-        pending.extend(current.args)
-        pending.extend((current.__cause__, current.__context__, getattr(current, "reason", None)))
-    return False
+    return caused_by(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError))
 
 
 class ReplicaSet(LlmClient):
