@@ -18,11 +18,13 @@ from ivr_daemon.config import Settings
 from ivr_daemon.esl.commands import EslCommand
 from ivr_daemon.esl.connection import CommandReply
 from ivr_daemon.llm.base import LlmClient
-from ivr_daemon.logs import spoken_text
+from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.metrics import DaemonMetrics
 from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
