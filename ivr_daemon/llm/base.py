@@ -79,6 +79,8 @@ _STREAM_DRAIN_S = 0.25
 # requests.RequestException is an OSError; the rest are what urllib3 or http.client occasionally
 # let through unwrapped (bad URL, broken chunking, header overflow).
 _TRANSPORT_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError)
+# What a bounded block maps to an LlmError: its deadline, or the transport failing.
+_BOUNDED_ERRORS = (gevent.Timeout, *_TRANSPORT_ERRORS)
 _STREAM_ACCEPT = MappingProxyType({"ndjson": "application/x-ndjson", "sse": "text/event-stream"})
 
 
@@ -562,9 +564,7 @@ class LlmClient(abc.ABC):
                 deadline.start()
                 try:
                     delta = next(deltas, None)
-                except gevent.Timeout as exc:
-                    self._raise_mapped(exc, deadline, timed_out, failed)
-                except _TRANSPORT_ERRORS as exc:
+                except _BOUNDED_ERRORS as exc:
                     self._raise_mapped(exc, deadline, timed_out, failed)
                 finally:
                     deadline.close()
@@ -707,9 +707,7 @@ class LlmClient(abc.ABC):
         deadline.start()
         try:
             yield
-        except gevent.Timeout as exc:
-            self._raise_mapped(exc, deadline, timed_out, failed)
-        except _TRANSPORT_ERRORS as exc:
+        except _BOUNDED_ERRORS as exc:
             self._raise_mapped(exc, deadline, timed_out, failed)
         finally:
             deadline.close()
