@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid as uuid_lib
 from pathlib import Path
 
 import numpy
@@ -265,7 +266,16 @@ def test_two_daemons_with_shards_answer_each_call_exactly_once(tmp_path):
         second = settings_for(sim, tmp_path / "b", DAEMON_SHARD="1/2", **common)
         with running_daemon(sim, first, on_turn=turns) as one, running_daemon(sim, second, on_turn=turns) as two:
             seen = [routed_events(one), routed_events(two)]  # both are subscribed already
-            calls = [sim.new_call() for _ in range(12)]
+            # Six calls per shard, whatever the random UUIDs: 12 drawn at random all fell in one
+            # shard once in a while (2 in 2^12), and then one daemon had no work to show.
+            uuids = (str(uuid_lib.uuid4()) for _ in iter(int, 1))
+            per_shard = {0: [], 1: []}
+            for candidate in uuids:
+                if len(per_shard[shard_of(candidate, 2)]) < 6:
+                    per_shard[shard_of(candidate, 2)].append(candidate)
+                if all(len(chosen) == 6 for chosen in per_shard.values()):
+                    break
+            calls = [sim.new_call(uuid=uuid) for uuid in per_shard[0] + per_shard[1]]
             spoken = {call: sim.speak(call, "hi") for call in calls}
 
             def both_copies_reached(events) -> bool:
