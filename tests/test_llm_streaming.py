@@ -461,3 +461,105 @@ def test_after_a_stream_that_ended_without_its_end_marker_the_next_request_gets_
         with pytest.raises(LlmBadReply, match="ended without its end marker"):
             drain(client.stream(MESSAGES))
     assert server.client_ports[0] != server.client_ports[1]
+
+
+# -- how the body is framed: HTTP chunks of any size, a Content-Length, or up to the close ------
+
+class RawHttpServer:
+    """Answers each request on a connection with the next of ``responses`` (exact bytes, its
+    head included), then closes; ``ports`` records the client's source port per request."""
+
+    def __init__(self, responses: list[bytes]):
+        from gevent.server import StreamServer
+
+        self.responses = list(responses)
+        self.ports: list[int] = []
+        self._server = StreamServer(("127.0.0.1", 0), self._serve)
+
+    def __enter__(self) -> "RawHttpServer":
+        self._server.start()
+        self.url = f"http://127.0.0.1:{self._server.server_port}/v1/chat/completions"
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.stop(timeout=1)
+
+    def _serve(self, conn, address) -> None:
+        received = b""
+        while self.responses:
+            while b"\r\n\r\n" not in received:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                received += data
+            head, _, received = received.partition(b"\r\n\r\n")
+            length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), b"0"))
+            while len(received) < length:
+                received += conn.recv(65536)
+            received = received[length:]
+            self.ports.append(address[1])
+            conn.sendall(self.responses.pop(0))
+        conn.close()
+
+
+def sse_reply(*deltas: str) -> bytes:
+    return "".join([*(openai_event(delta) for delta in deltas), openai_event(None, "stop"), "data: [DONE]\n\n"]).encode()
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+
+
+def test_a_stream_with_a_content_length_is_read_and_its_connection_kept():
+    # A proxy that buffers the reply sends it with a length, not in chunks.
+    body = sse_reply("Nine", " to five.")
+    reply = SSE_HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with RawHttpServer([reply, reply]) as server:
+        client = OpenAiClient(server.url, "m", 5)
+        assert drain(client.stream(MESSAGES)) == ["Nine", " to five."]
+        assert drain(client.stream(MESSAGES)) == ["Nine", " to five."]
+    assert server.ports[0] == server.ports[1]
+
+
+def test_a_stream_that_ends_with_the_connection_is_read():
+    body = sse_reply("Closed", " on Sundays.")
+    with RawHttpServer([SSE_HEAD + b"Connection: close\r\n\r\n" + body]) as server:
+        assert drain(OpenAiClient(server.url, "m", 5).stream(MESSAGES)) == ["Closed", " on Sundays."]
+
+
+def test_events_in_chunks_of_any_size_are_read_and_the_connection_kept():
+    # One HTTP chunk larger than a read, carrying several events and a comment line longer than
+    # a read; then events cut across chunks inside a line and inside its CRLF.
+    first = (b": " + b"p" * 20_000 + b"\r\n\r\n" + openai_event("We").encode() + openai_event(" open").encode())
+    rest = (openai_event(" at nine.", newline="\r\n") + openai_event(None, "stop") + "data: [DONE]\n\n").encode()
+    cut_in_line, cut_in_crlf = 10, rest.index(b"\r\n") + 1
+    chunks = [first, rest[:cut_in_line], rest[cut_in_line:cut_in_crlf], rest[cut_in_crlf:]]
+    reply = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(map(http_chunk, chunks)) + b"0\r\n\r\n"
+    with RawHttpServer([reply, reply]) as server:
+        client = OpenAiClient(server.url, "m", 5)
+        assert drain(client.stream(MESSAGES)) == ["We", " open", " at nine."]
+        assert drain(client.stream(MESSAGES)) == ["We", " open", " at nine."]
+    assert server.ports[0] == server.ports[1]
+
+
+def test_a_chunk_announcing_more_than_any_line_may_hold_is_refused_without_reading_it_all():
+    # A hostile or broken server: a 2 GB chunk that is one endless line. The client reads a
+    # bounded piece at a time and gives up at the longest line it accepts.
+    endless = b"data: " + b"a" * (2 << 20)
+    reply = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"7fffffff\r\n" + endless
+    with RawHttpServer([reply]) as server:
+        with pytest.raises(LlmBadReply, match="stream line longer than"):
+            drain(OpenAiClient(server.url, "m", 5).stream(MESSAGES))
+
+
+def test_a_broken_chunk_size_is_an_unavailable_server_not_a_crash():
+    reply = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + http_chunk(openai_event("We").encode()) + b"zz\r\n"
+    with RawHttpServer([reply]) as server:
+        stream = OpenAiClient(server.url, "m", 5).stream(MESSAGES)
+        assert next(stream) == "We"
+        with pytest.raises(LlmUnavailable, match="broke off after 2 chars"):
+            next(stream)

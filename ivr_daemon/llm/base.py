@@ -182,14 +182,25 @@ def _error_detail(body: bytes) -> str:
         return _one_line(text)
 
 
-def _body_lines(raw: urllib3.response.BaseHTTPResponse, provider: str) -> Iterator[str]:
-    """The lines of a streamed body as they arrive (LF, CRLF or CR ends one), decoded as UTF-8."""
+def _body_chunks(raw: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
+    """The pieces of a streamed body as they arrive, at most ``_STREAM_READ_BYTES`` each.
+
+    A chunked body (every streaming server's) is read an HTTP chunk at a time with urllib3's
+    ``read_chunked``: servers write each event as one chunk, and read1 went through urllib3's and
+    http.client's whole read path for every one of them (one chunk per call, even when many had
+    arrived together): a third of the daemon's CPU per streamed token. Any other body (a length,
+    or up to the close) with read1, which returns whatever has arrived: read(n) would sit on a
+    finished line waiting for n bytes.
+    """
+    if raw.chunked:
+        return raw.read_chunked(_STREAM_READ_BYTES, decode_content=True)
+    return iter(lambda: raw.read1(_STREAM_READ_BYTES, decode_content=True), b"")
+
+
+def _body_lines(chunks: Iterable[bytes], provider: str) -> Iterator[str]:
+    """The lines of a streamed body (LF, CRLF or CR ends one), decoded as UTF-8, as its ``chunks`` arrive."""
     pending = b""
-    while True:
-        # read1 returns whatever has arrived: read(n) would sit on a finished line waiting for n bytes.
-        chunk = raw.read1(_STREAM_READ_BYTES, decode_content=True)
-        if not chunk:
-            break
+    for chunk in chunks:
         pending += chunk
         # A CR at the end may be the first half of a CRLF that the next read completes.
         held = b"\r" if pending.endswith(b"\r") else b""
@@ -612,7 +623,8 @@ class LlmClient(abc.ABC):
             finished = False
             reader = self.stream_reader()
             connection = getattr(response.raw, "connection", None)
-            for event in self._stream_events(response, framing):
+            chunks = _body_chunks(response.raw)
+            for event in self._stream_events(response, framing, chunks):
                 delta, calls, finished = reader.feed(event)
                 if not progress.chars:
                     delta = delta.lstrip()
@@ -641,7 +653,7 @@ class LlmClient(abc.ABC):
                 )
             if not progress.chars and not progress.tool_calls:
                 raise LlmBadReply(f"{self.provider}: stream from {self.api_url} carried no text and no tool call")
-            self._drain(response)
+            self._drain(chunks)
         finally:
             response.close()
 
@@ -670,18 +682,19 @@ class LlmClient(abc.ABC):
         return session.send(prepared, timeout=timeout, stream=True, verify=session.verify, cert=session.cert,
                             proxies=session.proxies, allow_redirects=True)
 
-    def _stream_events(self, response: requests.Response, framing: StreamFraming) -> Iterable[str]:
+    def _stream_events(self, response: requests.Response, framing: StreamFraming,
+                       chunks: Iterable[bytes]) -> Iterable[str]:
         if framing == "sse" and response.headers.get("Content-Type", "").startswith("application/json"):
             # Not a stream after all: a server that ignores "stream": true, or an error object.
             return [response.content.decode("utf-8", "replace")]
-        lines = _body_lines(response.raw, self.provider)
+        lines = _body_lines(chunks, self.provider)
         return _sse_events(lines) if framing == "sse" else _ndjson_events(lines)
 
-    def _drain(self, response: requests.Response) -> None:
+    def _drain(self, chunks: Iterator[bytes]) -> None:
         """Read what follows the end marker, so that the kept-alive connection can be reused."""
         with gevent.Timeout(min(self.timeout_s, _STREAM_DRAIN_S), False):
             try:
-                while response.raw.read1(_STREAM_READ_BYTES):
+                for _ in chunks:
                     pass
             except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError):
                 pass  # the reply is complete; closing the response discards the connection
