@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 # One reply, one percentile, one way to read the daemon's log for every benchmark.
-from latency import NO_CALL_FLOW_SPEECH, REPLY, DaemonProcessRig, _first_broadcast_ms, percentile  # noqa: E402
+from latency import (NO_CALL_FLOW_SPEECH, REPLY, DaemonProcessRig, _first_broadcast_ms, own_collector_off,  # noqa: E402
+                     own_collector_on, percentile)  # noqa: E402
 
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.replay.simulator import FreeswitchSimulator  # noqa: E402
@@ -61,6 +62,7 @@ class MultiSwitchRig(DaemonProcessRig):
 
     def __init__(self, args, switches: int, llm_url: str, checkout: Path = ROOT):
         """``checkout``: run the daemon of that copy of the project (--baseline)."""
+        own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-multi-")
         self.sims = [FreeswitchSimulator(playback_speed=0.0, duplicate_speech_delay_s=0.0).start()
@@ -92,6 +94,7 @@ class MultiSwitchRig(DaemonProcessRig):
         for sim in self.sims:
             sim.stop()
         self.tmp.cleanup()
+        own_collector_on()
 
 
 def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int,
