@@ -113,7 +113,9 @@ def run_our_parser(protocol, stream: bytes) -> list[tuple]:
     """The reader's part (ivr_daemon.esl.connection.EslConnection.receive_events/_route) and the
     router's reads, on ``stream`` cut as recv() would cut it."""
     parser = protocol.FrameParser()
-    parse_event = protocol.parse_event
+    # The connection's parser reads its events (its repeat shortcut); a checkout from before
+    # that kept the shortcut in a module global and had only the module's parse_event.
+    parse_event = parser.parse_event if hasattr(parser, "parse_event") else protocol.parse_event
     reads = []
     for start in range(0, len(stream), CHUNK_BYTES):
         for frame in parser.feed(stream[start : start + CHUNK_BYTES]):

@@ -176,48 +176,37 @@ def check_esl_events(run: DoctorRun) -> Iterator[Row]:
     from ivr_daemon.daemon import SUBSCRIBED_EVENTS
     from ivr_daemon.esl.connection import EslError
 
-    for switch, title in _switches(run, "event subscription works"):
-        conn = run.esl.get(switch.name)
-        if conn is None:
-            yield Row(SKIP, "not checked: no authenticated event socket", title=title)
-            continue
-        where = f"{switch.name}: " if run.settings.freeswitch_hosts else ""
+    def subscribe(switch, conn, where: str) -> Row:
         try:
             reply = conn.send(commands.subscribe_events(SUBSCRIBED_EVENTS))
         except EslError as exc:
-            yield Row(FAIL, f"{where}event {' '.join(SUBSCRIBED_EVENTS[:2])} ...: {exc}", "check FreeSWITCH's log",
-                      title=title)
-            continue
+            return Row(FAIL, f"{where}event {' '.join(SUBSCRIBED_EVENTS[:2])} ...: {exc}", "check FreeSWITCH's log")
         if not reply.ok:
-            yield Row(FAIL, f"{where}FreeSWITCH answered {reply.text!r}", "check FreeSWITCH's log", title=title)
-            continue
+            return Row(FAIL, f"{where}FreeSWITCH answered {reply.text!r}", "check FreeSWITCH's log")
         run.esl_subscribed.add(switch.name)
-        yield Row(PASS, f"{where}{reply.text} ({len(SUBSCRIBED_EVENTS)} event types)", title=title)
+        return Row(PASS, f"{where}{reply.text} ({len(SUBSCRIBED_EVENTS)} event types)")
+
+    yield from _each_authenticated_switch(run, "event subscription works", subscribe)
 
 
 def check_mod_vosk(run: DoctorRun) -> Iterator[Row]:
     from ivr_daemon.esl.connection import EslError
 
-    for switch, title in _switches(run, "mod_vosk loaded"):
-        conn = run.esl.get(switch.name)
-        if conn is None:
-            yield Row(SKIP, "not checked: no authenticated event socket", title=title)
-            continue
-        where = f"{switch.name}: " if run.settings.freeswitch_hosts else ""
+    def module_exists(switch, conn, where: str) -> Row:
         try:
             answer = conn.send(commands.module_exists("mod_vosk")).text.strip()
         except EslError as exc:
-            yield Row(FAIL, f"{where}module_exists mod_vosk: {exc}", "check FreeSWITCH's log", title=title)
-            continue
+            return Row(FAIL, f"{where}module_exists mod_vosk: {exc}", "check FreeSWITCH's log")
         if answer == "true":
-            yield Row(PASS, f"{where}module_exists mod_vosk: true", title=title)
-        elif answer == "false":
-            yield Row(FAIL, f"{where}module_exists mod_vosk: false (no speech events will come)",
-                      "add <load module=\"mod_vosk\"/> to modules.conf.xml and run fs_cli -x 'load mod_vosk' "
-                      "(freeswitch_conf/README.md, \"mod_vosk\", if your packages lack mod_vosk.so)", title=title)
-        else:
-            yield Row(FAIL, f"{where}module_exists mod_vosk answered {answer[:80]!r}",
-                      "check FreeSWITCH's version and log", title=title)
+            return Row(PASS, f"{where}module_exists mod_vosk: true")
+        if answer == "false":
+            return Row(FAIL, f"{where}module_exists mod_vosk: false (no speech events will come)",
+                       "add <load module=\"mod_vosk\"/> to modules.conf.xml and run fs_cli -x 'load mod_vosk' "
+                       "(freeswitch_conf/README.md, \"mod_vosk\", if your packages lack mod_vosk.so)")
+        return Row(FAIL, f"{where}module_exists mod_vosk answered {answer[:80]!r}",
+                   "check FreeSWITCH's version and log")
+
+    yield from _each_authenticated_switch(run, "mod_vosk loaded", module_exists)
 
 
 def check_asr(run: DoctorRun) -> Iterator[Row]:
@@ -421,6 +410,21 @@ def _switches(run: DoctorRun, title: str) -> Iterator[tuple[object, str]]:
     switches = _settings(run).switches
     for switch in switches:
         yield switch, (f"{title} [{switch.name}]" if len(switches) > 1 else "")
+
+
+def _each_authenticated_switch(run: DoctorRun, title: str,
+                               probe: Callable[[object, object, str], Row]) -> Iterator[Row]:
+    """``probe(switch, connection, where)``'s row for every switch with an authenticated event
+    socket (check_esl_password's); a skipped row for each other one, so a dead switch is one ✘.
+    ``where`` starts each detail: "host:port: " with several switches, "" with one. The rows
+    get their switch's title here."""
+    for switch, row_title in _switches(run, title):
+        conn = run.esl.get(switch.name)
+        if conn is None:
+            yield Row(SKIP, "not checked: no authenticated event socket", title=row_title)
+            continue
+        where = f"{switch.name}: " if run.settings.freeswitch_hosts else ""
+        yield dataclasses.replace(probe(switch, conn, where), title=row_title)
 
 
 def _reason(exc: BaseException) -> str:

@@ -408,3 +408,38 @@ def test_a_wrong_password_or_a_switch_down_fails_only_that_switch(sim, sim_b, ll
     assert rows[f"FreeSWITCH event socket reachable [{down}]"].detail == f"cannot connect to {down}: Connection refused"
     assert "FREESWITCH_HOSTS" in rows[f"FreeSWITCH event socket reachable [{down}]"].fix
     assert rows["LLM answers"].status == PASS  # the rest of the doctor ran as usual
+
+
+def test_the_socket_checks_skip_a_switch_without_a_socket_and_prefix_each_detail_with_its_switch(sim, sim_b, tmp_path):
+    """check_esl_events and check_mod_vosk share their walk over the switches: a switch without an
+    authenticated socket (refused password, nothing listening) is one skipped row in each, titled
+    with that switch; a switch with one gets its probe, the detail starting with the switch."""
+    from ivr_daemon.doctor import CHECKS
+
+    socket_checks = CHECKS[:5]  # settings, reachable, password, events, mod_vosk: no LLM, voice or ASR
+    assert [check.title for check in socket_checks][-2:] == ["event subscription works", "mod_vosk loaded"]
+    a, b, down = f"127.0.0.1:{sim.port}", f"127.0.0.1:{sim_b.port}", f"127.0.0.1:{free_port()}"
+    env = {"FREESWITCH_HOSTS": f"s3cret@{a},wrong@{b},{down}", "TTS_OUTPUT_DIR": str(tmp_path / "tts")}
+    rows = {row.title: row for row in run_checks(DoctorRun(env_file=None, environ=env, timeout_s=3.0), socket_checks)}
+    for title in ("event subscription works", "mod_vosk loaded"):
+        assert title not in rows  # every row names its switch
+        for name in (b, down):
+            assert rows[f"{title} [{name}]"] == Row(SKIP, "not checked: no authenticated event socket",
+                                                    title=f"{title} [{name}]")
+        assert rows[f"{title} [{a}]"].status == PASS and rows[f"{title} [{a}]"].detail.startswith(f"{a}: ")
+    assert rows[f"mod_vosk loaded [{a}]"].detail == f"{a}: module_exists mod_vosk: true"
+    # Only the switch with a socket was asked.
+    assert "api module_exists mod_vosk" in [c.line for c in sim.commands]
+    assert not any(c.line.startswith(("event ", "api ")) for c in sim_b.commands)
+
+    # One switch (FREESWITCH_HOST/PORT), nothing listening: no prefix, the checks' own titles.
+    env = {"FREESWITCH_PORT": str(free_port()), "TTS_OUTPUT_DIR": str(tmp_path / "tts")}
+    rows = {row.title: row for row in run_checks(DoctorRun(env_file=None, environ=env, timeout_s=3.0), socket_checks)}
+    for title in ("event subscription works", "mod_vosk loaded"):
+        assert rows[title] == Row(SKIP, "not checked: no authenticated event socket", title=title)
+    # And with one reachable switch, the details carry no switch either.
+    env["FREESWITCH_PORT"], env["FREESWITCH_PASSWORD"] = str(sim.port), "s3cret"
+    rows = {row.title: row for row in run_checks(DoctorRun(env_file=None, environ=env, timeout_s=3.0), socket_checks)}
+    assert rows["mod_vosk loaded"] == Row(PASS, "module_exists mod_vosk: true", title="mod_vosk loaded")
+    assert rows["event subscription works"].status == PASS
+    assert rows["event subscription works"].detail.startswith("+OK")

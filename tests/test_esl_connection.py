@@ -133,6 +133,24 @@ def test_malformed_frames_are_logged_and_skipped_and_the_connection_lives_on(cap
         assert client.send(commands.status()).text.startswith("UP ")
 
 
+def test_each_connection_reads_its_own_twice_sent_events():
+    """Two connections to one switch get the same bytes: a DETECTED_SPEECH sent twice, as while
+    parked. Each reads both copies right, the second off its own first one (the very body object:
+    the reader's repeat shortcut), never off the other connection's (which a parse per copy, or a
+    shortcut shared by the connections, would show)."""
+    speech = (CAPTURES / "40_event_plain_DETECTED_SPEECH_detected-speech.txt").read_bytes()
+    events_a, events_b = [], []
+    with FreeswitchSimulator() as sim, running_client(sim, events_a), running_client(sim, events_b):
+        wait_until(lambda: len(subscriptions(sim)) == 2)
+        sim.inject_raw(speech + speech)  # to every subscribed connection
+        wait_until(lambda: len(events_a) == 2 and len(events_b) == 2)
+    for events in (events_a, events_b):
+        assert [(e.name, e.body) for e in events] == [("DETECTED_SPEECH", "hello world")] * 2
+        assert dict(events[1].headers) == dict(events[0].headers)
+        assert events[1].body is events[0].body
+    assert events_b[0].body is not events_a[0].body
+
+
 def _daemon_env(sim, tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_"))}
     env.update({"FREESWITCH_PORT": str(sim.port), "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(tmp_path / "tts"),

@@ -94,10 +94,17 @@ def plain_frame(inner: bytes) -> Frame:
     return items[0]
 
 
-def assert_reads_like_reference(frame: Frame, names: tuple[str, ...] = ()) -> PlainEventHeaders | dict:
+def assert_reads_like_reference(frame: Frame, names: tuple[str, ...] = (),
+                                reader: FrameParser | None = None) -> PlainEventHeaders | dict:
     """parse_event(frame) raises MalformedEvent exactly when the reference refuses the event, and
     otherwise reads, header by header (each on a fresh event, before anything else is decoded)
-    and as a whole, what the reference decoded."""
+    and as a whole, what the reference decoded.
+
+    Read by ``reader``'s parse_event (a fresh parser's when None) first, as the connection's reader
+    reads it (after what that reader read last: a test's repeat is read off the last one's
+    result); then again, each later read of the same bytes a repeat; and by the module's
+    parse_event, which keeps nothing from one event to the next."""
+    read = (reader if reader is not None else FrameParser()).parse_event
     # Cut by FrameParser, the event is read in place from the frame's bytes; built with its
     # body (as tests and the replayer do), from the body: both ways must read the same.
     data = frame.raw[frame._body_at :] if frame._body is None else frame._body  # not frame.body: it caches
@@ -105,17 +112,20 @@ def assert_reads_like_reference(frame: Frame, names: tuple[str, ...] = ()) -> Pl
     try:
         expected, body = reference_plain(data)
     except Malformed:
-        with pytest.raises(MalformedEvent):
-            parse_event(frame)
-        with pytest.raises(MalformedEvent):
-            parse_event(given_body)
+        for parse in (read, parse_event):
+            with pytest.raises(MalformedEvent):
+                parse(frame)
+            with pytest.raises(MalformedEvent):
+                parse(given_body)
         return {}
-    assert dict(parse_event(given_body).headers) == expected and parse_event(given_body).body == body
-    event = parse_event(frame)
+    event = read(frame)
     assert event.body == body
     assert frame._body is None  # read in place: the frame's body never sliced
+    for parse in (read, parse_event):
+        assert dict(parse(given_body).headers) == expected and parse(given_body).body == body
+        assert dict(parse(frame).headers) == expected and parse(frame).body == body
     for name in (*expected, *names, *ABSENT_NAMES):
-        assert parse_event(frame).headers.get(name) == expected.get(name), name  # read first, alone
+        assert read(frame).headers.get(name) == expected.get(name), name  # read first, alone
         assert (name in event.headers) == (name in expected), name
         if name in expected:
             assert event.headers[name] == expected[name]
@@ -275,14 +285,39 @@ def _copy(frame: Frame) -> Frame:
 
 def test_a_repeated_event_reads_like_the_reference_and_apart_from_the_first():
     frame = next(f for name, f in _SPEECH.items() if "event_plain_DETECTED_SPEECH" in name)
-    first = parse_event(frame)
+    reader = FrameParser()
+    first = reader.parse_event(frame)
     first.headers.get("Channel-Name")  # cached on the first copy only
     again = _copy(frame)
     assert again.raw == frame.raw and again.raw is not frame.raw
-    second = parse_event(again)
+    second = reader.parse_event(again)
     assert second.headers is not first.headers
-    assert_reads_like_reference(again, names=("Channel-Name",))
+    assert second.body is first.body  # read off the first one's result, not parsed again
+    assert_reads_like_reference(again, names=("Channel-Name",), reader=reader)
     assert dict(second.headers) == dict(first.headers) and second.body == first.body
+
+
+def test_each_connections_parser_reads_its_own_repeats_and_never_another_ones():
+    """Two connections (two parsers) given the same bytes each read them right, and a repeat is
+    read off the last event of its own connection only: one connection's traffic neither serves
+    the other's first copy nor pushes out the event the other is about to repeat. (A repeat read
+    off the last result carries that result's very body object; a parse makes a new one.)"""
+    speech = [f for name, f in _SPEECH.items() if "event_plain_DETECTED_SPEECH" in name]
+    x, y = speech[0], next(f for f in speech if f.raw != speech[0].raw)
+    assert len(parse_event(x).body) > 1 and len(parse_event(y).body) > 1  # not a cached one-character str
+    a, b = FrameParser(), FrameParser()
+    a_x = a.parse_event(x)
+    b_x = b.parse_event(_copy(x))  # the same bytes on another connection: parsed there
+    assert b_x.body is not a_x.body
+    b_y = b.parse_event(y)  # b moves on to another event
+    a_x_again = a.parse_event(_copy(x))  # a's repeat: still read off a's last event
+    assert a_x_again.body is a_x.body
+    assert b.parse_event(_copy(y)).body is b_y.body
+    assert b.parse_event(_copy(x)).body is not a_x.body  # x again on b: not a's, b's last was y
+    for frame, event in ((x, a_x), (x, b_x), (y, b_y), (x, a_x_again)):
+        assert_reads_like_reference(frame)
+        expected = parse_event(frame)
+        assert dict(event.headers) == dict(expected.headers) and event.body == expected.body
 
 
 @pytest.mark.parametrize("flip_at", [-1, -3, 40, 200])
@@ -294,10 +329,11 @@ def test_a_same_length_event_that_differs_in_one_byte_is_read_on_its_own(flip_at
         raw = bytearray(frame.raw)
         at = flip_at if flip_at < 0 else frame._body_at + flip_at
         raw[at : at + 1 if at != -1 else None] = replacement
-        parse_event(frame)
+        reader = FrameParser()
+        reader.parse_event(frame)
         changed = FrameParser().feed(bytes(raw))[0]
         assert len(changed.raw) == len(frame.raw)
-        assert_reads_like_reference(changed, names=("Unique-ID", "Event-Sequence", "Speech-Type"))
+        assert_reads_like_reference(changed, names=("Unique-ID", "Event-Sequence", "Speech-Type"), reader=reader)
 
 
 @settings(FUZZ, max_examples=150)
@@ -306,6 +342,7 @@ def test_a_same_length_event_that_differs_in_one_byte_is_read_on_its_own(flip_at
 def test_streams_with_repeats_read_like_the_reference(picks, frames):
     """Mutated captured events, some repeated back to back, some repeated later, each read right."""
     stream = b"".join(frames[pick % len(frames)][0] for pick in picks for _ in range(1 + pick % 2))
-    for item in FrameParser().feed(stream):
+    parser = FrameParser()
+    for item in parser.feed(stream):
         if isinstance(item, Frame) and item.content_type == "text/event-plain":
-            assert_reads_like_reference(item, names=("Unique-ID", "Event-Sequence"))
+            assert_reads_like_reference(item, names=("Unique-ID", "Event-Sequence"), reader=parser)

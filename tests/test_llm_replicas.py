@@ -274,3 +274,65 @@ def test_requests_in_flight_failing_together_are_one_failure_of_the_replica():
     replica = client.replicas[0]
     assert replica.failures == 3 and replica.failures_in_row == 1
     assert replica.down_until_s == clock.now_s + 1.0  # one outage: the first back-off, not the third
+
+
+def test_a_stream_its_caller_closes_after_some_text_counts_as_an_answer_and_is_no_longer_in_flight():
+    """A barge-in: the caller close()s the stream after its first delta. The replica answered, so
+    its failures in a row are cleared at that delta; while the stream is open it is in flight
+    (the next request goes elsewhere); after close() it is not, no failure and no retry are
+    counted, and the replica's stream is closed (its server sees the client go)."""
+    clock = Clock()
+    with FakeLlmServer("openai", "We open at nine tomorrow morning.", stream_hold_after=1) as a, \
+            FakeLlmServer("openai", "Another answer.") as b:
+        client = replica_set(a.url, b.url, provider="openai", clock=clock)
+        first, other = client.replicas
+        first.failures_in_row, first.down_until_s = 2, clock.now_s  # down twice, its back-off just over
+        with capture_logs() as logs:
+            stream = client.stream(MESSAGES)
+            assert next(stream) == "We"  # a fresh set starts with its first replica
+        assert [e["failures_in_row"] for e in logs if e["event"] == "llm_replica_back"] == [2]
+        assert first.failures_in_row == 0 and first.down_until_s == 0.0
+        assert first.in_flight == 1 and first.requests == 1
+        assert client.complete(MESSAGES) == "Another answer."  # the least busy one
+        with gevent.Timeout(10, AssertionError("close() waited for the rest of the reply")):
+            stream.close()
+        assert [r.in_flight for r in client.replicas] == [0, 0]
+        assert (first.requests, first.failures, first.retries, first.last_error) == (1, 0, 0, None)
+        assert (other.requests, other.failures) == (1, 0) and len(b.requests) == 1
+        a.release_stream.set()
+        assert a.client_disconnected.wait(timeout=5) and a.stream_outcomes == ["client_closed"]
+        assert client.status()[0]["up"] is True
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("case", ["answered", "refused_then_retried", "failed_nowhere_to_retry", "broke_mid_stream"])
+def test_no_attempt_stays_in_flight_whichever_way_it_ends(refusing_url, case, streamed):
+    """Streamed or not, every attempt leaves its replica's in-flight count where it found it and
+    counts one request to it, however the request ends."""
+    with FakeLlmServer("openai", "Fine.") as good, FakeLlmServer("openai", status=503) as unavailable, \
+            FakeLlmServer("openai", "We open at nine.", stream_break_after=2) as breaking:
+        urls, answer, error = {
+            "answered": ([good.url], "Fine.", None),
+            "refused_then_retried": ([refusing_url.removesuffix("/api/chat"), good.url], "Fine.", None),
+            "failed_nowhere_to_retry": ([unavailable.url], None, "HTTP 503"),
+            # Only a stream breaks off; the whole answer comes in one piece.
+            "broke_mid_stream": ([breaking.url], None if streamed else "We open at nine.",
+                                 "broke off" if streamed else None),
+        }[case]
+        client = replica_set(*urls, provider="openai")
+        heard: list[str] = []
+
+        def ask() -> str:
+            if not streamed:
+                return client.complete(MESSAGES)
+            heard.extend(client.stream(MESSAGES))
+            return "".join(heard)
+
+        if error is None:
+            assert ask() == answer
+        else:
+            with pytest.raises(LlmUnavailable, match=error):
+                ask()
+        assert [r.in_flight for r in client.replicas] == [0] * len(urls)
+        assert [r.requests for r in client.replicas] == [1] * len(urls)
+        assert [r.failures for r in client.replicas] == ([1, 0] if len(urls) == 2 else [int(error is not None)])

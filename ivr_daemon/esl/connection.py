@@ -37,7 +37,7 @@ from greenswitch.esl import NotConnectedError as _GreenswitchNotConnected
 
 from ivr_daemon.esl import commands
 from ivr_daemon.esl.commands import EslCommand
-from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, MalformedFrame, EslEvent, parse_event
+from ivr_daemon.esl.protocol import Frame, FrameParser, MalformedEvent, MalformedFrame, EslEvent
 from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
@@ -189,7 +189,7 @@ class EslConnection(InboundESL):
                 if not data:
                     break
                 for item in parser.feed(data):
-                    self._route(item)
+                    self._route(item, parser)
         except OSError as exc:
             reason = f"socket error: {exc}"
         except gevent.GreenletExit:
@@ -321,7 +321,8 @@ class EslConnection(InboundESL):
         outgoing.written.set()
         return True
 
-    def _route(self, item: Frame | MalformedFrame) -> None:
+    def _route(self, item: Frame | MalformedFrame, parser: FrameParser) -> None:
+        """What ``item``, cut by ``parser`` (this connection's), is for: reply, event, notice."""
         if self._on_frame is not None:
             # Recording sees every byte that arrived, well-formed or not.
             self._on_frame(item.raw, isinstance(item, MalformedFrame))
@@ -341,7 +342,7 @@ class EslConnection(InboundESL):
             self._resolve_reply(item)
         elif content_type.startswith("text/event-"):
             try:
-                event = parse_event(item, received_s=time.monotonic())
+                event = parser.parse_event(item, received_s=time.monotonic())
             except MalformedEvent as exc:
                 self._log_malformed("esl_malformed_event_skipped", str(exc), "")
                 self._on_malformed(str(exc))

@@ -22,7 +22,8 @@ one string (:class:`PlainEventHeaders`), the headers every event is routed on ar
 once and any other one when it is first read, with the same results as decoding them all
 (tests/test_esl_lazy_headers.py). mod_vosk sends a partial transcript every ~200 ms per
 caller, twice while parked, so this is the reader's hot path (bench/events.py); the second,
-byte-identical copy is read off the first one's result.
+byte-identical copy is read off the first one's result, which each connection's
+:class:`FrameParser` keeps (:meth:`FrameParser.parse_event`).
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ class FrameParser:
         self._in_long_header = False  # dropping a header block over the cap, up to its blank line
         self._max_body_bytes = max_body_bytes
         self._max_header_bytes = max_header_bytes
+        # The last plain event this parser's connection read well, for parse_event's repeat
+        # shortcut (see _parse_plain_event): one per connection, as the repeats are.
+        self._last_plain: tuple[bytes, int, str, dict[str, str | None], str | None, str | None] | None = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -143,6 +147,12 @@ class FrameParser:
             pos = self._cut(view, items)
         del self._buf[:pos]
         return items
+
+    def parse_event(self, frame: Frame, received_s: float = 0.0) -> EslEvent:
+        """:func:`parse_event` for the reader of this parser's connection: a plain event that
+        repeats, byte for byte, the last one it read (mod_vosk's twice-sent transcripts) is read
+        off that one's result. Another connection's events are not: each has its own parser."""
+        return _parse_event(frame, received_s, self)
 
     def _cut(self, view: memoryview, items: list[ParsedItem]) -> int:
         """Append the items found in ``view``; return how many of its bytes they consumed."""
@@ -327,13 +337,20 @@ class EslEvent:
 
 
 def parse_event(frame: Frame, received_s: float = 0.0) -> EslEvent:
-    """Decode a ``text/event-plain``, ``-json`` or ``-xml`` frame; raises :class:`MalformedEvent`."""
+    """Decode a ``text/event-plain``, ``-json`` or ``-xml`` frame; raises :class:`MalformedEvent`.
+
+    A connection's reader uses its :meth:`FrameParser.parse_event` instead: the same results,
+    and a byte-identical repeat of its last plain event costs one comparison."""
+    return _parse_event(frame, received_s, None)
+
+
+def _parse_event(frame: Frame, received_s: float, parser: FrameParser | None) -> EslEvent:
     content_type = frame.headers.get("Content-Type", "")
     if content_type == "text/event-plain":
         if frame._body is None:  # read in place: no copy of the body
-            headers, body, wire_format = _parse_plain_event(frame.raw, frame._body_at)
+            headers, body, wire_format = _parse_plain_event(frame.raw, frame._body_at, parser)
         else:
-            headers, body, wire_format = _parse_plain_event(frame._body, 0)
+            headers, body, wire_format = _parse_plain_event(frame._body, 0, parser)
     elif content_type == "text/event-json":
         headers, body, wire_format = _parse_json_event(frame.body)
     elif content_type == "text/event-xml":
@@ -416,18 +433,18 @@ def _line_value(text: str, needle: str) -> str | None:
     return unquote(value, errors="replace") if "%" in value else value
 
 
-# The last plain event read well (its bytes, where it starts, and what it read as). While a
-# channel is parked every DETECTED_SPEECH arrives twice in a row, byte-identical (dedup.py):
-# the second copy is the same bytes, so it reads the same, for one comparison of bytes instead
-# of a parse (bytes of another frame mostly differ in length, else the comparison stops at the
-# first byte that differs).
-_last_plain: tuple[bytes, int, str, dict[str, str | None], str | None, str | None] | None = None
+def _parse_plain_event(data: bytes, start: int = 0, parser: FrameParser | None = None
+                       ) -> tuple[Mapping[str, str], str | None, str]:
+    """The plain event that is ``data[start:]``.
 
-
-def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], str | None, str]:
-    """The plain event that is ``data[start:]``."""
-    global _last_plain
-    last = _last_plain
+    ``parser`` (the connection's, or None) keeps the last plain event read well: its bytes,
+    where it starts, and what it read as. While a channel is parked every DETECTED_SPEECH
+    arrives twice in a row on the connection, byte-identical (dedup.py): the second copy is the
+    same bytes, so it reads the same, for one comparison of bytes instead of a parse (bytes of
+    another frame mostly differ in length, else the comparison stops at the first byte that
+    differs). Each connection's repeats follow its own last event, so each parser keeps its own.
+    """
+    last = parser._last_plain if parser is not None else None
     if last is not None and last[1] == start and last[0] == data:
         return PlainEventHeaders(last[2], last[3].copy(), last[4]), last[5], "plain"
     # Where the header block ends. FreeSWITCH writes Content-Length last, right before the blank
@@ -471,7 +488,8 @@ def _parse_plain_event(data: bytes, start: int = 0) -> tuple[Mapping[str, str], 
     else:
         body, byte_count = _inner_body(length_text, data, len(data) if end < 0 else end + 2)
         length = str(byte_count)
-    _last_plain = (data, start, text, seen.copy(), length, body)
+    if parser is not None:
+        parser._last_plain = (data, start, text, seen.copy(), length, body)
     return PlainEventHeaders(text, seen, length), body, "plain"
 
 

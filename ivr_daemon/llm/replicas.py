@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from contextlib import closing
 from typing import Callable, Generator, Iterator, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -213,28 +214,25 @@ class ReplicaSet(LlmClient):
 
     # -- the LlmClient interface --------------------------------------------------------------
 
-    def _whole(self, ask: Callable[[LlmClient], T]) -> T:
+    def _attempts(self) -> Iterator[_Attempt]:
+        """The attempts of one request, each to be run as ``with attempt:``: on :meth:`pick`'s
+        replica, then, after a failure the attempt swallowed (see :class:`_Attempt`), on the
+        replica it chose for the retry."""
         tried: list[Replica] = []
         replica = self.pick()
         while replica is not None:
             tried.append(replica)
-            replica.requests += 1
-            replica.in_flight += 1
-            try:
-                result = ask(replica.client)
-            except LlmError as exc:
-                redacted(exc, replica.client.api_url)
-                self._failed(replica, exc, answered=False)
-                following = self._next_after_failure(replica, exc, tried)
-                if following is None:
-                    raise
-            else:
-                self._succeeded(replica)
+            attempt = _Attempt(self, replica, tried)
+            yield attempt
+            replica = attempt.retry_on
+
+    def _whole(self, ask: Callable[[LlmClient], T]) -> T:
+        for attempt in self._attempts():
+            with attempt:  # a failure retried elsewhere ends here; the next attempt is the retry
+                result = ask(attempt.replica.client)
+                attempt.answered()
                 return result
-            finally:
-                tried[-1].in_flight -= 1  # the attempt's replica, not the one it goes on to
-            replica = following
-        raise AssertionError("unreachable: pick() without exclusions always has a replica")
+        raise AssertionError("unreachable: an attempt that is not retried raises its error")
 
     def complete(self, messages: list[Message]) -> str:
         return self._whole(lambda client: client.complete(messages))
@@ -245,36 +243,65 @@ class ReplicaSet(LlmClient):
     def stream(
         self, messages: list[Message], tools: Sequence[ToolSpec] = ()
     ) -> Generator[str | ToolCall, None, None]:
-        tried: list[Replica] = []
-        replica = self.pick()
-        while replica is not None:
-            tried.append(replica)
-            replica.requests += 1
-            replica.in_flight += 1
-            deltas: Iterator[str | ToolCall] = (replica.client.stream(messages, tools) if tools
-                                                else replica.client.stream(messages))
-            answered = False
-            try:
+        for attempt in self._attempts():
+            client = attempt.replica.client
+            # closing(): the replica's stream is closed (its connection let go) before the attempt
+            # ends, however it ends: done, failed, or abandoned by our caller's close().
+            with attempt, closing(client.stream(messages, tools) if tools else client.stream(messages)) as deltas:
                 for delta in deltas:
-                    if not answered:
-                        answered = True
-                        self._succeeded(replica)  # it answers: up, whatever happens next
+                    attempt.answered()  # it answers: up, whatever happens next
                     yield delta
                 return
-            except LlmError as exc:
-                redacted(exc, replica.client.api_url)
-                self._failed(replica, exc, answered=answered)
-                following = None if answered else self._next_after_failure(replica, exc, tried)
-                if following is None:
-                    raise
-            finally:
-                deltas.close()
-                tried[-1].in_flight -= 1  # the attempt's replica, not the one it goes on to
-            replica = following
+        raise AssertionError("unreachable: an attempt that is not retried raises its error")
 
     def close(self) -> None:
         for replica in self.replicas:
             replica.client.close()
+
+
+class _Attempt:
+    """One try of one request on one replica, run as ``with attempt:``; the bookkeeping of both
+    :meth:`ReplicaSet._whole` and :meth:`ReplicaSet.stream`.
+
+    While it runs it counts as one request to the replica and one in flight. :meth:`answered`
+    (the whole answer, or a stream's first delta) is the replica's success: its back-off is
+    cleared. An :class:`LlmError` out of it is the replica's failure (redacted, counted, a
+    back-off unless it had answered); when the request goes on to another replica
+    (:meth:`ReplicaSet._next_after_failure`: never once it answered) the error is swallowed
+    and :attr:`retry_on` names that replica, else the error goes on to the caller. Anything
+    else (a caller's ``close()`` of a stream, a timeout of the caller's own) only ends it.
+    """
+
+    __slots__ = ("_owner", "replica", "_tried", "_answered", "retry_on")
+
+    def __init__(self, owner: ReplicaSet, replica: Replica, tried: list[Replica]):
+        self._owner = owner
+        self.replica = replica
+        self._tried = tried  # every replica of this request so far, this one included
+        self._answered = False
+        self.retry_on: Replica | None = None
+
+    def __enter__(self) -> _Attempt:
+        self.replica.requests += 1
+        self.replica.in_flight += 1
+        return self
+
+    def answered(self) -> None:
+        if not self._answered:
+            self._answered = True
+            self._owner._succeeded(self.replica)
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        try:
+            if not isinstance(exc, LlmError):
+                return False
+            redacted(exc, self.replica.client.api_url)
+            self._owner._failed(self.replica, exc, answered=self._answered)
+            if not self._answered:
+                self.retry_on = self._owner._next_after_failure(self.replica, exc, self._tried)
+            return self.retry_on is not None
+        finally:
+            self.replica.in_flight -= 1
 
 
 __all__ = ["BACKOFF_FIRST_S", "BACKOFF_MAX_S", "Replica", "ReplicaSet", "redacted", "replica_label", "retryable",
