@@ -41,6 +41,7 @@ from ivr_daemon.esl.protocol import EslEvent
 from ivr_daemon.history import (  # noqa: F401 (the turn's vocabulary, imported from here too)
     BEGIN_SPEAKING, FINAL_SPEECH, PARTIAL_SPEECH, ConversationHistory, speech_text, transcript_of,
 )
+from ivr_daemon.idle_lane import idle_lane
 from ivr_daemon.llm.base import LlmError, Message, ToolCall, ToolSpec
 from ivr_daemon.logs import get_logger
 from ivr_daemon.sentences import FIRST_CLAUSE_MIN_WORDS, SentenceSplitter
@@ -574,9 +575,15 @@ class ConversationHandler:
                         reply.tool_calls.append(delta)  # acted on once the words before it are said
                         continue
                     parts.append(delta)
-                    if not submit_all(splitter.feed(delta)):
+                    ready = splitter.feed(delta)
+                    if not submit_all(ready):
                         cut = True  # a model that loops: stop reading, stop speaking
                         break
+                    if ready:
+                        # The rest of the reply is needed once this sentence has played: it is
+                        # read when the loop has nothing more urgent to do (this sentence's
+                        # broadcast, other turns' requests and first sentences), not before.
+                        idle_lane().wait()
                 else:
                     submit_all(splitter.flush())
             else:
