@@ -2,7 +2,9 @@
 are read (the idle lane), no sentence is lost, and barge-in still cuts a reply at any point.
 
 The loop is kept busy by a greenlet that is ready again at every pass (as a burst of turns
-keeps it): the rest of a reply then waits, and is read as soon as the loop has nothing else to do.
+keeps it), except when a reply's first sentence waits to be read (the lane's ``first`` waiters,
+let go before any other): the rest of a reply then waits, and is read as soon as the loop has
+nothing else to do.
 """
 
 import gevent
@@ -11,7 +13,8 @@ import pytest
 
 from harness import TurnLog, broadcasts, running_daemon, settings_for, wait_until
 from llm_fakes import FakeLlmServer
-from ivr_daemon.idle_lane import idle_lane
+from ivr_daemon import idle_lane as idle_lane_module
+from ivr_daemon.idle_lane import IdleLane, idle_lane
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 
 THREE = "We open at nine. Saturdays from ten. Goodbye for now."
@@ -20,16 +23,26 @@ SENTENCES = ["We open at nine.", "Saturdays from ten.", "Goodbye for now."]
 
 @pytest.fixture
 def patient_lane(monkeypatch):
-    """The lane waits for an idle loop however long the test keeps it busy."""
-    monkeypatch.setattr(idle_lane(), "max_wait_s", 60.0)
-    return idle_lane()
+    """A lane of the test's own (no waiter of an earlier test in it) that waits for an idle loop
+    however long the test keeps it busy (with LLM_TIMEOUT=60, which bounds a first waiter)."""
+    lane = IdleLane(max_wait_s=60.0)
+    monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    return lane
 
 
 def keep_the_loop_busy(until) -> gevent.Greenlet:
-    """A greenlet ready again at every pass of the loop until ``until()``: the loop is never idle."""
+    """A greenlet ready again at every pass of the loop until ``until()``, except while a first
+    sentence waits to be read: it then waits for the lane to let that one go (the loop may go
+    idle meanwhile, and the lane lets ``first`` waiters go before any other)."""
+    lane = idle_lane()
+
     def spin():
         while not until():
-            gevent.sleep(0)
+            waiting_first = [ticket for ticket in lane._waiting_first if not ticket.is_set()]
+            if waiting_first:
+                waiting_first[0].wait()
+            else:
+                gevent.sleep(0)
 
     return gevent.spawn(spin)
 
@@ -46,7 +59,7 @@ def expected_paths(daemon, call, sentences=SENTENCES):
 def test_the_rest_of_a_reply_is_read_once_the_loop_is_idle_and_every_sentence_is_said(tmp_path, patient_lane):
     turns = TurnLog()
     with FakeLlmServer("openai", replies=THREE) as llm, FreeswitchSimulator(playback_speed=0.0) as sim:
-        settings = settings_for(sim, tmp_path, LLM_PROVIDER="openai", LLM_API_URL=llm.url)
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="openai", LLM_API_URL=llm.url, LLM_TIMEOUT="60")
         with running_daemon(sim, settings, on_turn=turns) as daemon:
             call = sim.new_call()
             read_by_then = []
@@ -60,7 +73,7 @@ def test_the_rest_of_a_reply_is_read_once_the_loop_is_idle_and_every_sentence_is
             sim.speak(call, "when do you open")
             keep_the_loop_busy(first_broadcast_out).join(timeout=10)
             # The whole reply was in the socket; only its first sentence had been read.
-            assert read_by_then == [1]
+            assert read_by_then == [1] and patient_lane.timed_out == 0
             [turn] = turns.wait(1, call)  # the loop went idle: the rest was read and said
             assert [line.split()[3] for line in broadcasts(sim, call)] == expected_paths(daemon, call)
             assert turn.sentences == 3 and turn.reply == THREE and not turn.interrupted
@@ -71,7 +84,7 @@ def test_every_first_broadcast_of_a_burst_goes_out_before_any_second_sentence(tm
     calls_count = 6
     turns = TurnLog()
     with FakeLlmServer("openai", replies=THREE, hold_reply=True) as llm, FreeswitchSimulator(playback_speed=0.0) as sim:
-        settings = settings_for(sim, tmp_path, LLM_PROVIDER="openai", LLM_API_URL=llm.url)
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="openai", LLM_API_URL=llm.url, LLM_TIMEOUT="60")
         with running_daemon(sim, settings, on_turn=turns) as daemon:
             calls = [sim.new_call() for _ in range(calls_count)]
             for index, call in enumerate(calls):
@@ -89,7 +102,7 @@ def test_every_first_broadcast_of_a_burst_goes_out_before_any_second_sentence(tm
             busy = keep_the_loop_busy(all_first_broadcasts_out)
             llm.release_reply.set()  # every reply at once, each whole in its socket
             busy.join(timeout=20)
-            assert read_by_then == [1] * calls_count
+            assert read_by_then == [1] * calls_count and patient_lane.timed_out == 0
             turns.wait(calls_count)
             wire = [c.line for c in sim.commands[start:] if c.line.startswith("api uuid_broadcast ")]
             firsts = {call: expected_paths(daemon, call)[0] for call in calls}
@@ -104,7 +117,7 @@ def test_every_first_broadcast_of_a_burst_goes_out_before_any_second_sentence(tm
 def test_barge_in_while_the_rest_of_the_reply_waits_for_the_loop_cuts_it(tmp_path, patient_lane):
     turns = TurnLog()  # a turn cut short reports nothing: only the next one
     with FakeLlmServer("openai", replies=[THREE, "Sure."]) as llm, FreeswitchSimulator(playback_speed=1.0) as sim:
-        settings = settings_for(sim, tmp_path, LLM_PROVIDER="openai", LLM_API_URL=llm.url)
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="openai", LLM_API_URL=llm.url, LLM_TIMEOUT="60")
         with running_daemon(sim, settings, on_turn=turns) as daemon:
             call = sim.new_call()
             sim.speak(call, "when do you open")
@@ -121,7 +134,8 @@ def test_barge_in_while_the_rest_of_the_reply_waits_for_the_loop_cuts_it(tmp_pat
             wait_until(lambda: not handler_of(daemon, call).busy)  # killed: no on_turn for it
             assert len(broadcasts(sim, call)) == 1  # nothing of the rest after the barge-in
             assert handler_of(daemon, call).history.messages()[-1]["content"] == "[interrupted by the caller]"
-            assert not [ticket for ticket in patient_lane._waiting if not ticket.is_set()]
+            assert not [ticket for ticket in (*patient_lane._waiting, *patient_lane._waiting_first) if not ticket.is_set()]
+            assert patient_lane.timed_out == 0
             # The next turn is read and said whole.
             sim.speak(call, "ok thanks")
             [turn] = turns.wait(1, call)

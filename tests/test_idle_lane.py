@@ -76,3 +76,25 @@ def test_a_loop_that_never_goes_idle_lets_a_waiter_go_after_max_wait():
 
     gevent.joinall([gevent.spawn(waiter), gevent.spawn(spin_until_the_waiter_is_back)])
     assert outcome == [False] and lane.timed_out == 1 and lane.let_go == 0
+
+
+def test_first_waiters_go_before_the_others_whenever_they_came():
+    lane, order = IdleLane(max_wait_s=30), []
+    stop = gevent.event.Event()
+
+    def spin():
+        while not stop.is_set():
+            gevent.sleep(0)
+
+    def waiter(name, first):
+        lane.wait(first=first)
+        order.append(name)
+
+    spinner = gevent.spawn(spin)  # nobody goes until all have come
+    waiters = [gevent.spawn(waiter, "rest 1", False), gevent.spawn(waiter, "first 1", True),
+               gevent.spawn(waiter, "rest 2", False), gevent.spawn(waiter, "first 2", True)]
+    gevent.sleep(0)
+    stop.set()
+    spinner.join()
+    gevent.joinall(waiters)
+    assert order == ["first 1", "first 2", "rest 1", "rest 2"]

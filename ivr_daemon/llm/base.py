@@ -49,6 +49,7 @@ import requests.adapters
 import requests.utils
 import urllib3.exceptions
 
+from ivr_daemon.idle_lane import idle_lane
 from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
@@ -646,6 +647,14 @@ class LlmClient(abc.ABC):
             response.close()
 
     def _post_streamed(self, payload: dict, headers: dict[str, str]) -> requests.Response:
+        """POST a streamed request (:meth:`_send_streamed_post`); once it is answered, its body is
+        left to be read when the loop has nothing more urgent to do (idle_lane.py): other turns'
+        requests and first broadcasts, in a burst; then before the rest of any reply."""
+        response = self._send_streamed_post(payload, headers)
+        idle_lane().wait(first=True, max_wait_s=self.timeout_s / 4)  # well within this read's deadline
+        return response
+
+    def _send_streamed_post(self, payload: dict, headers: dict[str, str]) -> requests.Response:
         """``session.post(api_url, json=payload, headers=headers, stream=True)``, the same request.
 
         Preparing it (merging the session's headers, auth, cookies, hooks and settings into a
