@@ -25,7 +25,7 @@ SENTENCES = ["We open at nine.", "Saturdays from ten.", "Goodbye for now."]
 def patient_lane(monkeypatch):
     """A lane of the test's own (no waiter of an earlier test in it) that waits for an idle loop
     however long the test keeps it busy (with LLM_TIMEOUT=60, which bounds a first waiter)."""
-    lane = IdleLane(max_wait_s=60.0)
+    lane = IdleLane(max_wait_cpu_s=60.0)
     monkeypatch.setattr(idle_lane_module, "_lane", lane)
     return lane
 
@@ -73,7 +73,7 @@ def test_the_rest_of_a_reply_is_read_once_the_loop_is_idle_and_every_sentence_is
             sim.speak(call, "when do you open")
             keep_the_loop_busy(first_broadcast_out).join(timeout=10)
             # The whole reply was in the socket; only its first sentence had been read.
-            assert read_by_then == [1] and patient_lane.timed_out == 0
+            assert read_by_then == [1] and patient_lane.overdue == 0
             [turn] = turns.wait(1, call)  # the loop went idle: the rest was read and said
             assert [line.split()[3] for line in broadcasts(sim, call)] == expected_paths(daemon, call)
             assert turn.sentences == 3 and turn.reply == THREE and not turn.interrupted
@@ -102,7 +102,7 @@ def test_every_first_broadcast_of_a_burst_goes_out_before_any_second_sentence(tm
             busy = keep_the_loop_busy(all_first_broadcasts_out)
             llm.release_reply.set()  # every reply at once, each whole in its socket
             busy.join(timeout=20)
-            assert read_by_then == [1] * calls_count and patient_lane.timed_out == 0
+            assert read_by_then == [1] * calls_count and patient_lane.overdue == 0
             turns.wait(calls_count)
             wire = [c.line for c in sim.commands[start:] if c.line.startswith("api uuid_broadcast ")]
             firsts = {call: expected_paths(daemon, call)[0] for call in calls}
@@ -135,7 +135,7 @@ def test_barge_in_while_the_rest_of_the_reply_waits_for_the_loop_cuts_it(tmp_pat
             assert len(broadcasts(sim, call)) == 1  # nothing of the rest after the barge-in
             assert handler_of(daemon, call).history.messages()[-1]["content"] == "[interrupted by the caller]"
             assert not [ticket for ticket in (*patient_lane._waiting, *patient_lane._waiting_first) if not ticket.is_set()]
-            assert patient_lane.timed_out == 0
+            assert patient_lane.overdue == 0
             # The next turn is read and said whole.
             sim.speak(call, "ok thanks")
             [turn] = turns.wait(1, call)

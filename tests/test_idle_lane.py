@@ -7,7 +7,7 @@ from ivr_daemon.idle_lane import IdleLane
 
 
 def test_a_waiter_goes_on_only_after_every_ready_greenlet_has_run():
-    lane, order = IdleLane(max_wait_s=30), []
+    lane, order = IdleLane(max_wait_cpu_s=30), []
 
     def busy(name, steps):
         for step in range(steps):
@@ -23,7 +23,7 @@ def test_a_waiter_goes_on_only_after_every_ready_greenlet_has_run():
 
 
 def test_waiters_go_one_at_a_time_oldest_first_each_after_what_the_one_before_made_ready():
-    lane, order, follow_ups = IdleLane(max_wait_s=30), [], []
+    lane, order, follow_ups = IdleLane(max_wait_cpu_s=30), [], []
 
     def follow_up(name):
         for step in range(3):
@@ -41,11 +41,11 @@ def test_waiters_go_one_at_a_time_oldest_first_each_after_what_the_one_before_ma
     for k in range(3):
         expected += [f"w{k}", *(f"w{k} follow-up {step}" for step in range(3))]
     assert order == expected
-    assert lane.let_go == 3 and lane.timed_out == 0
+    assert lane.let_go == 3 and lane.overdue == 0
 
 
 def test_a_killed_waiter_is_skipped_and_the_others_still_go():
-    lane, done = IdleLane(max_wait_s=30), []
+    lane, done = IdleLane(max_wait_cpu_s=30), []
     stop = gevent.event.Event()
 
     def spin():
@@ -63,8 +63,8 @@ def test_a_killed_waiter_is_skipped_and_the_others_still_go():
     assert done == [True] and lane.let_go == 1 and not lane._waiting
 
 
-def test_a_loop_that_never_goes_idle_lets_a_waiter_go_after_max_wait():
-    lane = IdleLane(max_wait_s=0.05)
+def test_a_loop_that_never_goes_idle_lets_a_waiter_go_once_it_has_spent_max_wait_cpu():
+    lane = IdleLane(max_wait_cpu_s=0.05)
     outcome = []
 
     def waiter():
@@ -75,11 +75,11 @@ def test_a_loop_that_never_goes_idle_lets_a_waiter_go_after_max_wait():
             gevent.sleep(0)
 
     gevent.joinall([gevent.spawn(waiter), gevent.spawn(spin_until_the_waiter_is_back)])
-    assert outcome == [False] and lane.timed_out == 1 and lane.let_go == 0
+    assert outcome == [False] and lane.overdue == 1 and lane.let_go == 0
 
 
 def test_first_waiters_go_before_the_others_whenever_they_came():
-    lane, order = IdleLane(max_wait_s=30), []
+    lane, order = IdleLane(max_wait_cpu_s=30), []
     stop = gevent.event.Event()
 
     def spin():
@@ -98,3 +98,18 @@ def test_first_waiters_go_before_the_others_whenever_they_came():
     spinner.join()
     gevent.joinall(waiters)
     assert order == ["first 1", "first 2", "rest 1", "rest 2"]
+
+
+def test_a_waiter_with_a_wall_clock_bound_goes_on_by_it_on_a_loop_never_idle():
+    lane = IdleLane(max_wait_cpu_s=30)
+    outcome = []
+
+    def waiter():
+        outcome.append(lane.wait(first=True, max_wait_s=0.05))
+
+    def spin_until_the_waiter_is_back():
+        while not outcome:
+            gevent.sleep(0)
+
+    gevent.joinall([gevent.spawn(waiter), gevent.spawn(spin_until_the_waiter_is_back)])
+    assert outcome == [False] and lane.overdue == 1 and lane.let_go == 0
