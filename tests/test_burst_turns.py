@@ -15,6 +15,8 @@ from harness import TurnLog, broadcasts, running_daemon, settings_for, wait_unti
 from llm_fakes import FakeLlmServer
 from ivr_daemon import idle_lane as idle_lane_module
 from ivr_daemon.idle_lane import IdleLane, idle_lane
+from ivr_daemon.llm.ollama import OllamaClient
+from ivr_daemon.llm.openai import OpenAiClient
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 
 THREE = "We open at nine. Saturdays from ten. Goodbye for now."
@@ -30,16 +32,16 @@ def patient_lane(monkeypatch):
     return lane
 
 
-def keep_the_loop_busy(until) -> gevent.Greenlet:
+def keep_the_loop_busy(until, let_first_go: bool = True) -> gevent.Greenlet:
     """A greenlet ready again at every pass of the loop until ``until()``, except while a first
-    sentence waits to be read: it then waits for the lane to let that one go (the loop may go
-    idle meanwhile, and the lane lets ``first`` waiters go before any other)."""
+    sentence waits to be read (``let_first_go``): it then waits for the lane to let that one go
+    (the loop may go idle meanwhile, and the lane lets ``first`` waiters go before any other)."""
     lane = idle_lane()
 
     def spin():
         while not until():
             waiting_first = [ticket for ticket in lane._waiting_first if not ticket.is_set()]
-            if waiting_first:
+            if waiting_first and let_first_go:
                 waiting_first[0].wait()
             else:
                 gevent.sleep(0)
@@ -141,3 +143,25 @@ def test_barge_in_while_the_rest_of_the_reply_waits_for_the_loop_cuts_it(tmp_pat
             [turn] = turns.wait(1, call)
             assert turn.reply == "Sure." and len(broadcasts(sim, call)) == 2
             assert llm.requests[1]["messages"][-2]["content"] == "[interrupted by the caller]"
+
+
+@pytest.mark.parametrize("provider, client_class", [("openai", OpenAiClient), ("ollama", OllamaClient)])
+def test_an_llm_answer_is_read_only_once_the_loop_is_idle(patient_lane, provider, client_class):
+    with FakeLlmServer(provider, replies=THREE, stream_gap_s=0.002) as llm:  # deltas a loop pass or more apart
+        client = client_class(llm.url, "llama3", 60)
+        deltas, whole = [], []
+        reader = gevent.spawn(lambda: deltas.extend(client.stream([{"role": "user", "content": "hours?"}])))
+        answered = []
+
+        def server_done():  # the whole answer is in the client's socket
+            if llm.stream_outcomes != ["complete"]:
+                return False
+            answered.append(list(deltas))  # what the client had read of it by then
+            return True
+
+        keep_the_loop_busy(server_done, let_first_go=False).join(timeout=10)
+        reader.join(timeout=10)
+        assert answered == [[]]  # sent at once, answered at once, read only once the loop was idle
+        assert "".join(deltas) == THREE and patient_lane.let_go >= 1 and patient_lane.overdue == 0
+        whole.append(client.complete([{"role": "user", "content": "hours?"}]))  # not streamed: the same way
+        assert whole == [THREE]
