@@ -55,13 +55,17 @@ class IdleLane:
         self._waiting: collections.deque[_Ticket] = collections.deque()
         self._waiting_first: collections.deque[_Ticket] = collections.deque()
         self._pump: gevent.Greenlet | None = None
+        self._hub = gevent.get_hub()  # the loop it paces: another thread's waiters are not queued
         self.let_go = 0  # waiters let go on an idle loop
         self.overdue = 0  # waiters let go after max_wait_cpu_s of a busy loop (or the backstop)
 
     def wait(self, first: bool = False, max_wait_s: float | None = None) -> bool:
         """Block until the loop is idle and this waiter's turn has come (``first``: before every
         waiter without it): True; False when it went on overdue, or after ``max_wait_s`` of
-        wall-clock time if that comes first. Killing the caller meanwhile is safe."""
+        wall-clock time if that comes first. Killing the caller meanwhile is safe. On a thread
+        of its own (its own hub, e.g. a client used from a worker thread) it returns at once."""
+        if gevent.get_hub() is not self._hub:
+            return True
         ticket = _Ticket()
         (self._waiting_first if first else self._waiting).append(ticket)
         if self._pump is None or self._pump.dead:

@@ -113,3 +113,9 @@ def test_a_waiter_with_a_wall_clock_bound_goes_on_by_it_on_a_loop_never_idle():
 
     gevent.joinall([gevent.spawn(waiter), gevent.spawn(spin_until_the_waiter_is_back)])
     assert outcome == [False] and lane.overdue == 1 and lane.let_go == 0
+
+
+def test_a_waiter_on_another_thread_goes_on_at_once_and_is_not_queued():
+    lane = IdleLane(max_wait_cpu_s=30)
+    assert gevent.get_hub().threadpool.apply(lane.wait, (True,)) is True
+    assert lane.let_go == 0 and lane.overdue == 0 and not lane._waiting_first
