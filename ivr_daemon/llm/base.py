@@ -49,6 +49,7 @@ import requests.adapters
 import requests.utils
 import urllib3.exceptions
 
+from ivr_daemon.llm.paced import LanePacedAdapter
 from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
@@ -391,7 +392,7 @@ class LlmClient(abc.ABC):
         # reopen a connection per turn beyond that (and warn each time).
         if session is None:
             session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=LLM_POOL_CONNECTIONS)
+            adapter = LanePacedAdapter(pool_connections=4, pool_maxsize=LLM_POOL_CONNECTIONS)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             _settle_environment(session, self.api_url)

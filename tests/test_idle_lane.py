@@ -1,0 +1,121 @@
+"""The idle lane: work that can wait runs only once the loop has nothing else ready."""
+
+import gevent
+import gevent.event
+
+from ivr_daemon.idle_lane import IdleLane
+
+
+def test_a_waiter_goes_on_only_after_every_ready_greenlet_has_run():
+    lane, order = IdleLane(max_wait_cpu_s=30), []
+
+    def busy(name, steps):
+        for step in range(steps):
+            order.append((name, step))
+            gevent.sleep(0)  # ready again at once: the loop is not idle
+
+    def waiter():
+        assert lane.wait() is True
+        order.append("waiter")
+
+    gevent.joinall([gevent.spawn(busy, "a", 50), gevent.spawn(waiter), gevent.spawn(busy, "b", 20)])
+    assert order[-1] == "waiter" and len(order) == 71
+
+
+def test_waiters_go_one_at_a_time_oldest_first_each_after_what_the_one_before_made_ready():
+    lane, order, follow_ups = IdleLane(max_wait_cpu_s=30), [], []
+
+    def follow_up(name):
+        for step in range(3):
+            order.append(f"{name} follow-up {step}")
+            gevent.sleep(0)
+
+    def waiter(name):
+        lane.wait()
+        order.append(name)
+        follow_ups.append(gevent.spawn(follow_up, name))  # foreground work: it runs before the next waiter goes
+
+    gevent.joinall([gevent.spawn(waiter, f"w{k}") for k in range(3)])
+    gevent.joinall(follow_ups)
+    expected = []
+    for k in range(3):
+        expected += [f"w{k}", *(f"w{k} follow-up {step}" for step in range(3))]
+    assert order == expected
+    assert lane.let_go == 3 and lane.overdue == 0
+
+
+def test_a_killed_waiter_is_skipped_and_the_others_still_go():
+    lane, done = IdleLane(max_wait_cpu_s=30), []
+    stop = gevent.event.Event()
+
+    def spin():
+        while not stop.is_set():
+            gevent.sleep(0)
+
+    spinner = gevent.spawn(spin)  # keeps the loop busy: nobody is let go meanwhile
+    doomed = gevent.spawn(lane.wait)
+    survivor = gevent.spawn(lambda: done.append(lane.wait()))
+    gevent.sleep(0)
+    doomed.kill()
+    stop.set()
+    spinner.join()
+    survivor.join()
+    assert done == [True] and lane.let_go == 1 and not lane._waiting
+
+
+def test_a_loop_that_never_goes_idle_lets_a_waiter_go_once_it_has_spent_max_wait_cpu():
+    lane = IdleLane(max_wait_cpu_s=0.05)
+    outcome = []
+
+    def waiter():
+        outcome.append(lane.wait())
+
+    def spin_until_the_waiter_is_back():
+        while not outcome:
+            gevent.sleep(0)
+
+    gevent.joinall([gevent.spawn(waiter), gevent.spawn(spin_until_the_waiter_is_back)])
+    assert outcome == [False] and lane.overdue == 1 and lane.let_go == 0
+
+
+def test_first_waiters_go_before_the_others_whenever_they_came():
+    lane, order = IdleLane(max_wait_cpu_s=30), []
+    stop = gevent.event.Event()
+
+    def spin():
+        while not stop.is_set():
+            gevent.sleep(0)
+
+    def waiter(name, first):
+        lane.wait(first=first)
+        order.append(name)
+
+    spinner = gevent.spawn(spin)  # nobody goes until all have come
+    waiters = [gevent.spawn(waiter, "rest 1", False), gevent.spawn(waiter, "first 1", True),
+               gevent.spawn(waiter, "rest 2", False), gevent.spawn(waiter, "first 2", True)]
+    gevent.sleep(0)
+    stop.set()
+    spinner.join()
+    gevent.joinall(waiters)
+    assert order == ["first 1", "first 2", "rest 1", "rest 2"]
+
+
+def test_a_waiter_with_a_wall_clock_bound_goes_on_by_it_on_a_loop_never_idle():
+    lane = IdleLane(max_wait_cpu_s=30)
+    outcome = []
+
+    def waiter():
+        outcome.append(lane.wait(first=True, max_wait_s=0.05))
+
+    def spin_until_the_waiter_is_back():
+        while not outcome:
+            gevent.sleep(0)
+
+    gevent.joinall([gevent.spawn(waiter), gevent.spawn(spin_until_the_waiter_is_back)])
+    assert outcome == [False] and lane.overdue == 1 and lane.let_go == 0
+
+
+def test_a_waiter_on_another_thread_goes_on_at_once_and_is_not_queued():
+    lane = IdleLane(max_wait_cpu_s=30)
+    assert gevent.get_hub().threadpool.apply(lane.wait, (True,)) is True
+    assert lane.let_go == 0 and lane.overdue == 0 and not lane._waiting_first
