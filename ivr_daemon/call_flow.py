@@ -225,8 +225,10 @@ class PhoneCall(ConversationHandler):
     # -- agent, greeting --------------------------------------------------------------------------
 
     def _learn_agent(self, event: EslEvent) -> None:
+        if self.agent_name is not None:
+            return  # learnt: every later event of the call would only repeat it
         name = event.get("variable_ivr_agent")
-        if name is None or self.agent_name is not None:
+        if name is None:
             return
         self.agent_name = name
         services = self.flow.by_agent.get(name)
