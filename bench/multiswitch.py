@@ -18,15 +18,19 @@ Three setups, each its own daemon, in rounds that alternate them (noise hits all
 
 Prints a line per round and, last, one JSON object: per setup overhead_p50_ms, overhead_p99_ms,
 turns (of calls) and daemon_cpu_ms_per_turn (the daemon process's CPU time from its calls' first
-event to the last turn, per turn: on a shared machine the figure its load does not move), then
+event to the last turn, per turn: on a shared machine the figure its load does not move) and
+daemon_setup_cpu_ms_per_call (the part of it spent before anyone spoke: CHANNEL_ANSWER/PARK), then
 several_over_same_load_p99 and several_over_same_load_cpu_per_turn (the switches' own cost: 1.0
 is none) and several_over_one_p99.
 
 With --baseline PATH the one-switch setups also run the daemon of that checkout (configured the
 same way, FREESWITCH_HOST alone) in the same rounds: ``one_baseline``, ``one_same_load_baseline``.
 
+--profile-daemon PATH runs this checkout's daemon under latency.py's cProfile (the loop's thread,
+thread CPU time) from its first call to its last turn: stats in PATH.<setup>.<round>.
+
 Usage: .venv/bin/python bench/multiswitch.py [--switches 4] [--calls-per-switch 250] [--rounds 2]
-                                             [--baseline /path/to/main]
+                                             [--baseline /path/to/main] [--profile-daemon PATH]
 """
 
 from gevent import monkey
@@ -37,6 +41,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -49,8 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 # One reply, one percentile, one way to read the daemon's log for every benchmark.
-from latency import (NO_CALL_FLOW_SPEECH, REPLY, DaemonProcessRig, _first_broadcast_ms, own_collector_off,  # noqa: E402
-                     own_collector_on, percentile)  # noqa: E402
+from latency import (NO_CALL_FLOW_SPEECH, REPLY, DaemonProcessRig, _first_broadcast_ms, _profiled,  # noqa: E402
+                     own_collector_off, own_collector_on, percentile)
 
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.replay.simulator import FreeswitchSimulator  # noqa: E402
@@ -60,8 +65,9 @@ class MultiSwitchRig(DaemonProcessRig):
     Reads the daemon's log and CPU as bench/latency.py's DaemonProcessRig (the fake LLM is the
     caller's, shared by every setup)."""
 
-    def __init__(self, args, switches: int, llm_url: str, checkout: Path = ROOT):
-        """``checkout``: run the daemon of that copy of the project (--baseline)."""
+    def __init__(self, args, switches: int, llm_url: str, checkout: Path = ROOT, profile_path=None):
+        """``checkout``: run the daemon of that copy of the project (--baseline); ``profile_path``:
+        under latency.py's cProfile, started and stopped by signals (--profile-daemon)."""
         own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-multi-")
@@ -78,7 +84,7 @@ class MultiSwitchRig(DaemonProcessRig):
         # Logs to a file, as in production: a pipe read late would stall the daemon's loop.
         self.log_path = Path(self.tmp.name) / "daemon.log"
         self.log_file = open(self.log_path, "w")
-        self.daemon = subprocess.Popen([sys.executable, "-m", "ivr_daemon", "--env-file", os.devnull, "run"],
+        self.daemon = subprocess.Popen([sys.executable, *_profiled(profile_path), "--env-file", os.devnull, "run"],
                                        env=env, stderr=self.log_file, stdout=subprocess.DEVNULL, cwd=checkout)
         for sim in self.sims:
             sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
@@ -98,14 +104,20 @@ class MultiSwitchRig(DaemonProcessRig):
 
 
 def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int,
-              checkout: Path = ROOT) -> tuple[list[float], int, int, float]:
-    """(overheads in ms, turns seen, calls made, the daemon's CPU seconds for them) of one daemon
-    on ``switches`` simulators."""
-    rig = MultiSwitchRig(args, switches, llm_url, checkout)
+              checkout: Path = ROOT, profile_path: str | None = None) -> tuple[list[float], int, int, float, float]:
+    """(overheads in ms, turns seen, calls made, the daemon's CPU seconds for them, of which the
+    calls' set-up before anyone spoke) of one daemon on ``switches`` simulators. ``profile_path``:
+    the daemon under cProfile from its first call to its last turn, stats written there."""
+    rig = MultiSwitchRig(args, switches, llm_url, checkout, profile_path)
     try:
+        if profile_path is not None:
+            Path(profile_path).unlink(missing_ok=True)
+            rig.daemon.send_signal(signal.SIGUSR1)
+            gevent.sleep(0.2)
         cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
         calls = [(sim, sim.new_call()) for sim in rig.sims for _ in range(calls_per_switch)]
         gevent.sleep(1.0)  # the calls' CHANNEL_ANSWER/PARK handled before anyone speaks (as latency.py)
+        setup_cpu_s = rig.cpu_s() - cpu_before_s
         rng = random.Random(seed)
         sequences: dict[str, int] = {}
 
@@ -117,13 +129,18 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
         gevent.joinall(greenlets)
         rig.wait_turns(len(calls), timeout_s=300)
         cpu_s = rig.cpu_s() - cpu_before_s
+        if profile_path is not None:
+            rig.daemon.send_signal(signal.SIGUSR2)
+            deadline_s = time.monotonic() + 60
+            while not Path(profile_path).exists() and time.monotonic() < deadline_s:
+                gevent.sleep(0.05)
         overheads = []
         for sim, call in calls:
             turn = rig.turns.get(call)
             if turn is None or turn.get("first_audio_ms") is None:
                 continue
             overheads.append(_first_broadcast_ms(sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
-        return overheads, len(rig.turns), len(calls), cpu_s
+        return overheads, len(rig.turns), len(calls), cpu_s, setup_cpu_s
     finally:
         rig.close()
 
@@ -139,6 +156,9 @@ def main() -> int:
     parser.add_argument("--only", choices=("one", "several", "one_same_load"), action="append")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another checkout (e.g. main): its daemon runs the one-switch setups too, in the same rounds")
+    parser.add_argument("--profile-daemon", metavar="PATH",
+                        help="cProfile this checkout's daemon (its loop's thread) from the first call to the last "
+                             "turn: stats to PATH.<setup>.<round>")
     args = parser.parse_args()
     configure_logging("WARNING", "console")  # the simulators' lines would drown the figures
     started = time.monotonic()
@@ -157,20 +177,27 @@ def main() -> int:
     samples: dict[str, list[float]] = {name: [] for name in selected}
     counts: dict[str, list[int]] = {name: [0, 0] for name in selected}
     cpu: dict[str, float] = {name: 0.0 for name in selected}
+    setup_cpu: dict[str, float] = {name: 0.0 for name in selected}
     try:
         llm_url = llm.stdout.readline().strip()
         for round_no in range(args.rounds):
             for name in selected:
                 switches, per_switch = setups[name]
-                overheads, turns, calls, cpu_s = one_setup(args, switches, per_switch, llm_url, seed=7 + round_no,
-                                                    checkout=checkouts[name])
+                profile_path = (f"{args.profile_daemon}.{name}.{round_no + 1}"
+                                if args.profile_daemon and checkouts[name] == ROOT else None)
+                overheads, turns, calls, cpu_s, setup_cpu_s = one_setup(
+                    args, switches, per_switch, llm_url, seed=7 + round_no, checkout=checkouts[name],
+                    profile_path=profile_path)
                 samples[name] += overheads
                 counts[name][0] += turns
                 counts[name][1] += calls
                 cpu[name] += cpu_s
+                setup_cpu[name] += setup_cpu_s
                 print(f"round {round_no + 1} {name}: {switches} switch(es) x {per_switch} calls: turns {turns}/{calls}, "
                       f"overhead p50 {percentile(overheads, 50):.1f} ms, p99 {percentile(overheads, 99):.1f} ms, "
-                      f"daemon CPU {cpu_s * 1000 / max(1, turns):.2f} ms a turn",
+                      f"daemon CPU {cpu_s * 1000 / max(1, turns):.2f} ms a turn "
+                      f"({setup_cpu_s * 1000 / max(1, calls):.2f} ms a call of it before anyone spoke), "
+                      f"load {os.getloadavg()[0]:.2f}",
                       flush=True)
     finally:
         llm.terminate()
@@ -181,7 +208,8 @@ def main() -> int:
         figures[name] = {"overhead_p50_ms": round(percentile(samples[name], 50), 2),
                          "overhead_p99_ms": round(percentile(samples[name], 99), 2),
                          "turns": counts[name][0], "calls": counts[name][1],
-                         "daemon_cpu_ms_per_turn": round(cpu[name] * 1000 / max(1, counts[name][0]), 2)}
+                         "daemon_cpu_ms_per_turn": round(cpu[name] * 1000 / max(1, counts[name][0]), 2),
+                         "daemon_setup_cpu_ms_per_call": round(setup_cpu[name] * 1000 / max(1, counts[name][1]), 2)}
     if {"several", "one_same_load"} <= set(selected):
         figures["several_over_same_load_p99"] = round(
             percentile(samples["several"], 99) / percentile(samples["one_same_load"], 99), 2)
@@ -191,6 +219,7 @@ def main() -> int:
     if {"several", "one"} <= set(selected):
         figures["several_over_one_p99"] = round(percentile(samples["several"], 99) / percentile(samples["one"], 99), 2)
     figures["seconds"] = round(time.monotonic() - started, 1)
+    figures["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures))
     return 0
 

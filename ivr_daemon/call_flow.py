@@ -39,6 +39,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -224,8 +225,10 @@ class PhoneCall(ConversationHandler):
     # -- agent, greeting --------------------------------------------------------------------------
 
     def _learn_agent(self, event: EslEvent) -> None:
+        if self.agent_name is not None:
+            return  # learnt: every later event of the call would only repeat it
         name = event.get("variable_ivr_agent")
-        if name is None or self.agent_name is not None:
+        if name is None:
             return
         self.agent_name = name
         services = self.flow.by_agent.get(name)
@@ -592,11 +595,13 @@ def _variable_names(listed: str) -> list[str]:
     return [n for n in listed.split(":") if VARIABLE_NAME_RE.match(n)][:MAX_DYNAMIC_VARIABLES]
 
 
-def _placeholder_names(text: str) -> set[str]:
+@functools.lru_cache(maxsize=256)
+def _placeholder_names(text: str) -> frozenset[str]:
+    # Of the agents' prompts and greetings: a few texts, asked about with every event of every call.
     try:
-        return placeholders(text)
+        return frozenset(placeholders(text))
     except BadCallRequest:
-        return set()
+        return frozenset()
 
 
 def _caller_spoke(event: EslEvent) -> bool:

@@ -194,3 +194,34 @@ def test_duration_and_silence(tmp_path):
 
     path = write_telephony_wav(quiet, 16000, tmp_path / "quiet.wav")
     assert duration_s(path) == pytest.approx(1.25, rel=0.01)
+
+
+# --- write_silent_wav: the null engine's WAV -----------------------------------------------
+
+
+def test_silent_wav_is_what_write_telephony_wav_makes_of_zeros(tmp_path):
+    fast = audio.write_silent_wav(4000 * 3, tmp_path / "fast.wav")
+    usual = write_telephony_wav(silence(1.5), 8000, tmp_path / "usual.wav")
+
+    assert fast == tmp_path / "fast.wav"
+    assert_telephony_wav(fast, 1.5)
+    assert np.array_equal(soundfile.read(str(fast), dtype="int16")[0], soundfile.read(str(usual), dtype="int16")[0])
+    assert stat.S_IMODE(os.stat(fast).st_mode) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["fast.wav", "usual.wav"]  # no temp file left
+
+
+def test_silent_wav_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    final = audio.write_silent_wav(800, tmp_path / "reply.wav")
+    before = final.read_bytes()
+
+    def replace_fails(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audio.os, "replace", replace_fails)
+    with pytest.raises(OSError):
+        audio.write_silent_wav(8000, final)
+
+    assert final.read_bytes() == before
+    assert os.listdir(tmp_path) == ["reply.wav"]
+    with pytest.raises(ValueError):
+        audio.write_silent_wav(0, tmp_path / "empty.wav")

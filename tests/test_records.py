@@ -383,3 +383,34 @@ def test_the_migrations_make_the_schema_the_code_uses(db_url):
     finally:
         store.close()
     assert differences == []  # a change to schema.py needs a migration in records/migrations/versions/
+
+
+def test_a_calls_times_are_freeswitchs_and_are_read_only_until_known():
+    from ivr_daemon.records.recorder import CallRecorder
+
+    class CountingHeaders(dict):
+        reads = 0
+
+        def get(self, key, default=None):
+            CountingHeaders.reads += 1
+            return super().get(key, default)
+
+    created_us, answered_us = 1_764_600_000_000_000, 1_764_600_002_500_000
+    recorder = CallRecorder(None, str(uuid_lib.uuid4()))
+    recorder.learn_times(CountingHeaders({"Caller-Channel-Created-Time": str(created_us),
+                                          "Caller-Channel-Answered-Time": "0"}))  # ringing: not answered yet
+    assert recorder.started_at == datetime.datetime(2025, 12, 1, 14, 40)
+    assert recorder.answered_at is None
+
+    recorder.active = True  # the IVR leg parked: the call's row is written from now on
+    later = {"Caller-Channel-Created-Time": str(created_us + 9_000_000),
+             "Caller-Channel-Answered-Time": str(answered_us)}
+    recorder.learn_times(CountingHeaders(later))
+    assert recorder.started_at == datetime.datetime(2025, 12, 1, 14, 40)  # kept once recorded
+    assert recorder.answered_at == datetime.datetime(2025, 12, 1, 14, 40, 2, 500000)
+
+    CountingHeaders.reads = 0
+    for _ in range(10):  # every other event of the call: nothing left to learn, nothing read
+        recorder.learn_times(CountingHeaders(later, **{"Caller-Channel-Answered-Time": str(answered_us + 1)}))
+    assert CountingHeaders.reads == 0
+    assert recorder.answered_at == datetime.datetime(2025, 12, 1, 14, 40, 2, 500000)

@@ -397,3 +397,22 @@ def test_unwritable_destination_is_a_synthesis_failure(tmp_path):
     blocker.write_text("a file where a directory should be")
     with pytest.raises(TtsSynthesisFailed):
         NullEngine().synthesize_to_wav("hello there", blocker / "reply.wav")
+
+
+def test_null_engine_writes_silence_without_a_disk_flush_and_anything_else_the_usual_way(tmp_path, monkeypatch):
+    flushed: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(fd), real_fsync(fd)))
+
+    wav_facts(NullEngine().synthesize_to_wav("Hello there.", tmp_path / "silence.wav"))
+    assert flushed == []  # silence is not worth a flush (audio.write_silent_wav)
+
+    class ToneEngine(NullEngine):  # a test's engine built on the null one, saying something
+        def synthesize(self, text):
+            return np.full(1600, 0.25, dtype=np.float32), 16000
+
+    tone = wav_facts(ToneEngine().synthesize_to_wav("Hello there.", tmp_path / "tone.wav"))
+    samples, _ = soundfile.read(str(tmp_path / "tone.wav"), dtype="float32")
+    assert tone.duration == pytest.approx(0.1, abs=0.005)
+    assert samples[len(samples) // 2] == pytest.approx(0.25, abs=0.01)  # resampled, not silenced
+    assert len(flushed) == 1  # written through write_telephony_wav, durably

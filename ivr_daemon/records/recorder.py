@@ -41,13 +41,17 @@ class CallRecorder:
         self._turn_started_at: dict[int, datetime.datetime] = {}
 
     def learn_times(self, headers: dict) -> None:
-        """FreeSWITCH's own times (µs since the epoch) when an event carries them."""
-        created = _freeswitch_time(headers.get("Caller-Channel-Created-Time"))
-        if created is not None and not self.active:
-            self.started_at = created
-        answered = _freeswitch_time(headers.get("Caller-Channel-Answered-Time"))
-        if answered is not None and self.answered_at is None:
-            self.answered_at = answered
+        """FreeSWITCH's own times (µs since the epoch) when an event carries them.
+
+        Called with every event of the call: once it is recorded and answered there is nothing
+        left to learn, and each header read (a search of the event's header block) is skipped.
+        """
+        if not self.active:
+            created = _freeswitch_time(headers.get("Caller-Channel-Created-Time"))
+            if created is not None:
+                self.started_at = created
+        if self.answered_at is None:
+            self.answered_at = _freeswitch_time(headers.get("Caller-Channel-Answered-Time"))
 
     def answered(self) -> None:
         if self.answered_at is None:

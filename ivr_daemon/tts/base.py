@@ -67,6 +67,10 @@ class TtsEngine(abc.ABC):
     def close(self) -> None:
         """Free what the engine holds beyond memory (worker processes); the daemon calls it at exit."""
 
+    def write_wav(self, samples: numpy.ndarray, sample_rate_hz: int, path: str | os.PathLike) -> Path:
+        """``synthesize``'s output as the telephony WAV at ``path`` (atomically); on the same thread."""
+        return write_telephony_wav(samples, sample_rate_hz, path)
+
     def synthesize_to_wav(self, text: str, path: str | os.PathLike) -> Path:
         """Synthesize ``text`` into an 8 kHz mono PCM_16 WAV at ``path``; raises TtsSynthesisFailed."""
         if not text or not text.strip():
@@ -82,7 +86,7 @@ class TtsEngine(abc.ABC):
         if samples.size == 0:
             raise TtsSynthesisFailed(f"{self.name} produced no audio for {text[:60]!r}")
         try:
-            written = write_telephony_wav(samples, sample_rate_hz, path)
+            written = self.write_wav(samples, sample_rate_hz, path)
         except Exception as exc:
             raise TtsSynthesisFailed(f"{self.name} could not write {path}: {one_line(exc)}") from exc
         log.debug(
