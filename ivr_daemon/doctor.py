@@ -269,7 +269,7 @@ def check_voices(run: DoctorRun) -> Iterator[Row]:
     from ivr_daemon.tts import make_tts_engine
     from ivr_daemon.tts.base import TtsError
 
-    settings = _settings(run)
+    _settings(run)  # NotChecked when the settings do not parse
     agents = run.agents.agents if run.agents is not None else {}
     pool = gevent.get_hub().threadpool  # synthesis is CPU-bound: a native thread, not the loop
     for name, agent in agents.items():

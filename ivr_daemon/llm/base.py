@@ -1,9 +1,9 @@
-"""The LLM client interface and its errors: a chat history in, the reply's text and tool calls out, whole or streamed.
+"""The LLM client interface: a chat history in, the reply's text and tool calls out, whole or streamed.
 
 Every provider module (``ollama``, ``openai``, ``llama3``) turns the same ``messages`` list
-into its own JSON request and reads its own reply shape; the HTTP exchange, the time bound,
-the stream framing (NDJSON lines, server-sent events) and the mapping of every failure to an
-:class:`LlmError` live here, once.
+into its own JSON request and reads its own reply shape; the HTTP exchange, the time bound
+and the mapping of every failure to an :class:`LlmError` (``errors.py``) live here, once; the
+stream framing (NDJSON lines, server-sent events) in ``framing.py``.
 
 Tool calling (providers with ``supports_tools``): ``respond(messages, tools)`` and
 ``stream(messages, tools)`` offer :class:`ToolSpec` s and hand back the model's
@@ -41,7 +41,7 @@ import os
 import socket
 import time
 from types import MappingProxyType
-from typing import Any, Callable, Generator, Iterable, Iterator, Literal, NoReturn, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, NoReturn, Sequence
 
 import gevent
 import requests
@@ -49,6 +49,9 @@ import requests.adapters
 import requests.utils
 import urllib3.exceptions
 
+from ivr_daemon.llm.errors import LlmBadReply, LlmError, LlmTimeout, LlmUnavailable
+from ivr_daemon.llm.errors import one_line as _one_line
+from ivr_daemon.llm.framing import StreamFraming, body_chunks, stream_events
 from ivr_daemon.llm.paced import LanePacedAdapter
 from ivr_daemon.logs import get_logger
 
@@ -70,14 +73,6 @@ MAX_TOOL_CALLS = 16  # in one reply
 MAX_TOOL_ARGUMENTS_CHARS = 64 * 1024  # of one call's arguments, as the model sent them
 MAX_TOOL_NAME_CHARS = 256
 
-# How the body of a streamed reply is cut into events: Ollama sends one JSON object per line,
-# OpenAI-compatible servers send server-sent events ("data: {...}" lines, blank-line separated).
-StreamFraming = Literal["ndjson", "sse"]
-
-_SNIPPET_CHARS = 200
-_STREAM_READ_BYTES = 8192
-# One event line larger than this is not a chat chunk; refusing it bounds the buffer.
-_STREAM_MAX_LINE_BYTES = 1 << 20
 # After the end marker only the chunked-encoding trailer is left; reading it lets the
 # connection go back to the pool, but a server dawdling over it is not worth waiting for.
 _STREAM_DRAIN_S = 0.25
@@ -87,34 +82,6 @@ _TRANSPORT_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTP
 # What a bounded block maps to an LlmError: its deadline, or the transport failing.
 _BOUNDED_ERRORS = (gevent.Timeout, *_TRANSPORT_ERRORS)
 _STREAM_ACCEPT = MappingProxyType({"ndjson": "application/x-ndjson", "sse": "text/event-stream"})
-
-
-def _one_line(text: str, limit: int = _SNIPPET_CHARS) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-class LlmError(Exception):
-    """Base of every LLM failure; ``str()`` is one line, fit for a log."""
-
-    def __init__(self, message: str):
-        super().__init__(_one_line(message, limit=500))
-
-
-class LlmTimeout(LlmError):
-    """No complete reply within ``timeout_s``."""
-
-
-class LlmUnavailable(LlmError):
-    """The server could not be reached or answered with an HTTP error status."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class LlmBadReply(LlmError):
-    """The server answered, but not with JSON of the provider's shape carrying non-empty text or tool calls."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,66 +152,6 @@ def _error_detail(body: bytes) -> str:
         return _one_line(_server_error(json.loads(body)) or text)
     except ValueError:
         return _one_line(text)
-
-
-def _body_chunks(raw: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
-    """The pieces of a streamed body as they arrive, at most ``_STREAM_READ_BYTES`` each.
-
-    A chunked body (every streaming server's) is read an HTTP chunk at a time with urllib3's
-    ``read_chunked``: servers write each event as one chunk, and read1 went through urllib3's and
-    http.client's whole read path for every one of them (one chunk per call, even when many had
-    arrived together): a third of the daemon's CPU per streamed token. Any other body (a length,
-    or up to the close) with read1, which returns whatever has arrived: read(n) would sit on a
-    finished line waiting for n bytes.
-    """
-    if raw.chunked:
-        return raw.read_chunked(_STREAM_READ_BYTES, decode_content=True)
-    return iter(lambda: raw.read1(_STREAM_READ_BYTES, decode_content=True), b"")
-
-
-def _body_lines(chunks: Iterable[bytes], provider: str) -> Iterator[str]:
-    """The lines of a streamed body (LF, CRLF or CR ends one), decoded as UTF-8, as its ``chunks`` arrive."""
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        # A CR at the end may be the first half of a CRLF that the next read completes.
-        held = b"\r" if pending.endswith(b"\r") else b""
-        if held:
-            pending = pending[:-1]
-        # bytes.splitlines ends a line at LF, CRLF or CR and at nothing else (str.splitlines would
-        # also at \x1c, \x85, U+2028...): one C call instead of a regex split.
-        lines = pending.splitlines()
-        pending = lines.pop() if lines and not pending.endswith((b"\n", b"\r")) else b""
-        pending += held
-        if len(pending) > _STREAM_MAX_LINE_BYTES:
-            raise LlmBadReply(f"{provider}: stream line longer than {_STREAM_MAX_LINE_BYTES} bytes")
-        for line in lines:
-            yield line.decode("utf-8", "replace")
-    if pending.rstrip(b"\r"):
-        yield pending.rstrip(b"\r").decode("utf-8", "replace")
-
-
-def _ndjson_events(lines: Iterable[str]) -> Iterator[str]:
-    return (line for line in lines if line.strip())
-
-
-def _sse_events(lines: Iterable[str]) -> Iterator[str]:
-    """The data of each server-sent event (https://html.spec.whatwg.org/multipage/server-sent-events.html)."""
-    data: list[str] = []
-    for line in lines:
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif not line.startswith(":"):  # a comment: llama_cpp.server's keep-alive pings are these
-            field, _, value = line.partition(":")
-            if field == "data":
-                data.append(value[1:] if value.startswith(" ") else value)
-            # event, id, retry: nothing a chat stream needs.
-    if data:
-        # The spec drops an event the body ends inside; a last "data: [DONE]" with no blank
-        # line after it is still the end marker to us.
-        yield "\n".join(data)
 
 
 @dataclasses.dataclass
@@ -628,7 +535,7 @@ class LlmClient(abc.ABC):
             finished = False
             reader = self.stream_reader()
             connection = getattr(response.raw, "connection", None)
-            chunks = _body_chunks(response.raw)
+            chunks = body_chunks(response.raw)
             for event in self._stream_events(response, framing, chunks):
                 delta, calls, finished = reader.feed(event)
                 if not progress.chars:
@@ -692,8 +599,7 @@ class LlmClient(abc.ABC):
         if framing == "sse" and response.headers.get("Content-Type", "").startswith("application/json"):
             # Not a stream after all: a server that ignores "stream": true, or an error object.
             return [response.content.decode("utf-8", "replace")]
-        lines = _body_lines(chunks, self.provider)
-        return _sse_events(lines) if framing == "sse" else _ndjson_events(lines)
+        return stream_events(chunks, framing, self.provider)
 
     def _drain(self, chunks: Iterator[bytes]) -> None:
         """Read what follows the end marker, so that the kept-alive connection can be reused."""
