@@ -21,6 +21,7 @@ the 603 waiters of a 200-turn burst go by their timeout, all at once (load 4.8 o
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
 import gevent
@@ -55,7 +56,9 @@ class IdleLane:
         self._waiting: collections.deque[_Ticket] = collections.deque()
         self._waiting_first: collections.deque[_Ticket] = collections.deque()
         self._pump: gevent.Greenlet | None = None
-        self._hub = gevent.get_hub()  # the loop it paces: another thread's waiters are not queued
+        # The loop it paces: the main thread's, the daemon's loop, even when a worker thread is
+        # the first to ask for the lane (its own hub would leave the loop unpaced for good).
+        self._hub = None
         self.let_go = 0  # waiters let go on an idle loop
         self.overdue = 0  # waiters let go after max_wait_cpu_s of a busy loop (or the backstop)
 
@@ -64,8 +67,13 @@ class IdleLane:
         waiter without it): True; False when it went on overdue, or after ``max_wait_s`` of
         wall-clock time if that comes first. Killing the caller meanwhile is safe. On a thread
         of its own (its own hub, e.g. a client used from a worker thread) it returns at once."""
-        if gevent.get_hub() is not self._hub:
+        # The OS thread (current_thread() names each greenlet under monkey-patching).
+        if threading.get_native_id() != threading.main_thread().native_id:
             return True
+        if self._hub is None:
+            self._hub = gevent.get_hub()
+        elif gevent.get_hub() is not self._hub:
+            return True  # a hub the main thread made anew (a test's): not the loop this lane paces
         ticket = _Ticket()
         (self._waiting_first if first else self._waiting).append(ticket)
         if self._pump is None or self._pump.dead:

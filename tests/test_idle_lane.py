@@ -119,3 +119,26 @@ def test_a_waiter_on_another_thread_goes_on_at_once_and_is_not_queued():
     lane = IdleLane(max_wait_cpu_s=30)
     assert gevent.get_hub().threadpool.apply(lane.wait, (True,)) is True
     assert lane.let_go == 0 and lane.overdue == 0 and not lane._waiting_first
+
+
+def test_the_process_lane_paces_the_main_loop_even_when_a_thread_asks_for_it_first(monkeypatch):
+    import ivr_daemon.idle_lane as idle_lane_module
+
+    monkeypatch.setattr(idle_lane_module, "_lane", None)
+    from_thread = gevent.get_hub().threadpool.apply(lambda: (idle_lane_module.idle_lane(),
+                                                             idle_lane_module.idle_lane().wait()))
+    assert from_thread[1] is True and from_thread[0].let_go == 0  # a thread's waiter goes on at once
+    lane = idle_lane_module.idle_lane()
+    assert lane is from_thread[0]
+    order = []
+
+    def waiter():
+        lane.wait()
+        order.append("waiter")
+
+    def busy():
+        order.append("busy")
+
+    # On the main loop the waiter goes only once the loop is idle: after the ready greenlet.
+    gevent.joinall([gevent.spawn(waiter), gevent.spawn(busy)])
+    assert order == ["busy", "waiter"] and lane.let_go == 1
