@@ -51,13 +51,7 @@ def client_cpu_us_per_delta(url: str, streams: int, repeats: int) -> float:
     def one() -> int:
         return sum(1 for _ in client.stream(MESSAGES))
 
-    one()  # a kept-alive connection and every import warm
-    started_cpu_s, deltas = time.process_time(), 0
-    for _ in range(repeats):
-        jobs = [gevent.spawn(one) for _ in range(streams)]
-        gevent.joinall(jobs, raise_error=True)
-        deltas += sum(job.value for job in jobs)
-    return (time.process_time() - started_cpu_s) / deltas * 1e6
+    return cpu_us_per_item(one, streams, repeats)
 
 
 def floor_cpu_us_per_packet(url: str, streams: int, repeats: int) -> float:
@@ -78,13 +72,19 @@ def floor_cpu_us_per_packet(url: str, streams: int, repeats: int) -> float:
                 if b"[DONE]" in data:
                     return packets
 
+    return cpu_us_per_item(one, streams, repeats)
+
+
+def cpu_us_per_item(one, streams: int, repeats: int) -> float:
+    """This process's CPU per item (delta, packet) that ``one()`` reads and counts, ``streams`` at
+    once, ``repeats`` times, after one warm-up (a kept-alive connection, every import done)."""
     one()
-    started_cpu_s, packets = time.process_time(), 0
+    started_cpu_s, items = time.process_time(), 0
     for _ in range(repeats):
         jobs = [gevent.spawn(one) for _ in range(streams)]
         gevent.joinall(jobs, raise_error=True)
-        packets += sum(job.value for job in jobs)
-    return (time.process_time() - started_cpu_s) / packets * 1e6
+        items += sum(job.value for job in jobs)
+    return (time.process_time() - started_cpu_s) / items * 1e6
 
 
 def run_child(variant: str, checkout: Path, url: str, args) -> float:

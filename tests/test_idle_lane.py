@@ -63,19 +63,24 @@ def test_a_killed_waiter_is_skipped_and_the_others_still_go():
     assert done == [True] and lane.let_go == 1 and not lane._waiting
 
 
-def test_a_loop_that_never_goes_idle_lets_a_waiter_go_once_it_has_spent_max_wait_cpu():
-    lane = IdleLane(max_wait_cpu_s=0.05)
+def wait_on_a_loop_never_idle(lane: IdleLane, **wait_options) -> list[bool]:
+    """What ``lane.wait(**wait_options)`` returned while another greenlet kept the loop busy."""
     outcome = []
 
     def waiter():
-        outcome.append(lane.wait())
+        outcome.append(lane.wait(**wait_options))
 
     def spin_until_the_waiter_is_back():
         while not outcome:
             gevent.sleep(0)
 
     gevent.joinall([gevent.spawn(waiter), gevent.spawn(spin_until_the_waiter_is_back)])
-    assert outcome == [False] and lane.overdue == 1 and lane.let_go == 0
+    return outcome
+
+
+def test_a_loop_that_never_goes_idle_lets_a_waiter_go_once_it_has_spent_max_wait_cpu():
+    lane = IdleLane(max_wait_cpu_s=0.05)
+    assert wait_on_a_loop_never_idle(lane) == [False] and lane.overdue == 1 and lane.let_go == 0
 
 
 def test_first_waiters_go_before_the_others_whenever_they_came():
@@ -102,17 +107,8 @@ def test_first_waiters_go_before_the_others_whenever_they_came():
 
 def test_a_waiter_with_a_wall_clock_bound_goes_on_by_it_on_a_loop_never_idle():
     lane = IdleLane(max_wait_cpu_s=30)
-    outcome = []
-
-    def waiter():
-        outcome.append(lane.wait(first=True, max_wait_s=0.05))
-
-    def spin_until_the_waiter_is_back():
-        while not outcome:
-            gevent.sleep(0)
-
-    gevent.joinall([gevent.spawn(waiter), gevent.spawn(spin_until_the_waiter_is_back)])
-    assert outcome == [False] and lane.overdue == 1 and lane.let_go == 0
+    assert wait_on_a_loop_never_idle(lane, first=True, max_wait_s=0.05) == [False]
+    assert lane.overdue == 1 and lane.let_go == 0
 
 
 def test_a_waiter_on_another_thread_goes_on_at_once_and_is_not_queued():
