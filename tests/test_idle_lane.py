@@ -1,5 +1,7 @@
 """The idle lane: work that can wait runs only once the loop has nothing else ready."""
 
+import contextlib
+
 import gevent
 import gevent.event
 
@@ -44,21 +46,31 @@ def test_waiters_go_one_at_a_time_oldest_first_each_after_what_the_one_before_ma
     assert lane.let_go == 3 and lane.overdue == 0
 
 
-def test_a_killed_waiter_is_skipped_and_the_others_still_go():
-    lane, done = IdleLane(max_wait_cpu_s=30), []
+@contextlib.contextmanager
+def loop_kept_busy():
+    """A greenlet ready again at every pass of the loop while the block runs: nobody is let go
+    meanwhile; after the block the loop can go idle."""
     stop = gevent.event.Event()
 
     def spin():
         while not stop.is_set():
             gevent.sleep(0)
 
-    spinner = gevent.spawn(spin)  # keeps the loop busy: nobody is let go meanwhile
-    doomed = gevent.spawn(lane.wait)
-    survivor = gevent.spawn(lambda: done.append(lane.wait()))
-    gevent.sleep(0)
-    doomed.kill()
-    stop.set()
-    spinner.join()
+    spinner = gevent.spawn(spin)
+    try:
+        yield
+    finally:
+        stop.set()
+        spinner.join()
+
+
+def test_a_killed_waiter_is_skipped_and_the_others_still_go():
+    lane, done = IdleLane(max_wait_cpu_s=30), []
+    with loop_kept_busy():
+        doomed = gevent.spawn(lane.wait)
+        survivor = gevent.spawn(lambda: done.append(lane.wait()))
+        gevent.sleep(0)
+        doomed.kill()
     survivor.join()
     assert done == [True] and lane.let_go == 1 and not lane._waiting
 
@@ -85,22 +97,15 @@ def test_a_loop_that_never_goes_idle_lets_a_waiter_go_once_it_has_spent_max_wait
 
 def test_first_waiters_go_before_the_others_whenever_they_came():
     lane, order = IdleLane(max_wait_cpu_s=30), []
-    stop = gevent.event.Event()
-
-    def spin():
-        while not stop.is_set():
-            gevent.sleep(0)
 
     def waiter(name, first):
         lane.wait(first=first)
         order.append(name)
 
-    spinner = gevent.spawn(spin)  # nobody goes until all have come
-    waiters = [gevent.spawn(waiter, "rest 1", False), gevent.spawn(waiter, "first 1", True),
-               gevent.spawn(waiter, "rest 2", False), gevent.spawn(waiter, "first 2", True)]
-    gevent.sleep(0)
-    stop.set()
-    spinner.join()
+    with loop_kept_busy():  # nobody goes until all have come
+        waiters = [gevent.spawn(waiter, "rest 1", False), gevent.spawn(waiter, "first 1", True),
+                   gevent.spawn(waiter, "rest 2", False), gevent.spawn(waiter, "first 2", True)]
+        gevent.sleep(0)
     gevent.joinall(waiters)
     assert order == ["first 1", "first 2", "rest 1", "rest 2"]
 
