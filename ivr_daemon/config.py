@@ -122,6 +122,10 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("FIRST_CHUNK", "first_chunk", "clause",
      "clause: a streamed reply's first broadcast may be its first clause (4+ words, cut at , ; : or a dash, "
      "or after 12 words), for sooner first audio; sentence: whole sentences only"),
+    ("LLM_STREAM_BATCH_MS", "llm_stream_batch_ms", "200",
+     "after a streamed reply's first chunk, a read of the stream that waited for the network is followed by "
+     "a pause this long, so the tokens arriving meanwhile are read in one go (less CPU a reply; each later "
+     "sentence at most this much later); 0: every token as it arrives"),
     ("BARGE_IN", "barge_in", "partial",
      "off | partial | final: which caller speech interrupts playback"),
     ("BARGE_IN_MIN_WORDS", "barge_in_min_words", "1",
@@ -219,6 +223,7 @@ class Settings:
     database_url: str = ""  # load_settings always sets it; "" (a hand-built Settings): no records
     records_retention_days: int = 90
     records_queue_max: int = 10_000
+    llm_stream_batch_ms: int = 200
 
     @property
     def uses_default_esl_password(self) -> bool:
@@ -640,6 +645,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         llm_stream=_bool("LLM_STREAM", raw["llm_stream"]),
         barge_in=_choice("BARGE_IN", raw["barge_in"], BARGE_IN_MODES),
         first_chunk=_choice("FIRST_CHUNK", raw["first_chunk"], FIRST_CHUNK_MODES),
+        llm_stream_batch_ms=_int("LLM_STREAM_BATCH_MS", raw["llm_stream_batch_ms"], 0, 2000),
         barge_in_min_words=_int("BARGE_IN_MIN_WORDS", raw["barge_in_min_words"], 1, 50),
         daemon_shard=_shard("DAEMON_SHARD", raw["daemon_shard"]),
         http_host=http_host,

@@ -44,6 +44,7 @@ from ivr_daemon.history import (  # noqa: F401 (the turn's vocabulary, imported 
 )
 from ivr_daemon.idle_lane import idle_lane
 from ivr_daemon.llm.base import LlmError, Message, ToolCall, ToolSpec
+from ivr_daemon.llm.paced import BatchedReads
 from ivr_daemon.logs import get_logger
 from ivr_daemon.sentences import FIRST_CLAUSE_MIN_WORDS, SentenceSplitter
 from ivr_daemon.tts.base import TtsError
@@ -575,7 +576,8 @@ class ConversationHandler:
             cut = False
             if self.services.settings.llm_stream:
                 stream = self.services.llm.stream(messages, tools) if tools else self.services.llm.stream(messages)
-                for delta in stream:
+                reads = BatchedReads(stream, self.services.settings.llm_stream_batch_ms / 1000)
+                for delta in reads:
                     if isinstance(delta, ToolCall):
                         reply.tool_calls.append(delta)  # acted on once the words before it are said
                         continue
@@ -587,7 +589,9 @@ class ConversationHandler:
                     if ready:
                         # The rest of the reply is needed once this sentence has played: it is
                         # read when the loop has nothing more urgent to do (this sentence's
-                        # broadcast, other turns' requests and first sentences), not before.
+                        # broadcast, other turns' requests and first sentences), not before,
+                        # and in batches (LLM_STREAM_BATCH_MS).
+                        reads.batch_from_now()
                         idle_lane().wait()
                 else:
                     submit_all(splitter.flush())

@@ -68,6 +68,8 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path):
         ("VOSK_MODEL_PATH", "/nonexistent/vosk-model", "not a directory: /nonexistent/vosk-model"),
         ("ASR_SAMPLE_RATE", "4000", "between 8000 and 48000"),
         ("ASR_PORT", "70000", "between"),
+        ("LLM_STREAM_BATCH_MS", "-1", "between"),
+        ("LLM_STREAM_BATCH_MS", "5000", "between"),
         ("ASR_HOST", "two words", "not a host"),
     ],
 )
