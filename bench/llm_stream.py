@@ -12,11 +12,15 @@ Every variant runs in a process of its own, one after the other, round after rou
 all alike); --baseline PATH adds the client of another checkout (e.g. main).
 
 Prints a line per run and, last, one JSON object: ``cpu_us_per_delta`` (median of the rounds),
-``floor_cpu_us_per_packet``, ``baseline_cpu_us_per_delta`` with --baseline, and
+``floor_cpu_us_per_packet``, ``baseline_cpu_us_per_delta`` with --baseline,
+``cpu_us_per_delta_batched`` with --batch-ms, and
 ``load_average_1min``.
 
+With --batch-ms, also the client read as a turn reads it (LLM_STREAM_BATCH_MS): after the
+first delta, a read that waited is followed by that pause: ``cpu_us_per_delta_batched``.
+
 Usage: .venv/bin/python bench/llm_stream.py [--tokens-per-s 200] [--streams 20] [--rounds 5]
-                                            [--baseline /path/to/main]
+                                            [--baseline /path/to/main] [--batch-ms 200]
 """
 
 from gevent import monkey
@@ -41,7 +45,8 @@ REPLY = " ".join(["Our opening hours are nine to five, Monday to Friday, and ten
 MESSAGES = [{"role": "system", "content": "You answer the phone."}, {"role": "user", "content": "When are you open?"}]
 
 
-def client_cpu_us_per_delta(url: str, streams: int, repeats: int) -> float:
+def client_cpu_us_per_delta(url: str, streams: int, repeats: int, batch_ms: float = 0.0) -> float:
+    """``batch_ms``: read as the daemon's turns do (LLM_STREAM_BATCH_MS): in batches after the first delta."""
     from ivr_daemon.llm.openai import OpenAiClient
     from ivr_daemon.logs import configure_logging
 
@@ -49,7 +54,15 @@ def client_cpu_us_per_delta(url: str, streams: int, repeats: int) -> float:
     client = OpenAiClient(url, "bench", timeout_s=30)
 
     def one() -> int:
-        return sum(1 for _ in client.stream(MESSAGES))
+        if not batch_ms:
+            return sum(1 for _ in client.stream(MESSAGES))
+        from ivr_daemon.llm.paced import BatchedReads
+
+        reads, count = BatchedReads(client.stream(MESSAGES), batch_ms / 1000), 0
+        for _ in reads:
+            count += 1
+            reads.batch_from_now()
+        return count
 
     return cpu_us_per_item(one, streams, repeats)
 
@@ -90,7 +103,7 @@ def cpu_us_per_item(one, streams: int, repeats: int) -> float:
 def run_child(variant: str, checkout: Path, url: str, args) -> float:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--url", url,
-               "--streams", str(args.streams), "--repeats", str(args.repeats)]
+               "--streams", str(args.streams), "--repeats", str(args.repeats), "--batch-ms", str(args.batch_ms)]
     out = subprocess.run(command, env=env, cwd=checkout, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -102,12 +115,19 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=8, help="batches of --streams per measurement")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline", type=Path, metavar="PATH", help="another checkout's client too")
-    parser.add_argument("--child", choices=("client", "floor"), help=argparse.SUPPRESS)
+    parser.add_argument("--batch-ms", type=float, default=0.0,
+                        help="also this checkout's client reading in batches after the first delta, as turns do "
+                             "with LLM_STREAM_BATCH_MS (cpu_us_per_delta_batched)")
+    parser.add_argument("--child", choices=("client", "client_batched", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        measure = client_cpu_us_per_delta if args.child == "client" else floor_cpu_us_per_packet
-        print(round(measure(args.url, args.streams, args.repeats), 2))
+        if args.child == "floor":
+            cpu_us = floor_cpu_us_per_packet(args.url, args.streams, args.repeats)
+        else:
+            batch_ms = args.batch_ms if args.child == "client_batched" else 0.0
+            cpu_us = client_cpu_us_per_delta(args.url, args.streams, args.repeats, batch_ms)
+        print(round(cpu_us, 2))
         return 0
     llm = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
                             "--first-token-ms", "5", "--tokens-per-s", str(args.tokens_per_s)],
@@ -117,6 +137,8 @@ def main() -> int:
         variants = [("cpu_us_per_delta", "client", ROOT), ("floor_cpu_us_per_packet", "floor", ROOT)]
         if args.baseline:
             variants.insert(1, ("baseline_cpu_us_per_delta", "client", args.baseline.resolve()))
+        if args.batch_ms:
+            variants.insert(1, ("cpu_us_per_delta_batched", "client_batched", ROOT))
         samples: dict[str, list[float]] = {name: [] for name, _, _ in variants}
         for round_number in range(1, args.rounds + 1):
             line = []
