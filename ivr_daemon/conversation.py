@@ -44,7 +44,7 @@ from ivr_daemon.history import (  # noqa: F401 (the turn's vocabulary, imported 
 )
 from ivr_daemon.idle_lane import idle_lane
 from ivr_daemon.llm.base import LlmError, Message, ToolCall, ToolSpec
-from ivr_daemon.llm.paced import BatchedReads
+from ivr_daemon.llm.paced import BatchedReads, lane_wait_s
 from ivr_daemon.logs import get_logger
 from ivr_daemon.sentences import FIRST_CLAUSE_MIN_WORDS, SentenceSplitter
 from ivr_daemon.tts.base import TtsError
@@ -81,6 +81,7 @@ class _Reply:
     fallback: bool = False  # the fallback phrase, not the model's words: never in history
     text: str = ""  # what the LLM wrote (all of it, or up to where its stream broke)
     llm_ms: float = 0.0  # until the first sentence was complete (streaming) or the whole reply
+    lane_wait_ms: float = 0.0  # of the time before the first sentence, its answer's wait in the idle lane
     queued: int = 0  # sentences the LLM gave (each queued for synthesis)
     settled: int = 0  # of those, broadcast (in ``spoken``) or dropped
     llm_done: bool = False  # the LLM's answer is over: no sentence will be queued any more
@@ -408,7 +409,7 @@ class ConversationHandler:
                  sentences=len(said), wav_path=str(reply.first_path) if reply.first_path else None,
                  broadcast=reply.first_broadcast, llm_ms=round(result.llm_ms, 1), tts_ms=round(reply.tts_ms, 1),
                  total_ms=round(total_ms, 1), first_audio_ms=round(first_audio_ms, 1) if first_audio_ms else None,
-                 queued_ms=round(queued_ms, 2) if queued_ms is not None else None, received_s=received_s or None,
+                 lane_wait_ms=round(reply.lane_wait_ms, 1), queued_ms=round(queued_ms, 2) if queued_ms is not None else None, received_s=received_s or None,
                  tool_calls=[call.name for call in reply.tool_calls] or None)
         if self.services.on_turn is not None:
             self.services.on_turn(result)
@@ -551,7 +552,10 @@ class ConversationHandler:
         def submit(sentence: str) -> bool:
             """Queue one chunk's synthesis; False once the reply has said enough sentences."""
             if not submitted:
-                reply.llm_ms = (time.monotonic() - started_s) * 1000
+                # The LLM's time to the first chunk: not the time its answer waited in the idle
+                # lane for a loop with nothing more urgent (the daemon's own queueing, said apart).
+                reply.lane_wait_ms = lane_wait_s() * 1000
+                reply.llm_ms = (time.monotonic() - started_s) * 1000 - reply.lane_wait_ms
                 first_sentence = self.services.metrics.llm_first_sentence_seconds
                 first_sentence.labels(switch=self.metrics_switch).observe(reply.llm_ms / 1000)
             submitted.append(sentence)

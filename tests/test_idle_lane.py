@@ -143,3 +143,41 @@ def test_the_process_lane_paces_the_main_loop_even_when_a_thread_asks_for_it_fir
     # On the main loop the waiter goes only once the loop is idle: after the ready greenlet.
     gevent.joinall([gevent.spawn(waiter), gevent.spawn(busy)])
     assert order == ["busy", "waiter"] and lane.let_go == 1
+
+
+def test_an_llm_answers_wait_in_the_lane_is_counted_for_its_greenlet_alone(monkeypatch):
+    """What a turn's llm_ms leaves out and turn_complete's lane_wait_ms says: the time its LLM
+    answer, already there, waited for a loop with nothing more urgent to do."""
+    import time
+
+    import ivr_daemon.idle_lane as idle_lane_module
+    from llm_fakes import FakeLlmServer
+    from ivr_daemon.llm.openai import OpenAiClient
+    from ivr_daemon.llm.paced import lane_wait_s
+
+    lane = IdleLane(max_wait_cpu_s=60)
+    monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    held_s = 0.1
+    with FakeLlmServer("openai", replies="Hello there.") as server:
+        client = OpenAiClient(server.url, "m", timeout_s=10)
+        waits = []
+
+        def ask():
+            stream = client.stream([{"role": "user", "content": "hi"}])
+            assert next(stream) == "Hello"
+            waits.append(lane_wait_s())
+            stream.close()
+
+        with loop_kept_busy():
+            asker = gevent.spawn(ask)
+            with gevent.Timeout(10):
+                while not lane._waiting_first:  # its request is written; its answer waits
+                    gevent.sleep(0.001)
+            held_until_s = time.monotonic() + held_s
+            while time.monotonic() < held_until_s:
+                gevent.sleep(0.001)
+        asker.join(timeout=10)
+        client.close()
+    assert lane.let_go == 1
+    assert waits and waits[0] >= held_s - 0.01, waits
+    assert lane_wait_s() == 0.0  # this greenlet asked nothing

@@ -16,6 +16,7 @@ import time
 from typing import Iterable, Iterator, TypeVar
 
 import gevent
+import gevent.local
 import requests.adapters
 import urllib3.connection
 import urllib3.connectionpool
@@ -27,6 +28,16 @@ Delta = TypeVar("Delta")
 
 # A read that took longer than this waited for the network (a buffered one takes ~50 us).
 READ_WAITED_S = 0.001
+
+# Per greenlet: how long its requests' answers have waited in the lane (a turn's producer is a
+# greenlet of its own, so what it reads is its turn's wait).
+_lane_waits = gevent.local.local()
+
+
+def lane_wait_s() -> float:
+    """Seconds this greenlet's LLM answers have waited in the idle lane so far: the daemon's own
+    queueing, not the LLM's time (a turn's llm_ms leaves it out; turn_complete says it apart)."""
+    return getattr(_lane_waits, "s", 0.0)
 
 
 class _LanePacedConnection(urllib3.connection.HTTPConnection):
@@ -42,7 +53,9 @@ class _LanePacedConnection(urllib3.connection.HTTPConnection):
 
     def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
         timeout_s = self.timeout if isinstance(self.timeout, (int, float)) else None
+        started_s = time.monotonic()
         idle_lane().wait(first=True, max_wait_s=timeout_s / 4 if timeout_s else None)
+        _lane_waits.s = lane_wait_s() + time.monotonic() - started_s
         return super().getresponse()
 
 
