@@ -173,19 +173,28 @@ class DaemonProcessRig:
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
-                 extra_env=None, checkout=None, profile_path=None):
+                 extra_env=None, checkout=None, profile_path=None, switches=1, llm_url=None):
         """``checkout``: run the daemon of that copy of the project (its directory first on the
-        daemon's sys.path, as ``python -m`` from there does) rather than this one's."""
+        daemon's sys.path, as ``python -m`` from there does) rather than this one's;
+        ``profile_path``: under cProfile (see _profiled); ``switches``: simulators the daemon
+        serves (``sims``; ``sim`` is the first); ``llm_url``: an LLM server of the caller's
+        (shared by several rigs) instead of a fake LLM of its own."""
         own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
-        llm_cmd = llm_cmd or [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
-                              "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)]
-        self.llm = subprocess.Popen(llm_cmd + ([] if llm_stream else ["--batch"]), stdout=subprocess.PIPE, text=True)
-        llm_url = self.llm.stdout.readline().strip()
-        self.sim = FreeswitchSimulator(**(sim_options or {})).start()
+        self.llm = None
+        if llm_url is None:
+            llm_cmd = llm_cmd or [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
+                                  "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)]
+            self.llm = subprocess.Popen(llm_cmd + ([] if llm_stream else ["--batch"]), stdout=subprocess.PIPE, text=True)
+            llm_url = self.llm.stdout.readline().strip()
+        self.sims = [FreeswitchSimulator(**(sim_options or {})).start() for _ in range(switches)]
+        self.sim = self.sims[0]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_"))}
-        env.update({"FREESWITCH_PORT": str(self.sim.port), "LLM_PROVIDER": "openai", "LLM_API_URL": llm_url,
+        # One switch is configured as before FREESWITCH_HOSTS existed: a baseline checkout runs it too.
+        env.update({"FREESWITCH_HOSTS": ",".join(f"127.0.0.1:{sim.port}" for sim in self.sims)} if switches > 1
+                   else {"FREESWITCH_PORT": str(self.sim.port)})
+        env.update({"LLM_PROVIDER": "openai", "LLM_API_URL": llm_url,
                     "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
                     "TTS_CACHE_MAX_MB": str(cache_mb), "LLM_STREAM": "true" if llm_stream else "false",
                     "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "HTTP_PORT": "0", **NO_CALL_FLOW_SPEECH,
@@ -200,7 +209,8 @@ class DaemonProcessRig:
         self.daemon = subprocess.Popen([sys.executable, *_profiled(profile_path), "--env-file", os.devnull, "run"],
                                        env=env, stderr=self.log_file, stdout=subprocess.DEVNULL,
                                        cwd=checkout)
-        self.sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
+        for sim in self.sims:
+            sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
         self._log_offset = 0
 
     def _read_log(self):
@@ -238,13 +248,16 @@ class DaemonProcessRig:
 
     def close(self):
         for proc in (self.daemon, self.llm):
+            if proc is None:
+                continue  # the caller's LLM: theirs to stop
             proc.terminate()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.log_file.close()
-        self.sim.stop()
+        for sim in self.sims:
+            sim.stop()
         self.tmp.cleanup()
         own_collector_on()
 

@@ -44,7 +44,6 @@ import random  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -54,61 +53,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 # One reply, one percentile, one way to read the daemon's log for every benchmark.
-from latency import (NO_CALL_FLOW_SPEECH, REPLY, DaemonProcessRig, _first_broadcast_ms, _profiled,  # noqa: E402
-                     own_collector_off, own_collector_on, percentile)
+from latency import REPLY, DaemonProcessRig, _first_broadcast_ms, percentile  # noqa: E402
 
 from ivr_daemon.logs import configure_logging  # noqa: E402
-from ivr_daemon.replay.simulator import FreeswitchSimulator  # noqa: E402
-
-class MultiSwitchRig(DaemonProcessRig):
-    """N simulators here, the daemon on all of them in its own process; torn down together.
-    Reads the daemon's log and CPU as bench/latency.py's DaemonProcessRig (the fake LLM is the
-    caller's, shared by every setup)."""
-
-    def __init__(self, args, switches: int, llm_url: str, checkout: Path = ROOT, profile_path=None):
-        """``checkout``: run the daemon of that copy of the project (--baseline); ``profile_path``:
-        under latency.py's cProfile, started and stopped by signals (--profile-daemon)."""
-        own_collector_off()
-        self.turns: dict[str, dict] = {}
-        self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-multi-")
-        self.sims = [FreeswitchSimulator(playback_speed=0.0, duplicate_speech_delay_s=0.0).start()
-                     for _ in range(switches)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FREESWITCH_", "LLM_", "TTS_", "LOG_", "HTTP_"))}
-        # One switch is configured as before FREESWITCH_HOSTS existed: a baseline checkout runs it too.
-        env.update({"FREESWITCH_HOSTS": ",".join(f"127.0.0.1:{sim.port}" for sim in self.sims)} if switches > 1
-                   else {"FREESWITCH_PORT": str(self.sims[0].port)})
-        env.update({"PYTHONPATH": str(checkout),
-                    "LLM_PROVIDER": "openai", "LLM_API_URL": llm_url, "LLM_MODEL": "bench", "LLM_TIMEOUT": "60",
-                    "TTS_ENGINE": "null", "TTS_OUTPUT_DIR": self.tmp.name, "TTS_CACHE_MAX_MB": "0",
-                    "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "HTTP_PORT": "0", **NO_CALL_FLOW_SPEECH})
-        # Logs to a file, as in production: a pipe read late would stall the daemon's loop.
-        self.log_path = Path(self.tmp.name) / "daemon.log"
-        self.log_file = open(self.log_path, "w")
-        self.daemon = subprocess.Popen([sys.executable, *_profiled(profile_path), "--env-file", os.devnull, "run"],
-                                       env=env, stderr=self.log_file, stdout=subprocess.DEVNULL, cwd=checkout)
-        for sim in self.sims:
-            sim.wait_for_subscription("DETECTED_SPEECH", timeout_s=120)
-        self._log_offset = 0
-
-    def close(self) -> None:
-        self.daemon.terminate()
-        try:
-            self.daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
-        self.log_file.close()
-        for sim in self.sims:
-            sim.stop()
-        self.tmp.cleanup()
-        own_collector_on()
-
 
 def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int,
               checkout: Path = ROOT, profile_path: str | None = None) -> tuple[list[float], int, int, float, float]:
     """(overheads in ms, turns seen, calls made, the daemon's CPU seconds for them, of which the
     calls' set-up before anyone spoke) of one daemon on ``switches`` simulators. ``profile_path``:
     the daemon under cProfile from its first call to its last turn, stats written there."""
-    rig = MultiSwitchRig(args, switches, llm_url, checkout, profile_path)
+    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0},
+                           checkout=checkout, profile_path=profile_path, switches=switches, llm_url=llm_url)
     try:
         if profile_path is not None:
             Path(profile_path).unlink(missing_ok=True)
