@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import gevent
@@ -154,6 +155,23 @@ def peer(sim):
 
 
 # -- connection level -----------------------------------------------------------------------
+
+
+def test_a_commands_time_is_when_it_reached_the_host_not_when_the_simulators_loop_read_it(sim, peer):
+    """Benchmarks time the daemon by the commands' times: the simulator's own lag (its loop busy
+    with a thousand calls) must not be charged to the daemon."""
+    from gevent.monkey import get_original
+
+    blocking_sleep = get_original("time", "sleep")
+    peer.login()
+    read_before = sim.commands_received
+    peer.send("api status")  # on loopback it is in the simulator's socket before send returns
+    sent_s = time.monotonic()
+    blocking_sleep(0.3)  # the simulator's loop (this process's) cannot read it meanwhile
+    loop_free_s = time.monotonic()
+    command = sim.wait_for_command("api status", 5, start_index=read_before)
+    assert command.t_monotonic < loop_free_s - 0.25  # when it came, not when it was read
+    assert command.t_monotonic >= sent_s - 0.05
 
 
 def test_greeting_is_capture_01_byte_for_byte(sim, peer):

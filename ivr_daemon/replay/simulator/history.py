@@ -23,7 +23,7 @@ class ReceivedCommand:
 
     line: str
     connection_id: int
-    t_monotonic: float
+    t_monotonic: float  # when it reached the host (the kernel's stamp where there is one), time.monotonic()'s clock
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
 

@@ -30,7 +30,10 @@ from ivr_daemon.replay.simulator.errors import NotAnEventFrame, SimulatorError
 from ivr_daemon.replay.simulator.events import EventsMixin
 from ivr_daemon.replay.simulator.history import HistoryMixin, ReceivedCommand
 from ivr_daemon.replay.simulator.playback import PlaybackMixin
-from ivr_daemon.replay.simulator.wire import RECV_CHUNK_BYTES, CommandPacket, CommandPacketParser, redacted
+from ivr_daemon.replay.simulator.wire import (
+    RECV_ANCILLARY_BYTES, RECV_CHUNK_BYTES, CommandPacket, CommandPacketParser, arrived_monotonic_s, redacted,
+    stamp_arrivals,
+)
 
 log = get_logger(__package__)  # one logger name for the whole simulator
 
@@ -274,6 +277,7 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, AsrMixin, Even
     def _handle_connection(self, sock, address) -> None:
         # mod_event_socket's listener_run() sets SWITCH_SO_TCP_NODELAY on every connection.
         sock.setsockopt(socket_constants.IPPROTO_TCP, socket_constants.TCP_NODELAY, 1)
+        stamp_arrivals(sock)  # a command's time is when it reached the host, not when this loop read it
         conn = ClientConnection(next(self._connection_ids), sock, f"{address[0]}:{address[1]}", self._note_written)
         self._connections[conn.id] = conn
         clog = log.bind(connection_id=conn.id)
@@ -289,7 +293,7 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, AsrMixin, Even
                     wait_s = max(first_packet_deadline - time.monotonic(), 0.0)
                 try:
                     with gevent.Timeout(wait_s):
-                        data = sock.recv(RECV_CHUNK_BYTES)
+                        data, ancdata, _flags, _address = sock.recvmsg(RECV_CHUNK_BYTES, RECV_ANCILLARY_BYTES)
                 except gevent.Timeout:
                     # read_packet(listener, &event, 25) in the auth loop: silence means goodbye.
                     clog.info("sim_auth_timeout")
@@ -297,9 +301,10 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, AsrMixin, Even
                     break
                 if not data:
                     break
+                arrived_s = arrived_monotonic_s(ancdata)
                 for packet in parser.feed(data):
                     seen_packet = True
-                    self._handle_packet(conn, packet)
+                    self._handle_packet(conn, packet, arrived_s)
                     if conn.closing or conn.closed:
                         break
         except OSError as exc:
@@ -314,8 +319,8 @@ class FreeswitchSimulator(ChannelsMixin, PlaybackMixin, ApiMixin, AsrMixin, Even
             clog.info("sim_connection_closed")
             self._notify()
 
-    def _handle_packet(self, conn: ClientConnection, packet: CommandPacket) -> None:
-        self._commands.append(ReceivedCommand(packet.line, conn.id, time.monotonic(), packet.headers, packet.body))
+    def _handle_packet(self, conn: ClientConnection, packet: CommandPacket, arrived_s: float) -> None:
+        self._commands.append(ReceivedCommand(packet.line, conn.id, arrived_s, packet.headers, packet.body))
         self._trim_commands()
         log.debug("sim_command", connection_id=conn.id, line=redacted(packet.line))
         after: list[Callable[[], None]] = []

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -17,6 +21,38 @@ from ivr_daemon.esl.protocol import (
 
 MAX_COMMAND_PACKET_BYTES = 10 * 1024 * 1024  # read_packet()'s max_len in mod_event_socket.c
 RECV_CHUNK_BYTES = 65536
+
+# Linux's SO_TIMESTAMPNS (socket(7)): the kernel stamps each packet it receives, and recvmsg
+# hands the stamp over. Python's socket module does not name it; elsewhere, no stamp.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform.startswith("linux") else None)
+_TIMESPEC = struct.Struct("@ll")  # struct timespec: tv_sec, tv_nsec (CLOCK_REALTIME)
+RECV_ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+def stamp_arrivals(sock) -> None:
+    """Have the kernel stamp what ``sock`` receives (see :func:`arrived_monotonic_s`), where it can."""
+    if SO_TIMESTAMPNS is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:
+            pass  # no stamps: arrived_monotonic_s falls back to the time of the read
+
+
+def arrived_monotonic_s(ancdata) -> float:
+    """When the bytes of one ``recvmsg`` reached this host, on time.monotonic()'s clock: the
+    kernel's stamp (for TCP, of the last packet the read took), else now.
+
+    What the simulator reports as a command's arrival must not include how long its own loop
+    took to get to the read: a benchmark with a thousand calls in this process would charge the
+    daemon for the simulator's lag (milliseconds at p99).
+    """
+    now_s = time.monotonic()
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+            age_s = (time.time_ns() - (seconds * 1_000_000_000 + nanoseconds)) / 1e9
+            return now_s - min(max(age_s, 0.0), 60.0)  # a clock step must not rewrite history
+    return now_s
 
 
 @dataclass(frozen=True)
