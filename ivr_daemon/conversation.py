@@ -409,7 +409,8 @@ class ConversationHandler:
                  sentences=len(said), wav_path=str(reply.first_path) if reply.first_path else None,
                  broadcast=reply.first_broadcast, llm_ms=round(result.llm_ms, 1), tts_ms=round(reply.tts_ms, 1),
                  total_ms=round(total_ms, 1), first_audio_ms=round(first_audio_ms, 1) if first_audio_ms else None,
-                 lane_wait_ms=round(reply.lane_wait_ms, 1), queued_ms=round(queued_ms, 2) if queued_ms is not None else None, received_s=received_s or None,
+                 lane_wait_ms=round(reply.lane_wait_ms, 1),
+                 queued_ms=round(queued_ms, 2) if queued_ms is not None else None, received_s=received_s or None,
                  tool_calls=[call.name for call in reply.tool_calls] or None)
         if self.services.on_turn is not None:
             self.services.on_turn(result)
