@@ -153,6 +153,7 @@ class ConversationHandler:
         # This call's syntheses still running -> the per-call WAV each writes (None: a cache file).
         self._pending_syntheses: dict[gevent.event.AsyncResult, Path | None] = {}
         self._closed = False
+        self._hangup_line: dict | None = None  # the hangup's fields, logged with the clean-up's
         self.barge_ins = 0
         # Set whenever what plays may have changed (PLAYBACK_*, barge-in, a reply's end):
         # waits for "our audio is over" wake on it.
@@ -216,8 +217,14 @@ class ConversationHandler:
 
     def handle(self, event: EslEvent) -> None:
         if event.name == HANGUP_EVENT:
-            self.log.info("call_hangup", hangup_cause=event.get("Hangup-Cause"), turns=self.turns)
-            self.close()
+            hangup = {"hangup_cause": event.get("Hangup-Cause"), "turns": self.turns}
+            if self._closed:
+                self.log.info("call_hangup", **hangup)
+            else:
+                # One line for the hangup and its clean-up, said by close(): two lines a call
+                # before, each ~50-90 µs of the loop's CPU.
+                self._hangup_line = hangup
+                self.close()
             return
         transcript = transcript_of(event)
         if transcript is None or self.hung_up:
@@ -250,7 +257,10 @@ class ConversationHandler:
             self._count_turn(self._reply)  # the call ended while it played: it was answered
         removed, late = self.delete_own_wavs()
         self.history = ConversationHistory(self.services.settings.system_prompt, 0)
-        self.log.info("call_cleaned_up", wavs_deleted=removed, syntheses_still_running=late)
+        if self._hangup_line is not None:  # closed by the hangup: its line says both
+            self.log.info("call_hangup", **self._hangup_line, wavs_deleted=removed, syntheses_still_running=late)
+        else:
+            self.log.info("call_cleaned_up", wavs_deleted=removed, syntheses_still_running=late)
 
     def delete_own_wavs(self) -> tuple[int, int]:
         """Delete the call's own WAVs now, and those of its syntheses still running when they
