@@ -58,11 +58,12 @@ from latency import REPLY, DaemonProcessRig, _first_broadcast_ms, percentile  # 
 from ivr_daemon.logs import configure_logging  # noqa: E402
 
 def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int,
-              checkout: Path = ROOT, profile_path: str | None = None) -> tuple[list[float], int, int, float, float]:
+              checkout: Path = ROOT, profile_path: str | None = None) -> tuple[list[float], int, int, float, float,
+                                                                               float | None]:
     """(overheads in ms, turns seen, calls made, the daemon's CPU seconds for them, of which the
-    calls' set-up before anyone spoke) of one daemon on ``switches`` simulators. ``profile_path``:
+    calls' set-up before anyone spoke, --whole-calls: INFO lines per call) of one daemon on ``switches`` simulators. ``profile_path``:
     the daemon under cProfile from its first call to its last turn, stats written there."""
-    rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0},
+    rig = DaemonProcessRig(args, sim_options={"playback_speed": args.playback_speed, "duplicate_speech_delay_s": 0.0},
                            checkout=checkout, profile_path=profile_path, switches=switches, llm_url=llm_url)
     try:
         if profile_path is not None:
@@ -83,7 +84,10 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
                      for i, (sim, call) in enumerate(calls)]
         gevent.joinall(greenlets)
         rig.wait_turns(len(calls), timeout_s=300)
-        cpu_s = rig.cpu_s() - cpu_before_s
+        if args.whole_calls:
+            cpu_s = whole_calls(rig, calls) - cpu_before_s
+        else:
+            cpu_s = rig.cpu_s() - cpu_before_s
         if profile_path is not None:
             rig.daemon.send_signal(signal.SIGUSR2)
             deadline_s = time.monotonic() + 60
@@ -95,9 +99,55 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
             if turn is None or turn.get("first_audio_ms") is None:
                 continue
             overheads.append(_first_broadcast_ms(sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
-        return overheads, len(rig.turns), len(calls), cpu_s, setup_cpu_s
+        return overheads, len(rig.turns), len(calls), cpu_s, setup_cpu_s, getattr(rig, "info_lines", None)
     finally:
         rig.close()
+
+
+REPLY_SENTENCES = 3  # latency.py's REPLY: three broadcasts, three PLAYBACK_STOPs a call
+
+
+def whole_calls(rig: DaemonProcessRig, calls: list) -> float:
+    """--whole-calls: every call's answer played to the end, then every call hung up and cleaned
+    up; the daemon's CPU seconds then, and in ``rig.info_lines`` its INFO (and above) lines per call."""
+    own = {call for _sim, call in calls}
+    for sim in rig.sims:
+        mine = {call for s, call in calls if s is sim}
+
+        def played_out() -> bool:
+            stops: dict[str, int] = {}
+            for event in sim.emitted_events:
+                if event.name == "PLAYBACK_STOP" and event.unique_id in mine:
+                    stops[event.unique_id] = stops.get(event.unique_id, 0) + 1
+            return len(stops) == len(mine) and min(stops.values()) >= REPLY_SENTENCES
+
+        deadline_s = time.monotonic() + 300
+        while not played_out():
+            assert time.monotonic() < deadline_s, "answers still playing after 300 s"
+            gevent.sleep(0.2)
+    for sim, call in calls:
+        sim.hangup(call)
+    lines: dict[str, int] = {}
+    rig.cleaned_up = set()
+    deadline_s = time.monotonic() + 300
+    while sum(1 for call in own if lines.get(call, 0) and call in rig.cleaned_up) < len(own):
+        assert time.monotonic() < deadline_s, "calls not cleaned up after 300 s"
+        with open(rig.log_path) as log_file:
+            text = log_file.read()
+        lines.clear()
+        rig.cleaned_up = set()
+        for line in text.splitlines():
+            if '"call_uuid"' not in line:
+                continue
+            record = json.loads(line)
+            call = record.get("call_uuid")
+            if call in own and record.get("level") in ("info", "warning", "error", "critical"):
+                lines[call] = lines.get(call, 0) + 1
+                if record["event"] in ("call_cleaned_up", "call_hangup") and "wavs_deleted" in record:
+                    rig.cleaned_up.add(call)
+        gevent.sleep(0.2)
+    rig.info_lines = sum(lines.values()) / len(own)
+    return rig.cpu_s()
 
 
 def main() -> int:
@@ -111,6 +161,11 @@ def main() -> int:
     parser.add_argument("--only", choices=("one", "several", "one_same_load"), action="append")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another checkout (e.g. main): its daemon runs the one-switch setups too, in the same rounds")
+    parser.add_argument("--playback-speed", type=float, default=0.0,
+                        help="the simulators' playback speed (0: a broadcast plays at once; 1: real time)")
+    parser.add_argument("--whole-calls", action="store_true",
+                        help="play every answer out, hang every call up: daemon_cpu_ms_per_call (first event "
+                             "to clean-up) and info_lines_per_call")
     parser.add_argument("--profile-daemon", metavar="PATH",
                         help="cProfile this checkout's daemon (its loop's thread) from the first call to the last "
                              "turn: stats to PATH.<setup>.<round>")
@@ -133,6 +188,7 @@ def main() -> int:
     counts: dict[str, list[int]] = {name: [0, 0] for name in selected}
     cpu: dict[str, float] = {name: 0.0 for name in selected}
     setup_cpu: dict[str, float] = {name: 0.0 for name in selected}
+    lines: dict[str, list[float]] = {name: [] for name in selected}
     try:
         llm_url = llm.stdout.readline().strip()
         for round_no in range(args.rounds):
@@ -140,7 +196,7 @@ def main() -> int:
                 switches, per_switch = setups[name]
                 profile_path = (f"{args.profile_daemon}.{name}.{round_no + 1}"
                                 if args.profile_daemon and checkouts[name] == ROOT else None)
-                overheads, turns, calls, cpu_s, setup_cpu_s = one_setup(
+                overheads, turns, calls, cpu_s, setup_cpu_s, info_lines = one_setup(
                     args, switches, per_switch, llm_url, seed=7 + round_no, checkout=checkouts[name],
                     profile_path=profile_path)
                 samples[name] += overheads
@@ -148,23 +204,31 @@ def main() -> int:
                 counts[name][1] += calls
                 cpu[name] += cpu_s
                 setup_cpu[name] += setup_cpu_s
+                if info_lines is not None:
+                    lines[name].append(info_lines)
                 print(f"round {round_no + 1} {name}: {switches} switch(es) x {per_switch} calls: turns {turns}/{calls}, "
                       f"overhead p50 {percentile(overheads, 50):.1f} ms, p99 {percentile(overheads, 99):.1f} ms, "
                       f"daemon CPU {cpu_s * 1000 / max(1, turns):.2f} ms a turn "
                       f"({setup_cpu_s * 1000 / max(1, calls):.2f} ms a call of it before anyone spoke), "
-                      f"load {os.getloadavg()[0]:.2f}",
+                      + (f"whole call {cpu_s * 1000 / max(1, calls):.2f} ms, {info_lines:.2f} INFO lines a call, "
+                         if info_lines is not None else "")
+                      + f"load {os.getloadavg()[0]:.2f}",
                       flush=True)
     finally:
         llm.terminate()
         llm.wait(10)
     figures: dict[str, object] = {"switches": args.switches, "calls_per_switch": args.calls_per_switch,
-                                  "spread_s": args.spread_s, "rounds": args.rounds}
+                                  "spread_s": args.spread_s, "rounds": args.rounds,
+                                  "playback_speed": args.playback_speed, "whole_calls": args.whole_calls}
     for name in selected:
         figures[name] = {"overhead_p50_ms": round(percentile(samples[name], 50), 2),
                          "overhead_p99_ms": round(percentile(samples[name], 99), 2),
                          "turns": counts[name][0], "calls": counts[name][1],
                          "daemon_cpu_ms_per_turn": round(cpu[name] * 1000 / max(1, counts[name][0]), 2),
                          "daemon_setup_cpu_ms_per_call": round(setup_cpu[name] * 1000 / max(1, counts[name][1]), 2)}
+        if lines[name]:  # --whole-calls: from the first event to the clean-up
+            figures[name]["daemon_cpu_ms_per_call"] = round(cpu[name] * 1000 / max(1, counts[name][1]), 2)
+            figures[name]["info_lines_per_call"] = round(sum(lines[name]) / len(lines[name]), 2)
     if {"several", "one_same_load"} <= set(selected):
         figures["several_over_same_load_p99"] = round(
             percentile(samples["several"], 99) / percentile(samples["one_same_load"], 99), 2)

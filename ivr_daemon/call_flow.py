@@ -161,14 +161,40 @@ class PhoneCall(ConversationHandler):
             self._caller_active()  # the silence clock starts again; nothing else to do with it
         return True
 
-    def interrupt(self, event: EslEvent) -> None:
-        super().interrupt(event)
+    def interrupt(self, event: EslEvent) -> bool:
+        settled = super().interrupt(event)
         if event.name == "DTMF" or (event.name == "DETECTED_SPEECH" and _caller_spoke(event)):
             self._caller_active()
         if (event.name == "DTMF" and self.agent is not None and event.get("DTMF-Digit") in self.agent.dtmf
                 and not self.ended and self._reply is not None and self._reply.barge_in
                 and not self._reply.interrupted and (self.playing or self.busy)):
             self._barge_in(event)  # a key that does something cuts what plays, as speech does
+        return settled
+
+    def _handle_would_learn(self, event: EslEvent) -> bool:
+        """What :meth:`handle` does with a playback report is learn the call (its records'
+        times, agent, caller, variables: point 8), nothing else: no CHANNEL_PARK, DTMF or
+        transcript. Each test below mirrors one learning step of handle and is True when that
+        step could change something with this event; all False: handle would be a no-op.
+        Usually from the call's third event on: one header read (``variable_ivr_variables``)."""
+        recorder = self.recorder
+        if recorder is not None and not (recorder.active and recorder.answered_at is not None):
+            return True  # learn_times still reads the event's times
+        if self.agent_name is None and event.get("variable_ivr_agent") is not None:
+            return True
+        if self.caller_number is None and event.get("Caller-Caller-ID-Number"):
+            return True
+        variables = self.variables
+        for header, name in CALL_VARIABLES.items():
+            if name not in variables and event.get(header):
+                return True
+        if not (self._prompt_filled or self._prompt_warned):
+            return True  # _fill_system_prompt would run again (and may warn)
+        known = self.dynamic_variables
+        for name in self._watched_variable_names(event):
+            if name not in known and event.get(f"variable_{name}") is not None:
+                return True
+        return False
 
     def handle(self, event: EslEvent) -> None:
         if self.recorder is not None:
@@ -248,13 +274,16 @@ class PhoneCall(ConversationHandler):
             else:  # learnt late (a call up before the daemon started): keep what was said
                 self.history.system_prompt = services.settings.system_prompt
 
-    def _learn_dynamic_variables(self, event: EslEvent) -> None:
+    def _watched_variable_names(self, event: EslEvent) -> frozenset[str]:
+        """The dynamic variables this event could teach: those it lists (``ivr_variables``) and
+        the placeholders of the agent's prompts."""
         settings = self.services.settings
-        names = set(_variable_names(event.get("variable_ivr_variables") or ""))
-        for text in (settings.system_prompt, settings.greeting):
-            names |= _placeholder_names(text or "")
+        return _watched_names(event.get("variable_ivr_variables") or "", settings.system_prompt or "",
+                              settings.greeting or "")
+
+    def _learn_dynamic_variables(self, event: EslEvent) -> None:
         learnt = False
-        for name in names:
+        for name in self._watched_variable_names(event):
             value = event.get(f"variable_{name}")
             if value is not None and name not in self.dynamic_variables:
                 self.dynamic_variables[name] = value[:MAX_VARIABLE_CHARS]
@@ -593,6 +622,13 @@ class PhoneCall(ConversationHandler):
 
 def _variable_names(listed: str) -> list[str]:
     return [n for n in listed.split(":") if VARIABLE_NAME_RE.match(n)][:MAX_DYNAMIC_VARIABLES]
+
+
+@functools.lru_cache(maxsize=256)
+def _watched_names(listed: str, system_prompt: str, greeting: str) -> frozenset[str]:
+    # Asked with every event a call's handle (or, for playback, its interrupt) sees: a few
+    # agents' texts and ivr_variables lists, parsed once each.
+    return frozenset(_variable_names(listed)) | _placeholder_names(system_prompt) | _placeholder_names(greeting)
 
 
 @functools.lru_cache(maxsize=256)

@@ -7,7 +7,10 @@ with the call UUID and the call goes on. Events that must not wait behind a long
 barge-in) reach :meth:`CallHandler.interrupt` at once, before they are queued. Events that
 cannot matter (a partial transcript while nothing of the call's plays: mod_vosk sends one every
 ~200 ms per caller, twice while parked) are taken by :meth:`CallHandler.absorb` first and stop
-there: no dedup entry, no queue, no greenlet switch, no log line.
+there: no dedup entry, no queue, no greenlet switch, no log line. Events that ``interrupt``
+settles entirely (playback reports once the call has learnt all it learns from its events:
+10 of a call's 15) are deduplicated and counted but not queued: the call's greenlet is not
+woken for an event its ``handle`` would do nothing with.
 """
 
 from __future__ import annotations
@@ -46,8 +49,13 @@ class CallHandler(Protocol):
         deduplicated, not passed to interrupt, not queued, not logged). Quick, never blocking.
         Only for events whose repeat is harmless: FreeSWITCH's duplicates are not dropped."""
 
-    def interrupt(self, event: EslEvent) -> None:
-        """Called at once from the reader for every event of the call: quick, never blocking."""
+    def interrupt(self, event: EslEvent) -> bool | None:
+        """Called at once from the reader for every event of the call: quick, never blocking.
+        True: what interrupt just did is all the event asks for, ``handle`` called now would do
+        nothing with it. It is then not queued if the call's greenlet waits for its next event
+        with none queued (else handling the others may change what the call knows first, and
+        whoever waits for the queue to empty expects it handled after them); never the hangup.
+        None or False: it is queued."""
 
     def handle(self, event: EslEvent) -> None:
         """Called in arrival order on the call's own greenlet; may take long."""
@@ -82,23 +90,22 @@ class Call:
         self.handler = handler_factory(uuid, self.log)
         self.absorb: Callable[[EslEvent], bool] | None = getattr(self.handler, "absorb", None)
         self.absorbed: deque[tuple[str | None, str]] = deque(maxlen=ABSORBED_KEYS_PER_CALL)
+        self.waiting = False  # the greenlet waits for its next event: no handle() in progress
         self.greenlet = gevent.spawn(self._work)
 
     def _work(self) -> None:
         try:
             while True:
+                self.waiting = True
                 event = self.queue.get()
+                self.waiting = False
                 if event is None:
                     break
                 # Every event at DEBUG: a call's story at INFO is its turns, transfers and
                 # hangup (each line says what it acted on). An INFO line per playback event
                 # was three lines per sentence, and the line before a turn delayed its start.
                 if self._log_events:  # checked first: partials come 5 times a second per call
-                    self.log.debug(
-                        "esl_event", event_name=event.name, event_sequence=event.sequence,
-                        speech_type=event.get("Speech-Type"),
-                        # A DETECTED_SPEECH body is what the caller said (LOG_TRANSCRIPTS).
-                        **spoken_text("body", event.body, verbatim=self._log_speech_text))
+                    self.log_event(event)
                 try:
                     self.handler.handle(event)
                 except Exception:
@@ -111,6 +118,15 @@ class Call:
             except Exception:
                 self.log.exception("call_close_failed")
             self._on_done(self)
+
+    def log_event(self, event: EslEvent) -> None:
+        """The event's DEBUG line: on the call's greenlet as it handles it, or from the reader
+        for one that interrupt settled (never queued)."""
+        self.log.debug(
+            "esl_event", event_name=event.name, event_sequence=event.sequence,
+            speech_type=event.get("Speech-Type"),
+            # A DETECTED_SPEECH body is what the caller said (LOG_TRANSCRIPTS).
+            **spoken_text("body", event.body, verbatim=self._log_speech_text))
 
 
 class CallRouter:
@@ -140,6 +156,7 @@ class CallRouter:
         self._remember_ended = remember_ended
         self.events_routed = 0
         self.events_absorbed = 0  # taken by their call's absorb(): dropped as early as can be
+        self.events_settled = 0  # of events_routed, settled by interrupt(): not queued
         self.foreign_ids = 0
 
     def route(self, event: EslEvent) -> None:
@@ -193,9 +210,18 @@ class CallRouter:
             self._remember(uuid)
         self.events_routed += 1
         try:
-            call.handler.interrupt(event)
+            settled = call.handler.interrupt(event)
         except Exception:
             call.log.exception("call_interrupt_failed", event_name=event.name)
+            settled = False
+        if settled and call.waiting and call.queue.empty() and event.name != CALL_END_EVENT:
+            # Nothing for the call's greenlet to do: no queue put, no two greenlet switches.
+            # Only while it waits with nothing queued: queued, this event would be handled
+            # next, on exactly what the call knows now, which interrupt judged.
+            self.events_settled += 1
+            if call._log_events:
+                call.log_event(event)
+            return
         call.queue.put(event)
 
     def end_call(self, uuid: str, reason: str) -> None:
