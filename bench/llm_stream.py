@@ -82,6 +82,12 @@ def client_cpu_us_per_request(url: str, connection: str, streams: int, repeats: 
     from ivr_daemon.logs import configure_logging
 
     configure_logging("WARNING", "console")
+    try:
+        from ivr_daemon import resolver
+    except ImportError:  # a checkout from before it
+        pass
+    else:
+        resolver.install()  # as the daemon does: a new connection to an IP address looks nothing up
     client = OpenAiClient(url, "bench", timeout_s=30)
     measured: set = set()
     own_cpu_s = [0.0, 0.0]  # summed, entered at
