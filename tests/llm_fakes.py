@@ -18,7 +18,8 @@ shapes. Knobs for failure tests: ``status`` (an HTTP error with the provider's e
 the test sets ``.release_reply``: a client that still waits then cannot be told apart from
 one that timed out only by the clock) and ``trickle_s`` (send the body, or each streamed
 chunk, one byte at a time). ``port=`` listens on that port (a stopped server's: the same
-endpoint back up). ``.bodies_completed`` counts non-streamed bodies written to
+endpoint back up); ``tls=True`` serves https with ``TLS_CERT_PATH`` (a self-signed certificate
+for 127.0.0.1 and localhost, its own CA: a client trusts it through ``REQUESTS_CA_BUNDLE``). ``.bodies_completed`` counts non-streamed bodies written to
 their last byte.
 
 A reply may also call tools: ``FakeReply("Let me put you through.", [FakeToolCall("transfer_call",
@@ -56,7 +57,9 @@ import itertools
 import json
 import re
 import socket
+import ssl
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import gevent.event
@@ -397,6 +400,10 @@ def _stream_chunks(provider: str, request: dict, reply: FakeReply, sequence: int
 
 
 LISTEN_BACKLOG = 2048
+# openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj /CN=localhost
+#   -addext subjectAltName=IP:127.0.0.1,DNS:localhost
+TLS_CERT_PATH = Path(__file__).resolve().parent / "tls" / "localhost.pem"
+TLS_KEY_PATH = TLS_CERT_PATH.with_suffix(".key")
 
 
 class FakeLlmServer:
@@ -420,6 +427,7 @@ class FakeLlmServer:
         stream_hold_after: int | None = None,
         stream_break_after: int | None = None,
         port: int = 0,
+        tls: bool = False,
     ):
         if provider not in PROVIDER_PATHS:
             raise ValueError(f"unknown provider {provider!r}")
@@ -451,6 +459,7 @@ class FakeLlmServer:
         self._closing = gevent.event.Event()
         self._server: WSGIServer | None = None
         self._listen_port = port  # 0: any free one; a stopped server's port: the same server back
+        self.tls = tls
 
     @property
     def port(self) -> int:
@@ -459,7 +468,7 @@ class FakeLlmServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
@@ -469,8 +478,12 @@ class FakeLlmServer:
         # A listen queue as deep as a serving engine's (uvicorn's 2048): gevent's default of 128
         # drops the SYNs of a burst of turns, and each dropped one costs its turn 1-3 s of
         # TCP retransmission that is no part of the daemon.
+        tls = {}
+        if self.tls:
+            tls["ssl_context"] = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls["ssl_context"].load_cert_chain(TLS_CERT_PATH, TLS_KEY_PATH)
         self._server = WSGIServer(("127.0.0.1", self._listen_port), self._app, log=None, error_log=None, handler_class=_Handler,
-                                  backlog=LISTEN_BACKLOG)
+                                  backlog=LISTEN_BACKLOG, **tls)
         self._server.start()
         return self
 

@@ -37,7 +37,6 @@ import dataclasses
 import http.client
 import itertools
 import json
-import os
 import socket
 import time
 from types import MappingProxyType
@@ -45,23 +44,16 @@ from typing import Any, Callable, Generator, Iterable, Iterator, NoReturn, Seque
 
 import gevent
 import requests
-import requests.adapters
-import requests.utils
 import urllib3.exceptions
+import urllib3.response
 
 from ivr_daemon.llm.errors import LlmBadReply, LlmError, LlmTimeout, LlmUnavailable
 from ivr_daemon.llm.errors import one_line as _one_line
 from ivr_daemon.llm.framing import StreamFraming, body_chunks, stream_events
-from ivr_daemon.llm.paced import LanePacedAdapter
+from ivr_daemon.llm.transport import LlmTransport, connect_timed_out, release
 from ivr_daemon.logs import get_logger
 
 log = get_logger(__name__)
-
-# Keep-alive connections kept per LLM endpoint: one per turn in flight. At 256, a daemon that
-# had fallen behind (1,000 calls asking within 10 s) opened a new connection for 983 of 1,000
-# requests and closed 727 with a "Connection pool is full" warning each, which cost it more CPU
-# per turn just when it had none to spare. An idle kept connection is a socket, nothing more.
-LLM_POOL_CONNECTIONS = 1024
 
 # {"role": "system" | "user" | "assistant", "content": "..."}, and for a tool round
 # {"role": "assistant", "content": "...", "tool_calls": [ToolCall, ...]} and
@@ -76,8 +68,9 @@ MAX_TOOL_NAME_CHARS = 256
 # After the end marker only the chunked-encoding trailer is left; reading it lets the
 # connection go back to the pool, but a server dawdling over it is not worth waiting for.
 _STREAM_DRAIN_S = 0.25
-# requests.RequestException is an OSError; the rest are what urllib3 or http.client occasionally
-# let through unwrapped (bad URL, broken chunking, header overflow).
+# urllib3's own errors (transport.py posts straight into its pool), OSErrors (requests'
+# RequestException too: a bad URL, a redirect followed), and what http.client lets through
+# (broken chunking, header overflow), and ValueError (a URL or JSON body that cannot be).
 _TRANSPORT_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError)
 # What a bounded block maps to an LlmError: its deadline, or the transport failing.
 _BOUNDED_ERRORS = (gevent.Timeout, *_TRANSPORT_ERRORS)
@@ -254,24 +247,6 @@ class StreamReader:
         return []
 
 
-def _settle_environment(session: requests.Session, url: str) -> None:
-    """What requests reads from the environment for every request (proxies and ``NO_PROXY``,
-    ``~/.netrc``, ``REQUESTS_CA_BUNDLE``), read once for the one URL this client posts to.
-
-    Per request it scans the whole environment and opens ``~/.netrc``: ~10 % of the loop's
-    work in a burst of turns. The environment of a running daemon does not change.
-    """
-    proxies = requests.utils.get_environ_proxies(url)
-    netrc_auth = requests.utils.get_netrc_auth(url)
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    session.trust_env = False
-    session.proxies.update(proxies)
-    if netrc_auth:
-        session.auth = netrc_auth
-    if bundle:
-        session.verify = bundle
-
-
 class LlmClient(abc.ABC):
     """One endpoint and model; ``complete``, ``respond`` and ``stream`` block, cooperatively under gevent."""
 
@@ -284,7 +259,6 @@ class LlmClient(abc.ABC):
         model: str,
         timeout_s: float,
         api_key: str = "",
-        session: requests.Session | None = None,
         max_tokens: int | None = None,
     ):
         if not timeout_s > 0:
@@ -298,18 +272,9 @@ class LlmClient(abc.ABC):
         self.model = model
         self.timeout_s = float(timeout_s)
         self.api_key = api_key
-        # One session per client: the server's keep-alive connections are reused across turns.
-        # Every call in a turn holds one at once; urllib3's default pool of 10 would close and
-        # reopen a connection per turn beyond that (and warn each time).
-        if session is None:
-            session = requests.Session()
-            adapter = LanePacedAdapter(pool_connections=4, pool_maxsize=LLM_POOL_CONNECTIONS)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            _settle_environment(session, self.api_url)
-        self._session = session
+        # One per client: the server's keep-alive connections are reused across turns.
+        self._transport = LlmTransport(self.api_url, self.timeout_s)
         self._call_numbers = itertools.count()
-        self._prepared_posts: dict[tuple, requests.PreparedRequest] = {}  # see _post_streamed
 
     @classmethod
     def endpoint_url(cls, api_url: str) -> str:
@@ -413,7 +378,7 @@ class LlmClient(abc.ABC):
             raise LlmBadReply(f"{self.provider}: reply has more than {MAX_TOOL_CALLS} tool calls")
 
     def close(self) -> None:
-        self._session.close()
+        self._transport.close()
 
     def __enter__(self) -> "LlmClient":
         return self
@@ -456,14 +421,12 @@ class LlmClient(abc.ABC):
 
     def _exchange(self, payload: dict) -> tuple[int, bytes]:
         with self._bounded(self._timeout, self._unreachable):
-            response = self._session.post(
-                self.api_url,
-                json=payload,
-                headers=self.request_headers(),
-                timeout=(self.timeout_s, self.timeout_s),
-            )
-            # Read the whole body inside the deadline: a trickling body is the slow part.
-            return response.status_code, response.content
+            response = self._transport.post(payload, self.request_headers())
+            try:
+                # Read the whole body inside the deadline: a trickling body is the slow part.
+                return response.status, response.read(decode_content=True)
+            finally:
+                release(response)
 
     def post_stream(self, payload: dict, framing: StreamFraming) -> Generator[str | ToolCall, None, None]:
         """POST ``payload`` and yield the text deltas and tool calls a :meth:`stream_reader` finds in the reply.
@@ -523,19 +486,19 @@ class LlmClient(abc.ABC):
             # A compressing proxy may hold small chunks back until its buffer fills.
             "Accept-Encoding": "identity",
         }
-        response = self._post_streamed(payload, headers)
+        response = self._transport.post(payload, headers)
         try:
-            progress.status = response.status_code
-            if response.status_code >= 400:
-                detail = _error_detail(response.content)
+            progress.status = response.status
+            if response.status >= 400:
+                detail = _error_detail(response.read(decode_content=True))
                 raise LlmUnavailable(
-                    f"{self.provider}: HTTP {response.status_code} from {self.api_url}: {detail}",
-                    status=response.status_code,
+                    f"{self.provider}: HTTP {response.status} from {self.api_url}: {detail}",
+                    status=response.status,
                 )
             finished = False
             reader = self.stream_reader()
-            connection = getattr(response.raw, "connection", None)
-            chunks = body_chunks(response.raw)
+            connection = getattr(response, "connection", None)
+            chunks = body_chunks(response)
             for event in self._stream_events(response, framing, chunks):
                 delta, calls, finished = reader.feed(event)
                 if not progress.chars:
@@ -567,38 +530,13 @@ class LlmClient(abc.ABC):
                 raise LlmBadReply(f"{self.provider}: stream from {self.api_url} carried no text and no tool call")
             self._drain(chunks)
         finally:
-            response.close()
+            release(response)
 
-    def _post_streamed(self, payload: dict, headers: dict[str, str]) -> requests.Response:
-        """``session.post(api_url, json=payload, headers=headers, stream=True)``, the same request.
-
-        Preparing it (merging the session's headers, auth, cookies, hooks and settings into a
-        new request, parsing the URL) cost about as much of the loop's work in a burst of turns
-        as everything else requests does: the session's part is prepared once per URL and
-        headers, and each turn copies it and adds its body. Only with a session whose settings
-        cannot change under it: the environment settled (``trust_env`` off, as this client's
-        own session is) and no cookie in its jar; any other session posts the usual way.
-        """
-        session = self._session
-        timeout = (self.timeout_s, self.timeout_s)
-        if session.trust_env or session.cookies:
-            return session.post(self.api_url, json=payload, headers=headers, timeout=timeout, stream=True)
-        key = (self.api_url, *headers.items())
-        template = self._prepared_posts.get(key)
-        if template is None:
-            template = session.prepare_request(requests.Request("POST", self.api_url, headers=headers))
-            self._prepared_posts[key] = template
-        prepared = template.copy()
-        prepared.prepare_body(None, None, json=payload)
-        # What Session.request passes on once the (settled) environment is merged in.
-        return session.send(prepared, timeout=timeout, stream=True, verify=session.verify, cert=session.cert,
-                            proxies=session.proxies, allow_redirects=True)
-
-    def _stream_events(self, response: requests.Response, framing: StreamFraming,
+    def _stream_events(self, response: urllib3.response.BaseHTTPResponse, framing: StreamFraming,
                        chunks: Iterable[bytes]) -> Iterable[str]:
         if framing == "sse" and response.headers.get("Content-Type", "").startswith("application/json"):
             # Not a stream after all: a server that ignores "stream": true, or an error object.
-            return [response.content.decode("utf-8", "replace")]
+            return [response.read(decode_content=True).decode("utf-8", "replace")]
         return stream_events(chunks, framing, self.provider)
 
     def _drain(self, chunks: Iterator[bytes]) -> None:
@@ -647,7 +585,7 @@ class LlmClient(abc.ABC):
             if exc is not deadline:
                 raise exc  # a caller's own timeout: not ours to translate
             raise timed_out() from None
-        if isinstance(exc, requests.Timeout) or _caused_by_read_timeout(exc):
+        if isinstance(exc, requests.Timeout) or connect_timed_out(exc) or _caused_by_read_timeout(exc):
             raise timed_out() from exc
         raise failed(exc) from exc
 

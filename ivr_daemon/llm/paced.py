@@ -2,9 +2,10 @@
 
 The LLM session's connections each send their request at once and read the answer once the
 loop has nothing more urgent to do (the idle lane, ``ivr_daemon/idle_lane.py``). Plugged into
-requests through its adapter (``LanePacedAdapter``, mounted by
-:class:`ivr_daemon.llm.base.LlmClient` on its own session): urllib3 pools whose connection class
-waits in the lane in ``getresponse``, between the request written and its status line read.
+requests through its adapter (``LanePacedAdapter``, mounted on the session of
+``ivr_daemon/llm/transport.py``, which takes the pool from it and posts into it directly):
+urllib3 pools whose connection class waits in the lane in ``getresponse``, between the request
+written and its status line read.
 
 Once a reply's first chunk is out, the rest of its stream is read in batches
 (:class:`BatchedReads`).
