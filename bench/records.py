@@ -27,8 +27,12 @@ and ``<run>_bench_loop_lag_p99_ms`` says how late this process's loop ran.
 Prints a line per run and, last, one JSON object: for each run ``<run>_overhead_p50_ms``,
 ``<run>_overhead_p99_ms``, ``<run>_daemon_cpu_ms_per_call`` (the daemon process's CPU from the
 first call to the last record written, a call: the figure a shared machine cannot blur),
-``<run>_bench_loop_lag_p99_ms``, and for the recorded ones ``<run>_calls_written``,
-``<run>_records_complete``, ``<run>_records_flush_s``; and ``load_average_1min``.
+``<run>_bench_loop_lag_p99_ms``, the same CPU split by thread (``<run>_daemon_loop_cpu_ms_per_call``,
+``<run>_daemon_other_threads_cpu_ms_per_call``: the records thread and the synthesis threads,
+``<run>_daemon_kernel_cpu_ms_per_call``: the system time of all of them), and for the recorded
+ones ``<run>_calls_written``, ``<run>_records_complete``, ``<run>_records_flush_s``,
+``<run>_write_transactions_per_call`` (read from the database itself: SQLite's file change
+counter, PostgreSQL's transaction ids); and ``load_average_1min``.
 --baseline PATH runs another checkout's daemon (e.g. /work/main) before ours for each variant,
 its figures prefixed ``baseline_``.
 
@@ -104,6 +108,8 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
             Path(profile_path).unlink(missing_ok=True)
             rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the calls only
         cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
+        threads_before = _threads_cpu_s(rig.daemon.pid)
+        transactions_before = _write_transactions(database_url) if database_url else 0
         lag = gevent.spawn(ticker)
         greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), lifecycle, i) for i in range(args.calls)]
         gevent.joinall(greenlets)
@@ -116,6 +122,10 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         # (on an overloaded box, turns cut by the hangup never log turn_complete: it waits them out).
         written = _check_written(database_url, calls, hung_up_s, name) if database_url else {}
         cpu_ms_per_call = (rig.cpu_s() - cpu_before_s) * 1000 / len(calls)
+        threads = _threads_cpu_ms_per_call(threads_before, _threads_cpu_s(rig.daemon.pid), rig.daemon.pid, len(calls))
+        if database_url:
+            written[f"{name}_write_transactions_per_call"] = round(
+                (_write_transactions(database_url) - transactions_before) / len(calls), 3)
         if profile_path:
             rig.daemon.send_signal(signal.SIGUSR2)
             deadline_s = time.monotonic() + 60
@@ -136,13 +146,16 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
                    f"{name}_answered": len(overheads),
                    f"{name}_daemon_cpu_ms_per_call": round(cpu_ms_per_call, 2),
                    f"{name}_bench_loop_lag_p99_ms": round(percentile(lags_ms, 99), 2)}
+        figures.update({f"{name}_{key}": value for key, value in threads.items()})
         figures.update(written)
         print(f"{name}: {len(overheads)} turns answered, overhead p50 {figures[f'{name}_overhead_p50_ms']:.2f} ms, "
               f"p99 {figures[f'{name}_overhead_p99_ms']:.2f} ms; daemon CPU {cpu_ms_per_call:.2f} ms a call; "
-              f"benchmark's own loop lag p99 {figures[f'{name}_bench_loop_lag_p99_ms']:.2f} ms"
+              f"benchmark's own loop lag p99 {figures[f'{name}_bench_loop_lag_p99_ms']:.2f} ms; "
+              f"daemon threads a call: {threads}"
               + (f"; {figures[f'{name}_calls_written']} calls written, complete: "
                  f"{figures[f'{name}_records_complete']}, flushed {figures[f'{name}_records_flush_s']} s "
-                 "after the last hangup" if database_url else ""), flush=True)
+                 f"after the last hangup, {figures[f'{name}_write_transactions_per_call']} write transactions "
+                 "a call" if database_url else ""), flush=True)
         return figures
     finally:
         rig.close()
@@ -225,6 +238,51 @@ def run_writer(args, name: str, url: str, checkout: Path) -> dict:
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{name} records writer: {figures}", flush=True)
     return {f"{name}_{key}": value for key, value in figures.items()}
+
+
+def _threads_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
+    """Each thread's (user, system) CPU seconds so far (Linux /proc): the loop's thread is the
+    process's own id; the others are the records thread and the synthesis threads."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        found[int(tid)] = (int(fields[11]) / ticks, int(fields[12]) / ticks)
+    return found
+
+
+def _threads_cpu_ms_per_call(before: dict, after: dict, pid: int, calls: int) -> dict:
+    """The loop thread's and the other threads' CPU a call, and the kernel's share of all of it
+    (a thread that ended before ``after`` is not counted: the daemon's threads live as long as it)."""
+    used = {tid: tuple(now - then for now, then in zip(cpu, before.get(tid, (0.0, 0.0)))) for tid, cpu in after.items()}
+    loop_user, loop_sys = used.pop(pid, (0.0, 0.0))
+    other_user, other_sys = sum(cpu[0] for cpu in used.values()), sum(cpu[1] for cpu in used.values())
+    per_call = 1000 / calls
+    return {"daemon_loop_cpu_ms_per_call": round((loop_user + loop_sys) * per_call, 2),
+            "daemon_other_threads_cpu_ms_per_call": round((other_user + other_sys) * per_call, 2),
+            "daemon_kernel_cpu_ms_per_call": round((loop_sys + other_sys) * per_call, 2)}
+
+
+def _write_transactions(database_url: str) -> int:
+    """A counter of the database's write transactions: SQLite's file change counter (header
+    bytes 24-27, one a transaction that wrote, in its rollback-journal mode), PostgreSQL's next
+    transaction id (one a transaction that wrote; reads take none). Read the same way for both
+    checkouts, no help from the daemon's code."""
+    import sqlalchemy
+
+    url = sqlalchemy.make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        with open(url.database, "rb") as db_file:
+            return int.from_bytes(db_file.read(28)[24:28], "big")
+    engine = sqlalchemy.create_engine(url.set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(sqlalchemy.text("SELECT pg_snapshot_xmax(pg_current_snapshot())")).scalar())
+    finally:
+        engine.dispose()
 
 
 def _check_written(database_url: str, calls: list[str], hung_up_s: float, name: str) -> dict:

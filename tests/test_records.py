@@ -8,11 +8,14 @@ live call and ``start`` brings it back: nothing is mocked.
 from __future__ import annotations
 
 import datetime
+import time
 import uuid as uuid_lib
 
+import gevent
 import pytest
 import requests
 import sqlalchemy
+from gevent import monkey
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import broadcasts, http_server, running_daemon, settings_for, wait_heard, wait_until
@@ -21,11 +24,14 @@ from pg_server import free_port
 from ivr_daemon.config import ConfigError, load_settings
 from ivr_daemon.daemon import build_conversation_daemon, open_records
 from ivr_daemon.records import RecordStore, RecordWriter, check_database
+from ivr_daemon.records import writer as records_writer
 from ivr_daemon.records.store import DatabaseUnavailable, database_url, utc_now
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 
 TOKEN = "records-test-token-0123456789"
 FAST_BACKOFF = {"backoff_base_s": 0.05, "backoff_max_s": 0.5}
+native_event = monkey.get_original("threading", "Event")  # shared with the records' native thread
+native_sleep = monkey.get_original("time", "sleep")
 LONG_SENTENCE = "The second part is a much longer sentence that keeps on going and going for a while."
 
 
@@ -414,3 +420,92 @@ def test_a_calls_times_are_freeswitchs_and_are_read_only_until_known():
         recorder.learn_times(CountingHeaders(later, **{"Caller-Channel-Answered-Time": str(answered_us + 1)}))
     assert CountingHeaders.reads == 0
     assert recorder.answered_at == datetime.datetime(2025, 12, 1, 14, 40, 2, 500000)
+
+
+# -- how records are batched into transactions ----------------------------------------------------------
+
+def count_commits(writer: RecordWriter) -> list[int]:
+    commits = [0]
+    sqlalchemy.event.listen(writer.store.engine, "commit",
+                            lambda _conn: commits.__setitem__(0, commits[0] + 1))
+    return commits
+
+
+def test_records_coming_during_a_write_wait_for_the_next_gathered_one(tmp_path, db_url):
+    # A record every 10 ms and a database taking 50 ms a write (a busy box's SQLite commit): before,
+    # the records that came during a write went as soon as it returned, a commit every 50 ms
+    # (~0.5 commits a call at 20 calls/s in the daemon); now one transaction at most every
+    # GATHER_S, and every row is there.
+    writer = writer_for(db_url, retention_days=0)  # no retention run's commit among the counted
+    writer.start()
+    writer.in_db_thread(writer.store.migrate)
+    commits = count_commits(writer)
+    write = writer.store.write
+
+    def slow_write(records):
+        native_sleep(0.05)  # in the records' native thread, as a slow commit blocks it
+        return write(records)
+
+    writer.store.write = slow_write
+    try:
+        started_s = time.monotonic()
+        for index in range(60):
+            writer.put_call(call_row(f"gathered-{index}"))
+            writer.put_turn(turn_row(f"gathered-{index}", 1))
+            gevent.sleep(0.01)
+        assert writer.flush(10)
+        elapsed_s = time.monotonic() - started_s
+        # The first write GATHER_S after the first record, then at least GATHER_S apart: a slower
+        # box only stretches elapsed_s, so this holds however busy it is.
+        assert 1 <= commits[0] <= int(elapsed_s / records_writer.GATHER_S) + 1, (commits[0], elapsed_s)
+        assert commits[0] < 60  # not a commit per call
+        assert writer.written == 120 and writer.dropped == 0
+        found = {row["uuid"]: row for row in writer.in_db_thread(lambda: writer.store.list_calls(limit=None))}
+        assert sorted(found) == sorted(f"gathered-{index}" for index in range(60))
+        assert all(row["turns"] == 1 for row in found.values())
+    finally:
+        writer.stop()
+
+
+def test_a_backlog_is_written_in_full_batches_without_gathering(tmp_path, monkeypatch):
+    monkeypatch.setattr(records_writer, "GATHER_S", 60.0)  # a wait for gathering would fail the flush below
+    writer = writer_for(f"sqlite:///{tmp_path}/records.db", retention_days=0)
+    writer.in_db_thread(writer.store.migrate)
+    commits = count_commits(writer)
+    try:
+        calls = 2 * records_writer.BATCH_MAX + 50
+        for index in range(calls):  # queued before the pump starts: a backlog, as after the database was down
+            writer.put_call(call_row(f"backlog-{index}"))
+        writer.start()
+        assert writer.flush(30)
+        assert commits[0] == 3 and writer.written == calls
+        assert len(writer.in_db_thread(lambda: writer.store.list_calls(limit=None))) == calls
+    finally:
+        writer.stop()
+
+
+def test_stop_writes_the_records_gathering_after_a_write_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(records_writer, "GATHER_S", 60.0)
+    url = f"sqlite:///{tmp_path}/records.db"
+    writer = writer_for(url, retention_days=0)
+    writer.in_db_thread(writer.store.migrate)
+    release = native_event()
+    holding = gevent.spawn(writer.in_db_thread, release.wait, 30)  # the records thread busy, as in a slow write
+    wait_until(lambda: writer._thread.task_queue.unfinished_tasks == 1)
+    writer.put_call(call_row("first"))
+    writer.start()  # a record waiting: written at once (no gathering), its write queued behind the busy thread...
+    wait_until(lambda: writer._thread.task_queue.unfinished_tasks == 2)
+    writer.put_call(call_row("second"))  # ...and this one comes during that write: it gathers for the next one
+    release.set()
+    holding.join(10)
+    wait_until(lambda: writer.written == 1)
+    assert writer.queued == 1
+    started_s = time.monotonic()
+    writer.stop(timeout_s=10)
+    assert time.monotonic() - started_s < 30  # not the 60 s gathering
+    assert writer.dropped == 0
+    store = RecordStore(url)
+    try:
+        assert {row["uuid"] for row in store.list_calls(limit=None)} == {"first", "second"}
+    finally:
+        store.close()

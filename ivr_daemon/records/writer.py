@@ -41,9 +41,13 @@ T = TypeVar("T")
 
 DEFAULT_QUEUE_MAX = 10_000
 BATCH_MAX = 200  # records in one transaction
-# After the first record of a quiet spell, gather for this long before writing: one commit for
-# many records, and a turn's snapshots (sent, played out) often become one write. A record is
-# still in the database well within a second; the shutdown's flush does not wait for it.
+# One transaction at most every GATHER_S (after the first record of a quiet spell, and between
+# two writes while records keep coming): one commit for many records, and a turn's snapshots
+# (sent, played out) often become one write. Each commit costs the records thread far more than
+# a row (SQLite: the rollback journal created, written, fdatasync'ed and deleted, ~1 ms of kernel
+# time in the daemon; PostgreSQL: a round trip and the pool's ping); writing again as soon as the
+# last write returned made 20 calls a second ~0.5 commits a call. A record is still in the
+# database well within a second; a full batch and the shutdown's flush do not wait.
 GATHER_S = 0.25
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
@@ -69,6 +73,7 @@ class RecordWriter:
         self._waiting: collections.OrderedDict[Key, tuple[str, dict]] = collections.OrderedDict()
         self._wakeup = gevent.event.Event()
         self._retry_now = gevent.event.Event()  # cuts a backoff short: the shutdown's last try
+        self._draining = False  # stop() is flushing: write what is left now, no gathering
         self._idle = gevent.event.Event()
         self._idle.set()
         # The one native thread that talks to the database (see the module's docstring).
@@ -135,7 +140,8 @@ class RecordWriter:
         """Write what can be within ``timeout_s`` (records still arriving meanwhile, the last
         calls' clean-ups, are taken too), then take no more and log what is left."""
         if self._waiting:
-            self._retry_now.set()  # a pump waiting out a backoff tries once more, now
+            self._draining = True
+            self._retry_now.set()  # a pump waiting out a backoff or gathering tries once more, now
             self.flush(timeout_s)
         self._stopping = True
         left = list(self._waiting.values())
@@ -172,9 +178,10 @@ class RecordWriter:
                 if not self._wakeup.wait(PROBE_INTERVAL_S):
                     self._probe()
                 elif not self._stopping:
-                    self._retry_now.wait(GATHER_S)  # set by stop(): no gathering then
+                    self._gather(time.monotonic() + GATHER_S)
                 continue
             batch = list(self._waiting.items())[:BATCH_MAX]
+            next_write_s = time.monotonic() + GATHER_S
             try:
                 written = self._write([record for _key, record in batch])
             except DatabaseUnavailable as exc:
@@ -194,6 +201,15 @@ class RecordWriter:
                     del self._waiting[key]
             self.written += written
             self.metrics.records_written_total.inc(written)
+            if self._waiting and len(batch) < BATCH_MAX:
+                # Records that came during the write: gather more with them rather than commit
+                # them alone now. A full batch means a backlog: on with it at once.
+                self._gather(next_write_s)
+
+    def _gather(self, until_s: float) -> None:
+        """Let records gather until ``until_s`` (monotonic), unless stop() is draining the queue."""
+        if not self._draining:
+            self._retry_now.wait(max(0.0, until_s - time.monotonic()))  # stop() sets it: no gathering then
 
     def _write(self, records: list[tuple[str, dict]]) -> int:
         """Write the batch; on a refused record, one by one, dropping only the refused ones."""
