@@ -58,12 +58,18 @@ def router_with(handlers: list, **kwargs) -> CallRouter:
     return CallRouter(factory)
 
 
-def test_an_event_interrupt_settles_is_not_queued_while_the_call_waits():
-    handlers: list = []
-    router = router_with(handlers)
+def answered_and_waiting(handlers: list, **kwargs):
+    """A router whose call has answered and whose greenlet now waits for its next event."""
+    router = router_with(handlers, **kwargs)
     router.route(event("CHANNEL_ANSWER", 1))
     call = router.calls[CALL]
     wait_until(lambda: call.waiting and call.queue.empty())
+    return router, call
+
+
+def test_an_event_interrupt_settles_is_not_queued_while_the_call_waits():
+    handlers: list = []
+    router, call = answered_and_waiting(handlers)
     router.route(event("PLAYBACK_STOP", 2))
     assert call.queue.empty()  # not put: the greenlet is not woken for it
     (handler,) = handlers
@@ -76,10 +82,7 @@ def test_an_event_interrupt_settles_is_not_queued_while_the_call_waits():
 
 def test_a_settled_event_is_still_deduplicated():
     handlers: list = []
-    router = router_with(handlers)
-    router.route(event("CHANNEL_ANSWER", 1))
-    call = router.calls[CALL]
-    wait_until(lambda: call.waiting)
+    router, call = answered_and_waiting(handlers)
     router.route(event("PLAYBACK_STOP", 2))
     router.route(event("PLAYBACK_STOP", 2))  # FreeSWITCH's second copy
     assert handlers[0].interrupted == ["CHANNEL_ANSWER", "PLAYBACK_STOP"] and router.dedup.dropped == 1
@@ -88,10 +91,7 @@ def test_a_settled_event_is_still_deduplicated():
 def test_a_settled_event_is_queued_behind_a_handle_in_progress_or_earlier_events():
     """Handling the earlier events may change what the call knows: in order, as before."""
     handlers: list = []
-    router = router_with(handlers)
-    router.route(event("CHANNEL_ANSWER", 1))
-    call = router.calls[CALL]
-    wait_until(lambda: call.waiting)
+    router, call = answered_and_waiting(handlers)
     (handler,) = handlers
     handler.release.clear()
     router.route(event("DETECTED_SPEECH", 2))
@@ -108,10 +108,7 @@ def test_a_settled_event_is_queued_behind_a_handle_in_progress_or_earlier_events
 
 def test_the_hangup_is_always_queued_and_none_means_queued():
     handlers: list = []
-    router = router_with(handlers, settle=("CHANNEL_HANGUP_COMPLETE",))
-    router.route(event("CHANNEL_ANSWER", 1))
-    call = router.calls[CALL]
-    wait_until(lambda: call.waiting)
+    router, call = answered_and_waiting(handlers, settle=("CHANNEL_HANGUP_COMPLETE",))
     router.route(event("PLAYBACK_STOP", 2))  # interrupt returns False: queued as always
     router.route(event("CHANNEL_HANGUP_COMPLETE", 3))  # "settled", yet the call must end
     assert router.join(5)

@@ -8,6 +8,7 @@ shapes are the wrapped urllib3 errors' own text either way).
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import socket
@@ -145,23 +146,25 @@ def test_https_with_a_certificate_nobody_vouches_for_is_unavailable(clean_enviro
         assert server.requests == []
 
 
-def test_netrc_credentials_are_sent_as_basic_auth(clean_environment):
-    with FakeLlmServer("ollama", replies=REPLY) as server:
-        clean_environment.write_text("machine 127.0.0.1 login alice password s3cret\n")
-        client = OllamaClient(server.url, "llama3", 5.0)
+def authorization_sent(provider: str, client_for) -> list[str]:
+    """The Authorization header of a whole and a streamed request by ``client_for(url)``."""
+    with FakeLlmServer(provider, replies=REPLY) as server:
+        client = client_for(server.url)
         client.complete(MESSAGES)
         "".join(client.stream(MESSAGES))
+    return [headers["authorization"] for headers in server.headers]
+
+
+def test_netrc_credentials_are_sent_as_basic_auth(clean_environment):
+    clean_environment.write_text("machine 127.0.0.1 login alice password s3cret\n")
     expected = "Basic " + base64.b64encode(b"alice:s3cret").decode()
-    assert [headers["authorization"] for headers in server.headers] == [expected, expected]
+    assert authorization_sent("ollama", lambda url: OllamaClient(url, "llama3", 5.0)) == [expected, expected]
 
 
 def test_credentials_in_the_url_are_sent_as_basic_auth(clean_environment):
-    with FakeLlmServer("openai", replies=REPLY) as server:
-        client = OpenAiClient(server.url.replace("http://", "http://bob:pw@"), "llama3", 5.0)
-        client.complete(MESSAGES)
-        "".join(client.stream(MESSAGES))
     expected = "Basic " + base64.b64encode(b"bob:pw").decode()
-    assert [headers["authorization"] for headers in server.headers] == [expected, expected]
+    client_for = lambda url: OpenAiClient(url.replace("http://", "http://bob:pw@"), "llama3", 5.0)  # noqa: E731
+    assert authorization_sent("openai", client_for) == [expected, expected]
 
 
 def test_a_redirect_is_followed_as_requests_follows_it(clean_environment):
@@ -210,55 +213,60 @@ def test_connection_refused_says_so(clean_environment, refusing_url):
         assert "NewConnectionError" in message and caught.value.status is None and retryable(caught.value)
 
 
-def test_a_connection_reset_mid_stream_is_unavailable_after_its_text(clean_environment):
-    got_first = gevent.event.Event()
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
+
+@contextlib.contextmanager
+def first_words_then(after):
+    """A raw server that answers each request with the stream head and "We open", then does
+    ``after(conn)``; yields the /v1 URL to give a client."""
     def handle(conn, _address):
         read_request(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + sse("We open"))
-        got_first.wait(5)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a RST
-        conn.close()
+        conn.sendall(STREAM_HEAD + sse("We open"))
+        after(conn)
 
     server = StreamServer(("127.0.0.1", 0), handle)
     server.start()
     try:
-        client = OpenAiClient(f"http://127.0.0.1:{server.server_port}/v1", "llama3", 5.0)
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.stop()
+
+
+def test_a_connection_reset_mid_stream_is_unavailable_after_its_text(clean_environment):
+    got_first = gevent.event.Event()
+
+    def reset(conn):
+        got_first.wait(5)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a RST
+        conn.close()
+
+    with first_words_then(reset) as url:
+        client = OpenAiClient(url, "llama3", 5.0)
         stream = client.stream(MESSAGES)
         assert next(stream) == "We open"
         got_first.set()
         with pytest.raises(LlmUnavailable) as caught:
             next(stream)
-    finally:
-        server.stop()
     assert str(caught.value).startswith(f"openai: stream from {client.api_url} broke off after 7 chars: ")
     assert "reset" in str(caught.value).lower() and caught.value.status is None
 
 
 def test_a_stall_after_the_headers_is_a_timeout(clean_environment):
     release = gevent.event.Event()
-
-    def handle(conn, _address):
-        read_request(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + sse("We open"))
-        release.wait(10)
-
-    server = StreamServer(("127.0.0.1", 0), handle)
-    server.start()
     try:
-        client = OpenAiClient(f"http://127.0.0.1:{server.server_port}/v1", "llama3", 0.3)
-        stream = client.stream(MESSAGES)
-        assert next(stream) == "We open"
-        with pytest.raises(LlmTimeout) as caught:
-            next(stream)
-        whole = OpenAiClient(f"http://127.0.0.1:{server.server_port}/v1", "llama3", 0.3)
-        with pytest.raises(LlmTimeout) as whole_caught:
-            whole.complete(MESSAGES)
+        with first_words_then(lambda _conn: release.wait(10)) as url:
+            client = OpenAiClient(url, "llama3", 0.3)
+            stream = client.stream(MESSAGES)
+            assert next(stream) == "We open"
+            with pytest.raises(LlmTimeout) as caught:
+                next(stream)
+            whole = OpenAiClient(url, "llama3", 0.3)
+            with pytest.raises(LlmTimeout) as whole_caught:
+                whole.complete(MESSAGES)
+            release.set()  # before the server stops: its handlers end
     finally:
         release.set()
-        server.stop()
     assert str(caught.value) == f"openai: stream from {client.api_url} stalled for 0.3 s after 7 chars"
     assert str(whole_caught.value) == f"openai: no reply from {client.api_url} within 0.3 s"
     assert not retryable(whole_caught.value)
