@@ -7,7 +7,6 @@ about a call, so every line of a call can be found with one grep.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import sys
 
@@ -48,7 +47,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream=None) -> No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer = (
-        structlog.processors.JSONRenderer(serializer=_ReusedJsonEncoder())
+        structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -78,26 +77,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream=None) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-class _ReusedJsonEncoder:
-    """``json.dumps`` for JSONRenderer's documented ``serializer``: the same text, without a new
-    JSONEncoder per line. ``json.dumps(d, default=f)`` (what the renderer calls, its fallback for
-    objects JSON lacks) builds one each time: 1-3 µs of the ~13 µs a turn_complete line's
-    encoding takes (bench/log_lines.py: the whole line is 60-90 µs). An encoder keeps no state
-    between calls (``encode`` makes its C encoder per call): shared by every thread."""
-
-    def __init__(self) -> None:
-        self._encoders: dict[object, json.JSONEncoder] = {}
-
-    def __call__(self, obj: object, **dumps_kw) -> str:
-        default = dumps_kw.pop("default", None)
-        if dumps_kw:  # no other option is ever passed; if one were, json.dumps knows it
-            return json.dumps(obj, default=default, **dumps_kw)
-        encoder = self._encoders.get(default)
-        if encoder is None:
-            encoder = self._encoders[default] = json.JSONEncoder(default=default)
-        return encoder.encode(obj)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

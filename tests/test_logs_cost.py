@@ -1,5 +1,5 @@
-"""What made a log line cheaper keeps every line the same: the JSON text, its fields, the lines
-of foreign stdlib loggers and of worker threads; a hung-up call's one line says all two said."""
+"""Fewer log lines keep every line whole: the JSON text, its fields, the lines of foreign stdlib
+loggers and of worker threads; a hung-up call's one line says all two said."""
 
 from __future__ import annotations
 
@@ -10,36 +10,12 @@ from pathlib import Path
 
 import gevent
 import gevent.threadpool
-import structlog
 from structlog.testing import capture_logs
 
 from harness import running_daemon, settings_for, wait_heard, wait_until
 from llm_fakes import FakeLlmServer
-from ivr_daemon.logs import _ReusedJsonEncoder, configure_logging, get_logger
+from ivr_daemon.logs import configure_logging, get_logger
 from ivr_daemon.replay.simulator import FreeswitchSimulator
-
-
-class _Custom:
-    def __structlog__(self):
-        return {"custom": True}
-
-
-class _Opaque:
-    def __repr__(self):
-        return "<opaque>"
-
-
-def test_the_reused_encoder_writes_what_json_dumps_writes():
-    fallback = structlog.processors.JSONRenderer()._dumps_kw["default"]
-    encode = _ReusedJsonEncoder()
-    values = [
-        {"event": "turn_complete", "llm_ms": 12.5, "turns": 3, "ok": True, "none": None, "nan": float("nan")},
-        {"event": "x", "text": "Grüße, \"quoted\"\n\ttab \u2028", "nested": {"a": [1, 2.0, "b"]}, "t": (1, 2)},
-        {"event": "odd", "path": Path("/tmp/a.wav"), "custom": _Custom(), "opaque": _Opaque(), "set": {1}},
-    ]
-    for value in values:
-        assert encode(value, default=fallback) == json.dumps(value, default=fallback)
-        assert encode(value, default=fallback, sort_keys=True) == json.dumps(value, default=fallback, sort_keys=True)
 
 
 def test_json_lines_of_structlog_foreign_loggers_and_threads_stay_whole():
