@@ -20,6 +20,7 @@ from ivr_daemon.doctor import FAIL, PASS, SKIP, Check, DoctorRun, Row, print_tab
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 from ivr_daemon.tts.piper import default_voice_path
 from llm_fakes import FakeLlmServer
+from harness import needs_root
 
 NO_SUCH_USER = "ivr-doctor-test-no-such-user"
 
@@ -233,7 +234,7 @@ def test_unwritable_output_dir(sim, llm, asr_server, tmp_path):
     assert "cannot be created" in rows["TTS_OUTPUT_DIR writable"].detail
 
 
-@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="giving a directory to another user needs root; in CI (root) it always runs")
+@needs_root
 def test_output_dir_owned_by_another_user(sim, llm, asr_server, tmp_path):
     conf = vosk_conf(tmp_path, f"ws://127.0.0.1:{asr_server.address[1]}")
     foreign = tmp_path / "foreign"
@@ -244,7 +245,7 @@ def test_output_dir_owned_by_another_user(sim, llm, asr_server, tmp_path):
     assert "chown" in rows["TTS_OUTPUT_DIR writable"].detail
 
 
-@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="changing a directory's group needs root; in CI (root) it always runs")
+@needs_root
 def test_wavs_readable_by_the_freeswitch_user(sim, llm, asr_server, tmp_path):
     """The user FreeSWITCH runs as ("nobody" stands in) must enter the directory and read the WAVs."""
     conf = vosk_conf(tmp_path, f"ws://127.0.0.1:{asr_server.address[1]}")

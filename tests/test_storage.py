@@ -18,10 +18,10 @@ from ivr_daemon.storage import (
 )
 from ivr_daemon.tts import cache as cache_module
 from ivr_daemon.tts import pinned as pinned_module
+from harness import needs_root
 
 # Someone else: "nobody" on Debian. Only root may give a file away, as an attacker's would be.
 OTHER_UID = 65534
-as_root = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="needs root to chown a directory to another user; in CI (root) it always runs")
 
 
 def mode_of(path: Path) -> int:
@@ -89,7 +89,7 @@ def test_a_set_group_id_parent_passes_its_group_bit_on(tmp_path):
     assert mode_of(parent / "tts" / "cache") == 0o2750
 
 
-@as_root
+@needs_root
 @pytest.mark.parametrize("which", ["", CACHE_SUBDIR, PINNED_SUBDIR])
 def test_a_directory_owned_by_another_user_is_refused(tmp_path, which):
     root = tmp_path / "tts"
