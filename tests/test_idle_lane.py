@@ -181,3 +181,43 @@ def test_an_llm_answers_wait_in_the_lane_is_counted_for_its_greenlet_alone(monke
     assert lane.let_go == 1
     assert waits and waits[0] >= held_s - 0.01, waits
     assert gevent.spawn(lane_wait_s).get(timeout=5) == 0.0  # a greenlet that asked nothing waited nothing
+
+
+def test_an_llm_answer_still_to_come_waits_on_its_socket_not_in_the_lane(monkeypatch):
+    """While the LLM thinks, the turn's greenlet waits for the answer's first bytes, not in the
+    lane: a busy loop then holds nothing back, and the LLM's time is not counted as the daemon's
+    queueing (lane_wait_s). The lane holds the answer once it has come."""
+    import time
+
+    import ivr_daemon.idle_lane as idle_lane_module
+    from llm_fakes import FakeLlmServer
+    from ivr_daemon.llm.openai import OpenAiClient
+    from ivr_daemon.llm.paced import lane_wait_s
+
+    lane = IdleLane(max_wait_cpu_s=60)
+    monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    thinking_s = 0.3
+    with FakeLlmServer("openai", replies="Hello there.", hold_reply=True) as server:
+        client = OpenAiClient(server.url, "m", timeout_s=10)
+        waits = []
+
+        def ask():
+            stream = client.stream([{"role": "user", "content": "hi"}])
+            assert next(stream) == "Hello"
+            waits.append(lane_wait_s())
+            stream.close()
+
+        asker = gevent.spawn(ask)
+        with gevent.Timeout(10):
+            while not server.requests:
+                gevent.sleep(0.001)
+        with loop_kept_busy():
+            thinking_until_s = time.monotonic() + thinking_s
+            while time.monotonic() < thinking_until_s:
+                assert not lane._waiting_first, "a request whose answer has not come waits in the lane"
+                gevent.sleep(0.001)
+        server.release_reply.set()
+        asker.join(timeout=10)
+        client.close()
+    assert lane.let_go == 1  # it went through the lane once its answer had come
+    assert waits and waits[0] < thinking_s, waits  # the LLM's thinking is not the lane's wait

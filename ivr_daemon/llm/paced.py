@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, TypeVar
 
 import gevent
 import gevent.local
+import gevent.socket
 import requests.adapters
 import urllib3.connection
 import urllib3.connectionpool
@@ -42,22 +43,37 @@ def lane_wait_s() -> float:
 
 
 class _LanePacedConnection(urllib3.connection.HTTPConnection):
-    """Sends its request at once; reads the answer once the loop has nothing more urgent to do.
+    """Sends its request at once; reads the answer, once it has come, when the loop has nothing
+    more urgent to do.
 
     In a burst of turns the answers come back while other turns' requests are still to be sent:
     parsing an answer's headers and reading its first sentence (~0.5 ms of the loop each) would
     run before them, first come first served, and the last requests would go out late by all of
-    it. Waiting in the idle lane (idle_lane.py) as a first waiter, between the request written and
-    its status line read, puts every request first, then the first sentences, then the rest of the
-    replies. At most a quarter of the read timeout: well within the client's own deadline.
+    it. Waiting in the idle lane (idle_lane.py) as a first waiter, between the answer's first
+    bytes arriving and its status line read, puts every request first, then the first sentences,
+    then the rest of the replies. At most a quarter of the read timeout: well within the client's
+    own deadline.
+
+    Only an answer that has come waits in the lane: waiting there while the LLM still thinks
+    would hold nothing back (the read after it blocks anyway) and would count the LLM's time as
+    the daemon's queueing (``lane_wait_s``).
     """
 
     def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
         timeout_s = self.timeout if isinstance(self.timeout, (int, float)) else None
+        if self.sock is not None and not _has_buffered_bytes(self.sock):
+            # Its timeout is a socket.timeout, as the read's own: urllib3 reports it the same way.
+            gevent.socket.wait_read(self.sock.fileno(), timeout=timeout_s)
         started_s = time.monotonic()
         idle_lane().wait(first=True, max_wait_s=timeout_s / 4 if timeout_s else None)
         _lane_waits.s = lane_wait_s() + time.monotonic() - started_s
         return super().getresponse()
+
+
+def _has_buffered_bytes(sock) -> bool:
+    """A TLS socket may hold decrypted bytes of the answer already: its fd has nothing to say."""
+    pending = getattr(sock, "pending", None)
+    return bool(pending and pending())
 
 
 class _LanePacedHttpsConnection(_LanePacedConnection, urllib3.connection.HTTPSConnection):
