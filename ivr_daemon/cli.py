@@ -22,6 +22,7 @@ def cmd_run(args) -> int:
     import time
 
     from ivr_daemon import resolver
+    from ivr_daemon.collector import CollectorSchedule
     from ivr_daemon.daemon import SHUTDOWN_BUDGET_S, build_conversation_daemon, open_records
     from ivr_daemon.http.server import STOP_TIMEOUT_S
     from ivr_daemon.records import RecordsError
@@ -93,6 +94,8 @@ def cmd_run(args) -> int:
     # events waited meanwhile.
     gc.collect()
     gc.freeze()
+    # From here on the collector runs when the loop is idle, a little and often (collector.py).
+    collector = CollectorSchedule().start()
     log.info("daemon_starting", freeswitch=", ".join(switch.name for switch in settings.switches))
     try:
         daemon.run()
@@ -103,6 +106,7 @@ def cmd_run(args) -> int:
         for greenlet in shutting_down:
             greenlet.join(timeout=10)
         daemon.close_voices()  # after the shutdown, which lets syntheses in flight land
+        collector.stop()
     log.info("daemon_stopped")
     return EXIT_OK
 
