@@ -89,9 +89,10 @@ class PiperEngine(TtsEngine):
     def warm_up(self) -> None:
         """One long sentence synthesized and dropped (~1.6 s of one core). A fresh session's first
         runs are slow: onnxruntime grows its memory arena run by run, the kernel faulting in tens
-        of megabytes of fresh pages (~10,000 minor faults for the first 12-word sentence, none
-        once warm), so the first 12-word sentence took 530-570 ms of CPU against ~450 warm
-        (bench/piper_cost.py: ``cold_first_*``)."""
+        of megabytes of fresh pages: ~2,000 minor faults for a fresh process's first 5-word
+        clause, ~10,000 for its first 12-word sentence and ~5,000 for its second, against none
+        once warm. Those first sentences took 470-570 ms of CPU against 430-455 warm, the clause
+        230-330 against 200 (bench/piper_cost.py --cold: ``cold_first_*``, ``warm_first_*``)."""
         self.synthesize(WARM_UP_TEXT)
 
     def synthesize(self, text: str) -> tuple[numpy.ndarray, int]:
