@@ -249,6 +249,35 @@ def test_a_piper_synthesis_does_not_wait_for_another_ones_inference(piper_engine
     assert samples.size > short.size
 
 
+class RecordingSession:
+    """An onnxruntime session that notes the length of each run's phoneme input."""
+
+    def __init__(self, session):
+        self._session = session
+        self.input_lengths: list[int] = []
+
+    def run(self, *args, **kwargs):
+        self.input_lengths.append(int(args[1]["input"].shape[1]))
+        return self._session.run(*args, **kwargs)
+
+
+def test_piper_warm_up_runs_the_model_on_a_long_sentence_and_writes_nothing(piper_engine, monkeypatch, tmp_path):
+    # onnxruntime's memory grows to the longest input it has run: the warm-up's must be longer
+    # than a reply's usual sentence (here the 20-word one), so the first real one finds it ready.
+    session = RecordingSession(piper_engine._voice.session)
+    monkeypatch.setattr(piper_engine._voice, "session", session)
+    monkeypatch.chdir(tmp_path)
+    typical = ("We open at nine tomorrow, and we close at six in the evening, "
+               "except on Sundays when we close at four.")
+    piper_engine.synthesize(typical)
+    [typical_length] = session.input_lengths
+
+    assert piper_engine.warm_up() is None
+
+    assert len(session.input_lengths) == 2 and session.input_lengths[1] > typical_length
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_each_piper_synthesis_runs_on_one_core(piper_engine):
     # Concurrency comes from the pool's threads (one per core); onnxruntime's default per-run
     # pool over every core would oversubscribe them once runs overlap.

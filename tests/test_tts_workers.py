@@ -84,6 +84,19 @@ def test_piper_workers_speak_the_in_process_voice_from_the_loop_and_from_threads
         engine.close()
 
 
+def test_a_piper_worker_warms_its_voice_up_before_it_says_ready(capfd):
+    # The worker logs to the stderr it shares with this process: the line is there once the
+    # engine is ready, so the first call's sentence is not the model's first run.
+    engine = WorkerEngine(voice_settings(), workers=1)
+    try:
+        [pid] = engine.pids
+        err = capfd.readouterr().err
+        [line] = [line for line in err.splitlines() if "tts_warmed_up" in line]
+        assert f"tts_worker_pid={pid}" in line and "engine=piper" in line and "warm_up_ms=" in line
+    finally:
+        engine.close()
+
+
 def test_workers_are_children_at_a_lower_cpu_priority(one_worker):
     [pid] = one_worker.pids
     assert psutil.Process(pid).ppid() == os.getpid()

