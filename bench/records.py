@@ -70,8 +70,11 @@ TURNS_TIMEOUT_S = 20.0
 TICK_S = 0.01  # the benchmark's own loop-lag ticker
 
 
-def run_once(args, name: str, database_url: str | None, checkout: Path | None = None) -> dict:
+def run_once(args, name: str, database_url: str | None, checkout: Path | None = None,
+             switch_interval_ms: float | None = None) -> dict:
     env = {"DATABASE_URL": database_url or "off"}
+    if switch_interval_ms is not None:
+        env["IVR_EXPERIMENT_SWITCH_INTERVAL_MS"] = str(switch_interval_ms)
     profile_path = args.profile_daemon and f"{args.profile_daemon}.{name}"
     rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env,
                            checkout=checkout, profile_path=profile_path)
@@ -110,11 +113,18 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
         threads_before = _threads_cpu_s(rig.daemon.pid)
         transactions_before = _write_transactions(database_url) if database_url else 0
+        trace = None
+        if args.trace_gil:
+            from gil_trace import FutexTrace
+
+            trace = FutexTrace(rig.daemon.pid, Path(rig.tmp.name) / "futex.trace").start()
         lag = gevent.spawn(ticker)
         greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), lifecycle, i) for i in range(args.calls)]
         gevent.joinall(greenlets)
         stop.set()
         lag.join()
+        if trace is not None:
+            trace.stop()
         hung_up_s = time.monotonic()
         failed = [g for g in greenlets if not g.successful()]
         assert not failed, f"{len(failed)} callers failed: {failed[0].exception!r}"
@@ -147,6 +157,10 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
                    f"{name}_daemon_cpu_ms_per_call": round(cpu_ms_per_call, 2),
                    f"{name}_bench_loop_lag_p99_ms": round(percentile(lags_ms, 99), 2)}
         figures.update({f"{name}_{key}": value for key, value in threads.items()})
+        if trace is not None:
+            gil = trace.figures(len(calls))
+            figures.update({f"{name}_{key}": value for key, value in gil.items()})
+            print(f"{name}: loop thread's GIL waits {gil}", flush=True)
         figures.update(written)
         print(f"{name}: {len(overheads)} turns answered, overhead p50 {figures[f'{name}_overhead_p50_ms']:.2f} ms, "
               f"p99 {figures[f'{name}_overhead_p99_ms']:.2f} ms; daemon CPU {cpu_ms_per_call:.2f} ms a call; "
@@ -327,6 +341,12 @@ def main(argv=None) -> int:
     parser.add_argument("--writer", action="store_true",
                         help="the records writer alone, no daemon: its thread's CPU, statements, loop lag a call")
     parser.add_argument("--writer-child", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--trace-gil", action="store_true",
+                        help="perf trace the daemon's loop thread: its GIL waits a call (bench/gil_trace.py)")
+    parser.add_argument("--switch-interval-ms", type=float, action="append",
+                        help="EXPERIMENT: run each variant with this sys.setswitchinterval (repeatable: "
+                             "alternated round by round)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternating")
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
     if args.writer_child:
@@ -349,7 +369,16 @@ def main(argv=None) -> int:
             runs = [run for run in runs if run[0] in args.only]
         if args.reverse:
             runs.reverse()  # the same runs, the other way round: does the order matter on this machine?
-        for name, url in runs:
+        if args.switch_interval_ms:
+            runs = [(f"{name}_si{ms:g}", url, ms) for name, url in runs for ms in args.switch_interval_ms]
+        else:
+            runs = [(name, url, None) for name, url in runs]
+        runs = [(name if args.rounds == 1 else f"r{round_}_{name}", url, ms)
+                for round_ in range(1, args.rounds + 1) for name, url, ms in runs]
+        for name, url, interval_ms in runs:
+            if url and (args.rounds > 1 or args.switch_interval_ms):
+                # Each run's own database: the same work for each.
+                url = url.replace("records.db", f"{name}.db") if url.startswith("sqlite") else server.new_database()
             if args.writer:
                 if url is None:
                     continue
@@ -363,7 +392,8 @@ def main(argv=None) -> int:
                 base_url = url and (url.replace("records.db", "baseline.db") if name == "sqlite"
                                     else server.new_database())
                 figures.update(run_once(args, f"baseline_{name}", base_url, checkout=args.baseline))
-            figures.update(run_once(args, name, url, checkout=latency.ROOT))  # this checkout's daemon
+            figures.update(run_once(args, name, url, checkout=latency.ROOT,  # this checkout's daemon
+                                    switch_interval_ms=interval_ms))
     figures["seconds"] = round(time.monotonic() - started, 1)
     figures["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures))
