@@ -173,12 +173,14 @@ class DaemonProcessRig:
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
-                 extra_env=None, checkout=None, profile_path=None, switches=1, llm_url=None):
+                 extra_env=None, checkout=None, profile_path=None, switches=1, llm_url=None, switch_interval_ms=None):
         """``checkout``: run the daemon of that copy of the project (its directory first on the
         daemon's sys.path, as ``python -m`` from there does) rather than this one's;
         ``profile_path``: under cProfile (see _profiled); ``switches``: simulators the daemon
         serves (``sims``; ``sim`` is the first); ``llm_url``: an LLM server of the caller's
-        (shared by several rigs) instead of a fake LLM of its own."""
+        (shared by several rigs) instead of a fake LLM of its own; ``switch_interval_ms``: the
+        daemon's interpreter hands the GIL over at this interval (sys.setswitchinterval, set
+        before ``ivr_daemon`` is imported) instead of Python's 5 ms."""
         own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
@@ -206,7 +208,9 @@ class DaemonProcessRig:
         self.log_file = open(self.log_path, "w")
         if checkout is not None:
             env["PYTHONPATH"] = str(checkout)
-        self.daemon = subprocess.Popen([sys.executable, *_profiled(profile_path), "--env-file", os.devnull, "run"],
+        interpreter_args = _profiled(profile_path) if switch_interval_ms is None else [
+            "-c", SWITCH_INTERVAL.format(seconds=switch_interval_ms / 1000)]
+        self.daemon = subprocess.Popen([sys.executable, *interpreter_args, "--env-file", os.devnull, "run"],
                                        env=env, stderr=self.log_file, stdout=subprocess.DEVNULL,
                                        cwd=checkout)
         for sim in self.sims:
@@ -270,6 +274,13 @@ def _profiled(profile_path):
         return ["-m", "ivr_daemon"]
     return ["-c", PROFILER.format(path=str(profile_path))]
 
+
+# Run as the daemon's process with another GIL switch interval (DaemonProcessRig's switch_interval_ms).
+SWITCH_INTERVAL = """
+import runpy, sys
+sys.setswitchinterval({seconds!r})
+runpy.run_module("ivr_daemon", run_name="__main__")
+"""
 
 # Run as the daemon's process under --profile-daemon (see _profiled).
 PROFILER = """

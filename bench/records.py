@@ -73,11 +73,9 @@ TICK_S = 0.01  # the benchmark's own loop-lag ticker
 def run_once(args, name: str, database_url: str | None, checkout: Path | None = None,
              switch_interval_ms: float | None = None) -> dict:
     env = {"DATABASE_URL": database_url or "off"}
-    if switch_interval_ms is not None:
-        env["IVR_EXPERIMENT_SWITCH_INTERVAL_MS"] = str(switch_interval_ms)
     profile_path = args.profile_daemon and f"{args.profile_daemon}.{name}"
     rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env,
-                           checkout=checkout, profile_path=profile_path)
+                           checkout=checkout, profile_path=profile_path, switch_interval_ms=switch_interval_ms)
     try:
         rng = random.Random(7)
         sequences: dict[str, int] = {}
@@ -242,11 +240,13 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
             "loop_lag_p99_ms": round(percentile(lags_ms, 99), 2), "loop_lag_max_ms": round(max(lags_ms), 2)}
 
 
-def run_writer(args, name: str, url: str, checkout: Path) -> dict:
+def run_writer(args, name: str, url: str, checkout: Path, switch_interval_ms: float | None = None) -> dict:
     """writer_cost in a process of its own running ``checkout``'s ivr_daemon (--writer)."""
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(checkout)}
+    if switch_interval_ms is not None:
+        env["BENCH_SWITCH_INTERVAL_MS"] = str(switch_interval_ms)
     out = subprocess.run([sys.executable, __file__, "--writer-child", url, "--calls", str(args.calls),
                           "--spread-s", str(args.spread_s)], env=env, check=True, capture_output=True, text=True)
     figures = json.loads(out.stdout.strip().splitlines()[-1])
@@ -344,13 +344,15 @@ def main(argv=None) -> int:
     parser.add_argument("--trace-gil", action="store_true",
                         help="perf trace the daemon's loop thread: its GIL waits a call (bench/gil_trace.py)")
     parser.add_argument("--switch-interval-ms", type=float, action="append",
-                        help="EXPERIMENT: run each variant with this sys.setswitchinterval (repeatable: "
-                             "alternated round by round)")
+                        help="run each variant's daemon (or --writer's process) with this sys.setswitchinterval "
+                             "(repeatable: the variants alternate round by round)")
     parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternating")
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
     if args.writer_child:
         os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_c")  # as in the daemon (store.py's _psycopg)
+        if os.environ.get("BENCH_SWITCH_INTERVAL_MS"):  # run_writer's --switch-interval-ms
+            sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL_MS"]) / 1000)
         print(json.dumps(writer_cost(args.writer_child, args.calls, args.calls / args.spread_s)))
         return 0
     started = time.monotonic()
@@ -385,7 +387,7 @@ def main(argv=None) -> int:
                 if args.baseline:
                     base_url = url.replace("records.db", "baseline.db") if name == "sqlite" else server.new_database()
                     figures.update(run_writer(args, f"baseline_{name}", base_url, args.baseline))
-                figures.update(run_writer(args, name, url, latency.ROOT))
+                figures.update(run_writer(args, name, url, latency.ROOT, interval_ms))
                 continue
             if args.baseline:
                 # Each variant's database afresh for each daemon: the same work for both.

@@ -34,9 +34,6 @@ def cmd_run(args) -> int:
     settings = _settings_or_exit(args)
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger("ivr_daemon.cli")
-    import os  # EXPERIMENT (gil branch): the GIL's switch interval, to be measured
-    if os.environ.get("IVR_EXPERIMENT_SWITCH_INTERVAL_MS"):
-        sys.setswitchinterval(float(os.environ["IVR_EXPERIMENT_SWITCH_INTERVAL_MS"]) / 1000)
     resolver.install()  # an LLM at an IP address is connected to without a thread-pool lookup
     if settings.uses_default_esl_password:
         log.warning("esl_default_password", hint="FREESWITCH_PASSWORD is FreeSWITCH's well-known default ClueCon: change it on the switch and here",
@@ -286,9 +283,6 @@ def cmd_asr_server(args) -> int:
     settings = _settings_or_exit(args)
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger("ivr_daemon.cli")
-    import os  # EXPERIMENT (gil branch): the GIL's switch interval, to be measured
-    if os.environ.get("IVR_EXPERIMENT_SWITCH_INTERVAL_MS"):
-        sys.setswitchinterval(float(os.environ["IVR_EXPERIMENT_SWITCH_INTERVAL_MS"]) / 1000)
     try:
         from ivr_daemon.asr import AsrModelUnavailable, make_asr_engine
         from ivr_daemon.asr.server import AsrServer
