@@ -51,10 +51,11 @@ class FutexTrace:
         self.proc.wait(30)
 
     def figures(self, calls: int) -> dict:
-        """The loop thread's GIL waits (timed waits on the busiest timed address) and its other
-        futex waits, per call, with the GIL waits' distribution."""
+        """The loop thread's GIL waits (timed waits on the busiest timed address), its waits on the
+        GIL's other fields (the hand-over after a drop request: ``handover``) and its other futex
+        waits, per call, with the GIL waits' distribution."""
         by_address: dict[str, list[float]] = collections.defaultdict(list)
-        other_ms: list[float] = []
+        untimed: dict[str, list[float]] = collections.defaultdict(list)
         for line in self.path.read_text(errors="replace").splitlines():
             found = _LINE.search(line)
             if found is None or int(found["tid"] or self.tid) != self.tid or "WAIT" not in found["op"]:
@@ -62,10 +63,15 @@ class FutexTrace:
             if found["timed"]:
                 by_address[found["addr"]].append(float(found["ms"]))
             else:
-                other_ms.append(float(found["ms"]))
+                untimed[found["addr"]].append(float(found["ms"]))
         gil_address = max(by_address, key=lambda address: sum(by_address[address]), default=None)
         gil_ms = sorted(by_address.pop(gil_address, []))
-        other_ms += [ms for waits in by_address.values() for ms in waits]
+        # The GIL's other fields (its mutex; switch_cond, where a thread that dropped the GIL on
+        # request waits until the requester has taken it) sit within a few hundred bytes of its cond.
+        near = {address for address in untimed
+                if gil_address is not None and abs(int(address, 16) - int(gil_address, 16)) < 256}
+        handover_ms = [ms for address in near for ms in untimed[address]]
+        other_ms = [ms for address, waits in {**untimed, **by_address}.items() if address not in near for ms in waits]
 
         def share(limit_ms: float) -> float:
             return round(sum(1 for ms in gil_ms if ms > limit_ms) / calls, 3)
@@ -76,4 +82,6 @@ class FutexTrace:
                 "loop_gil_wait_max_ms": round(gil_ms[-1], 3) if gil_ms else 0.0,
                 "loop_gil_waits_over_1ms_per_call": share(1.0),
                 "loop_gil_waits_over_4ms_per_call": share(4.0),
+                "loop_gil_handover_waits_per_call": round(len(handover_ms) / calls, 2),
+                "loop_gil_handover_wait_ms_per_call": round(sum(handover_ms) / calls, 3),
                 "loop_other_futex_wait_ms_per_call": round(sum(other_ms) / calls, 3)}

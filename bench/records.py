@@ -55,6 +55,7 @@ import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -74,8 +75,10 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
              switch_interval_ms: float | None = None) -> dict:
     env = {"DATABASE_URL": database_url or "off"}
     profile_path = args.profile_daemon and f"{args.profile_daemon}.{name}"
+    gc_probe = Path(tempfile.gettempdir()) / f"ivr-bench-gc-{os.getpid()}-{name}.jsonl" if args.gc_probe else None
     rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env,
-                           checkout=checkout, profile_path=profile_path, switch_interval_ms=switch_interval_ms)
+                           checkout=checkout, profile_path=profile_path, switch_interval_ms=switch_interval_ms,
+                           gc_probe_path=gc_probe)
     try:
         rng = random.Random(7)
         sequences: dict[str, int] = {}
@@ -117,6 +120,7 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
 
             trace = FutexTrace(rig.daemon.pid, Path(rig.tmp.name) / "futex.trace").start()
         lag = gevent.spawn(ticker)
+        calls_started_s = time.monotonic()
         greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), lifecycle, i) for i in range(args.calls)]
         gevent.joinall(greenlets)
         stop.set()
@@ -155,6 +159,10 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
                    f"{name}_daemon_cpu_ms_per_call": round(cpu_ms_per_call, 2),
                    f"{name}_bench_loop_lag_p99_ms": round(percentile(lags_ms, 99), 2)}
         figures.update({f"{name}_{key}": value for key, value in threads.items()})
+        if gc_probe is not None:
+            collected = _collections(gc_probe, calls_started_s, hung_up_s, len(calls))
+            figures.update({f"{name}_{key}": value for key, value in collected.items()})
+            print(f"{name}: the daemon's collections {collected}", flush=True)
         if trace is not None:
             gil = trace.figures(len(calls))
             figures.update({f"{name}_{key}": value for key, value in gil.items()})
@@ -171,6 +179,24 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         return figures
     finally:
         rig.close()
+        if gc_probe is not None:
+            gc_probe.unlink(missing_ok=True)
+
+
+def _collections(path: Path, from_s: float, to_s: float, calls: int) -> dict:
+    """The daemon's generation-1 and -2 collections from ``from_s`` to ``to_s`` (its gc probe)."""
+    found = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    found = [gc for gc in found if from_s <= gc["at_s"] <= to_s]
+    figures = {}
+    for generation in (1, 2):
+        these = [gc for gc in found if gc["generation"] == generation]
+        elsewhere = [gc["ms"] for gc in these if not gc["loop_thread"]]
+        figures.update({f"gc{generation}_count": len(these),
+                        f"gc{generation}_ms_per_call": round(sum(gc["ms"] for gc in these) / calls, 3),
+                        f"gc{generation}_max_ms": round(max((gc["ms"] for gc in these), default=0.0), 2),
+                        f"gc{generation}_off_loop_count": len(elsewhere),
+                        f"gc{generation}_off_loop_max_ms": round(max(elsewhere, default=0.0), 2)})
+    return figures
 
 
 def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
@@ -346,6 +372,9 @@ def main(argv=None) -> int:
     parser.add_argument("--switch-interval-ms", type=float, action="append",
                         help="run each variant's daemon (or --writer's process) with this sys.setswitchinterval "
                              "(repeatable: the variants alternate round by round)")
+    parser.add_argument("--gc-probe", action="store_true",
+                        help="count the daemon's generation-1/2 garbage collections and their length, on the loop's "
+                             "thread or another (which holds the GIL the loop needs meanwhile)")
     parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternating")
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
@@ -358,8 +387,6 @@ def main(argv=None) -> int:
     started = time.monotonic()
     figures: dict = {"calls": args.calls, "spread_s": args.spread_s}
     with contextlib.ExitStack() as stack:
-        import tempfile
-
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ivr-bench-records-")))
         runs = [("no_records", None), ("sqlite", f"sqlite:///{workdir}/records.db")]
         if args.postgres:
