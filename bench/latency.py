@@ -183,7 +183,8 @@ class DaemonProcessRig:
         daemon's interpreter hands the GIL over at this interval (sys.setswitchinterval, set
         before ``ivr_daemon`` is imported) instead of Python's 5 ms; ``gc_probe_path``: each of the
         daemon's cyclic garbage collections of generation 1 or 2 appended there as a JSON line
-        (generation, ms, on the loop's thread or another: a collection holds the GIL throughout)."""
+        (generation, ms, its thread's CPU ms, on the loop's thread or another: a collection holds
+        the GIL throughout)."""
         own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
@@ -287,12 +288,13 @@ BOOTSTRAP = """
 import gc, json, os, runpy, sys, time
 from _thread import get_native_id  # bound before gevent's monkey-patching
 sys.setswitchinterval({seconds!r})
-path, started = {gc_probe_path!r}, [0.0]
+path, started = {gc_probe_path!r}, [0.0, 0.0]
 def probe(phase, info):
     if phase == "start":
-        started[0] = time.perf_counter()
+        started[:] = time.perf_counter(), time.thread_time()
     elif info["generation"] > 0:
         line = json.dumps({{"generation": info["generation"], "ms": (time.perf_counter() - started[0]) * 1000,
+                           "cpu_ms": (time.thread_time() - started[1]) * 1000,
                            "loop_thread": get_native_id() == os.getpid(),
                            "at_s": time.monotonic()}})
         with open(path, "a") as out:

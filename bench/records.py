@@ -194,6 +194,7 @@ def _collections(path: Path, from_s: float, to_s: float, calls: int) -> dict:
         figures.update({f"gc{generation}_count": len(these),
                         f"gc{generation}_ms_per_call": round(sum(gc["ms"] for gc in these) / calls, 3),
                         f"gc{generation}_max_ms": round(max((gc["ms"] for gc in these), default=0.0), 2),
+                        f"gc{generation}_max_cpu_ms": round(max((gc.get("cpu_ms", 0.0) for gc in these), default=0.0), 2),
                         f"gc{generation}_off_loop_count": len(elsewhere),
                         f"gc{generation}_off_loop_max_ms": round(max(elsewhere, default=0.0), 2)})
     return figures
