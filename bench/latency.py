@@ -288,13 +288,14 @@ BOOTSTRAP = """
 import gc, json, os, runpy, sys, time
 from _thread import get_native_id  # bound before gevent's monkey-patching
 sys.setswitchinterval({seconds!r})
-path, started = {gc_probe_path!r}, [0.0, 0.0]
+path, started = {gc_probe_path!r}, [0.0, 0.0, ()]
 def probe(phase, info):
     if phase == "start":
-        started[:] = time.perf_counter(), time.thread_time()
+        started[:] = time.perf_counter(), time.thread_time(), gc.get_count()
     elif info["generation"] > 0:
         line = json.dumps({{"generation": info["generation"], "ms": (time.perf_counter() - started[0]) * 1000,
-                           "cpu_ms": (time.thread_time() - started[1]) * 1000,
+                           "cpu_ms": (time.thread_time() - started[1]) * 1000, "counts": started[2],
+                           "collected": info["collected"],
                            "loop_thread": get_native_id() == os.getpid(),
                            "at_s": time.monotonic()}})
         with open(path, "a") as out:

@@ -195,8 +195,11 @@ def _collections(path: Path, from_s: float, to_s: float, calls: int) -> dict:
                         f"gc{generation}_ms_per_call": round(sum(gc["ms"] for gc in these) / calls, 3),
                         f"gc{generation}_max_ms": round(max((gc["ms"] for gc in these), default=0.0), 2),
                         f"gc{generation}_max_cpu_ms": round(max((gc.get("cpu_ms", 0.0) for gc in these), default=0.0), 2),
+                        f"gc{generation}_collected": sum(gc.get("collected", 0) for gc in these),
                         f"gc{generation}_off_loop_count": len(elsewhere),
                         f"gc{generation}_off_loop_max_ms": round(max(elsewhere, default=0.0), 2)})
+    figures["gc_each"] = [[gc["generation"], round(gc.get("cpu_ms", 0.0), 2), gc.get("collected"), gc["loop_thread"], gc.get("counts")]
+                          for gc in found]  # generation, CPU ms, objects freed, on the loop, gc.get_count() before
     return figures
 
 
