@@ -288,16 +288,20 @@ BOOTSTRAP = """
 import gc, json, os, runpy, sys, time
 from _thread import get_native_id  # bound before gevent's monkey-patching
 sys.setswitchinterval({seconds!r})
-path, started = {gc_probe_path!r}, [0.0, 0.0, ()]
+path, started, young = {gc_probe_path!r}, [0.0, 0.0, ()], [0, 0.0, 0.0]
 def probe(phase, info):
     if phase == "start":
         started[:] = time.perf_counter(), time.thread_time(), gc.get_count()
-    elif info["generation"] > 0:
+    elif info["generation"] == 0:  # many: summed into the next older collection's line
+        cpu_ms = (time.thread_time() - started[1]) * 1000
+        young[:] = young[0] + 1, young[1] + cpu_ms, max(young[2], cpu_ms)
+    else:
         line = json.dumps({{"generation": info["generation"], "ms": (time.perf_counter() - started[0]) * 1000,
                            "cpu_ms": (time.thread_time() - started[1]) * 1000, "counts": started[2],
-                           "collected": info["collected"],
+                           "collected": info["collected"], "gen0_since": list(young),
                            "loop_thread": get_native_id() == os.getpid(),
                            "at_s": time.monotonic()}})
+        young[:] = 0, 0.0, 0.0
         with open(path, "a") as out:
             out.write(line + chr(10))
 if path:
