@@ -183,8 +183,8 @@ class DaemonProcessRig:
         daemon's interpreter hands the GIL over at this interval (sys.setswitchinterval, set
         before ``ivr_daemon`` is imported) instead of Python's 5 ms; ``gc_probe_path``: each of the
         daemon's cyclic garbage collections of generation 1 or 2 appended there as a JSON line
-        (generation, ms, its thread's CPU ms, on the loop's thread or another: a collection holds
-        the GIL throughout)."""
+        (generation, ms, its thread's CPU ms, objects freed, on the loop's thread or another: a
+        collection holds the GIL throughout; the generation-0 ones since, summed)."""
         own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")

@@ -42,8 +42,18 @@ RecordWriter, and per run ``<run>_records_thread_cpu_ms_per_call`` (the Python w
 records thread, which holds the GIL the loop needs), ``<run>_statements_per_call`` and the
 loop's lag meanwhile (``<run>_loop_lag_p99_ms``, ``<run>_loop_lag_max_ms``).
 
+Is it the GIL? ``--trace-gil`` (Linux, perf, root) traces the daemon's loop thread's futex waits
+during the calls (bench/gil_trace.py): per call its waits for the GIL (``<run>_loop_gil_waits_per_call``,
+``..._wait_ms_per_call``, p99, max, over 1 / 4 ms) and in the GIL's hand-over after a drop request.
+``--gc-probe`` has the daemon's process report its cyclic garbage collections (a collection holds
+the GIL throughout, whichever thread runs it): per generation 1 and 2 the count, ms a call, the
+longest in wall and CPU ms, objects freed, how many ran off the loop's thread, and ``gc_each``
+(each with the generation-0 collections before it). ``--switch-interval-ms X`` (repeatable) runs
+each variant under ``sys.setswitchinterval(X)``; ``--rounds N`` repeats the variants, alternated.
+
 Usage: .venv/bin/python bench/records.py [--calls 1000] [--spread-s 50] [--postgres] [--baseline PATH]
                                          [--only no_records|sqlite|postgresql] [--profile-daemon PATH]
+                                         [--trace-gil] [--gc-probe] [--switch-interval-ms MS ...] [--rounds N]
 """
 
 import latency  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys.path
@@ -379,8 +389,8 @@ def main(argv=None) -> int:
                         help="run each variant's daemon (or --writer's process) with this sys.setswitchinterval "
                              "(repeatable: the variants alternate round by round)")
     parser.add_argument("--gc-probe", action="store_true",
-                        help="count the daemon's generation-1/2 garbage collections and their length, on the loop's "
-                             "thread or another (which holds the GIL the loop needs meanwhile)")
+                        help="the daemon's garbage collections and their length (CPU too), on the loop's thread or "
+                             "another (which holds the GIL the loop needs meanwhile)")
     parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternating")
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
@@ -418,13 +428,13 @@ def main(argv=None) -> int:
                 if url is None:
                     continue
                 if args.baseline:
-                    base_url = url.replace("records.db", "baseline.db") if name == "sqlite" else server.new_database()
+                    base_url = url.replace(".db", "_baseline.db") if url.startswith("sqlite") else server.new_database()
                     figures.update(run_writer(args, f"baseline_{name}", base_url, args.baseline))
                 figures.update(run_writer(args, name, url, latency.ROOT, interval_ms))
                 continue
             if args.baseline:
                 # Each variant's database afresh for each daemon: the same work for both.
-                base_url = url and (url.replace("records.db", "baseline.db") if name == "sqlite"
+                base_url = url and (url.replace(".db", "_baseline.db") if url.startswith("sqlite")
                                     else server.new_database())
                 figures.update(run_once(args, f"baseline_{name}", base_url, checkout=args.baseline))
             figures.update(run_once(args, name, url, checkout=latency.ROOT,  # this checkout's daemon
