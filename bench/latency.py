@@ -173,12 +173,18 @@ class DaemonProcessRig:
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
-                 extra_env=None, checkout=None, profile_path=None, switches=1, llm_url=None):
+                 extra_env=None, checkout=None, profile_path=None, switches=1, llm_url=None, switch_interval_ms=None,
+                 gc_probe_path=None):
         """``checkout``: run the daemon of that copy of the project (its directory first on the
         daemon's sys.path, as ``python -m`` from there does) rather than this one's;
         ``profile_path``: under cProfile (see _profiled); ``switches``: simulators the daemon
         serves (``sims``; ``sim`` is the first); ``llm_url``: an LLM server of the caller's
-        (shared by several rigs) instead of a fake LLM of its own."""
+        (shared by several rigs) instead of a fake LLM of its own; ``switch_interval_ms``: the
+        daemon's interpreter hands the GIL over at this interval (sys.setswitchinterval, set
+        before ``ivr_daemon`` is imported) instead of Python's 5 ms; ``gc_probe_path``: each of the
+        daemon's cyclic garbage collections of generation 1 or 2 appended there as a JSON line
+        (generation, ms, its thread's CPU ms, objects freed, on the loop's thread or another: a
+        collection holds the GIL throughout; the generation-0 ones since, summed)."""
         own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
@@ -206,7 +212,12 @@ class DaemonProcessRig:
         self.log_file = open(self.log_path, "w")
         if checkout is not None:
             env["PYTHONPATH"] = str(checkout)
-        self.daemon = subprocess.Popen([sys.executable, *_profiled(profile_path), "--env-file", os.devnull, "run"],
+        interpreter_args = _profiled(profile_path)
+        if switch_interval_ms is not None or gc_probe_path is not None:
+            assert profile_path is None, "the profiler or the bootstrap, not both"
+            interpreter_args = ["-c", BOOTSTRAP.format(seconds=(switch_interval_ms or 5.0) / 1000,
+                                                       gc_probe_path=gc_probe_path and str(gc_probe_path))]
+        self.daemon = subprocess.Popen([sys.executable, *interpreter_args, "--env-file", os.devnull, "run"],
                                        env=env, stderr=self.log_file, stdout=subprocess.DEVNULL,
                                        cwd=checkout)
         for sim in self.sims:
@@ -270,6 +281,33 @@ def _profiled(profile_path):
         return ["-m", "ivr_daemon"]
     return ["-c", PROFILER.format(path=str(profile_path))]
 
+
+# Run as the daemon's process with another GIL switch interval or a probe of its garbage
+# collections (DaemonProcessRig's switch_interval_ms, gc_probe_path).
+BOOTSTRAP = """
+import gc, json, os, runpy, sys, time
+from _thread import get_native_id  # bound before gevent's monkey-patching
+sys.setswitchinterval({seconds!r})
+path, started, young = {gc_probe_path!r}, [0.0, 0.0, ()], [0, 0.0, 0.0]
+def probe(phase, info):
+    if phase == "start":
+        started[:] = time.perf_counter(), time.thread_time(), gc.get_count()
+    elif info["generation"] == 0:  # many: summed into the next older collection's line
+        cpu_ms = (time.thread_time() - started[1]) * 1000
+        young[:] = young[0] + 1, young[1] + cpu_ms, max(young[2], cpu_ms)
+    else:
+        line = json.dumps({{"generation": info["generation"], "ms": (time.perf_counter() - started[0]) * 1000,
+                           "cpu_ms": (time.thread_time() - started[1]) * 1000, "counts": started[2],
+                           "collected": info["collected"], "gen0_since": list(young),
+                           "loop_thread": get_native_id() == os.getpid(),
+                           "at_s": time.monotonic()}})
+        young[:] = 0, 0.0, 0.0
+        with open(path, "a") as out:
+            out.write(line + chr(10))
+if path:
+    gc.callbacks.append(probe)
+runpy.run_module("ivr_daemon", run_name="__main__")
+"""
 
 # Run as the daemon's process under --profile-daemon (see _profiled).
 PROFILER = """

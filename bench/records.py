@@ -42,8 +42,18 @@ RecordWriter, and per run ``<run>_records_thread_cpu_ms_per_call`` (the Python w
 records thread, which holds the GIL the loop needs), ``<run>_statements_per_call`` and the
 loop's lag meanwhile (``<run>_loop_lag_p99_ms``, ``<run>_loop_lag_max_ms``).
 
+Is it the GIL? ``--trace-gil`` (Linux, perf, root) traces the daemon's loop thread's futex waits
+during the calls (bench/gil_trace.py): per call its waits for the GIL (``<run>_loop_gil_waits_per_call``,
+``..._wait_ms_per_call``, p99, max, over 1 / 4 ms) and in the GIL's hand-over after a drop request.
+``--gc-probe`` has the daemon's process report its cyclic garbage collections (a collection holds
+the GIL throughout, whichever thread runs it): per generation 1 and 2 the count, ms a call, the
+longest in wall and CPU ms, objects freed, how many ran off the loop's thread, and ``gc_each``
+(each with the generation-0 collections before it). ``--switch-interval-ms X`` (repeatable) runs
+each variant under ``sys.setswitchinterval(X)``; ``--rounds N`` repeats the variants, alternated.
+
 Usage: .venv/bin/python bench/records.py [--calls 1000] [--spread-s 50] [--postgres] [--baseline PATH]
                                          [--only no_records|sqlite|postgresql] [--profile-daemon PATH]
+                                         [--trace-gil] [--gc-probe] [--switch-interval-ms MS ...] [--rounds N]
 """
 
 import latency  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys.path
@@ -55,6 +65,7 @@ import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -70,11 +81,14 @@ TURNS_TIMEOUT_S = 20.0
 TICK_S = 0.01  # the benchmark's own loop-lag ticker
 
 
-def run_once(args, name: str, database_url: str | None, checkout: Path | None = None) -> dict:
+def run_once(args, name: str, database_url: str | None, checkout: Path | None = None,
+             switch_interval_ms: float | None = None) -> dict:
     env = {"DATABASE_URL": database_url or "off"}
     profile_path = args.profile_daemon and f"{args.profile_daemon}.{name}"
+    gc_probe = Path(tempfile.gettempdir()) / f"ivr-bench-gc-{os.getpid()}-{name}.jsonl" if args.gc_probe else None
     rig = DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0}, extra_env=env,
-                           checkout=checkout, profile_path=profile_path)
+                           checkout=checkout, profile_path=profile_path, switch_interval_ms=switch_interval_ms,
+                           gc_probe_path=gc_probe)
     try:
         rng = random.Random(7)
         sequences: dict[str, int] = {}
@@ -110,11 +124,19 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
         threads_before = _threads_cpu_s(rig.daemon.pid)
         transactions_before = _write_transactions(database_url) if database_url else 0
+        trace = None
+        if args.trace_gil:
+            from gil_trace import FutexTrace
+
+            trace = FutexTrace(rig.daemon.pid, Path(rig.tmp.name) / "futex.trace").start()
         lag = gevent.spawn(ticker)
+        calls_started_s = time.monotonic()
         greenlets = [gevent.spawn_later(rng.uniform(0, args.spread_s), lifecycle, i) for i in range(args.calls)]
         gevent.joinall(greenlets)
         stop.set()
         lag.join()
+        if trace is not None:
+            trace.stop()
         hung_up_s = time.monotonic()
         failed = [g for g in greenlets if not g.successful()]
         assert not failed, f"{len(failed)} callers failed: {failed[0].exception!r}"
@@ -147,6 +169,14 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
                    f"{name}_daemon_cpu_ms_per_call": round(cpu_ms_per_call, 2),
                    f"{name}_bench_loop_lag_p99_ms": round(percentile(lags_ms, 99), 2)}
         figures.update({f"{name}_{key}": value for key, value in threads.items()})
+        if gc_probe is not None:
+            collected = _collections(gc_probe, calls_started_s, hung_up_s, len(calls))
+            figures.update({f"{name}_{key}": value for key, value in collected.items()})
+            print(f"{name}: the daemon's collections {collected}", flush=True)
+        if trace is not None:
+            gil = trace.figures(len(calls))
+            figures.update({f"{name}_{key}": value for key, value in gil.items()})
+            print(f"{name}: loop thread's GIL waits {gil}", flush=True)
         figures.update(written)
         print(f"{name}: {len(overheads)} turns answered, overhead p50 {figures[f'{name}_overhead_p50_ms']:.2f} ms, "
               f"p99 {figures[f'{name}_overhead_p99_ms']:.2f} ms; daemon CPU {cpu_ms_per_call:.2f} ms a call; "
@@ -159,6 +189,30 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         return figures
     finally:
         rig.close()
+        if gc_probe is not None:
+            gc_probe.unlink(missing_ok=True)
+
+
+def _collections(path: Path, from_s: float, to_s: float, calls: int) -> dict:
+    """The daemon's generation-1 and -2 collections from ``from_s`` to ``to_s`` (its gc probe)."""
+    found = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    found = [gc for gc in found if from_s <= gc["at_s"] <= to_s]
+    figures = {}
+    for generation in (1, 2):
+        these = [gc for gc in found if gc["generation"] == generation]
+        elsewhere = [gc["ms"] for gc in these if not gc["loop_thread"]]
+        figures.update({f"gc{generation}_count": len(these),
+                        f"gc{generation}_ms_per_call": round(sum(gc["ms"] for gc in these) / calls, 3),
+                        f"gc{generation}_max_ms": round(max((gc["ms"] for gc in these), default=0.0), 2),
+                        f"gc{generation}_max_cpu_ms": round(max((gc.get("cpu_ms", 0.0) for gc in these), default=0.0), 2),
+                        f"gc{generation}_collected": sum(gc.get("collected", 0) for gc in these),
+                        f"gc{generation}_off_loop_count": len(elsewhere),
+                        f"gc{generation}_off_loop_max_ms": round(max(elsewhere, default=0.0), 2)})
+    # Each: generation, CPU ms, objects freed, on the loop's thread, gc.get_count() before it, and
+    # the generation-0 collections since the previous line (count, CPU ms in all, the longest).
+    figures["gc_each"] = [[gc["generation"], round(gc.get("cpu_ms", 0.0), 2), gc.get("collected"), gc["loop_thread"],
+                           gc.get("counts"), gc.get("gen0_since")] for gc in found]
+    return figures
 
 
 def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
@@ -228,11 +282,13 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
             "loop_lag_p99_ms": round(percentile(lags_ms, 99), 2), "loop_lag_max_ms": round(max(lags_ms), 2)}
 
 
-def run_writer(args, name: str, url: str, checkout: Path) -> dict:
+def run_writer(args, name: str, url: str, checkout: Path, switch_interval_ms: float | None = None) -> dict:
     """writer_cost in a process of its own running ``checkout``'s ivr_daemon (--writer)."""
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(checkout)}
+    if switch_interval_ms is not None:
+        env["BENCH_SWITCH_INTERVAL_MS"] = str(switch_interval_ms)
     out = subprocess.run([sys.executable, __file__, "--writer-child", url, "--calls", str(args.calls),
                           "--spread-s", str(args.spread_s)], env=env, check=True, capture_output=True, text=True)
     figures = json.loads(out.stdout.strip().splitlines()[-1])
@@ -327,17 +383,26 @@ def main(argv=None) -> int:
     parser.add_argument("--writer", action="store_true",
                         help="the records writer alone, no daemon: its thread's CPU, statements, loop lag a call")
     parser.add_argument("--writer-child", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--trace-gil", action="store_true",
+                        help="perf trace the daemon's loop thread: its GIL waits a call (bench/gil_trace.py)")
+    parser.add_argument("--switch-interval-ms", type=float, action="append",
+                        help="run each variant's daemon (or --writer's process) with this sys.setswitchinterval "
+                             "(repeatable: the variants alternate round by round)")
+    parser.add_argument("--gc-probe", action="store_true",
+                        help="the daemon's garbage collections and their length (CPU too), on the loop's thread or "
+                             "another (which holds the GIL the loop needs meanwhile)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternating")
     args = parser.parse_args(argv)
     configure_logging("ERROR", "console")
     if args.writer_child:
         os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_c")  # as in the daemon (store.py's _psycopg)
+        if os.environ.get("BENCH_SWITCH_INTERVAL_MS"):  # run_writer's --switch-interval-ms
+            sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL_MS"]) / 1000)
         print(json.dumps(writer_cost(args.writer_child, args.calls, args.calls / args.spread_s)))
         return 0
     started = time.monotonic()
     figures: dict = {"calls": args.calls, "spread_s": args.spread_s}
     with contextlib.ExitStack() as stack:
-        import tempfile
-
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ivr-bench-records-")))
         runs = [("no_records", None), ("sqlite", f"sqlite:///{workdir}/records.db")]
         if args.postgres:
@@ -349,21 +414,31 @@ def main(argv=None) -> int:
             runs = [run for run in runs if run[0] in args.only]
         if args.reverse:
             runs.reverse()  # the same runs, the other way round: does the order matter on this machine?
-        for name, url in runs:
+        if args.switch_interval_ms:
+            runs = [(f"{name}_si{ms:g}", url, ms) for name, url in runs for ms in args.switch_interval_ms]
+        else:
+            runs = [(name, url, None) for name, url in runs]
+        runs = [(name if args.rounds == 1 else f"r{round_}_{name}", url, ms)
+                for round_ in range(1, args.rounds + 1) for name, url, ms in runs]
+        for name, url, interval_ms in runs:
+            if url and (args.rounds > 1 or args.switch_interval_ms):
+                # Each run's own database: the same work for each.
+                url = url.replace("records.db", f"{name}.db") if url.startswith("sqlite") else server.new_database()
             if args.writer:
                 if url is None:
                     continue
                 if args.baseline:
-                    base_url = url.replace("records.db", "baseline.db") if name == "sqlite" else server.new_database()
+                    base_url = url.replace(".db", "_baseline.db") if url.startswith("sqlite") else server.new_database()
                     figures.update(run_writer(args, f"baseline_{name}", base_url, args.baseline))
-                figures.update(run_writer(args, name, url, latency.ROOT))
+                figures.update(run_writer(args, name, url, latency.ROOT, interval_ms))
                 continue
             if args.baseline:
                 # Each variant's database afresh for each daemon: the same work for both.
-                base_url = url and (url.replace("records.db", "baseline.db") if name == "sqlite"
+                base_url = url and (url.replace(".db", "_baseline.db") if url.startswith("sqlite")
                                     else server.new_database())
                 figures.update(run_once(args, f"baseline_{name}", base_url, checkout=args.baseline))
-            figures.update(run_once(args, name, url, checkout=latency.ROOT))  # this checkout's daemon
+            figures.update(run_once(args, name, url, checkout=latency.ROOT,  # this checkout's daemon
+                                    switch_interval_ms=interval_ms))
     figures["seconds"] = round(time.monotonic() - started, 1)
     figures["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures))
