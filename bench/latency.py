@@ -173,12 +173,13 @@ class DaemonProcessRig:
     in another process, the simulator here: the daemon's loop carries only its own work."""
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
-                 extra_env=None, checkout=None, profile_path=None, switches=1, llm_url=None):
+                 extra_env=None, checkout=None, profile_path=None, switches=1, llm_url=None, daemon_argv=None):
         """``checkout``: run the daemon of that copy of the project (its directory first on the
         daemon's sys.path, as ``python -m`` from there does) rather than this one's;
         ``profile_path``: under cProfile (see _profiled); ``switches``: simulators the daemon
         serves (``sims``; ``sim`` is the first); ``llm_url``: an LLM server of the caller's
-        (shared by several rigs) instead of a fake LLM of its own."""
+        (shared by several rigs) instead of a fake LLM of its own; ``daemon_argv``: the
+        interpreter arguments that run the daemon instead (bench/loop_slices.py's tracer)."""
         own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
@@ -206,7 +207,7 @@ class DaemonProcessRig:
         self.log_file = open(self.log_path, "w")
         if checkout is not None:
             env["PYTHONPATH"] = str(checkout)
-        self.daemon = subprocess.Popen([sys.executable, *_profiled(profile_path), "--env-file", os.devnull, "run"],
+        self.daemon = subprocess.Popen([sys.executable, *(daemon_argv or _profiled(profile_path)), "--env-file", os.devnull, "run"],
                                        env=env, stderr=self.log_file, stdout=subprocess.DEVNULL,
                                        cwd=checkout)
         for sim in self.sims:
