@@ -35,6 +35,7 @@ Usage: .venv/bin/python bench/loop_slices.py [--calls 200] [--spread-s 10] [--ba
 import latency as L  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys.path
 
 import argparse  # noqa: E402
+import bisect  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -60,6 +61,7 @@ poll = [None, None]            # the last poll's end: wall, CPU
 slices, slices_cpu, passes, passes_cpu, details = [], [], [], [], []
 in_pass = []      # this pass's slices: (CPU, greenlet, resumed at)
 pass_details = []  # the long passes: CPU, wall, slices, their CPU, the biggest of them
+marks = []  # every pass: its start and end, wall and CPU (the loop's CPU as a function of time)
 labels = weakref.WeakKeyDictionary()
 hub = gevent.hub.get_hub()
 
@@ -107,9 +109,11 @@ def after_poll():
 
 def before_poll():
     if on[0] and poll[0] is not None:
-        length, length_cpu = clock() - poll[0], cpu() - poll[1]
+        now, now_cpu = clock(), cpu()
+        length, length_cpu = now - poll[0], now_cpu - poll[1]
         passes.append(length)
         passes_cpu.append(length_cpu)
+        marks.append((poll[0], poll[1], now, now_cpu))
         if length_cpu >= 2 * DETAIL_S:
             ranked = sorted(in_pass, key=lambda item: -item[0])
             pass_details.append((length_cpu, length, len(in_pass), sum(item[0] for item in in_pass),
@@ -122,8 +126,9 @@ prepare = hub.loop.prepare(ref=False, priority=-2)  # last before the next poll
 prepare.start(before_poll)
 
 def start(*_):
-    for kept in (slices, slices_cpu, passes, passes_cpu, details, pass_details, in_pass):
+    for kept in (slices, slices_cpu, passes, passes_cpu, details, pass_details, in_pass, marks):
         del kept[:]
+    routed.clear()
     last[0] = None
     poll[0] = None
     greenlet.settrace(trace)
@@ -134,9 +139,32 @@ def stop(*_):
     greenlet.settrace(None)
     with open({path!r} + ".tmp", "w") as out:
         json.dump({{"slices_s": slices, "slices_cpu_s": slices_cpu, "passes_s": passes, "passes_cpu_s": passes_cpu,
-                   "details": details, "pass_details": pass_details}}, out)
+                   "details": details, "pass_details": pass_details, "marks": marks,
+                   "routed": routed}}, out)
     os.replace({path!r} + ".tmp", {path!r})
 
+# What the ESL reader's frames cost, by kind: the reader's slices are the top source.
+routed = collections.defaultdict(lambda: [0, 0.0, 0.0])  # kind -> frames, CPU, worst CPU
+import ivr_daemon.esl.connection as esl_connection
+_route = esl_connection.EslConnection._route
+
+def timed_route(self, item, parser):
+    if not on[0]:
+        return _route(self, item, parser)
+    began = cpu()
+    try:
+        return _route(self, item, parser)
+    finally:
+        spent = cpu() - began
+        kind = getattr(item, "content_type", "malformed")
+        if kind.startswith("text/event-"):
+            kind = item.body.split(b"\n", 1)[0].decode("latin-1", "replace")[:60]
+        entry = routed[kind]
+        entry[0] += 1
+        entry[1] += spent
+        entry[2] = max(entry[2], spent)
+
+esl_connection.EslConnection._route = timed_route
 signal.signal(signal.SIGUSR1, start)
 signal.signal(signal.SIGUSR2, stop)
 runpy.run_module("ivr_daemon", run_name="__main__")
@@ -197,6 +225,24 @@ def long_passes(pass_details, top=12):
                      "share": round(cpu_s / total_s, 3)} for (name, resumed), (count, cpu_s) in ranked]}
 
 
+class LoopCpu:
+    """The daemon loop's CPU seconds at a moment of CLOCK_MONOTONIC (the machine's, shared by the
+    processes): linear within a pass, flat while the loop waits in its poll."""
+
+    def __init__(self, marks):
+        self.marks = sorted(marks)
+        self.starts = [m[0] for m in self.marks]
+
+    def __call__(self, t_s: float) -> float:
+        index = bisect.bisect_right(self.starts, t_s) - 1
+        if index < 0:
+            return self.marks[0][1] if self.marks else 0.0
+        start_s, start_cpu_s, end_s, end_cpu_s = self.marks[index]
+        if t_s >= end_s or end_s <= start_s:
+            return end_cpu_s
+        return start_cpu_s + (end_cpu_s - start_cpu_s) * (t_s - start_s) / (end_s - start_s)
+
+
 def one_run(args, checkout=None, trace=True):
     """latency.py's overhead load against a daemon (``checkout``'s, or this one's), traced or not."""
     tmp = tempfile.mkdtemp(prefix="ivr-slices-")
@@ -234,8 +280,13 @@ def one_run(args, checkout=None, trace=True):
             result["passes_wall"] = distribution(data["passes_s"])
             result["top_sources"] = top_sources(data["details"])
             result["long_passes"] = long_passes(data["pass_details"])
+            result["reader_frames"] = {kind: {"count": count, "cpu_us_each": round(cpu_s / count * 1e6, 1),
+                                              "max_us": round(worst_s * 1e6), "total_ms": round(cpu_s * 1000, 1)}
+                                       for kind, (count, cpu_s, worst_s) in
+                                       sorted(data["routed"].items(), key=lambda item: -item[1][1])}
         overheads, lanes = [], []
         hops = collections.defaultdict(list)
+        loop_cpu_at = LoopCpu(data["marks"]) if trace else None
         for call in calls:
             turn = rig.turns.get(call)
             if turn is None or turn.get("first_audio_ms") is None:
@@ -252,6 +303,17 @@ def one_run(args, checkout=None, trace=True):
                 hops["read"].append(read_ms)
                 hops["queued"].append(turn["queued_ms"])
                 hops["in_turn"].append(overheads[-1] - read_ms - turn["queued_ms"] - lane_ms)
+                if loop_cpu_at is not None:
+                    # The loop's CPU while the turn's overhead ran (preemption does not count): the
+                    # work in front of its hops, and theirs. Its second window starts at the first
+                    # sentence (~ the turn's start + its LLM time and lane wait).
+                    written_s = rig.sim.written_at(sequences[call])
+                    started_s = turn["received_s"] + turn["queued_ms"] / 1000
+                    sentence_s = started_s + (turn["llm_ms"] + lane_ms) / 1000
+                    broadcast_s = written_s + first_ms / 1000
+                    hops["overhead_loop_cpu"].append(
+                        (loop_cpu_at(started_s) - loop_cpu_at(written_s)
+                         + loop_cpu_at(broadcast_s) - loop_cpu_at(sentence_s)) * 1000)
         result.update({
             "turns": len(overheads),
             "overhead_p50_ms": round(L.percentile(overheads, 50), 2),
@@ -283,7 +345,9 @@ def main():
     parser.add_argument("--tts-worker-priority", default=None)
     args = parser.parse_args()
     L.configure_logging("ERROR", "console")
-    runs = [("baseline", args.baseline), ("ours", None)] if args.baseline else [("ours", None)]
+    # Ours is this checkout's daemon, named: a bare `python -m ivr_daemon` would import whichever
+    # ivr_daemon the interpreter finds (the editable install of another checkout, say).
+    runs = [("baseline", args.baseline), ("ours", L.ROOT)] if args.baseline else [("ours", L.ROOT)]
     results = collections.defaultdict(list)
     for round_index in range(args.rounds):
         # Alternate which goes first: a load that comes and goes hits both alike.
@@ -294,8 +358,11 @@ def main():
             print(round_index, name, json.dumps(result), flush=True)
     summary = {}
     for name, rounds in results.items():
-        for key in ("overhead_p50_ms", "overhead_p99_ms", "overhead_less_lane_p99_ms", "daemon_cpu_ms_per_turn"):
-            values = [r[key] for r in rounds]
+        for key in ("overhead_p50_ms", "overhead_p99_ms", "overhead_less_lane_p99_ms", "daemon_cpu_ms_per_turn",
+                    "overhead_loop_cpu_p50_ms", "overhead_loop_cpu_p99_ms"):
+            values = [r[key] for r in rounds if key in r]
+            if not values:
+                continue
             summary[f"{name}_{key}"] = values
             summary[f"{name}_{key}_median"] = sorted(values)[len(values) // 2]
     print(json.dumps(summary))

@@ -1,92 +1,18 @@
 """Long stretches of work on the gevent loop are cut: others get the loop in between.
 
 A turn's event, its LLM answer or its synthesis result waits, once its bytes have landed, for
-whatever runs on the loop to switch out. Two loops could run long at a time (bench/loop_slices.py
-measures it): the ESL reader routing a read that holds many frames, and the rest of an LLM reply
-handed on a batch at a time. Proven here by who runs when (greenlet switches, the order of
-what each greenlet saw), never by clocks; what it does to latency is measured by
-bench/loop_slices.py.
+whatever runs on the loop to switch out. The rest of an LLM reply, handed on a batch at a time,
+was one such stretch (bench/loop_slices.py measures them): it now lets the loop poll every few
+items. Proven here by who runs when (what a greenlet waiting on a socket saw when it got its
+bytes), never by clocks; what it does to latency is measured by bench/loop_slices.py.
 """
 
 import gevent
 import gevent.event
 import gevent.socket
 
-from harness import captured_event
-from ivr_daemon.esl import connection as esl_connection
-from ivr_daemon.esl.connection import READER_FRAMES_PER_SLICE, EslConnection
 from ivr_daemon.llm import paced
 from ivr_daemon.llm.paced import BATCH_ITEMS_PER_SLICE, BatchedReads
-
-CALL = "8a5c6a1b-1f5e-4a4e-9a4b-3c2d1e0f9a8b"
-
-
-def speech_frames(count: int) -> bytes:
-    return b"".join(captured_event("40_event_plain_DETECTED_SPEECH_detected-speech.txt", body=f"words {i}",
-                                   Unique_ID=CALL, Event_Sequence=str(1000 + i)) for i in range(count))
-
-
-def test_the_reader_lets_the_greenlets_it_woke_run_between_frames_of_one_read():
-    """Three slices' worth of frames in one read: the greenlet woken by the first frame runs
-    after READER_FRAMES_PER_SLICE frames are routed, not after all of them; every frame still
-    arrives, in order."""
-    count = 3 * READER_FRAMES_PER_SLICE
-    routed, seen_by_woken = [], []
-    first_routed = gevent.event.Event()
-
-    def on_event(event):
-        routed.append(event.body)
-        first_routed.set()  # wakes `woken` (as a call's queue wakes its greenlet)
-
-    def woken():
-        first_routed.wait()
-        seen_by_woken.append(len(routed))
-
-    ours, theirs = gevent.socket.socketpair()
-    conn = EslConnection("127.0.0.1", 0, "ClueCon", on_event)
-    conn.sock = ours
-    try:
-        theirs.sendall(speech_frames(count))  # all there before the reader's first recv: one read
-        waiter = gevent.spawn(woken)
-        reader = gevent.spawn(conn.receive_events)
-        waiter.join(10)
-        assert seen_by_woken == [READER_FRAMES_PER_SLICE]
-        theirs.close()  # the reader ends at EOF
-        reader.join(10)
-        assert reader.dead
-    finally:
-        ours.close()
-    assert routed == [f"words {i}" for i in range(count)]
-
-
-def test_the_reader_routes_a_short_read_in_one_go():
-    """A read of up to READER_FRAMES_PER_SLICE frames (the usual case) costs no extra switch."""
-    routed, seen_by_woken = [], []
-    first_routed = gevent.event.Event()
-
-    def on_event(event):
-        routed.append(event.body)
-        first_routed.set()
-
-    def woken():
-        first_routed.wait()
-        seen_by_woken.append(len(routed))
-
-    ours, theirs = gevent.socket.socketpair()
-    conn = EslConnection("127.0.0.1", 0, "ClueCon", on_event)
-    conn.sock = ours
-    try:
-        theirs.sendall(speech_frames(READER_FRAMES_PER_SLICE))
-        waiter = gevent.spawn(woken)
-        reader = gevent.spawn(conn.receive_events)
-        waiter.join(10)
-        assert seen_by_woken == [READER_FRAMES_PER_SLICE]
-        theirs.close()
-        reader.join(10)
-    finally:
-        ours.close()
-    assert esl_connection.READER_FRAMES_PER_SLICE == READER_FRAMES_PER_SLICE
-
 
 def _read_batch_beside_io(reads: BatchedReads, batch_after: int):
     """Read ``reads`` while a greenlet waits on a socket whose bytes are already there: the index

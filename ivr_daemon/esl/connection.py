@@ -43,11 +43,6 @@ from ivr_daemon.logs import get_logger
 log = get_logger(__name__)
 
 RECV_CHUNK_BYTES = 65536
-# Frames of one read routed in one go before the reader lets the greenlets they woke run. A read
-# can hold many frames (a loop that was busy for a while finds ~1 KB events piled up: 64 in a
-# full read, ~40 us each), and the call greenlets woken by the first ones (a transcript: its
-# turn, a reply: the command's sender) would wait for the parsing of all the others first.
-READER_FRAMES_PER_SLICE = 8
 MALFORMED_LOG_PER_S = 10
 EXIT_TIMEOUT_S = 2.0  # close(send_exit=True): the most a goodbye may take
 _STOP_WRITING = None  # queued last, after a close: the writer returns
@@ -193,11 +188,10 @@ class EslConnection(InboundESL):
                 data = self.sock.recv(RECV_CHUNK_BYTES)
                 if not data:
                     break
-                for index, item in enumerate(parser.feed(data)):
-                    if index and not index % READER_FRAMES_PER_SLICE:
-                        # The greenlets the frames so far woke go first (sleep(0): the ready
-                        # ones; the reader is the IO, so letting the loop poll gains nothing).
-                        gevent.sleep(0)
+                # A read is routed whole, however many frames it holds: the reader feeds every
+                # turn, and a reader that yielded between them went behind all the loop's ready
+                # work each time (bench/loop_slices.py: a transcript's read waited 5-8x longer).
+                for item in parser.feed(data):
                     self._route(item, parser)
         except OSError as exc:
             reason = f"socket error: {exc}"
