@@ -225,6 +225,14 @@ def long_passes(pass_details, top=12):
                      "share": round(cpu_s / total_s, 3)} for (name, resumed), (count, cpu_s) in ranked]}
 
 
+def loop_thread_cpu_s(pid: int) -> float:
+    """The CPU seconds (user + system) of the daemon's loop thread (the process's first thread):
+    the rest of the process's CPU is its worker threads' (null TTS writes its WAVs in gevent's
+    thread pool)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class LoopCpu:
     """The daemon loop's CPU seconds at a moment of CLOCK_MONOTONIC (the machine's, shared by the
     processes): linear within a pass, flat while the loop waits in its poll."""
@@ -256,7 +264,7 @@ def one_run(args, checkout=None, trace=True):
         if trace:
             rig.daemon.send_signal(signal.SIGUSR1)
             gevent.sleep(0.2)
-        cpu_before_s = rig.cpu_s()
+        cpu_before_s, loop_cpu_before_s = rig.cpu_s(), loop_thread_cpu_s(rig.daemon.pid)
         rng = random.Random(7)
         sequences = {}
 
@@ -267,6 +275,7 @@ def one_run(args, checkout=None, trace=True):
                         for i, call in enumerate(calls)])
         rig.wait_turns(len(calls))
         cpu_ms = (rig.cpu_s() - cpu_before_s) * 1000
+        loop_cpu_ms = (loop_thread_cpu_s(rig.daemon.pid) - loop_cpu_before_s) * 1000
         result = {}
         if trace:
             rig.daemon.send_signal(signal.SIGUSR2)
@@ -321,6 +330,7 @@ def one_run(args, checkout=None, trace=True):
             "overhead_less_lane_p99_ms": round(L.percentile([o - w for o, w in zip(overheads, lanes)], 99), 2),
             "lane_wait_p99_ms": round(L.percentile(lanes, 99), 2),
             "daemon_cpu_ms_per_turn": round(cpu_ms / max(1, len(overheads)), 2),
+            "daemon_loop_thread_cpu_ms_per_turn": round(loop_cpu_ms / max(1, len(overheads)), 2),
         })
         for hop, values in hops.items():
             result[f"{hop}_p50_ms"] = round(L.percentile(values, 50), 2)
@@ -359,6 +369,7 @@ def main():
     summary = {}
     for name, rounds in results.items():
         for key in ("overhead_p50_ms", "overhead_p99_ms", "overhead_less_lane_p99_ms", "daemon_cpu_ms_per_turn",
+                    "daemon_loop_thread_cpu_ms_per_turn",
                     "overhead_loop_cpu_p50_ms", "overhead_loop_cpu_p99_ms"):
             values = [r[key] for r in rounds if key in r]
             if not values:
