@@ -11,7 +11,6 @@ import gevent
 import gevent.event
 import gevent.socket
 
-from ivr_daemon.llm import paced
 from ivr_daemon.llm.paced import BATCH_ITEMS_PER_SLICE, BatchedReads
 
 def _read_batch_beside_io(reads: BatchedReads, batch_after: int):
@@ -44,11 +43,14 @@ def _read_batch_beside_io(reads: BatchedReads, batch_after: int):
 
 def test_a_long_batch_lets_the_loop_poll_every_few_items():
     """Batching, a run of buffered items is handed on BATCH_ITEMS_PER_SLICE at a time, and the
-    loop polls in between: a greenlet whose socket has bytes gets them before the run's end."""
-    items = [f"t{i}" for i in range(3 * BATCH_ITEMS_PER_SLICE)]
-    got, io_ran_after = _read_batch_beside_io(BatchedReads(items, pause_s=5.0), batch_after=1)
-    assert got == items
-    assert io_ran_after == BATCH_ITEMS_PER_SLICE
+    loop polls in between: a greenlet whose socket got bytes during the first run gets them
+    after the second (libev runs the timer that resumes the batch before the sockets polled
+    with it), long before the run's end."""
+    items = [f"t{i}" for i in range(10 * BATCH_ITEMS_PER_SLICE)]
+    for _ in range(3):
+        got, io_ran_after = _read_batch_beside_io(BatchedReads(items, pause_s=5.0), batch_after=1)
+        assert got == items
+        assert io_ran_after == 2 * BATCH_ITEMS_PER_SLICE
 
 
 def test_before_batching_a_run_of_items_is_never_cut():
@@ -60,12 +62,23 @@ def test_before_batching_a_run_of_items_is_never_cut():
         assert io_ran_after is None  # the socket's greenlet ran only once the reading was over
 
 
-def test_the_yield_lets_the_sockets_ready_meanwhile_go_first():
-    """sleep(0) would run only greenlets already ready (not the socket's: the loop has not
-    polled), and a plain timer would run before the sockets polled with it: either way the
-    socket's greenlet would get its bytes only after a second run of items."""
-    assert paced.LET_IO_IN_PRIORITY < 0
-    items = [f"t{i}" for i in range(10 * BATCH_ITEMS_PER_SLICE)]
-    for _ in range(3):
-        got, io_ran_after = _read_batch_beside_io(BatchedReads(items, pause_s=5.0), batch_after=1)
-        assert got == items and io_ran_after == BATCH_ITEMS_PER_SLICE
+def test_the_yield_keeps_the_idle_lane_waiting_until_the_batch_is_done():
+    """The idle lane lets its waiters go when the loop has nothing else to do (libev's idle
+    watcher). A batch that yields still has work ready: an idle waiter must not run between its
+    runs of items (a yield below the default priority let it: libev counted the loop as idle)."""
+    items = [f"t{i}" for i in range(3 * BATCH_ITEMS_PER_SLICE)]
+    got, idle_ran_after = [], []
+
+    def idle_waiter():
+        gevent.idle()
+        idle_ran_after.append(len(got))
+
+    waiter = gevent.spawn(idle_waiter)
+    gevent.sleep(0)  # it waits for an idle loop now
+    reads = BatchedReads(items, pause_s=5.0)
+    for item in reads:
+        got.append(item)
+        reads.batch_from_now()
+    waiter.join(10)
+    assert got == items
+    assert idle_ran_after == [len(items)]

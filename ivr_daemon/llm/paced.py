@@ -34,12 +34,7 @@ READ_WAITED_S = 0.001
 # each with the sentence splitting, and an event or another turn's answer that lands meanwhile
 # would wait for all of it.
 BATCH_ITEMS_PER_SLICE = 4
-# The yield that lets the loop poll: a timer due at once, below the default priority, so that
-# the loop polls (without blocking) and runs the sockets that are ready before this greenlet
-# again. sleep(0) only lets the greenlets already ready go, and runs this one again before the
-# loop polls; a timer of the default priority runs before the sockets polled with it (libev
-# runs a pass's timers before its IO), and one of a positive delay makes an idle loop wait 1 ms.
-LET_IO_IN_PRIORITY = -1
+# The yield that lets the loop poll is a timer due at once (see _let_io_in).
 
 # Per greenlet: how long its requests' answers have waited in the lane (a turn's producer is a
 # greenlet of its own, so what it reads is its turn's wait).
@@ -138,8 +133,17 @@ class BatchedReads(Iterable[Delta]):
 
 
 def _let_io_in() -> None:
-    """Yield until the loop has polled its sockets and run the greenlets they woke (see
-    LET_IO_IN_PRIORITY)."""
+    """Yield until the loop has polled its sockets once: a timer due at once, so the poll does
+    not block. What was ready goes first (the greenlets already woken, then, after this one's
+    next run of items, the sockets polled with it: libev runs a pass's timers before its IO), so
+    an event or an answer that lands during a batch waits for at most two runs of items.
+
+    Not sleep(0): it runs only the greenlets already ready, and this one again before the loop
+    polls. Not a timer below the default priority (which would let the polled sockets go first):
+    libev then counts the loop as idle while it is pending, and the idle lane lets its next
+    waiter go beside it (tests/test_loop_slices.py). Not a positive delay: an idle loop would
+    block for epoll's 1 ms minimum.
+    """
     hub = gevent.get_hub()
-    with hub.loop.timer(0.0, priority=LET_IO_IN_PRIORITY) as timer:
+    with hub.loop.timer(0.0) as timer:
         hub.wait(timer)
