@@ -133,17 +133,20 @@ class BatchedReads(Iterable[Delta]):
 
 
 def _let_io_in() -> None:
-    """Yield until the loop has polled its sockets once: a timer due at once, so the poll does
-    not block. What was ready goes first (the greenlets already woken, then, after this one's
-    next run of items, the sockets polled with it: libev runs a pass's timers before its IO), so
-    an event or an answer that lands during a batch waits for at most two runs of items.
+    """Yield until the loop has polled its sockets and run what they and the greenlets already
+    ready woke: an event or an answer that lands during a batch waits for one run of items, not
+    the whole batch.
 
-    Not sleep(0): it runs only the greenlets already ready, and this one again before the loop
-    polls. Not a timer below the default priority (which would let the polled sockets go first):
-    libev then counts the loop as idle while it is pending, and the idle lane lets its next
-    waiter go beside it (tests/test_loop_slices.py). Not a positive delay: an idle loop would
-    block for epoll's 1 ms minimum.
+    Two steps. A timer due at once makes the loop poll (without blocking: it is due); libev runs
+    a pass's timers before its IO, so on waking this greenlet goes on only via ``sleep(0)``,
+    a callback, which runs after the rest of the pass: the sockets just polled go first. Not
+    ``sleep(0)`` alone: it runs the greenlets already ready and this one again before the loop
+    polls. Not a timer below the default priority (which would run after the polled sockets by
+    itself): libev counts the loop as idle while only it is pending, and the idle lane lets its
+    next waiter go beside it (tests/test_loop_slices.py). Not a positive delay: an idle loop
+    would block for epoll's 1 ms minimum.
     """
     hub = gevent.get_hub()
     with hub.loop.timer(0.0) as timer:
         hub.wait(timer)
+    gevent.sleep(0)
