@@ -11,6 +11,7 @@ import gevent
 import gevent.event
 import gevent.socket
 
+from ivr_daemon.idle_lane import idle_lane
 from ivr_daemon.llm.paced import BATCH_ITEMS_PER_SLICE, BatchedReads
 
 def _read_batch_beside_io(reads: BatchedReads, batch_after: int):
@@ -61,23 +62,25 @@ def test_before_batching_a_run_of_items_is_never_cut():
         assert io_ran_after is None  # the socket's greenlet ran only once the reading was over
 
 
-def test_the_yield_keeps_the_idle_lane_waiting_until_the_batch_is_done():
-    """The idle lane lets its waiters go when the loop has nothing else to do (libev's idle
-    watcher). A batch that yields still has work ready: an idle waiter must not run between its
-    runs of items (a yield below the default priority let it: libev counted the loop as idle)."""
+def test_an_answer_waiting_in_the_idle_lane_goes_before_the_rest_of_a_batch():
+    """The rest of a reply is the lane's least urgent work: an LLM answer waiting in the idle
+    lane as a first waiter (someone waits for its first sentence) goes at the batch's first
+    yield, not after the whole batch (a bare yield kept the loop busy through every run of
+    items, and the lane's waiters waited for all of them)."""
     items = [f"t{i}" for i in range(3 * BATCH_ITEMS_PER_SLICE)]
-    got, idle_ran_after = [], []
+    got, answer_went_after = [], []
 
-    def idle_waiter():
-        gevent.idle()
-        idle_ran_after.append(len(got))
+    def answer():
+        idle_lane().wait(first=True)
+        answer_went_after.append(len(got))
 
-    waiter = gevent.spawn(idle_waiter)
-    gevent.sleep(0)  # it waits for an idle loop now
     reads = BatchedReads(items, pause_s=5.0)
+    reads.batch_from_now()
+    waiter = None
     for item in reads:
         got.append(item)
-        reads.batch_from_now()
+        if waiter is None:
+            waiter = gevent.spawn(answer)  # comes while the batch is being handed on
     waiter.join(10)
     assert got == items
-    assert idle_ran_after == [len(items)]
+    assert answer_went_after == [BATCH_ITEMS_PER_SLICE]
