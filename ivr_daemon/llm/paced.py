@@ -29,12 +29,6 @@ Delta = TypeVar("Delta")
 
 # A read that took longer than this waited for the network (a buffered one takes ~50 us).
 READ_WAITED_S = 0.001
-# Once batching, items handed on in a row (none of their reads waited) before the loop gets a
-# look at its sockets: a batch after a pause is ~6 tokens at 30 tokens/s, ~110 us of the loop
-# each with the sentence splitting, and an event or another turn's answer that lands meanwhile
-# would wait for all of it.
-BATCH_ITEMS_PER_SLICE = 4
-# How a batch lets the loop poll between its runs: see _let_io_in.
 
 # Per greenlet: how long its requests' answers have waited in the lane (a turn's producer is a
 # greenlet of its own, so what it reads is its turn's wait).
@@ -97,9 +91,7 @@ class BatchedReads(Iterable[Delta]):
     a read that waited lets the tokens that arrive meanwhile pile up in the socket, and the next
     reads take them all from one wake-up: one wake-up and one timer per pause instead of one
     wake-up per token. A sentence is handed on at most ``pause_s`` later than it would have been.
-    Reads that find data already buffered never pause: a fast stream is read at full speed, but
-    every ``BATCH_ITEMS_PER_SLICE`` items in a row it lets the loop poll (a yield, not a pause):
-    a batch is not urgent, the events and answers that land while it is handed on are.
+    Reads that find data already buffered never pause: a fast stream is read at full speed.
     """
 
     def __init__(self, items: Iterable[Delta], pause_s: float):
@@ -112,7 +104,6 @@ class BatchedReads(Iterable[Delta]):
 
     def __iter__(self) -> Iterator[Delta]:
         items = iter(self._items)
-        in_a_row = 0  # items handed on since this greenlet last let the loop poll
         while True:
             asked_s = time.monotonic()
             try:
@@ -120,28 +111,6 @@ class BatchedReads(Iterable[Delta]):
             except StopIteration:
                 return
             waited = time.monotonic() - asked_s > READ_WAITED_S
-            if waited:
-                in_a_row = 0  # the read gave the loop its turn
-            elif self._batching and in_a_row >= BATCH_ITEMS_PER_SLICE:
-                _let_io_in()
-                in_a_row = 0
-            in_a_row += 1
             yield item
             if waited and self._batching:
                 gevent.sleep(self._pause_s)
-                in_a_row = 0
-
-
-def _let_io_in() -> None:
-    """Wait, as the rest of a reply does after each sentence, in the idle lane: until the loop
-    has nothing else to do and the lane's first waiters (answers whose first sentence someone
-    waits for) have gone. An event or an answer that lands during a batch waits for one run of
-    items, not the whole batch.
-
-    Not a bare yield: the lane lets its waiters go only when the loop is idle, and a batch that
-    yields with work still ready (a timer, ``sleep(0)``) keeps the loop busy through each of its
-    runs, so the answers waiting in the lane waited longer (bench/loop_slices.py: their
-    lane_wait_ms p99 up 2-5x in the A/B). Nor ``sleep(0)`` alone: it runs this greenlet again
-    before the loop polls.
-    """
-    idle_lane().wait()
