@@ -10,23 +10,28 @@ pass (the other ready greenlets and callbacks) to end. This runs latency.py's ov
 process) with the daemon under a tracer:
 
 - every greenlet switch (greenlet.settrace): a *slice* is a greenlet's run from a switch into it
-  to its switch out (the hub's own runs are not slices: they include the poll);
-- every loop pass: a libev check watcher (first after the poll) and a prepare watcher (last
-  before the next poll): a *pass* is poll -> poll, everything the loop ran between two looks at
-  the sockets.
+  to its switch out (the hub's own runs are not slices: they include the poll), in the loop
+  thread's CPU time (``time.thread_time``) and in wall time (on a loaded box mostly preemption);
+- every loop pass: a libev check watcher at priority 2 (first after the poll) and a prepare
+  watcher at priority -2 (last before the next poll): a *pass* is poll -> poll, everything the
+  loop ran between two looks at the sockets;
+- every frame the ESL reader routes, its CPU by kind (``reader_frames``).
 
-Each long slice (>= --detail-ms) is kept with its greenlet's function and the innermost project
-frames where it resumed and where it switched out: where the long stretch of work was. The
-tracer costs a few microseconds a switch, so the figures here are a little above the untraced
-daemon's (latency.py's overhead figures are the untraced ones).
+Each slice of >= --detail-ms of CPU is kept with its greenlet's function and the innermost
+project frames where it resumed and where it switched out (``top_sources``: where the long
+stretches of work were), each pass of twice that with its biggest slices (``long_passes``).
+Per turn, from its turn_complete line and the simulator's stamps (one clock, CLOCK_MONOTONIC):
+``read`` (frame written -> parsed), ``queued`` (parsed -> turn started), ``in_turn`` (the rest,
+less the idle lane's wait) and ``overhead_loop_cpu`` (the loop's CPU during the turn's overhead
+windows: what ran in front of it, preemption left out). The tracer costs ~1-1.5 ms of CPU a
+turn, so traced figures sit a little above the untraced daemon's.
 
-Prints, per daemon (--baseline PATH: another checkout's daemon too, rounds alternating), the
-overhead p50/p99 of the traced run, the daemon's CPU per turn, the slice and pass length
-distributions (counts over 1/2/5/10 ms, p99, max) and the top sources of long slices with
-their share of all the time spent in slices >= --detail-ms; last, one JSON object.
-
---no-trace runs the same load with the daemon untraced (``python -m ivr_daemon``): overhead
-p50/p99 and CPU per turn only, for an A/B of two checkouts (--baseline) round after round.
+Prints a line per run and, last, one JSON object of medians over the rounds: overhead p50/p99
+(``overhead_less_lane_p99_ms`` too), the daemon's CPU a turn (process, and its loop thread alone:
+null TTS writes its WAVs in gevent's thread pool). --baseline PATH runs another checkout's
+daemon too, round by round, alternating which goes first; ours is this checkout's, named
+(a bare ``python -m ivr_daemon`` runs whichever ivr_daemon the interpreter finds).
+--no-trace runs the daemon untraced (``python -m ivr_daemon``): overhead and CPU only, the A/B.
 
 Usage: .venv/bin/python bench/loop_slices.py [--calls 200] [--spread-s 10] [--baseline /work/main]
                                               [--rounds 3] [--no-trace]
