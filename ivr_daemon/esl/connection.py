@@ -190,7 +190,8 @@ class EslConnection(InboundESL):
                     break
                 # A read is routed whole, however many frames it holds: the reader feeds every
                 # turn, and a reader that yielded between them went behind all the loop's ready
-                # work each time (bench/loop_slices.py: a transcript's read waited 5-8x longer).
+                # work each time (bench/loop_slices.py: transcripts waited longer to be read in
+                # 4 of 5 A/B rounds).
                 for item in parser.feed(data):
                     self._route(item, parser)
         except OSError as exc:
