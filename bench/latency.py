@@ -174,7 +174,7 @@ class DaemonProcessRig:
 
     def __init__(self, args, tts_engine="null", llm_stream=True, sim_options=None, cache_mb=0, llm_cmd=None,
                  extra_env=None, checkout=None, profile_path=None, switches=1, llm_url=None, switch_interval_ms=None,
-                 gc_probe_path=None):
+                 gc_probe_path=None, daemon_argv=None):
         """``checkout``: run the daemon of that copy of the project (its directory first on the
         daemon's sys.path, as ``python -m`` from there does) rather than this one's;
         ``profile_path``: under cProfile (see _profiled); ``switches``: simulators the daemon
@@ -184,7 +184,8 @@ class DaemonProcessRig:
         before ``ivr_daemon`` is imported) instead of Python's 5 ms; ``gc_probe_path``: each of the
         daemon's cyclic garbage collections of generation 1 or 2 appended there as a JSON line
         (generation, ms, its thread's CPU ms, objects freed, on the loop's thread or another: a
-        collection holds the GIL throughout; the generation-0 ones since, summed)."""
+        collection holds the GIL throughout; the generation-0 ones since, summed); ``daemon_argv``:
+        the interpreter arguments that run the daemon instead (bench/loop_slices.py's tracer)."""
         own_collector_off()
         self.turns: dict[str, dict] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
@@ -212,7 +213,7 @@ class DaemonProcessRig:
         self.log_file = open(self.log_path, "w")
         if checkout is not None:
             env["PYTHONPATH"] = str(checkout)
-        interpreter_args = _profiled(profile_path)
+        interpreter_args = daemon_argv or _profiled(profile_path)
         if switch_interval_ms is not None or gc_probe_path is not None:
             assert profile_path is None, "the profiler or the bootstrap, not both"
             interpreter_args = ["-c", BOOTSTRAP.format(seconds=(switch_interval_ms or 5.0) / 1000,

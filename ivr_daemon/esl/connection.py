@@ -188,6 +188,10 @@ class EslConnection(InboundESL):
                 data = self.sock.recv(RECV_CHUNK_BYTES)
                 if not data:
                     break
+                # A read is routed whole, however many frames it holds: the reader feeds every
+                # turn, and a reader that yielded between them went behind all the loop's ready
+                # work each time (bench/loop_slices.py: transcripts waited longer to be read in
+                # 4 of 5 A/B rounds).
                 for item in parser.feed(data):
                     self._route(item, parser)
         except OSError as exc:
