@@ -94,7 +94,7 @@ def cmd_run(args) -> int:
     # events waited meanwhile.
     gc.collect()
     gc.freeze()
-    # From here on the collector runs when the loop is idle, a little and often (collector.py).
+    # From here on the daemon collects garbage itself, from the idle lane, once a minute (collector.py).
     collector = CollectorSchedule().start()
     log.info("daemon_starting", freeswitch=", ".join(switch.name for switch in settings.switches))
     try:
