@@ -88,6 +88,10 @@ class IdleLane:
         finally:
             ticket.set()  # the pump skips it if it is still queued
 
+    def first_waiters(self) -> int:
+        """``first`` waiters still waiting: a newcomer that skipped the lane would go before them."""
+        return sum(1 for ticket in self._waiting_first if not ticket.is_set())
+
     def _let_go(self) -> None:
         while self._waiting_first or self._waiting:
             if self._idle_within(OVERDUE_CHECK_S):

@@ -15,6 +15,7 @@ from harness import TurnLog, broadcasts, running_daemon, settings_for, wait_unti
 from llm_fakes import FakeLlmServer
 from ivr_daemon import idle_lane as idle_lane_module
 from ivr_daemon.idle_lane import IdleLane, idle_lane
+from ivr_daemon.llm import paced
 from ivr_daemon.llm.ollama import OllamaClient
 from ivr_daemon.llm.openai import OpenAiClient
 from ivr_daemon.replay.simulator import FreeswitchSimulator
@@ -26,9 +27,12 @@ SENTENCES = ["We open at nine.", "Saturdays from ten.", "Goodbye for now."]
 @pytest.fixture
 def patient_lane(monkeypatch):
     """A lane of the test's own (no waiter of an earlier test in it) that waits for an idle loop
-    however long the test keeps it busy (with LLM_TIMEOUT=60, which bounds a first waiter)."""
+    however long the test keeps it busy (with LLM_TIMEOUT=60, which bounds a first waiter), and
+    that every LLM answer goes through."""
     lane = IdleLane(max_wait_cpu_s=60.0)
     monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    # As in a burst of hundreds: every answer waits in the lane, however few this test awaits.
+    monkeypatch.setattr(paced, "QUIET_AWAITED_ANSWERS_MAX", 0)
     return lane
 
 

@@ -153,10 +153,12 @@ def test_an_llm_answers_wait_in_the_lane_is_counted_for_its_greenlet_alone(monke
     import ivr_daemon.idle_lane as idle_lane_module
     from llm_fakes import FakeLlmServer
     from ivr_daemon.llm.openai import OpenAiClient
+    from ivr_daemon.llm import paced
     from ivr_daemon.llm.paced import lane_wait_s
 
     lane = IdleLane(max_wait_cpu_s=60)
     monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    monkeypatch.setattr(paced, "QUIET_AWAITED_ANSWERS_MAX", 0)  # as in a burst: every answer waits in the lane
     held_s = 0.1
     with FakeLlmServer("openai", replies="Hello there.") as server:
         client = OpenAiClient(server.url, "m", timeout_s=10)
@@ -192,10 +194,12 @@ def test_an_llm_answer_still_to_come_waits_on_its_socket_not_in_the_lane(monkeyp
     import ivr_daemon.idle_lane as idle_lane_module
     from llm_fakes import FakeLlmServer
     from ivr_daemon.llm.openai import OpenAiClient
+    from ivr_daemon.llm import paced
     from ivr_daemon.llm.paced import lane_wait_s
 
     lane = IdleLane(max_wait_cpu_s=60)
     monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    monkeypatch.setattr(paced, "QUIET_AWAITED_ANSWERS_MAX", 0)  # as in a burst: every answer waits in the lane
     thinking_s = 0.3
     with FakeLlmServer("openai", replies="Hello there.", hold_reply=True) as server:
         client = OpenAiClient(server.url, "m", timeout_s=10)
@@ -221,3 +225,44 @@ def test_an_llm_answer_still_to_come_waits_on_its_socket_not_in_the_lane(monkeyp
         client.close()
     assert lane.let_go == 1  # it went through the lane once its answer had come
     assert waits and waits[0] < thinking_s, waits  # the LLM's thinking is not the lane's wait
+
+
+def test_out_of_a_burst_an_answer_is_read_at_once_unless_another_waits_in_the_lane(monkeypatch):
+    """Few answers awaited and none waiting in the lane: the answer is read as soon as it comes,
+    however busy the loop; with another answer already waiting there, it queues behind it."""
+    import ivr_daemon.idle_lane as idle_lane_module
+    from llm_fakes import FakeLlmServer
+    from ivr_daemon.llm import paced
+    from ivr_daemon.llm.openai import OpenAiClient
+    from ivr_daemon.llm.paced import lane_wait_s
+
+    lane = IdleLane(max_wait_cpu_s=60)
+    monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    assert paced.QUIET_AWAITED_ANSWERS_MAX >= 1
+    with FakeLlmServer("openai", replies="Hello there.") as server:
+        client = OpenAiClient(server.url, "m", timeout_s=10)
+
+        def ask():
+            stream = client.stream([{"role": "user", "content": "hi"}])
+            first = next(stream)
+            waited_s = lane_wait_s()
+            stream.close()
+            return first, waited_s
+
+        with loop_kept_busy():
+            assert gevent.spawn(ask).get(timeout=10) == ("Hello", 0.0)  # read at once, the loop busy
+            assert lane.let_go == 0 and lane.overdue == 0
+
+            # Another answer waiting in the lane (a first waiter): this one goes behind it.
+            other = gevent.spawn(lane.wait, first=True)
+            with gevent.Timeout(10):
+                while not lane.first_waiters():
+                    gevent.sleep(0.001)
+            asker = gevent.spawn(ask)
+            with gevent.Timeout(10):
+                while lane.first_waiters() < 2:
+                    gevent.sleep(0.001)
+        assert other.get(timeout=10) is True
+        first, waited_s = asker.get(timeout=10)
+        client.close()
+    assert first == "Hello" and waited_s > 0 and lane.let_go == 2
