@@ -145,43 +145,54 @@ def test_the_process_lane_paces_the_main_loop_even_when_a_thread_asks_for_it_fir
     assert order == ["busy", "waiter"] and lane.let_go == 1
 
 
+def _lane_of_the_test(monkeypatch, burst: bool) -> IdleLane:
+    """A lane of the test's own; ``burst``: every LLM answer goes through it, as in a burst."""
+    import ivr_daemon.idle_lane as idle_lane_module
+    from ivr_daemon.llm import paced
+
+    lane = IdleLane(max_wait_cpu_s=60)
+    monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    if burst:
+        monkeypatch.setattr(paced, "QUIET_AWAITED_ANSWERS_MAX", 0)
+    return lane
+
+
+def _first_delta_and_lane_wait(client) -> tuple[str, float]:
+    """A streamed answer's first delta, and how long this greenlet's answers waited in the lane."""
+    from ivr_daemon.llm.paced import lane_wait_s
+
+    stream = client.stream([{"role": "user", "content": "hi"}])
+    try:
+        return next(stream), lane_wait_s()
+    finally:
+        stream.close()
+
+
 def test_an_llm_answers_wait_in_the_lane_is_counted_for_its_greenlet_alone(monkeypatch):
     """What a turn's llm_ms leaves out and turn_complete's lane_wait_ms says: the time its LLM
     answer, already there, waited for a loop with nothing more urgent to do."""
     import time
 
-    import ivr_daemon.idle_lane as idle_lane_module
     from llm_fakes import FakeLlmServer
     from ivr_daemon.llm.openai import OpenAiClient
-    from ivr_daemon.llm import paced
     from ivr_daemon.llm.paced import lane_wait_s
 
-    lane = IdleLane(max_wait_cpu_s=60)
-    monkeypatch.setattr(idle_lane_module, "_lane", lane)
-    monkeypatch.setattr(paced, "QUIET_AWAITED_ANSWERS_MAX", 0)  # as in a burst: every answer waits in the lane
+    lane = _lane_of_the_test(monkeypatch, burst=True)
     held_s = 0.1
     with FakeLlmServer("openai", replies="Hello there.") as server:
         client = OpenAiClient(server.url, "m", timeout_s=10)
-        waits = []
-
-        def ask():
-            stream = client.stream([{"role": "user", "content": "hi"}])
-            assert next(stream) == "Hello"
-            waits.append(lane_wait_s())
-            stream.close()
-
         with loop_kept_busy():
-            asker = gevent.spawn(ask)
+            asker = gevent.spawn(_first_delta_and_lane_wait, client)
             with gevent.Timeout(10):
                 while not lane._waiting_first:  # its request is written; its answer waits
                     gevent.sleep(0.001)
             held_until_s = time.monotonic() + held_s
             while time.monotonic() < held_until_s:
                 gevent.sleep(0.001)
-        asker.join(timeout=10)
+        first, waited_s = asker.get(timeout=10)
         client.close()
-    assert lane.let_go == 1
-    assert waits and waits[0] >= held_s - 0.01, waits
+    assert first == "Hello" and lane.let_go == 1
+    assert waited_s >= held_s - 0.01, waited_s
     assert gevent.spawn(lane_wait_s).get(timeout=5) == 0.0  # a greenlet that asked nothing waited nothing
 
 
@@ -191,27 +202,14 @@ def test_an_llm_answer_still_to_come_waits_on_its_socket_not_in_the_lane(monkeyp
     queueing (lane_wait_s). The lane holds the answer once it has come."""
     import time
 
-    import ivr_daemon.idle_lane as idle_lane_module
     from llm_fakes import FakeLlmServer
     from ivr_daemon.llm.openai import OpenAiClient
-    from ivr_daemon.llm import paced
-    from ivr_daemon.llm.paced import lane_wait_s
 
-    lane = IdleLane(max_wait_cpu_s=60)
-    monkeypatch.setattr(idle_lane_module, "_lane", lane)
-    monkeypatch.setattr(paced, "QUIET_AWAITED_ANSWERS_MAX", 0)  # as in a burst: every answer waits in the lane
+    lane = _lane_of_the_test(monkeypatch, burst=True)
     thinking_s = 0.3
     with FakeLlmServer("openai", replies="Hello there.", hold_reply=True) as server:
         client = OpenAiClient(server.url, "m", timeout_s=10)
-        waits = []
-
-        def ask():
-            stream = client.stream([{"role": "user", "content": "hi"}])
-            assert next(stream) == "Hello"
-            waits.append(lane_wait_s())
-            stream.close()
-
-        asker = gevent.spawn(ask)
+        asker = gevent.spawn(_first_delta_and_lane_wait, client)
         with gevent.Timeout(10):
             while not server.requests:
                 gevent.sleep(0.001)
@@ -221,36 +219,26 @@ def test_an_llm_answer_still_to_come_waits_on_its_socket_not_in_the_lane(monkeyp
                 assert not lane._waiting_first, "a request whose answer has not come waits in the lane"
                 gevent.sleep(0.001)
         server.release_reply.set()
-        asker.join(timeout=10)
+        first, waited_s = asker.get(timeout=10)
         client.close()
-    assert lane.let_go == 1  # it went through the lane once its answer had come
-    assert waits and waits[0] < thinking_s, waits  # the LLM's thinking is not the lane's wait
+    assert first == "Hello" and lane.let_go == 1  # it went through the lane once its answer had come
+    assert waited_s < thinking_s, waited_s  # the LLM's thinking is not the lane's wait
 
 
 def test_out_of_a_burst_an_answer_is_read_at_once_unless_another_waits_in_the_lane(monkeypatch):
     """Few answers awaited and none waiting in the lane: the answer is read as soon as it comes,
     however busy the loop; with another answer already waiting there, it queues behind it."""
-    import ivr_daemon.idle_lane as idle_lane_module
     from llm_fakes import FakeLlmServer
     from ivr_daemon.llm import paced
     from ivr_daemon.llm.openai import OpenAiClient
-    from ivr_daemon.llm.paced import lane_wait_s
 
-    lane = IdleLane(max_wait_cpu_s=60)
-    monkeypatch.setattr(idle_lane_module, "_lane", lane)
+    lane = _lane_of_the_test(monkeypatch, burst=False)
     assert paced.QUIET_AWAITED_ANSWERS_MAX >= 1
     with FakeLlmServer("openai", replies="Hello there.") as server:
         client = OpenAiClient(server.url, "m", timeout_s=10)
-
-        def ask():
-            stream = client.stream([{"role": "user", "content": "hi"}])
-            first = next(stream)
-            waited_s = lane_wait_s()
-            stream.close()
-            return first, waited_s
-
         with loop_kept_busy():
-            assert gevent.spawn(ask).get(timeout=10) == ("Hello", 0.0)  # read at once, the loop busy
+            # read at once, the loop busy
+            assert gevent.spawn(_first_delta_and_lane_wait, client).get(timeout=10) == ("Hello", 0.0)
             assert lane.let_go == 0 and lane.overdue == 0
 
             # Another answer waiting in the lane (a first waiter): this one goes behind it.
@@ -258,7 +246,7 @@ def test_out_of_a_burst_an_answer_is_read_at_once_unless_another_waits_in_the_la
             with gevent.Timeout(10):
                 while not lane.first_waiters():
                     gevent.sleep(0.001)
-            asker = gevent.spawn(ask)
+            asker = gevent.spawn(_first_delta_and_lane_wait, client)
             with gevent.Timeout(10):
                 while lane.first_waiters() < 2:
                     gevent.sleep(0.001)
