@@ -92,10 +92,10 @@ def measure(rounds: int) -> dict:
     voice.phonemize = timed_phonemize
     write = audio.write_telephony_wav
 
-    def timed_write(samples, rate_hz, path):
+    def timed_write(samples, rate_hz, path, **options):
         started = time.perf_counter()
         try:
-            return write(samples, rate_hz, path)
+            return write(samples, rate_hz, path, **options)
         finally:
             timing["write_ms"] = (time.perf_counter() - started) * 1000
 

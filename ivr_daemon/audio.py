@@ -47,14 +47,18 @@ def to_telephony(samples, sample_rate_hz: int) -> np.ndarray:
     return np.clip(audio, -1.0, 1.0)
 
 
-def write_telephony_wav(samples, sample_rate_hz: int, path: str | os.PathLike) -> Path:
+def write_telephony_wav(samples, sample_rate_hz: int, path: str | os.PathLike, *, durable: bool = True) -> Path:
     """Write ``samples`` as an 8 kHz mono PCM_16 WAV at ``path``, atomically; returns the path.
 
     The file appears under its final name only when complete (temp file in the same
-    directory, fsync, os.replace), since FreeSWITCH may play the path as soon as it exists.
+    directory, os.replace), since FreeSWITCH may play the path as soon as it exists.
+    ``durable`` (the default) also fsyncs it first, so a power cut leaves the whole file or
+    none: for files read again after a restart (the phrase cache, pinned phrases). A call's
+    own WAV is played from the page cache within the second and deleted at its hangup: it
+    need not wait for the disk (~3 ms of a Piper sentence's wall time at the median, 8 at p90).
     """
     audio = to_telephony(samples, sample_rate_hz)
-    with _atomic_file(path, durable=True) as temp_file:
+    with _atomic_file(path, durable=durable) as temp_file:
         soundfile.write(temp_file, audio, TELEPHONY_RATE_HZ, subtype="PCM_16", format="WAV")
     return Path(path)
 

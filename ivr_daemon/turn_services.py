@@ -92,7 +92,9 @@ class TurnServices:
             if hit is not None:
                 return _ready(hit)
             return self._on_worker(lambda timed: cache.get_or_synthesize(engine, text, on_synthesized=timed))
-        return self._on_worker(lambda timed: _timed(timed, engine.synthesize_to_wav, text, per_call_path))
+        # A call's own WAV is played at once and deleted at its hangup: no fsync (durable=False).
+        return self._on_worker(lambda timed: _timed(timed, engine.synthesize_to_wav, text, per_call_path,
+                                                    durable=False))
 
     def pinned_phrase(self, text: str) -> gevent.event.AsyncResult:
         """A phrase the daemon relies on (the fallback): its WAV at once, or re-created on a
@@ -126,10 +128,10 @@ class TurnServices:
         return pending
 
 
-def _timed(timed: Callable[[float], None], synthesize: Callable[..., Path], *args) -> Path:
-    """``synthesize(*args)``, its seconds given to ``timed`` when it succeeded. On a worker thread."""
+def _timed(timed: Callable[[float], None], synthesize: Callable[..., Path], *args, **kwargs) -> Path:
+    """``synthesize(*args, **kwargs)``, its seconds given to ``timed`` when it succeeded. On a worker thread."""
     started_s = time.monotonic()
-    path = synthesize(*args)
+    path = synthesize(*args, **kwargs)
     timed(time.monotonic() - started_s)
     return path
 

@@ -225,3 +225,17 @@ def test_silent_wav_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["reply.wav"]
     with pytest.raises(ValueError):
         audio.write_silent_wav(0, tmp_path / "empty.wav")
+
+
+def test_a_wav_that_need_not_be_durable_is_written_whole_without_a_disk_flush(tmp_path, monkeypatch):
+    flushed: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(audio.os, "fsync", lambda fd: (flushed.append(fd), real_fsync(fd)))
+
+    kept = write_telephony_wav(sine(440, 1.0, 22050), 22050, tmp_path / "cached.wav")
+    assert len(flushed) == 1  # the default: on disk before it appears under its name
+
+    own = write_telephony_wav(sine(440, 1.0, 22050), 22050, tmp_path / "call.wav", durable=False)
+    assert len(flushed) == 1  # a call's own WAV: no flush
+    assert own.read_bytes() == kept.read_bytes()  # the same whole file, under its final name only
+    assert sorted(os.listdir(tmp_path)) == ["cached.wav", "call.wav"]

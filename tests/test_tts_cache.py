@@ -438,3 +438,35 @@ def test_the_cache_directory_is_created_private(output_dir):
 
     assert stat.S_IMODE(os.lstat(cache.directory).st_mode) == 0o750
     assert stat.S_IMODE(os.lstat(cache.get_or_synthesize(NullEngine(), "Hello.")).st_mode) == 0o640
+
+
+def test_a_calls_own_wav_skips_the_disk_flush_and_a_cached_phrase_keeps_it(output_dir, monkeypatch):
+    """A per-call WAV is played at once and deleted at the hangup; the cache's files are read
+    again after a restart, so only they are fsynced before they appear."""
+    from ivr_daemon import audio
+    from ivr_daemon.config import load_settings
+    from ivr_daemon.llm import make_llm_client
+    from ivr_daemon.turn_services import TurnServices
+
+    class ToneEngine(NullEngine):  # says something, so it is written the way real voices are
+        def synthesize(self, text):
+            return numpy.full(800, 0.25, dtype=numpy.float32), 8000
+
+    flushed: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(audio.os, "fsync", lambda fd: (flushed.append(fd), real_fsync(fd)))
+    settings = load_settings(environ={"TTS_ENGINE": "null", "TTS_OUTPUT_DIR": str(output_dir)})
+    pool = gevent.threadpool.ThreadPool(1)
+    try:
+        def services(cache):
+            return TurnServices(settings=settings, llm=make_llm_client(settings), tts=ToneEngine(),
+                                send=lambda command: None, synth_pool=pool, cache=cache)
+
+        own = services(None).spawn_synthesis("A reply for this call.", output_dir / "call-0.wav").get(timeout=10)
+        assert soundfile.info(str(own)).frames == 800 and flushed == []
+
+        cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
+        cached = services(cache).spawn_synthesis("One moment please.", output_dir / "call-1.wav").get(timeout=10)
+        assert cached.parent == cache.directory and len(flushed) == 1
+    finally:
+        pool.kill()

@@ -261,3 +261,31 @@ def test_a_daemon_whose_voice_breaks_keeps_answering_with_the_fallback(voice_cop
                 assert daemon.esl.connected
             assert any(line["event"] == "tts_worker_start_failed" and str(voice_copy) in line["error"] for line in logs)
     assert worker_children() == []
+
+
+def test_a_calls_own_wav_is_asked_of_the_worker_without_a_disk_flush(one_worker, tmp_path, monkeypatch):
+    from ivr_daemon.tts import worker as worker_module
+    from ivr_daemon.tts import workers as workers_module
+
+    sent: list[dict] = []
+    real_send = workers_module._Worker._send
+    monkeypatch.setattr(workers_module._Worker, "_send", lambda self, message: (sent.append(message),
+                                                                                real_send(self, message))[1])
+    assert assert_telephony_wav(one_worker.synthesize_to_wav("Hello.", tmp_path / "own.wav", durable=False)) > 0.1
+    assert assert_telephony_wav(one_worker.synthesize_to_wav("Hello.", tmp_path / "kept.wav")) > 0.1
+    assert [message["durable"] for message in sent] == [False, True]
+
+    # The worker's side: the request's wish reaches the engine (durable when it does not say).
+    class Recording:
+        name = "recording"
+
+        def __init__(self):
+            self.wishes: list[bool] = []
+
+        def synthesize_to_wav(self, text, path, *, durable=True):
+            self.wishes.append(durable)
+
+    engine = Recording()
+    replies = [worker_module.serve(engine, request, log=None) for request in (
+        {"text": "a", "path": "/x.wav", "durable": False}, {"text": "a", "path": "/y.wav"})]
+    assert replies == [{"ok": True}, {"ok": True}] and engine.wishes == [False, True]

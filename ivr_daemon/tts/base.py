@@ -71,12 +71,15 @@ class TtsEngine(abc.ABC):
         """Blocking: run the model once before the first real sentence, so that sentence does not pay
         for the model's first runs. A worker process calls it after loading its voice; no-op here."""
 
-    def write_wav(self, samples: numpy.ndarray, sample_rate_hz: int, path: str | os.PathLike) -> Path:
-        """``synthesize``'s output as the telephony WAV at ``path`` (atomically); on the same thread."""
-        return write_telephony_wav(samples, sample_rate_hz, path)
+    def write_wav(self, samples: numpy.ndarray, sample_rate_hz: int, path: str | os.PathLike, *,
+                  durable: bool = True) -> Path:
+        """``synthesize``'s output as the telephony WAV at ``path`` (atomically); on the same thread.
+        ``durable``: fsynced before it appears (see ``audio.write_telephony_wav``)."""
+        return write_telephony_wav(samples, sample_rate_hz, path, durable=durable)
 
-    def synthesize_to_wav(self, text: str, path: str | os.PathLike) -> Path:
-        """Synthesize ``text`` into an 8 kHz mono PCM_16 WAV at ``path``; raises TtsSynthesisFailed."""
+    def synthesize_to_wav(self, text: str, path: str | os.PathLike, *, durable: bool = True) -> Path:
+        """Synthesize ``text`` into an 8 kHz mono PCM_16 WAV at ``path``; raises TtsSynthesisFailed.
+        ``durable=False`` for a call's own WAV, which nobody reads after a restart: no fsync."""
         if not text or not text.strip():
             raise TtsSynthesisFailed(f"{self.name}: nothing to say (empty text)")
         started_s = time.monotonic()
@@ -90,7 +93,7 @@ class TtsEngine(abc.ABC):
         if samples.size == 0:
             raise TtsSynthesisFailed(f"{self.name} produced no audio for {text[:60]!r}")
         try:
-            written = self.write_wav(samples, sample_rate_hz, path)
+            written = self.write_wav(samples, sample_rate_hz, path, durable=durable)
         except Exception as exc:
             raise TtsSynthesisFailed(f"{self.name} could not write {path}: {one_line(exc)}") from exc
         log.debug(

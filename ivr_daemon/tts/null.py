@@ -24,9 +24,9 @@ class NullEngine(TtsEngine):
         duration_s = max(MINIMUM_DURATION_S, SECONDS_PER_CHARACTER * len(text.strip()))
         return silence(duration_s, TELEPHONY_RATE_HZ), TELEPHONY_RATE_HZ
 
-    def write_wav(self, samples: numpy.ndarray, sample_rate_hz: int, path) -> Path:
+    def write_wav(self, samples: numpy.ndarray, sample_rate_hz: int, path, *, durable: bool = True) -> Path:
         # Silence needs no conversion (and no disk flush: see write_silent_wav); a subclass (a
         # test's engine) that returns anything else is written the usual way.
         if sample_rate_hz == TELEPHONY_RATE_HZ and samples.ndim == 1 and not samples.any():
             return write_silent_wav(samples.size, path)
-        return write_telephony_wav(samples, sample_rate_hz, path)
+        return write_telephony_wav(samples, sample_rate_hz, path, durable=durable)

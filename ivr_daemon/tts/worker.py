@@ -11,8 +11,9 @@ The protocol is one JSON object per line. stdin: the voice spec first, then requ
 ``{"text": ..., "path": ...}``. The replies go to the file descriptor stdout had at start (stdout
 itself is pointed at stderr, so a library's stray print cannot corrupt them): first
 ``{"name": ..., "voice_id": ...}`` or ``{"error": ...}``, then ``{"ok": true}`` or
-``{"error": ...}`` per request. The WAV is written atomically at ``path`` (temp file, fsync,
-rename), so the daemon adopts only complete files.
+``{"error": ...}`` per request. The WAV is written atomically at ``path`` (temp file, rename),
+so the daemon adopts only complete files; fsynced first unless the request says
+``"durable": false`` (a call's own WAV, deleted at its hangup, unlike the phrase cache's files).
 
 The worker ends when stdin closes: the daemon closed it, or died however it died (even
 SIGKILL), since the kernel closes its end of the pipe then. SIGINT and SIGTERM are ignored: a
@@ -64,7 +65,7 @@ def main() -> int:
 
     from ivr_daemon.logs import configure_logging, get_logger
     from ivr_daemon.tts import make_tts_engine
-    from ivr_daemon.tts.base import TtsError, TtsModelUnavailable, one_line
+    from ivr_daemon.tts.base import TtsModelUnavailable, one_line
 
     configure_logging(spec["log_level"], spec["log_format"])
     log = get_logger(__name__).bind(tts_worker_pid=os.getpid())
@@ -87,16 +88,21 @@ def main() -> int:
     lower_priority(spec["priority"])
     reply({"name": engine.name, "voice_id": engine.voice_id})
     while True:
-        request = jobs.get()
-        try:
-            engine.synthesize_to_wav(request["text"], request["path"])
-        except TtsError as exc:
-            reply({"error": str(exc)})
-        except Exception as exc:  # a bug must cost one sentence, not the worker
-            log.exception("tts_worker_request_failed")
-            reply({"error": f"{engine.name} worker failed: {one_line(exc)}"})
-        else:
-            reply({"ok": True})
+        reply(serve(engine, jobs.get(), log))
+
+
+def serve(engine, request: dict, log) -> dict:
+    """One request: the WAV written (fsynced unless ``durable`` is false), and the reply to send."""
+    from ivr_daemon.tts.base import TtsError, one_line
+
+    try:
+        engine.synthesize_to_wav(request["text"], request["path"], durable=request.get("durable", True))
+    except TtsError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # a bug must cost one sentence, not the worker
+        log.exception("tts_worker_request_failed")
+        return {"error": f"{engine.name} worker failed: {one_line(exc)}"}
+    return {"ok": True}
 
 
 def _read_requests(jobs: queue.Queue) -> None:

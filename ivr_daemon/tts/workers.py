@@ -92,10 +92,10 @@ class _Worker:
             raise TtsModelUnavailable(hello["error"])
         self.name, self.voice_id = hello["name"], hello["voice_id"]
 
-    def synthesize(self, text: str, path: str) -> None:
+    def synthesize(self, text: str, path: str, durable: bool) -> None:
         """Raises TtsSynthesisFailed as the engine did, WorkerDied when the process is gone."""
         with self._in_use():
-            self._send({"text": text, "path": path})
+            self._send({"text": text, "path": path, "durable": durable})
             reply = self._receive()
         if "error" in reply:
             raise TtsSynthesisFailed(reply["error"])
@@ -222,13 +222,13 @@ class WorkerEngine(TtsEngine):
     def synthesize(self, text: str):
         raise NotImplementedError("WorkerEngine synthesizes in its worker processes: use synthesize_to_wav")
 
-    def synthesize_to_wav(self, text: str, path: str | os.PathLike) -> Path:
+    def synthesize_to_wav(self, text: str, path: str | os.PathLike, *, durable: bool = True) -> Path:
         """As the engine in the workers does; from the loop or from any native thread."""
         if not text or not text.strip():
             raise TtsSynthesisFailed(f"{self.name}: nothing to say (empty text)")
         if _native_thread_id() == self._loop_thread:
-            return self._synthesize(text, str(path))
-        return self._from_thread(text, str(path))
+            return self._synthesize(text, str(path), durable)
+        return self._from_thread(text, str(path), durable)
 
     def close(self) -> None:
         """Kill every worker; syntheses under way fail with TtsSynthesisFailed. Idempotent."""
@@ -263,7 +263,7 @@ class WorkerEngine(TtsEngine):
     def _stopped(self) -> TtsSynthesisFailed:
         return TtsSynthesisFailed(f"{self.name}: the TTS workers are stopped")
 
-    def _synthesize(self, text: str, path: str) -> Path:
+    def _synthesize(self, text: str, path: str, durable: bool) -> Path:
         slot = self._slots.get()
         if slot is None or self._closed:
             self._slots.put(None)
@@ -280,7 +280,7 @@ class WorkerEngine(TtsEngine):
                     raise TtsSynthesisFailed(f"{self.name}: no TTS worker: {slot.error}")
             worker = slot.worker
             try:
-                worker.synthesize(text, path)
+                worker.synthesize(text, path, durable)
             except WorkerDied as exc:
                 self._lost(slot, worker, str(exc), text_chars=len(text))
                 if self._closed:
@@ -335,7 +335,7 @@ class WorkerEngine(TtsEngine):
         self._watch(worker, slot)
         log.info("tts_worker_started", engine=self.name, pid=worker.pid)
 
-    def _from_thread(self, text: str, path: str) -> Path:
+    def _from_thread(self, text: str, path: str, durable: bool) -> Path:
         """Run the request on the loop (where the workers live) and wait for it without the GIL."""
         done = native_lock()
         done.acquire()
@@ -344,7 +344,7 @@ class WorkerEngine(TtsEngine):
         def run() -> None:
             # Caught here and raised in the calling thread (gevent would print it too otherwise).
             try:
-                outcome.append((True, self._synthesize(text, path)))
+                outcome.append((True, self._synthesize(text, path, durable)))
             except BaseException as exc:
                 outcome.append((False, exc))
             finally:
