@@ -4,7 +4,6 @@ import contextlib
 
 import gevent
 import gevent.event
-import pytest
 
 from ivr_daemon.idle_lane import IdleLane
 
@@ -255,41 +254,3 @@ def test_out_of_a_burst_an_answer_is_read_at_once_unless_another_waits_in_the_la
         first, waited_s = asker.get(timeout=10)
         client.close()
     assert first == "Hello" and waited_s > 0 and lane.let_go == 2
-
-
-def test_a_request_counts_among_the_awaited_answers_from_before_it_is_sent(monkeypatch):
-    """What tells a burst (QUIET_AWAITED_ANSWERS_MAX) counts a request from before its connection
-    is made and its bytes written until its answer's status line is read, and not after, failed
-    or not: in a burst the first answers come back while most requests are still being sent."""
-    import urllib3.connection
-
-    from llm_fakes import FakeLlmServer
-    from ivr_daemon.llm import paced
-    from ivr_daemon.llm.base import LlmUnavailable
-    from ivr_daemon.llm.openai import OpenAiClient
-
-    _lane_of_the_test(monkeypatch, burst=False)
-    seen = []
-    connect = urllib3.connection.HTTPConnection.connect
-
-    def counting_connect(self):
-        seen.append(("connecting", paced.awaited_answers()))
-        return connect(self)
-
-    monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect", counting_connect)
-    with FakeLlmServer("openai", replies="Hello there.") as server:
-        client = OpenAiClient(server.url, "m", timeout_s=10)
-        stream = client.stream([{"role": "user", "content": "hi"}])
-        assert next(stream) == "Hello"
-        seen.append(("answer read", paced.awaited_answers()))
-        stream.close()
-        assert client.complete([{"role": "user", "content": "hi"}]) == "Hello there."
-        seen.append(("whole answer read", paced.awaited_answers()))
-        client.close()
-    assert seen == [("connecting", 1), ("answer read", 0), ("connecting", 1), ("whole answer read", 0)]
-
-    refused = OpenAiClient(server.url, "m", timeout_s=10)  # the server is gone: connection refused
-    with pytest.raises(LlmUnavailable):
-        refused.complete([{"role": "user", "content": "hi"}])
-    refused.close()
-    assert seen[-1] == ("connecting", 1) and paced.awaited_answers() == 0

@@ -31,46 +31,15 @@ Delta = TypeVar("Delta")
 # A read that took longer than this waited for the network (a buffered one takes ~50 us).
 READ_WAITED_S = 0.001
 
-# Answers awaited at once (requests under way: being sent, or written and their answers not yet
-# past the lane) up to which the daemon is not in a burst: an answer that comes then, with no
-# other answer waiting in the lane, is read at once, first come first served, instead of after
-# the loop's next idle moment (which at 20 turns a second came 0.5 ms later at p50 and 4-14 ms at
-# p99: the daemon's own queueing, counted in every overhead). A client used from a thread of its
-# own (which skips the lane) is counted too: at worst the loop's answers then wait in the lane as
-# in a burst. At 20 turns a second with an LLM answering in 200 ms about 4 answers are awaited;
-# in a burst of turns, hundreds.
+# Answers awaited at once (requests written, their answers not yet past the lane) up to which
+# the daemon is not in a burst: an answer that comes then, with no other answer waiting in the
+# lane, is read at once, first come first served, instead of after the loop's next idle moment
+# (which at 20 turns a second came 0.5 ms later at p50 and 4-14 ms at p99: the daemon's own
+# queueing, counted in every overhead). A client used from a thread of its own (which skips the
+# lane) is counted too: at worst the loop's answers then wait in the lane as in a burst. At 20 turns a second with an LLM answering in 200 ms
+# about 4 answers are awaited; in a burst of turns, hundreds.
 QUIET_AWAITED_ANSWERS_MAX = 16
 _awaited_answers = 0
-
-
-class AwaitingAnswer:
-    """A request under way, from before it is sent (its connection made, its bytes written) to
-    its answer's status line read: what :data:`QUIET_AWAITED_ANSWERS_MAX` counts.
-
-    Counted from the start, not once written: in a burst the first answers come back while most
-    requests are still being sent (each a loop pass or more behind the one before, a new
-    connection's connect costing a pass of its own), and counted only once written, 15 of a
-    200-turn burst's answers found fewer than 16 awaited and were read at once, their first
-    sentences ahead of the other turns' requests (~1.5 ms of the loop each).
-    """
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        global _awaited_answers
-        _awaited_answers += 1
-
-    def __exit__(self, *exc_info) -> None:
-        global _awaited_answers
-        _awaited_answers -= 1
-
-
-awaiting_answer = AwaitingAnswer()
-
-
-def awaited_answers() -> int:
-    """Requests under way now (see :class:`AwaitingAnswer`)."""
-    return _awaited_answers
 
 # Per greenlet: how long its requests' answers have waited in the lane (a turn's producer is a
 # greenlet of its own, so what it reads is its turn's wait).
@@ -102,17 +71,20 @@ class _LanePacedConnection(urllib3.connection.HTTPConnection):
     """
 
     def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        global _awaited_answers
         timeout_s = self.timeout if isinstance(self.timeout, (int, float)) else None
-        # Counted among the awaited (AwaitingAnswer) by the transport's post, which every
-        # request through these pools is made in (a redirect requests follows too).
-        if self.sock is not None and not _has_buffered_bytes(self.sock):
-            # Its timeout is a socket.timeout, as the read's own: urllib3 reports it the same way.
-            gevent.socket.wait_read(self.sock.fileno(), timeout=timeout_s)
-        lane = idle_lane()
-        if _awaited_answers > QUIET_AWAITED_ANSWERS_MAX or lane.first_waiters():
-            started_s = time.monotonic()
-            lane.wait(first=True, max_wait_s=timeout_s / 4 if timeout_s else None)
-            _lane_waits.s = lane_wait_s() + time.monotonic() - started_s
+        _awaited_answers += 1
+        try:
+            if self.sock is not None and not _has_buffered_bytes(self.sock):
+                # Its timeout is a socket.timeout, as the read's own: urllib3 reports it the same way.
+                gevent.socket.wait_read(self.sock.fileno(), timeout=timeout_s)
+            lane = idle_lane()
+            if _awaited_answers > QUIET_AWAITED_ANSWERS_MAX or lane.first_waiters():
+                started_s = time.monotonic()
+                lane.wait(first=True, max_wait_s=timeout_s / 4 if timeout_s else None)
+                _lane_waits.s = lane_wait_s() + time.monotonic() - started_s
+        finally:
+            _awaited_answers -= 1
         return super().getresponse()
 
 

@@ -35,7 +35,7 @@ import urllib3
 import urllib3.connectionpool
 import urllib3.exceptions
 
-from ivr_daemon.llm.paced import LanePacedAdapter, awaiting_answer
+from ivr_daemon.llm.paced import LanePacedAdapter
 
 # Keep-alive connections kept per LLM endpoint: one per turn in flight. At 256, a daemon that
 # had fallen behind (1,000 calls asking within 10 s) opened a new connection for 983 of 1,000
@@ -122,19 +122,17 @@ class LlmTransport:
             route = self._routes[key] = _Route(self.session, self.url, headers)
         # requests' json= encoding: ValueError for NaN, as requests' InvalidJSONError was.
         body = json.dumps(payload, allow_nan=False).encode("utf-8")
-        # Awaited from before it is sent until its answer is past the lane: what tells a burst.
-        with awaiting_answer:
-            response = route.pool.urlopen(
-                "POST", route.request_url, body=body, headers={**route.headers, "Content-Length": str(len(body))},
-                redirect=False, assert_same_host=False, preload_content=False, decode_content=False,
-                retries=self.adapter.max_retries, timeout=self._timeout, chunked=False,
-            )
-            if response.status in _REDIRECT_STATUSES and response.get_redirect_location():
-                release(response)
-                # requests follows it as it always did (303: a GET; 307, 308: the POST again).
-                response = self.session.post(self.url, json=payload, headers=headers,
-                                             timeout=(self._timeout.connect_timeout, self._timeout.read_timeout),
-                                             stream=True).raw
+        response = route.pool.urlopen(
+            "POST", route.request_url, body=body, headers={**route.headers, "Content-Length": str(len(body))},
+            redirect=False, assert_same_host=False, preload_content=False, decode_content=False,
+            retries=self.adapter.max_retries, timeout=self._timeout, chunked=False,
+        )
+        if response.status in _REDIRECT_STATUSES and response.get_redirect_location():
+            release(response)
+            # requests follows it as it always did (303: a GET; 307, 308: the POST again).
+            response = self.session.post(self.url, json=payload, headers=headers,
+                                         timeout=(self._timeout.connect_timeout, self._timeout.read_timeout),
+                                         stream=True).raw
         return response
 
     def close(self) -> None:
