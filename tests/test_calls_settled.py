@@ -82,10 +82,24 @@ def test_an_event_interrupt_settles_is_not_queued_while_the_call_waits():
 
 def test_a_settled_event_is_still_deduplicated():
     handlers: list = []
-    router, call = answered_and_waiting(handlers)
-    router.route(event("PLAYBACK_STOP", 2))
-    router.route(event("PLAYBACK_STOP", 2))  # FreeSWITCH's second copy
-    assert handlers[0].interrupted == ["CHANNEL_ANSWER", "PLAYBACK_STOP"] and router.dedup.dropped == 1
+    router, call = answered_and_waiting(handlers, settle=("DETECTED_SPEECH",))
+    router.route(event("DETECTED_SPEECH", 2))
+    router.route(event("DETECTED_SPEECH", 2))  # FreeSWITCH's second copy
+    assert handlers[0].interrupted == ["CHANNEL_ANSWER", "DETECTED_SPEECH"] and router.dedup.dropped == 1
+    assert router.events_settled == 1
+
+
+def test_playback_reports_are_not_digested_for_dedup():
+    """FreeSWITCH doubles only ASR events (DETECTED_SPEECH, while parked: every capture shows
+    it); a playback report is never looked up in the deduplicator, so it costs no digest and
+    takes no key from the speech events' bounded memory."""
+    handlers: list = []
+    router, call = answered_and_waiting(handlers, settle=PLAYBACK)
+    for sequence, name in enumerate(PLAYBACK * 3, start=2):
+        router.route(event(name, sequence))
+    assert len(router.dedup) == 0 and router.dedup.dropped == 0
+    assert handlers[0].interrupted == ["CHANNEL_ANSWER", *PLAYBACK * 3]
+    assert router.events_settled == 9
 
 
 def test_a_settled_event_is_queued_behind_a_handle_in_progress_or_earlier_events():
