@@ -311,10 +311,12 @@ class ConversationHandler:
         headers = event.headers
         if name == "CHANNEL_EXECUTE_COMPLETE":
             # A file FreeSWITCH could not open: no PLAYBACK_* at all, only this (capture X11).
-            if headers.get("Application") == "playback" and headers.get("Application-Response") == "FILE NOT FOUND":
+            # The response last: a file that played has started (its PLAYBACK_START came first),
+            # so its "FILE%20PLAYED" is never decoded.
+            if headers.get("Application") == "playback":
                 path = headers.get("Application-Data")
                 item = next((s for s in reply.spoken if s.path == path and not s.started), None)
-                if item is not None:
+                if item is not None and headers.get("Application-Response") == "FILE NOT FOUND":
                     item.status = "not-found"
                     self.log.error("playback_file_not_found", path=item.path)
                     self._count_turn_if_over(reply)
