@@ -32,9 +32,12 @@ null TTS writes its WAVs in gevent's thread pool). --baseline PATH runs another 
 daemon too, round by round, alternating which goes first; ours is this checkout's, named
 (a bare ``python -m ivr_daemon`` runs whichever ivr_daemon the interpreter finds).
 --no-trace runs the daemon untraced (``python -m ivr_daemon``): overhead and CPU only, the A/B.
+--profile-reader PATH also runs the reader's frame routing under cProfile (traced runs), its stats
+written to PATH.<ours|baseline>.<round>.prof for pstats: where a frame's CPU goes, by function
+(the profiler roughly doubles ``reader_frames``' figures; compare those without it).
 
 Usage: .venv/bin/python bench/loop_slices.py [--calls 200] [--spread-s 10] [--baseline /work/main]
-                                              [--rounds 3] [--no-trace]
+                                              [--rounds 3] [--no-trace] [--profile-reader /tmp/reader]
 """
 
 import latency as L  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys.path
