@@ -9,8 +9,9 @@ cannot matter (a partial transcript while nothing of the call's plays: mod_vosk 
 ~200 ms per caller, twice while parked) are taken by :meth:`CallHandler.absorb` first and stop
 there: no dedup entry, no queue, no greenlet switch, no log line. Events that ``interrupt``
 settles entirely (playback reports once the call has learnt all it learns from its events:
-10 of a call's 15) are deduplicated and counted but not queued: the call's greenlet is not
-woken for an event its ``handle`` would do nothing with.
+10 of a call's 15) are counted but not queued: the call's greenlet is not woken for an event
+its ``handle`` would do nothing with. Only the events FreeSWITCH delivers twice
+(``DOUBLED_EVENTS``: DETECTED_SPEECH) are looked up in the deduplicator.
 """
 
 from __future__ import annotations
