@@ -32,9 +32,12 @@ null TTS writes its WAVs in gevent's thread pool). --baseline PATH runs another 
 daemon too, round by round, alternating which goes first; ours is this checkout's, named
 (a bare ``python -m ivr_daemon`` runs whichever ivr_daemon the interpreter finds).
 --no-trace runs the daemon untraced (``python -m ivr_daemon``): overhead and CPU only, the A/B.
+--profile-reader PATH also runs the reader's frame routing under cProfile (traced runs), its stats
+written to PATH.<ours|baseline>.<round>.prof for pstats: where a frame's CPU goes, by function
+(the profiler roughly doubles ``reader_frames``' figures; compare those without it).
 
 Usage: .venv/bin/python bench/loop_slices.py [--calls 200] [--spread-s 10] [--baseline /work/main]
-                                              [--rounds 3] [--no-trace]
+                                              [--rounds 3] [--no-trace] [--profile-reader /tmp/reader]
 """
 
 import latency as L  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys.path
@@ -142,6 +145,8 @@ def start(*_):
 def stop(*_):
     on[0] = False
     greenlet.settrace(None)
+    if profiler is not None:
+        profiler.dump_stats({profile_path!r})
     with open({path!r} + ".tmp", "w") as out:
         json.dump({{"slices_s": slices, "slices_cpu_s": slices_cpu, "passes_s": passes, "passes_cpu_s": passes_cpu,
                    "details": details, "pass_details": pass_details, "marks": marks,
@@ -152,14 +157,21 @@ def stop(*_):
 routed = collections.defaultdict(lambda: [0, 0.0, 0.0])  # kind -> frames, CPU, worst CPU
 import ivr_daemon.esl.connection as esl_connection
 _route = esl_connection.EslConnection._route
+# --profile-reader: a cProfile of the reader's routing alone (it inflates reader_frames' figures).
+import cProfile
+profiler = cProfile.Profile() if {profile_path!r} else None
 
 def timed_route(self, item, parser):
     if not on[0]:
         return _route(self, item, parser)
     began = cpu()
+    if profiler is not None:
+        profiler.enable()
     try:
         return _route(self, item, parser)
     finally:
+        if profiler is not None:
+            profiler.disable()
         spent = cpu() - began
         kind = getattr(item, "content_type", "malformed")
         if kind.startswith("text/event-"):
@@ -256,11 +268,13 @@ class LoopCpu:
         return start_cpu_s + (end_cpu_s - start_cpu_s) * (t_s - start_s) / (end_s - start_s)
 
 
-def one_run(args, checkout=None, trace=True):
-    """latency.py's overhead load against a daemon (``checkout``'s, or this one's), traced or not."""
+def one_run(args, checkout=None, trace=True, profile_path=None):
+    """latency.py's overhead load against a daemon (``checkout``'s, or this one's), traced or not;
+    with ``profile_path``, the reader's routing under cProfile too (its stats written there)."""
     tmp = tempfile.mkdtemp(prefix="ivr-slices-")
     dump = Path(tmp) / "slices.json"
-    argv = ["-c", TRACER.format(path=str(dump), detail_s=args.detail_ms / 1000)] if trace else None
+    argv = ["-c", TRACER.format(path=str(dump), detail_s=args.detail_ms / 1000,
+                                profile_path=str(profile_path) if profile_path else "")] if trace else None
     rig = L.DaemonProcessRig(args, sim_options={"playback_speed": 0.0, "duplicate_speech_delay_s": 0.0},
                              checkout=checkout, daemon_argv=argv)
     try:
@@ -358,6 +372,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-trace", action="store_true", help="the daemon untraced: overhead and CPU only")
     parser.add_argument("--tts-worker-priority", default=None)
+    parser.add_argument("--profile-reader", type=Path, metavar="PATH",
+                        help="cProfile the ESL reader's frame routing (traced runs): stats written to "
+                             "PATH.<ours|baseline>.<round>.prof (pstats); its overhead inflates reader_frames")
     args = parser.parse_args()
     L.configure_logging("ERROR", "console")
     # Ours is this checkout's daemon, named: a bare `python -m ivr_daemon` would import whichever
@@ -367,7 +384,9 @@ def main():
     for round_index in range(args.rounds):
         # Alternate which goes first: a load that comes and goes hits both alike.
         for name, checkout in (runs if round_index % 2 == 0 else runs[::-1]):
-            result = one_run(args, checkout=checkout, trace=not args.no_trace)
+            profile_path = (args.profile_reader.with_name(f"{args.profile_reader.name}.{name}.{round_index}.prof")
+                            if args.profile_reader and not args.no_trace else None)
+            result = one_run(args, checkout=checkout, trace=not args.no_trace, profile_path=profile_path)
             result["load_average_1min"] = os.getloadavg()[0]
             results[name].append(result)
             print(round_index, name, json.dumps(result), flush=True)

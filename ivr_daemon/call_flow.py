@@ -163,12 +163,16 @@ class PhoneCall(ConversationHandler):
 
     def interrupt(self, event: EslEvent) -> bool:
         settled = super().interrupt(event)
-        if event.name == "DTMF" or (event.name == "DETECTED_SPEECH" and _caller_spoke(event)):
+        name = event.headers.get("Event-Name")  # read once: a playback report needs nothing more here
+        if name == "DETECTED_SPEECH":
+            if _caller_spoke(event):
+                self._caller_active()
+        elif name == "DTMF":
             self._caller_active()
-        if (event.name == "DTMF" and self.agent is not None and event.get("DTMF-Digit") in self.agent.dtmf
-                and not self.ended and self._reply is not None and self._reply.barge_in
-                and not self._reply.interrupted and (self.playing or self.busy)):
-            self._barge_in(event)  # a key that does something cuts what plays, as speech does
+            if (self.agent is not None and event.get("DTMF-Digit") in self.agent.dtmf
+                    and not self.ended and self._reply is not None and self._reply.barge_in
+                    and not self._reply.interrupted and (self.playing or self.busy)):
+                self._barge_in(event)  # a key that does something cuts what plays, as speech does
         return settled
 
     def _handle_would_learn(self, event: EslEvent) -> bool:
@@ -180,19 +184,20 @@ class PhoneCall(ConversationHandler):
         recorder = self.recorder
         if recorder is not None and not (recorder.active and recorder.answered_at is not None):
             return True  # learn_times still reads the event's times
-        if self.agent_name is None and event.get("variable_ivr_agent") is not None:
+        if not (self._prompt_filled or self._prompt_warned):
+            return True  # _fill_system_prompt would run again (and may warn)
+        headers = event.headers  # read straight from the headers: no EslEvent.get frame per read
+        if self.agent_name is None and headers.get("variable_ivr_agent") is not None:
             return True
-        if self.caller_number is None and event.get("Caller-Caller-ID-Number"):
+        if self.caller_number is None and headers.get("Caller-Caller-ID-Number"):
             return True
         variables = self.variables
         for header, name in CALL_VARIABLES.items():
-            if name not in variables and event.get(header):
+            if name not in variables and headers.get(header):
                 return True
-        if not (self._prompt_filled or self._prompt_warned):
-            return True  # _fill_system_prompt would run again (and may warn)
         known = self.dynamic_variables
         for name in self._watched_variable_names(event):
-            if name not in known and event.get(f"variable_{name}") is not None:
+            if name not in known and headers.get(f"variable_{name}") is not None:
                 return True
         return False
 

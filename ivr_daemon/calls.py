@@ -9,8 +9,9 @@ cannot matter (a partial transcript while nothing of the call's plays: mod_vosk 
 ~200 ms per caller, twice while parked) are taken by :meth:`CallHandler.absorb` first and stop
 there: no dedup entry, no queue, no greenlet switch, no log line. Events that ``interrupt``
 settles entirely (playback reports once the call has learnt all it learns from its events:
-10 of a call's 15) are deduplicated and counted but not queued: the call's greenlet is not
-woken for an event its ``handle`` would do nothing with.
+10 of a call's 15) are counted but not queued: the call's greenlet is not woken for an event
+its ``handle`` would do nothing with. Only the events FreeSWITCH delivers twice
+(``DOUBLED_EVENTS``: DETECTED_SPEECH) are looked up in the deduplicator.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ log = get_logger(__name__)
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 CALL_END_EVENT = "CHANNEL_HANGUP_COMPLETE"
+# The events FreeSWITCH can deliver twice: while a channel is parked an ASR event is fired once
+# for fire_asr_events=true and once more from the session's queue, byte-identical (the captures'
+# README; in every capture of tests/captures/ and ../shared/esl-captures/ only DETECTED_SPEECH
+# repeats an Event-Sequence). Only these are looked up in the deduplicator: a digest of every
+# playback report (10 of a call's 15 events) was ~10 % of the reader's CPU for nothing.
+DOUBLED_EVENTS = frozenset({"DETECTED_SPEECH"})
 # Dedup keys of the call's last absorbed events: FreeSWITCH's second copy of one (while parked,
 # ~20 ms later, capture 80_plain) must still count as a copy if the call's state changed
 # meanwhile and it is not absorbed. Partials come every ~200 ms: 8 cover well over a second.
@@ -150,6 +157,7 @@ class CallRouter:
         self._log_speech_text = log_speech_text
         self._owns = owns
         self.dedup = dedup if dedup is not None else EventDeduplicator()
+        self._log_debug = logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
         self._on_callless_event = on_callless_event
         self.calls: dict[str, Call] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
@@ -160,7 +168,9 @@ class CallRouter:
         self.foreign_ids = 0
 
     def route(self, event: EslEvent) -> None:
-        call = self.calls.get(event.headers.get("Unique-ID"))  # type: ignore[arg-type]
+        headers = event.headers
+        uuid = headers.get("Unique-ID") or None
+        call = self.calls.get(uuid)  # type: ignore[arg-type]
         if call is not None and call.absorb is not None:
             try:
                 absorbed = call.absorb(event)
@@ -169,52 +179,59 @@ class CallRouter:
                 absorbed = False
             if absorbed:
                 self.events_absorbed += 1
-                sequence = event.headers.get("Event-Sequence")
+                sequence = headers.get("Event-Sequence")
                 if sequence:
-                    call.absorbed.append((event.headers.get("Core-UUID"), sequence))
+                    call.absorbed.append((headers.get("Core-UUID"), sequence))
                 return
-        duplicate = self.dedup.is_duplicate(event)
-        if not duplicate and call is not None and call.absorbed and _copy_of_absorbed(call, event):
-            duplicate = True
-            self.dedup.dropped += 1
-        if duplicate:
-            self._log.debug("esl_duplicate_event_dropped", event_name=event.name, call_uuid=event.unique_id,
-                      event_sequence=event.headers.get("Event-Sequence"))
+        name = headers.get("Event-Name", "")
+        if name in DOUBLED_EVENTS:
+            duplicate = self.dedup.is_duplicate(event)
+            if not duplicate and call is not None and call.absorbed and _copy_of_absorbed(call, event):
+                duplicate = True
+                self.dedup.dropped += 1
+            if duplicate:
+                if self._log_debug:  # a structlog call below its level still costs ~6-12 µs
+                    self._log.debug("esl_duplicate_event_dropped", event_name=name, call_uuid=uuid,
+                                    event_sequence=headers.get("Event-Sequence"))
+                return
+        if call is not None:
+            self._route_to(call, event, name)  # its Unique-ID was checked when the call was made
             return
-        uuid = event.unique_id
         if uuid is not None and not _UUID_RE.match(uuid):
             # FreeSWITCH's Unique-IDs are UUIDs; another value cannot be controlled by any
             # command (the builders refuse it) and must not name files either.
             self.foreign_ids += 1
-            level = "warning" if event.name == "DETECTED_SPEECH" else "debug"
-            getattr(self._log, level)("event_with_non_uuid_unique_id_ignored", event_name=event.name,
+            level = "warning" if name == "DETECTED_SPEECH" else "debug"
+            getattr(self._log, level)("event_with_non_uuid_unique_id_ignored", event_name=name,
                                 unique_id=uuid[:80])
             return
         if uuid is None:
             if self._on_callless_event is not None:
                 self._on_callless_event(event)
             return
-        call = self.calls.get(uuid)
-        if call is None:
-            if uuid in self._ended:
-                self._log.debug("event_after_call_ended", event_name=event.name, call_uuid=uuid)
-                return
-            if self._owns is not None and not self._owns(uuid):
-                return  # another daemon's shard
-            call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text, self._log_context)
-            self.calls[uuid] = call
-            if self._on_call_started is not None:
-                self._on_call_started(uuid)
-        if event.name == CALL_END_EVENT:
+        if uuid in self._ended:
+            self._log.debug("event_after_call_ended", event_name=name, call_uuid=uuid)
+            return
+        if self._owns is not None and not self._owns(uuid):
+            return  # another daemon's shard
+        call = Call(uuid, self._handler_factory, self._call_done, self._log_speech_text, self._log_context)
+        self.calls[uuid] = call
+        if self._on_call_started is not None:
+            self._on_call_started(uuid)
+        self._route_to(call, event, name)
+
+    def _route_to(self, call: Call, event: EslEvent, name: str) -> None:
+        """Hand ``event`` (named ``name``) to its live ``call``: interrupt, then its queue."""
+        if name == CALL_END_EVENT:
             call.ended = True
-            self._remember(uuid)
+            self._remember(call.uuid)
         self.events_routed += 1
         try:
             settled = call.handler.interrupt(event)
         except Exception:
-            call.log.exception("call_interrupt_failed", event_name=event.name)
+            call.log.exception("call_interrupt_failed", event_name=name)
             settled = False
-        if settled and call.waiting and call.queue.empty() and event.name != CALL_END_EVENT:
+        if settled and call.waiting and call.queue.empty() and name != CALL_END_EVENT:
             # Nothing for the call's greenlet to do: no queue put, no two greenlet switches.
             # Only while it waits with nothing queued: queued, this event would be handled
             # next, on exactly what the call knows now, which interrupt judged.

@@ -189,7 +189,8 @@ class ConversationHandler:
         ``partial``) is of no use to a turn: the reader drops it here. Only a final transcript
         starts one, and a repeat of a partial changes nothing, so it needs no dedup either."""
         headers = event.headers
-        if headers.get("Speech-Type") != PARTIAL_SPEECH or headers.get("Event-Name") != "DETECTED_SPEECH":
+        # The name first: decoded with every event, where Speech-Type is decoded when read.
+        if headers.get("Event-Name") != "DETECTED_SPEECH" or headers.get("Speech-Type") != PARTIAL_SPEECH:
             return False
         reply = self._reply
         return (reply is None or reply.interrupted or not reply.barge_in or self.hung_up
@@ -198,12 +199,12 @@ class ConversationHandler:
     def interrupt(self, event: EslEvent) -> bool:
         """Hangup, playback and barge-in, at once. True (the event is not queued): a playback
         report, followed here, that :meth:`handle` would do nothing with."""
-        name = event.name
+        name = event.headers.get("Event-Name")
         if name == HANGUP_EVENT:
             self.hung_up = True
             self._kill_turn()
         elif name in PLAYBACK_EVENTS:
-            self._follow_playback(event)
+            self._follow_playback(event, name)
             # Whatever waits on playback (a turn's count, the goodbye's PLAYBACK_STOP, the
             # silence clock, records) waits on what _follow_playback just did, not on handle.
             return not self._handle_would_learn(event)
@@ -300,39 +301,51 @@ class ConversationHandler:
 
     # -- playback and barge-in ----------------------------------------------------------------
 
-    def _follow_playback(self, event: EslEvent) -> None:
+    def _follow_playback(self, event: EslEvent, name: str) -> None:
+        """What a playback report (``name``, one of PLAYBACK_EVENTS) says of our broadcasts.
+        In the reader for 10 of a call's 15 events: each header is read once, from the headers."""
         self._playback_changed.set()
         reply = self._reply
         if reply is None:
             return
-        if event.name == "CHANNEL_EXECUTE_COMPLETE":
+        headers = event.headers
+        if name == "CHANNEL_EXECUTE_COMPLETE":
             # A file FreeSWITCH could not open: no PLAYBACK_* at all, only this (capture X11).
-            if event.get("Application") == "playback" and event.get("Application-Response") == "FILE NOT FOUND":
-                item = next((s for s in reply.spoken if s.path == event.get("Application-Data") and not s.started), None)
-                if item is not None:
+            # The response last: a file that played has started (its PLAYBACK_START came first),
+            # so its "FILE%20PLAYED" is never decoded.
+            if headers.get("Application") == "playback":
+                path = headers.get("Application-Data")
+                item = next((s for s in reply.spoken if s.path == path and not s.started), None)
+                if item is not None and headers.get("Application-Response") == "FILE NOT FOUND":
                     item.status = "not-found"
                     self.log.error("playback_file_not_found", path=item.path)
                     self._count_turn_if_over(reply)
             return
-        path = event.get("Playback-File-Path")
+        path = headers.get("Playback-File-Path")
         if not path:
             return
-        for earlier in (reply, *self._earlier_replies):  # the current reply's, almost always
-            if event.name == "PLAYBACK_START":
-                item = next((s for s in earlier.spoken if s.path == path and not s.started), None)
-                if item is not None:
-                    item.started = True
-                    return
+        starting = name == "PLAYBACK_START"
+        for earlier in (reply, *self._earlier_replies) if self._earlier_replies else (reply,):
+            # The current reply's, almost always. Plain loops: a generator for next() per
+            # report cost more than the search.
+            if starting:
+                for item in earlier.spoken:
+                    if item.path == path and not item.started:
+                        item.started = True
+                        return
                 continue
-            item = next((s for s in earlier.spoken if s.path == path and s.started and s.status is None), None)
-            if item is not None:
-                item.status = event.get("Playback-Status") or "done"
-                if earlier is reply:
-                    self._count_turn_if_over(reply)
-                elif not earlier.playing:
-                    self._earlier_replies.remove(earlier)
-                    self._turn_changed(earlier)
-                return
+            for item in earlier.spoken:
+                if item.path == path and item.started and item.status is None:
+                    break
+            else:
+                continue
+            item.status = headers.get("Playback-Status") or "done"
+            if earlier is reply:
+                self._count_turn_if_over(reply)
+            elif not earlier.playing:
+                self._earlier_replies.remove(earlier)
+                self._turn_changed(earlier)
+            return
 
     def _is_barge_in(self, event: EslEvent) -> bool:
         mode = self.services.settings.barge_in

@@ -1,11 +1,13 @@
 """The call router: per-call order, calls independent, handler errors contained, dedup."""
 
+from pathlib import Path
+
 import gevent
 import gevent.event
 
 from harness import wait_until
-from ivr_daemon.calls import CallRouter
-from ivr_daemon.esl.protocol import EslEvent
+from ivr_daemon.calls import DOUBLED_EVENTS, CallRouter
+from ivr_daemon.esl.protocol import EslEvent, Frame, FrameParser, parse_event
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
@@ -146,7 +148,7 @@ def test_absorbed_events_skip_dedup_interrupt_and_queue_and_their_copies_stay_co
     for seq in (2, 2, 3):
         router.route(event(A, "DETECTED_SPEECH", seq, body="idle"))
     assert handlers[A].absorbed == [2, 2, 3] and router.events_absorbed == 3
-    assert handlers[A].interrupted == ["CHANNEL_ANSWER"] and len(router.dedup) == 1
+    assert handlers[A].interrupted == ["CHANNEL_ANSWER"] and len(router.dedup) == 0  # none digested
     # The copy of an absorbed event, arriving when it is no longer absorbed, is still a copy.
     router.route(event(A, "DETECTED_SPEECH", 3, body="playing"))
     router.route(event(A, "DETECTED_SPEECH", 4, body="playing"))
@@ -165,3 +167,46 @@ def test_a_failing_absorb_is_logged_and_the_event_goes_the_normal_way(caplog):
     assert router.join(5)
     assert seen == [(A, 1), (A, 2), (A, 3), (A, "closed")]
     assert any("call_absorb_failed" in str(r.msg) for r in caplog.records)
+
+
+CAPTURES = Path(__file__).parent / "captures"
+
+
+def test_only_the_doubled_events_are_deduplicated_as_every_capture_shows():
+    """FreeSWITCH repeats an Event-Sequence only for DETECTED_SPEECH (fired once for
+    fire_asr_events, once from the parked session's queue): the router asks the deduplicator
+    about those alone. If a capture ever shows another event doubled, DOUBLED_EVENTS must grow."""
+    doubled, streams = set(), 0
+    for path in sorted(CAPTURES.rglob("*_plain*.txt")):
+        keys = set()
+        for item in FrameParser().feed(path.read_bytes()):
+            if isinstance(item, Frame) and item.content_type == "text/event-plain":
+                ev = parse_event(item)
+                key = (ev.get("Core-UUID"), ev.get("Event-Sequence"))
+                if key in keys:
+                    doubled.add(ev.name)
+                keys.add(key)
+        streams += 1
+    assert streams >= 10 and doubled == set(DOUBLED_EVENTS) == {"DETECTED_SPEECH"}
+
+    # The whole captured stream of a parked call with three broadcasts, through a router: every
+    # copy of a transcript is dropped, nothing else is digested, every other event gets through.
+    handlers = []
+
+    def factory(uuid, log):
+        handlers.append(Recorder(uuid, log, []))
+        return handlers[-1]
+
+    router = CallRouter(factory)
+    events = [parse_event(f) for f in FrameParser().feed((CAPTURES / "playback" / "S1_broadcast_x3_queue_plain.txt").read_bytes())
+              if isinstance(f, Frame) and f.content_type == "text/event-plain"]
+    speech = [e for e in events if e.name == "DETECTED_SPEECH"]
+    copies = len(speech) - len({(e.get("Core-UUID"), e.sequence) for e in speech})
+    for ev in events:
+        router.route(ev)
+    assert copies > 0 and router.dedup.dropped == copies
+    assert len(router.dedup) == len(speech) - copies  # one key per transcript, none for the rest
+    interrupted = [name for handler in handlers for name in handler.interrupted]
+    assert len(interrupted) == len([e for e in events if e.unique_id]) - copies
+    assert interrupted.count("DETECTED_SPEECH") == len(speech) - copies
+    assert {"PLAYBACK_START", "PLAYBACK_STOP", "CHANNEL_EXECUTE_COMPLETE"} <= set(interrupted)

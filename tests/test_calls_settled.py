@@ -4,6 +4,7 @@ is followed by ``interrupt`` and not queued; everything that depends on playback
 from __future__ import annotations
 
 import uuid as uuid_lib
+from pathlib import Path
 
 import gevent
 import gevent.event
@@ -82,10 +83,24 @@ def test_an_event_interrupt_settles_is_not_queued_while_the_call_waits():
 
 def test_a_settled_event_is_still_deduplicated():
     handlers: list = []
-    router, call = answered_and_waiting(handlers)
-    router.route(event("PLAYBACK_STOP", 2))
-    router.route(event("PLAYBACK_STOP", 2))  # FreeSWITCH's second copy
-    assert handlers[0].interrupted == ["CHANNEL_ANSWER", "PLAYBACK_STOP"] and router.dedup.dropped == 1
+    router, call = answered_and_waiting(handlers, settle=("DETECTED_SPEECH",))
+    router.route(event("DETECTED_SPEECH", 2))
+    router.route(event("DETECTED_SPEECH", 2))  # FreeSWITCH's second copy
+    assert handlers[0].interrupted == ["CHANNEL_ANSWER", "DETECTED_SPEECH"] and router.dedup.dropped == 1
+    assert router.events_settled == 1
+
+
+def test_playback_reports_are_not_digested_for_dedup():
+    """FreeSWITCH doubles only ASR events (DETECTED_SPEECH, while parked: every capture shows
+    it); a playback report is never looked up in the deduplicator, so it costs no digest and
+    takes no key from the speech events' bounded memory."""
+    handlers: list = []
+    router, call = answered_and_waiting(handlers, settle=PLAYBACK)
+    for sequence, name in enumerate(PLAYBACK * 3, start=2):
+        router.route(event(name, sequence))
+    assert len(router.dedup) == 0 and router.dedup.dropped == 0
+    assert handlers[0].interrupted == ["CHANNEL_ANSWER", *PLAYBACK * 3]
+    assert router.events_settled == 9
 
 
 def test_a_settled_event_is_queued_behind_a_handle_in_progress_or_earlier_events():
@@ -247,3 +262,33 @@ def test_would_learn_is_false_only_when_handle_changes_nothing(tmp_path):
             assert not judged["learnt", 6, "PLAYBACK_STOP"]
             assert judged["fresh", 0, "PLAYBACK_STOP"]  # nothing learnt yet
             fresh.close()
+
+
+def test_a_broadcast_whose_file_is_gone_is_followed_by_its_execute_complete(tmp_path, monkeypatch):
+    """FreeSWITCH reports a file it cannot open with CHANNEL_EXECUTE_COMPLETE alone (FILE NOT
+    FOUND, capture X11): the sentence is marked so, said in the log, and the turn is counted
+    without waiting for a PLAYBACK_STOP that never comes."""
+    from ivr_daemon.esl.connection import EslClient
+
+    send = EslClient.send
+
+    def send_after_deleting_the_wav(self, command, timeout_s=None):
+        if command.line.startswith("api uuid_broadcast "):
+            Path(command.line.split()[3]).unlink()  # gone before FreeSWITCH opens it
+        return send(self, command, timeout_s)
+
+    monkeypatch.setattr(EslClient, "send", send_after_deleting_the_wav)
+    with FakeLlmServer("ollama", replies="Hi.") as llm, FreeswitchSimulator(playback_speed=0.05) as sim:
+        settings = settings_for(sim, tmp_path / "tts", LLM_PROVIDER="ollama", LLM_API_URL=llm.url)
+        with running_daemon(sim, settings) as daemon, capture_logs() as logs:
+            call = sim.new_call()
+            wait_until(lambda: call in daemon.router.calls and daemon.router.calls[call].waiting)
+            sim.speak(call, "hello")
+            complete = sim.wait_for_event(lambda e: e.name == "CHANNEL_EXECUTE_COMPLETE" and e.unique_id == call
+                                          and e.get("Application-Response") == "FILE NOT FOUND", 10)
+            wait_until(lambda: metric(daemon, "ivr_turns_total", outcome="answered") == 1)
+            handler = daemon.router.calls[call].handler
+            (spoken,) = handler._reply.spoken
+            assert spoken.status == "not-found" and spoken.path == complete.get("Application-Data")
+            assert not handler.playing
+    assert [line["path"] for line in logs if line["event"] == "playback_file_not_found"] == [spoken.path]

@@ -215,6 +215,12 @@ def test_the_lazy_path_decodes_only_what_is_read():
     (b"Event-Name: A\nContent-Length: " + b"1" * 5000 + b"\n\nhi", "a length int() refuses"),
     (b"Event-Name: A\nContent-Length: 2\n\n\xff\xfe", "a body that is not UTF-8"),
     (b"Event-Name: A\nX: b\n\n\n", "no body, a stray newline"),
+    # A bodyless event's block is guessed to end at the frame's last blank line: wrong guesses.
+    (b"Event-Name: A\nX: b\n\nY: c\n\n", "no body, more lines after the blank line"),
+    (b"Event-Name: A\nX: b\n\n\n\n", "no body, blank lines after the blank line"),
+    (b"Event-Name: A\nContent-Length: 4\n\nab\n\n", "a body that ends with a blank line"),
+    (b"Content-Length: 0\nEvent-Name: A\n\n", "Content-Length first, an empty body"),
+    (b"Event-Name: A\nX: Content-Length%3A 2\n\n", "a value that names Content-Length"),
 ])
 def test_edge_cases_read_like_the_reference(inner, why):
     assert_reads_like_reference(plain_frame(inner), names=("X", "X ", "h\u00e9", "Content-Length", "Event-Name"))
@@ -287,7 +293,7 @@ def test_a_repeated_event_reads_like_the_reference_and_apart_from_the_first():
     frame = next(f for name, f in _SPEECH.items() if "event_plain_DETECTED_SPEECH" in name)
     reader = FrameParser()
     first = reader.parse_event(frame)
-    first.headers.get("Channel-Name")  # cached on the first copy only
+    first.headers.get("Channel-Name")  # cached on the first copy: the repeat gets a copy of it
     again = _copy(frame)
     assert again.raw == frame.raw and again.raw is not frame.raw
     second = reader.parse_event(again)
@@ -346,3 +352,20 @@ def test_streams_with_repeats_read_like_the_reference(picks, frames):
     for item in parser.feed(stream):
         if isinstance(item, Frame) and item.content_type == "text/event-plain":
             assert_reads_like_reference(item, names=("Unique-ID", "Event-Sequence"), reader=parser)
+
+
+def test_a_repeat_gets_what_its_first_copy_decoded_in_a_cache_of_its_own():
+    """Only Event-Name and Unique-ID are decoded at once; what the reader decodes of a transcript
+    (Speech-Type, Event-Sequence, Core-UUID) before its repeat comes is not searched for again."""
+    frame = next(f for name, f in _SPEECH.items() if "event_plain_DETECTED_SPEECH" in name)
+    reader = FrameParser()
+    first = reader.parse_event(frame)
+    assert set(first.headers._seen) == {"Event-Name", "Unique-ID"}
+    routed = {name: first.headers.get(name) for name in ("Speech-Type", "Event-Sequence", "Core-UUID")}
+    assert all(routed.values())
+    second = reader.parse_event(_copy(frame))
+    assert second.headers._seen is not first.headers._seen
+    assert {name: second.headers._seen.get(name) for name in routed} == routed  # not decoded again
+    second.headers.get("Channel-Name")
+    assert "Channel-Name" not in first.headers._seen  # the repeat's reads stay its own
+    assert_reads_like_reference(_copy(frame), reader=reader)

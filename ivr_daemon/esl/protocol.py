@@ -449,12 +449,19 @@ def _parse_plain_event(data: bytes, start: int = 0, parser: FrameParser | None =
         return PlainEventHeaders(last[2], last[3].copy(), last[4]), last[5], "plain"
     # Where the header block ends. FreeSWITCH writes Content-Length last, right before the blank
     # line: found with a long needle, that line's end is a guess that costs little (a search for
-    # "\n\n" costs a byte-by-byte scan), and _freeswitch_shaped, no blank line in the block,
-    # tells whether it is the first blank line. A wrong guess only costs the careful path.
+    # "\n\n" costs a byte-by-byte scan, slow where every line ends in "\n"), and
+    # _freeswitch_shaped, no blank line in the block, tells whether it is the first blank line.
+    # Without that line (a playback report: no body) the guess is the blank line FreeSWITCH ends
+    # a bodyless event with, the frame's last two bytes. A wrong guess only costs the careful path.
     length_at = data.find(b"\nContent-Length: ", start) + 17
+    # No "\nContent-Length: " anywhere: only the block's first line can be that header.
+    no_length_line = length_at == 16 and not data.startswith(b"Content-Length: ", start)
     end = data.find(b"\n", length_at) if length_at > 16 else -1
     if end < 0 or data[end + 1 : end + 2] != b"\n":
-        end, length_at = data.find(b"\n\n", start), -1
+        if no_length_line and len(data) - start > 2 and data.endswith(b"\n\n"):
+            end, length_at = len(data) - 2, -1
+        else:
+            end, length_at = data.find(b"\n\n", start), -1
     if end < 0:
         block = b"\n" + data[start:] + b"\n"
     elif start and data[start - 1] == 0x0A:  # in a frame: the outer header block's blank line
@@ -471,16 +478,17 @@ def _parse_plain_event(data: bytes, start: int = 0, parser: FrameParser | None =
             headers["Content-Length"] = str(len(body.encode("utf-8")))
         return headers, body, "plain"
     text = block.decode("ascii")  # every line, the first too, is "\nName: value\n"
-    # Read off every event by the reader, the dedup and the router: decoded at once, each with
-    # one search. The other ~55 headers are decoded if and when something reads them.
-    seen = {"Event-Name": _line_value(text, "\nEvent-Name: "), "Core-UUID": _line_value(text, "\nCore-UUID: "),
-            "Event-Sequence": _line_value(text, "\nEvent-Sequence: "),
-            "Speech-Type": _line_value(text, "\nSpeech-Type: "), "Unique-ID": _line_value(text, "\nUnique-ID: ")}
+    # Read off every event by the reader and the router: decoded at once, each with one search.
+    # The other ~60 headers (Event-Sequence, Core-UUID and Speech-Type too: only a transcript's
+    # are read, by the dedup and absorb) are decoded if and when something reads them.
+    seen = {"Event-Name": _line_value(text, "\nEvent-Name: "), "Unique-ID": _line_value(text, "\nUnique-ID: ")}
     if length_at >= 0 and not data.startswith(b"Content-Length: ", start):
         # The first Content-Length line is the one found above: no second search.
         length_text = data[length_at:end].decode("ascii")
         if "%" in length_text:
             length_text = unquote(length_text, errors="replace")
+    elif no_length_line:
+        length_text = None  # searched above, in vain
     else:
         length_text = _line_value(text, _CONTENT_LENGTH_LINE)
     if length_text is None:
@@ -489,7 +497,10 @@ def _parse_plain_event(data: bytes, start: int = 0, parser: FrameParser | None =
         body, byte_count = _inner_body(length_text, data, len(data) if end < 0 else end + 2)
         length = str(byte_count)
     if parser is not None:
-        parser._last_plain = (data, start, text, seen.copy(), length, body)
+        # This event's own cache, not a copy: what the reader decodes of it before the next
+        # frame (a transcript's Speech-Type, Event-Sequence, Core-UUID) its repeat reads for
+        # free. Only ever added to, with the values of the same text; a repeat gets a copy.
+        parser._last_plain = (data, start, text, seen, length, body)
     return PlainEventHeaders(text, seen, length), body, "plain"
 
 
