@@ -56,7 +56,7 @@ def main() -> int:
     from ivr_daemon.records.store import RecordsError, RecordStore
 
     configure_logging(spec["log_level"], spec["log_format"])
-    log = get_logger(__name__).bind(records_process_pid=os.getpid())
+    log = get_logger("ivr_daemon.records.db_process").bind(records_process_pid=os.getpid())
     try:
         store = RecordStore(spec["url"], connect_timeout_s=spec["connect_timeout_s"])
     except RecordsError as exc:

@@ -31,11 +31,17 @@ import gevent
 import gevent.lock
 import gevent.os
 import gevent.subprocess
+from gevent.monkey import get_original
 
 from ivr_daemon.logs import get_logger
 from ivr_daemon.records.store import RecordsError, RecordStore
 
 log = get_logger(__name__)
+
+# gevent's os.close (monkey-patched) defers the close to the loop's next check phase, which a loop
+# idle in a long wait (a reap's timeout) reaches only when that wait ends: the child would see
+# its stdin end seconds late. These pipes are closed only when no greenlet waits on them.
+_close_now = get_original("os", "close")
 
 # Importing SQLAlchemy, Alembic and the driver and building the engine: well under a second
 # idle; a loaded box may take several.
@@ -58,6 +64,9 @@ class _CooperativeConnection(Connection):
     def _recv(self, size, read=gevent.os.nb_read):
         return super()._recv(size, read)
 
+    def _close(self, _close=_close_now):
+        _close(self._handle)
+
 
 class _Child:
     """One records process and its two pipes."""
@@ -70,10 +79,10 @@ class _Child:
                                                 stdin=to_child_r, stdout=from_child_w, close_fds=True)
         except BaseException:
             for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
-                os.close(fd)
+                _close_now(fd)
             raise
-        os.close(to_child_r)
-        os.close(from_child_w)
+        _close_now(to_child_r)  # the child's ends: its death is then seen as the end of the replies
+        _close_now(from_child_w)
         for fd in (to_child_w, from_child_r):
             os.set_blocking(fd, False)
         self.requests = _CooperativeConnection(to_child_w, readable=False)
