@@ -29,7 +29,9 @@ Prints a line per run and, last, one JSON object: for each run ``<run>_overhead_
 first call to the last record written, a call: the figure a shared machine cannot blur),
 ``<run>_bench_loop_lag_p99_ms``, the same CPU split by thread (``<run>_daemon_loop_cpu_ms_per_call``,
 ``<run>_daemon_other_threads_cpu_ms_per_call``: the records thread and the synthesis threads,
-``<run>_daemon_kernel_cpu_ms_per_call``: the system time of all of them), and for the recorded
+``<run>_daemon_kernel_cpu_ms_per_call``: the system time of all of them),
+``<run>_records_process_cpu_ms_per_call`` (the daemon's records process, where the database work
+is done since it left the daemon's threads: 0 for a daemon without one), and for the recorded
 ones ``<run>_calls_written``, ``<run>_records_complete``, ``<run>_records_flush_s``,
 ``<run>_write_transactions_per_call`` (read from the database itself: SQLite's file change
 counter, PostgreSQL's transaction ids); and ``load_average_1min``.
@@ -123,6 +125,7 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
             rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the calls only
         cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
         threads_before = _threads_cpu_s(rig.daemon.pid)
+        records_process_before = _records_process_cpu_s(rig.daemon.pid)
         transactions_before = _write_transactions(database_url) if database_url else 0
         trace = None
         if args.trace_gil:
@@ -145,6 +148,8 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         written = _check_written(database_url, calls, hung_up_s, name) if database_url else {}
         cpu_ms_per_call = (rig.cpu_s() - cpu_before_s) * 1000 / len(calls)
         threads = _threads_cpu_ms_per_call(threads_before, _threads_cpu_s(rig.daemon.pid), rig.daemon.pid, len(calls))
+        threads["records_process_cpu_ms_per_call"] = round(
+            (_records_process_cpu_s(rig.daemon.pid) - records_process_before) * 1000 / len(calls), 2)
         if database_url:
             written[f"{name}_write_transactions_per_call"] = round(
                 (_write_transactions(database_url) - transactions_before) / len(calls), 3)
@@ -308,6 +313,25 @@ def _threads_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
             continue  # ended meanwhile
         found[int(tid)] = (int(fields[11]) / ticks, int(fields[12]) / ticks)
     return found
+
+
+def _records_process_cpu_s(daemon_pid: int) -> float:
+    """CPU seconds so far (user + system, all its threads) of the daemon's records process
+    (``python -m ivr_daemon.records.db_process``); 0.0 when it has none."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != daemon_pid or b"ivr_daemon.records.db_process" not in \
+                    Path(f"/proc/{entry}/cmdline").read_bytes():
+                continue
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def _threads_cpu_ms_per_call(before: dict, after: dict, pid: int, calls: int) -> dict:
