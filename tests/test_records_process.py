@@ -159,3 +159,21 @@ def test_the_records_process_imports_only_what_the_store_needs():
     assert "sqlalchemy" in loaded and "alembic" in loaded
     for heavy in ("gevent", "falcon", "torch", "numpy", "ivr_daemon.tts", "ivr_daemon.metrics", "prometheus_client"):
         assert heavy not in loaded, heavy
+
+
+def test_a_record_that_cannot_cross_to_the_records_process_is_dropped_and_the_rest_written(tmp_path):
+    writer = writer_for(f"sqlite:///{tmp_path}/records.db", retention_days=0)
+    writer.start()
+    try:
+        writer.in_db_thread(writer.store.migrate)
+        pid = writer.store.pid
+        writer.put_call(call_row("fine"))
+        writer.put_call(call_row("odd", variables={"handle": lambda: None}))  # no pickle for a function
+        writer.put_turn(turn_row("fine", 1))
+        assert writer.flush(10)
+        assert writer.dropped == 1 and writer.written == 2
+        assert writer.metrics.records_dropped_total.labels(reason="refused")._value.get() == 1
+        assert read_call(writer, "fine")["turns"][0]["turn_index"] == 1 and read_call(writer, "odd") is None
+        assert writer.store.pid == pid  # the process was never at fault
+    finally:
+        writer.stop()

@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 import gevent
 import gevent.lock
@@ -34,7 +35,7 @@ import gevent.subprocess
 from gevent.monkey import get_original
 
 from ivr_daemon.logs import get_logger
-from ivr_daemon.records.store import RecordsError, RecordStore
+from ivr_daemon.records.store import RecordRefused, RecordsError, RecordStore
 
 log = get_logger(__name__)
 
@@ -49,6 +50,9 @@ START_TIMEOUT_S = 60.0
 # close(): the child's own close (connections disposed), then its exit, each within this.
 CLOSE_S = 1.0
 REAP_S = 2.0
+# A SIGKILLed process is gone in milliseconds unless stuck in the kernel; one still a zombie when
+# the daemon exits is reaped by init.
+CLOSE_REAP_S = 0.5
 
 
 class RecordsProcessError(RecordsError):
@@ -90,9 +94,12 @@ class _Child:
         self.pid = self.proc.pid
         self.requests.send(spec)
 
-    def ask(self, message):
-        """Send ``message``, return the reply; EOFError/OSError when the child is gone."""
-        if message is not None:
+    def ask(self, message, pickled: bytes | None = None):
+        """Send ``message`` (or its ``pickled`` bytes; None: nothing), return the reply;
+        EOFError/OSError when the child is gone."""
+        if pickled is not None:
+            self.requests.send_bytes(pickled)
+        elif message is not None:
             self.requests.send(message)
         return self.replies.recv()
 
@@ -184,16 +191,17 @@ class RemoteStore:
         child, self._child = self._child, None
         if child is None:
             return
+        deadline_s = time.monotonic() + timeout_s  # the whole close: it runs in the shutdown's budget
         try:
             with gevent.Timeout(timeout_s):
                 with self._lock:
                     _check(child.ask(("close", (), {})), "close")
         except (gevent.Timeout, EOFError, OSError, RecordsError) as exc:
             log.warning("records_process_close_failed", pid=child.pid, error=repr(exc)[:200])
-        child.close_pipes()
-        if child.reap(timeout_s) is None:
+        child.close_pipes()  # its stdin's end: it exits
+        if child.reap(max(0.05, deadline_s - time.monotonic())) is None:
             child.kill()
-            child.reap()
+            child.reap(CLOSE_REAP_S)
         log.info("records_process_stopped", pid=child.pid)
 
     def kill(self) -> None:
@@ -212,10 +220,17 @@ class RemoteStore:
         with self.exclusive():
             if self._closed:
                 raise RecordsProcessError(f"{self.description}: the records process is stopped")
+            try:
+                # Pickled before the pipe is touched: a value that cannot cross it refuses the
+                # request (a record: dropped, as a value the database refuses), not the process.
+                pickled = bytes(ForkingPickler.dumps((name, args, kwargs)))
+            except Exception as exc:
+                raise RecordRefused(f"{self.description}: {name} cannot be sent to the records process: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}") from None
             for attempt in (1, 2):
                 child = self._child or self._start()
                 try:
-                    reply = child.ask((name, args, kwargs))
+                    reply = child.ask(None, pickled)
                 except (EOFError, OSError):
                     self._lost(child, request=name, attempt=attempt)
                     continue
