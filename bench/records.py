@@ -42,7 +42,9 @@ its figures prefixed ``baseline_``.
 own): the call/turn records recorder.py puts for --calls calls within --spread-s through a
 RecordWriter, and per run ``<run>_records_thread_cpu_ms_per_call`` (the Python work of the
 records thread, which holds the GIL the loop needs), ``<run>_statements_per_call`` and the
-loop's lag meanwhile (``<run>_loop_lag_p99_ms``, ``<run>_loop_lag_max_ms``).
+loop's lag meanwhile (``<run>_loop_lag_p99_ms``, ``<run>_loop_lag_max_ms``); for a checkout whose
+writer has a records process, ``<run>_records_process_cpu_ms_per_call`` (that process's CPU)
+instead of the thread's CPU and the statements.
 
 Is it the GIL? ``--trace-gil`` (Linux, perf, root) traces the daemon's loop thread's futex waits
 during the calls (bench/gil_trace.py): per call its waits for the GIL (``<run>_loop_gil_waits_per_call``,
@@ -247,8 +249,11 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
 
     store.write = timed_write
     writer.start()
-    writer.in_db_thread(store.migrate)
+    writer.in_db_thread(writer.store.migrate)
     counts.update(statements=0, thread_cpu_s=0.0)
+    # A writer whose database work is in a records process (RemoteStore): that process's CPU.
+    records_pid = getattr(writer.store, "pid", None)
+    process_cpu_before_s = _process_cpu_s(records_pid) if records_pid else 0.0
     lags_ms: list[float] = []
     stop = gevent.event.Event()
 
@@ -281,6 +286,11 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
     assert writer.flush(60), "records not written within 60 s"
     stop.set()
     lag.join()
+    if records_pid:
+        process_cpu_s = _process_cpu_s(records_pid) - process_cpu_before_s
+        writer.stop(5)
+        return {"records_process_cpu_ms_per_call": round(process_cpu_s * 1000 / calls, 3),
+                "loop_lag_p99_ms": round(percentile(lags_ms, 99), 2), "loop_lag_max_ms": round(max(lags_ms), 2)}
     writer.stop(5)
     return {"records_thread_cpu_ms_per_call": round(counts["thread_cpu_s"] * 1000 / calls, 3),
             "statements_per_call": round(counts["statements"] / calls, 2),
@@ -313,6 +323,12 @@ def _threads_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
             continue  # ended meanwhile
         found[int(tid)] = (int(fields[11]) / ticks, int(fields[12]) / ticks)
     return found
+
+
+def _process_cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far (user + system, all its threads; Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _records_process_cpu_s(daemon_pid: int) -> float:
