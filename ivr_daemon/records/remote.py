@@ -131,7 +131,8 @@ class RemoteStore:
         self._spec = {"url": store.url.render_as_string(hide_password=False),
                       "connect_timeout_s": store.connect_timeout_s,
                       "log_level": log_level, "log_format": log_format}
-        self._lock = gevent.lock.RLock()  # one request at a time on the pipes
+        self._lock = gevent.lock.Semaphore(1)  # one request at a time on the pipes
+        self._owner: gevent.Greenlet | None = None  # the greenlet in exclusive(), whose requests pass
         self._child: _Child | None = None
         self._watchers: set[gevent.Greenlet] = set()
         self._closed = False
@@ -146,13 +147,18 @@ class RemoteStore:
     @contextlib.contextmanager
     def exclusive(self):
         """The store to the calling greenlet alone (requests inside are not interleaved with others')."""
-        if self._lock._is_owned():
-            yield
+        me = gevent.getcurrent()
+        if self._owner is me:
+            yield  # a request inside in_db_thread's work: the store is already this greenlet's
             return
         self.pending += 1
         try:
             with self._lock:
-                yield
+                self._owner = me
+                try:
+                    yield
+                finally:
+                    self._owner = None
         finally:
             self.pending -= 1
 
