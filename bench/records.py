@@ -29,7 +29,9 @@ Prints a line per run and, last, one JSON object: for each run ``<run>_overhead_
 first call to the last record written, a call: the figure a shared machine cannot blur),
 ``<run>_bench_loop_lag_p99_ms``, the same CPU split by thread (``<run>_daemon_loop_cpu_ms_per_call``,
 ``<run>_daemon_other_threads_cpu_ms_per_call``: the records thread and the synthesis threads,
-``<run>_daemon_kernel_cpu_ms_per_call``: the system time of all of them), and for the recorded
+``<run>_daemon_kernel_cpu_ms_per_call``: the system time of all of them),
+``<run>_records_process_cpu_ms_per_call`` (the daemon's records process, where the database work
+is done since it left the daemon's threads: 0 for a daemon without one), and for the recorded
 ones ``<run>_calls_written``, ``<run>_records_complete``, ``<run>_records_flush_s``,
 ``<run>_write_transactions_per_call`` (read from the database itself: SQLite's file change
 counter, PostgreSQL's transaction ids); and ``load_average_1min``.
@@ -40,7 +42,9 @@ its figures prefixed ``baseline_``.
 own): the call/turn records recorder.py puts for --calls calls within --spread-s through a
 RecordWriter, and per run ``<run>_records_thread_cpu_ms_per_call`` (the Python work of the
 records thread, which holds the GIL the loop needs), ``<run>_statements_per_call`` and the
-loop's lag meanwhile (``<run>_loop_lag_p99_ms``, ``<run>_loop_lag_max_ms``).
+loop's lag meanwhile (``<run>_loop_lag_p99_ms``, ``<run>_loop_lag_max_ms``); for a checkout whose
+writer has a records process, ``<run>_records_process_cpu_ms_per_call`` (that process's CPU)
+instead of the thread's CPU and the statements.
 
 Is it the GIL? ``--trace-gil`` (Linux, perf, root) traces the daemon's loop thread's futex waits
 during the calls (bench/gil_trace.py): per call its waits for the GIL (``<run>_loop_gil_waits_per_call``,
@@ -123,6 +127,7 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
             rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the calls only
         cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
         threads_before = _threads_cpu_s(rig.daemon.pid)
+        records_process_before = _records_process_cpu_s(rig.daemon.pid)
         transactions_before = _write_transactions(database_url) if database_url else 0
         trace = None
         if args.trace_gil:
@@ -145,6 +150,8 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         written = _check_written(database_url, calls, hung_up_s, name) if database_url else {}
         cpu_ms_per_call = (rig.cpu_s() - cpu_before_s) * 1000 / len(calls)
         threads = _threads_cpu_ms_per_call(threads_before, _threads_cpu_s(rig.daemon.pid), rig.daemon.pid, len(calls))
+        threads["records_process_cpu_ms_per_call"] = round(
+            (_records_process_cpu_s(rig.daemon.pid) - records_process_before) * 1000 / len(calls), 2)
         if database_url:
             written[f"{name}_write_transactions_per_call"] = round(
                 (_write_transactions(database_url) - transactions_before) / len(calls), 3)
@@ -242,8 +249,11 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
 
     store.write = timed_write
     writer.start()
-    writer.in_db_thread(store.migrate)
+    writer.in_db_thread(writer.store.migrate)
     counts.update(statements=0, thread_cpu_s=0.0)
+    # A writer whose database work is in a records process (RemoteStore): that process's CPU.
+    records_pid = getattr(writer.store, "pid", None)
+    process_cpu_before_s = _process_cpu_s(records_pid) if records_pid else 0.0
     lags_ms: list[float] = []
     stop = gevent.event.Event()
 
@@ -276,6 +286,11 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
     assert writer.flush(60), "records not written within 60 s"
     stop.set()
     lag.join()
+    if records_pid:
+        process_cpu_s = _process_cpu_s(records_pid) - process_cpu_before_s
+        writer.stop(5)
+        return {"records_process_cpu_ms_per_call": round(process_cpu_s * 1000 / calls, 3),
+                "loop_lag_p99_ms": round(percentile(lags_ms, 99), 2), "loop_lag_max_ms": round(max(lags_ms), 2)}
     writer.stop(5)
     return {"records_thread_cpu_ms_per_call": round(counts["thread_cpu_s"] * 1000 / calls, 3),
             "statements_per_call": round(counts["statements"] / calls, 2),
@@ -308,6 +323,31 @@ def _threads_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
             continue  # ended meanwhile
         found[int(tid)] = (int(fields[11]) / ticks, int(fields[12]) / ticks)
     return found
+
+
+def _process_cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far (user + system, all its threads; Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _records_process_cpu_s(daemon_pid: int) -> float:
+    """CPU seconds so far (user + system, all its threads) of the daemon's records process
+    (``python -m ivr_daemon.records.db_process``); 0.0 when it has none."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != daemon_pid or b"ivr_daemon.records.db_process" not in \
+                    Path(f"/proc/{entry}/cmdline").read_bytes():
+                continue
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def _threads_cpu_ms_per_call(before: dict, after: dict, pid: int, calls: int) -> dict:

@@ -393,11 +393,14 @@ def open_records(settings: Settings) -> RecordWriter | None:
     the tables are made when it answers). Raises BadDatabaseUrl for a URL or SQLite file that
     cannot be used at all. None when the settings name no database (a hand-built Settings).
     """
+    from ivr_daemon.records.remote import RemoteStore
     from ivr_daemon.records.store import DatabaseUnavailable, RecordStore
 
     if not settings.database_url:
         return None
-    store = RecordStore(settings.database_url)
+    # Built here so that a bad URL or SQLite file stops the start; the records process builds its own.
+    store = RemoteStore(RecordStore(settings.database_url), log_level=settings.log_level,
+                        log_format=settings.log_format)
     writer = RecordWriter(store, queue_max=settings.records_queue_max,
                           retention_days=settings.records_retention_days)
     try:

@@ -12,10 +12,10 @@ import time
 import uuid as uuid_lib
 
 import gevent
+import gevent.event
 import pytest
 import requests
 import sqlalchemy
-from gevent import monkey
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import broadcasts, http_server, running_daemon, settings_for, wait_heard, wait_until
@@ -30,8 +30,6 @@ from ivr_daemon.replay.simulator import FreeswitchSimulator
 
 TOKEN = "records-test-token-0123456789"
 FAST_BACKOFF = {"backoff_base_s": 0.05, "backoff_max_s": 0.5}
-native_event = monkey.get_original("threading", "Event")  # shared with the records' native thread
-native_sleep = monkey.get_original("time", "sleep")
 LONG_SENTENCE = "The second part is a much longer sentence that keeps on going and going for a while."
 
 
@@ -424,11 +422,14 @@ def test_a_calls_times_are_freeswitchs_and_are_read_only_until_known():
 
 # -- how records are batched into transactions ----------------------------------------------------------
 
-def count_commits(writer: RecordWriter) -> list[int]:
-    commits = [0]
-    sqlalchemy.event.listen(writer.store.engine, "commit",
-                            lambda _conn: commits.__setitem__(0, commits[0] + 1))
-    return commits
+class count_commits:
+    """The write transactions the records process committed from now on (one per RemoteStore.write)."""
+
+    def __init__(self, writer: RecordWriter):
+        self.writer, self.before = writer, writer.store.writes
+
+    def __getitem__(self, _index: int) -> int:
+        return self.writer.store.writes - self.before
 
 
 def test_records_coming_during_a_write_wait_for_the_next_gathered_one(tmp_path, db_url):
@@ -443,7 +444,7 @@ def test_records_coming_during_a_write_wait_for_the_next_gathered_one(tmp_path, 
     write = writer.store.write
 
     def slow_write(records):
-        native_sleep(0.05)  # in the records' native thread, as a slow commit blocks it
+        gevent.sleep(0.05)  # the records process busy 50 ms a write, as a slow commit keeps it
         return write(records)
 
     writer.store.write = slow_write
@@ -489,12 +490,12 @@ def test_stop_writes_the_records_gathering_after_a_write_at_once(tmp_path, monke
     url = f"sqlite:///{tmp_path}/records.db"
     writer = writer_for(url, retention_days=0)
     writer.in_db_thread(writer.store.migrate)
-    release = native_event()
-    holding = gevent.spawn(writer.in_db_thread, release.wait, 30)  # the records thread busy, as in a slow write
-    wait_until(lambda: writer._thread.task_queue.unfinished_tasks == 1)
+    release = gevent.event.Event()
+    holding = gevent.spawn(writer.in_db_thread, release.wait, 30)  # the records process busy, as in a slow write
+    wait_until(lambda: writer.store.pending == 1)
     writer.put_call(call_row("first"))
-    writer.start()  # a record waiting: written at once (no gathering), its write queued behind the busy thread...
-    wait_until(lambda: writer._thread.task_queue.unfinished_tasks == 2)
+    writer.start()  # a record waiting: written at once (no gathering), its write queued behind the busy process...
+    wait_until(lambda: writer.store.pending == 2)
     writer.put_call(call_row("second"))  # ...and this one comes during that write: it gathers for the next one
     release.set()
     holding.join(10)

@@ -1,8 +1,9 @@
 """The records database: SQLAlchemy Core on SQLite or PostgreSQL, its schema kept by Alembic.
 
-Blocking, plain code: in the daemon every call into a :class:`RecordStore` runs on the one
-native thread of :class:`ivr_daemon.records.writer.RecordWriter` (never on the gevent loop);
-the ``calls`` CLI and ``doctor`` call it directly.
+Blocking, plain code: in the daemon every call into a :class:`RecordStore` runs in the records
+process (:mod:`ivr_daemon.records.db_process`, the daemon's side is
+:class:`ivr_daemon.records.remote.RemoteStore`), never in the daemon's own process; the
+``calls`` CLI and ``doctor`` call it directly.
 
 Errors come in two kinds, because the writer treats them differently:
 
@@ -104,6 +105,7 @@ class RecordStore:
 
     def __init__(self, raw_url: str, *, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         self.url = database_url(raw_url)
+        self.connect_timeout_s = connect_timeout_s
         self.description = self.url.render_as_string(hide_password=True)
         if self.url.get_backend_name() == "sqlite":
             prepare_sqlite_file(Path(self.url.database))

@@ -1,12 +1,13 @@
 """Call records written off the gevent loop, never in a call's way, never lost silently.
 
 ``put_call``/``put_turn`` only put a record into a bounded in-memory queue and return. A
-pump greenlet hands batches of it to **one native thread** (a ``gevent.threadpool.ThreadPool``
-of size 1) that does the blocking database work: the SQLite and libpq calls never hold the
-loop. Every use of the database (writes, migrations, retention, the transcript reads of
-``GET /calls/{uuid}/transcript``) goes through that same thread, so SQLAlchemy's pool and the
-driver's connections are only ever touched by one thread: under monkey-patching their locks
-are gevent's, which threads must not share.
+pump greenlet hands batches of it to **one child process** (:mod:`ivr_daemon.records.remote`:
+``python -m ivr_daemon.records.db_process``) that does the blocking database work: the SQLite
+and libpq calls never hold the loop, and their Python work (SQLAlchemy's) never holds the
+daemon's GIL. Every use of the database (writes, migrations, retention, the transcript reads of
+``GET /calls/{uuid}/transcript``, the ping) goes to that same process, one request at a time,
+and the daemon opens no database connection of its own. A records process that dies is
+restarted and the batch it had is sent again: records stay queued until written.
 
 Records are snapshots, keyed (a call by its UUID, a turn by call and index): a newer snapshot
 of a record still waiting replaces it in place. A call's row therefore stays ahead of its turns,
@@ -29,10 +30,10 @@ from typing import Callable, TypeVar
 
 import gevent
 import gevent.event
-import gevent.threadpool
 
 from ivr_daemon.logs import get_logger
 from ivr_daemon.metrics import DaemonMetrics
+from ivr_daemon.records.remote import RecordsProcessError, RemoteStore
 from ivr_daemon.records.store import DatabaseUnavailable, RecordRefused, RecordStore, utc_now
 
 log = get_logger(__name__)
@@ -61,10 +62,12 @@ Key = tuple[str, ...]
 class RecordWriter:
     """Owned by the daemon: ``start()``, ``put_*`` from any greenlet, ``stop()`` at shutdown."""
 
-    def __init__(self, store: RecordStore, metrics: DaemonMetrics | None = None, *,
+    def __init__(self, store: RecordStore | RemoteStore, metrics: DaemonMetrics | None = None, *,
                  queue_max: int = DEFAULT_QUEUE_MAX, retention_days: int = 90,
                  backoff_base_s: float = BACKOFF_BASE_S, backoff_max_s: float = BACKOFF_MAX_S):
-        self.store = store
+        # The database work in the records process, built from what ``store`` was built from
+        # (its URL and options); a RecordStore given is never connected in this process.
+        self.store = store if isinstance(store, RemoteStore) else RemoteStore(store)
         self.metrics = metrics if metrics is not None else DaemonMetrics()
         self.queue_max = max(1, queue_max)
         self.retention_days = retention_days
@@ -76,8 +79,6 @@ class RecordWriter:
         self._draining = False  # stop() is flushing: write what is left now, no gathering
         self._idle = gevent.event.Event()
         self._idle.set()
-        # The one native thread that talks to the database (see the module's docstring).
-        self._thread = gevent.threadpool.ThreadPool(1)
         self._greenlets: list[gevent.Greenlet] = []
         self._stopping = False
         self.db_up = False
@@ -129,8 +130,11 @@ class RecordWriter:
         return any(key[1] == call_uuid for key in self._waiting)
 
     def in_db_thread(self, work: Callable[..., T], *args) -> T:
-        """``work(*args)`` on the database thread; the calling greenlet waits, the loop does not."""
-        return self._thread.apply(work, args)
+        """``work(*args)``, which uses ``self.store``, with the store to itself: its requests go to
+        the records process one after the other; the calling greenlet waits, the loop does not.
+        (The name is from when the database work was a native thread's.)"""
+        with self.store.exclusive():
+            return work(*args)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every queued record is written (or dropped), at most ``timeout_s``."""
@@ -154,18 +158,14 @@ class RecordWriter:
         # Not waited for: a loop this busy may take a while to run them, and the shutdown has a budget.
         gevent.killall(self._greenlets, block=False)
         self._greenlets = []
-        busy = self._thread.task_queue.unfinished_tasks  # what the thread runs or has queued
+        busy = self.store.pending  # greenlets with a request in the records process or waiting to
         if busy:
-            # A write or read hangs in the driver (a black-holed server): the thread cannot be
-            # stopped, and waiting for it would hold the shutdown. It dies with the process.
-            log.warning("records_thread_busy_at_stop", tasks=busy)
+            # A write or read hangs in the driver (a black-holed server): waiting for it would
+            # hold the shutdown. The process is killed; what it was writing is rolled back.
+            log.warning("records_process_busy_at_stop", requests=busy)
+            self.store.kill()
             return
-        try:
-            with gevent.Timeout(1.0):
-                self.in_db_thread(self.store.close)  # the connections, closed by the thread that opened them
-                self._thread.kill()
-        except (gevent.Timeout, Exception) as exc:  # noqa: BLE001 -- closing only
-            log.warning("records_close_failed", error=repr(exc)[:200])
+        self.store.close(timeout_s=1.0)  # the connections closed by the process, which then ends
 
     # -- the pump -------------------------------------------------------------------------------
 
@@ -186,6 +186,14 @@ class RecordWriter:
                 written = self._write([record for _key, record in batch])
             except DatabaseUnavailable as exc:
                 self._note_down(exc, len(self._waiting), backoff_s)
+                self._retry_now.wait(backoff_s)
+                self._retry_now.clear()
+                backoff_s = min(self.backoff_max_s, backoff_s * 2)
+                continue
+            except RecordsProcessError as exc:
+                # The records process died on this batch twice, or cannot start (logged by
+                # RemoteStore): the batch stays queued and is tried again on a fresh one.
+                log.error("records_batch_not_written", batch=len(batch), error=str(exc)[:300], retry_in_s=backoff_s)
                 self._retry_now.wait(backoff_s)
                 self._retry_now.clear()
                 backoff_s = min(self.backoff_max_s, backoff_s * 2)
@@ -239,6 +247,8 @@ class RecordWriter:
             self.in_db_thread(self.store.ping)
         except DatabaseUnavailable as exc:
             self._note_down(exc, 0, PROBE_INTERVAL_S)
+        except RecordsProcessError as exc:  # logged by RemoteStore; the database is not to blame
+            log.warning("records_probe_failed", error=str(exc)[:300])
         else:
             self._note_up()
 
@@ -276,7 +286,7 @@ class RecordWriter:
         cutoff = utc_now() - datetime.timedelta(days=self.retention_days)
         try:
             deleted = self.in_db_thread(self.store.delete_older_than, cutoff)
-        except (DatabaseUnavailable, RecordRefused) as exc:
+        except (DatabaseUnavailable, RecordRefused, RecordsProcessError) as exc:
             log.warning("records_retention_failed", error=str(exc)[:300], retry_in_s=RETENTION_RETRY_S)
             return None
         log.info("records_retention", calls_deleted=deleted, retention_days=self.retention_days)
