@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -34,6 +33,7 @@ import gevent.os
 import gevent.subprocess
 from gevent.monkey import get_original
 
+from ivr_daemon.child_exit import how_it_ended
 from ivr_daemon.logs import get_logger
 from ivr_daemon.records.store import RecordRefused, RecordsError, RecordStore
 
@@ -319,15 +319,7 @@ def _check(reply: tuple, request: str):
 
 
 def _ended(pid: int, code: int | None) -> str:
-    if code is None:
-        return f"records process {pid} stopped answering"
-    if code < 0:
-        try:
-            how = signal.Signals(-code).name
-        except ValueError:
-            how = f"signal {-code}"
-        return f"records process {pid} was killed by {how}"
-    return f"records process {pid} exited with code {code}"
+    return how_it_ended("records process", pid, code)
 
 
 __all__ = ["RecordsProcessError", "RemoteStore"]

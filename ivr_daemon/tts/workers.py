@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import gevent.queue
 import gevent.subprocess
 from gevent.monkey import get_original
 
+from ivr_daemon.child_exit import how_it_ended
 from ivr_daemon.logs import get_logger
 from ivr_daemon.tts.base import TtsEngine, TtsModelUnavailable, TtsSynthesisFailed, native_lock, one_line
 
@@ -359,16 +359,7 @@ class WorkerEngine(TtsEngine):
 
 
 def _ended(pid: int, code: int | None) -> str:
-    """How a worker ended, from its exit status (None: not reaped in time)."""
-    if code is None:
-        return f"TTS worker {pid} stopped answering"
-    if code < 0:
-        try:
-            how = signal.Signals(-code).name
-        except ValueError:
-            how = f"signal {-code}"
-        return f"TTS worker {pid} was killed by {how}"
-    return f"TTS worker {pid} exited with code {code}"
+    return how_it_ended("TTS worker", pid, code)
 
 
 def _ready_or_error(worker: _Worker) -> TtsModelUnavailable | None:
