@@ -249,7 +249,7 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
 
     store.write = timed_write
     writer.start()
-    writer.in_db_thread(writer.store.migrate)
+    writer.using_store(writer.store.migrate)
     counts.update(statements=0, thread_cpu_s=0.0)
     # A writer whose database work is in a records process (RemoteStore): that process's CPU.
     records_pid = getattr(writer.store, "pid", None)

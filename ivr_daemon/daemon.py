@@ -404,7 +404,7 @@ def open_records(settings: Settings) -> RecordWriter | None:
     writer = RecordWriter(store, queue_max=settings.records_queue_max,
                           retention_days=settings.records_retention_days)
     try:
-        revision = writer.in_db_thread(store.migrate)
+        revision = writer.using_store(store.migrate)
     except DatabaseUnavailable as exc:
         log.error("records_database_down", database=store.description, error=str(exc)[:300],
                   hint="records wait in memory (RECORDS_QUEUE_MAX) and are written when it is back")

@@ -186,7 +186,7 @@ def test_a_learnt_calls_playback_reports_do_not_wake_its_greenlet_and_what_needs
             assert bye.t_monotonic <= kill.t_monotonic
             wait_until(lambda: call not in daemon.router.calls)
             assert records.flush(10)
-            found = records.in_db_thread(records.store.call, call)
+            found = records.using_store(records.store.call, call)
     assert "DETECTED_SPEECH" in handled and "CHANNEL_HANGUP_COMPLETE" in handled
     ((turn),) = found["turns"]
     assert turn["reply"] == turn["heard"] == "One. Two. Three." and not turn["interrupted"]

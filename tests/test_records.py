@@ -45,7 +45,7 @@ def writer_for(url: str, **kwargs) -> RecordWriter:
 
 
 def read_call(writer: RecordWriter, call_uuid: str) -> dict | None:
-    return writer.in_db_thread(writer.store.call, call_uuid)
+    return writer.using_store(writer.store.call, call_uuid)
 
 
 def samples(daemon) -> dict[tuple[str, tuple], float]:
@@ -312,7 +312,7 @@ def test_retention_deletes_old_calls_and_their_turns(db_url):
         writer.retention_days = 90
         assert writer.enforce_retention() == 1
         assert read_call(writer, "old") is None and len(read_call(writer, "recent")["turns"]) == 1
-        listed = writer.in_db_thread(writer.store.list_calls)
+        listed = writer.using_store(writer.store.list_calls)
         assert [(c["uuid"], c["turns"]) for c in listed] == [("recent", 1)]
         writer.put_call(call_row("older", started_at=utc_now() - datetime.timedelta(days=200)))
         assert writer.flush(10)
@@ -321,8 +321,8 @@ def test_retention_deletes_old_calls_and_their_turns(db_url):
     daily = writer_for(db_url, retention_days=90)  # a daemon starting: its first daily run is now
     daily.start()
     try:
-        wait_until(lambda: daily.in_db_thread(daily.store.call, "older") is None)
-        assert daily.in_db_thread(daily.store.call, "recent") is not None
+        wait_until(lambda: daily.using_store(daily.store.call, "older") is None)
+        assert daily.using_store(daily.store.call, "recent") is not None
     finally:
         daily.stop()
 
@@ -439,7 +439,7 @@ def test_records_coming_during_a_write_wait_for_the_next_gathered_one(tmp_path, 
     # GATHER_S, and every row is there.
     writer = writer_for(db_url, retention_days=0)  # no retention run's commit among the counted
     writer.start()
-    writer.in_db_thread(writer.store.migrate)
+    writer.using_store(writer.store.migrate)
     commits = count_commits(writer)
     write = writer.store.write
 
@@ -461,7 +461,7 @@ def test_records_coming_during_a_write_wait_for_the_next_gathered_one(tmp_path, 
         assert 1 <= commits[0] <= int(elapsed_s / records_writer.GATHER_S) + 1, (commits[0], elapsed_s)
         assert commits[0] < 60  # not a commit per call
         assert writer.written == 120 and writer.dropped == 0
-        found = {row["uuid"]: row for row in writer.in_db_thread(lambda: writer.store.list_calls(limit=None))}
+        found = {row["uuid"]: row for row in writer.using_store(lambda: writer.store.list_calls(limit=None))}
         assert sorted(found) == sorted(f"gathered-{index}" for index in range(60))
         assert all(row["turns"] == 1 for row in found.values())
     finally:
@@ -471,7 +471,7 @@ def test_records_coming_during_a_write_wait_for_the_next_gathered_one(tmp_path, 
 def test_a_backlog_is_written_in_full_batches_without_gathering(tmp_path, monkeypatch):
     monkeypatch.setattr(records_writer, "GATHER_S", 60.0)  # a wait for gathering would fail the flush below
     writer = writer_for(f"sqlite:///{tmp_path}/records.db", retention_days=0)
-    writer.in_db_thread(writer.store.migrate)
+    writer.using_store(writer.store.migrate)
     commits = count_commits(writer)
     try:
         calls = 2 * records_writer.BATCH_MAX + 50
@@ -480,7 +480,7 @@ def test_a_backlog_is_written_in_full_batches_without_gathering(tmp_path, monkey
         writer.start()
         assert writer.flush(30)
         assert commits[0] == 3 and writer.written == calls
-        assert len(writer.in_db_thread(lambda: writer.store.list_calls(limit=None))) == calls
+        assert len(writer.using_store(lambda: writer.store.list_calls(limit=None))) == calls
     finally:
         writer.stop()
 
@@ -489,9 +489,9 @@ def test_stop_writes_the_records_gathering_after_a_write_at_once(tmp_path, monke
     monkeypatch.setattr(records_writer, "GATHER_S", 60.0)
     url = f"sqlite:///{tmp_path}/records.db"
     writer = writer_for(url, retention_days=0)
-    writer.in_db_thread(writer.store.migrate)
+    writer.using_store(writer.store.migrate)
     release = gevent.event.Event()
-    holding = gevent.spawn(writer.in_db_thread, release.wait, 30)  # the records process busy, as in a slow write
+    holding = gevent.spawn(writer.using_store, release.wait, 30)  # the records process busy, as in a slow write
     wait_until(lambda: writer.store.pending == 1)
     writer.put_call(call_row("first"))
     writer.start()  # a record waiting: written at once (no gathering), its write queued behind the busy process...

@@ -70,7 +70,7 @@ class held_write_lock:
 
 def test_a_records_process_killed_mid_write_is_restarted_and_the_batch_written(db_url):
     writer = writer_for(db_url, retention_days=0)
-    writer.in_db_thread(writer.store.migrate)
+    writer.using_store(writer.store.migrate)
     first_pid = writer.store.pid
     writer.start()
     lock = held_write_lock(db_url)
@@ -165,7 +165,7 @@ def test_a_record_that_cannot_cross_to_the_records_process_is_dropped_and_the_re
     writer = writer_for(f"sqlite:///{tmp_path}/records.db", retention_days=0)
     writer.start()
     try:
-        writer.in_db_thread(writer.store.migrate)
+        writer.using_store(writer.store.migrate)
         pid = writer.store.pid
         writer.put_call(call_row("fine"))
         writer.put_call(call_row("odd", variables={"handle": lambda: None}))  # no pickle for a function

@@ -152,7 +152,7 @@ class TranscriptResource:
             raise falcon.HTTPServiceUnavailable(title="503 Service Unavailable", retry_after=1,
                                                 description=f"the record of {call_uuid[:128]} is being written")
         try:
-            found = records.in_db_thread(records.store.call, call_uuid)
+            found = records.using_store(records.store.call, call_uuid)
         except DatabaseUnavailable as exc:
             raise falcon.HTTPServiceUnavailable(title="503 Service Unavailable", retry_after=5,
                                                 description=f"records database unavailable: {exc}") from None

@@ -149,7 +149,7 @@ class RemoteStore:
         """The store to the calling greenlet alone (requests inside are not interleaved with others')."""
         me = gevent.getcurrent()
         if self._owner is me:
-            yield  # a request inside in_db_thread's work: the store is already this greenlet's
+            yield  # a request inside using_store's work: the store is already this greenlet's
             return
         self.pending += 1
         try:

@@ -129,10 +129,9 @@ class RecordWriter:
         """Some record of this call is still waiting to be written."""
         return any(key[1] == call_uuid for key in self._waiting)
 
-    def in_db_thread(self, work: Callable[..., T], *args) -> T:
+    def using_store(self, work: Callable[..., T], *args) -> T:
         """``work(*args)``, which uses ``self.store``, with the store to itself: its requests go to
-        the records process one after the other; the calling greenlet waits, the loop does not.
-        (The name is from when the database work was a native thread's.)"""
+        the records process one after the other; the calling greenlet waits, the loop does not."""
         with self.store.exclusive():
             return work(*args)
 
@@ -222,13 +221,13 @@ class RecordWriter:
     def _write(self, records: list[tuple[str, dict]]) -> int:
         """Write the batch; on a refused record, one by one, dropping only the refused ones."""
         try:
-            return self.in_db_thread(self.store.write, records)
+            return self.using_store(self.store.write, records)
         except RecordRefused:
             pass
         written = 0
         for record in records:
             try:
-                written += self.in_db_thread(self.store.write, [record])
+                written += self.using_store(self.store.write, [record])
             except RecordRefused as exc:
                 log.error("record_refused", kind=record[0], call_uuid=_call_of(record), error=str(exc))
                 self._drop([record], "refused")
@@ -244,7 +243,7 @@ class RecordWriter:
 
     def _probe(self) -> None:
         try:
-            self.in_db_thread(self.store.ping)
+            self.using_store(self.store.ping)
         except DatabaseUnavailable as exc:
             self._note_down(exc, 0, PROBE_INTERVAL_S)
         except RecordsProcessError as exc:  # logged by RemoteStore; the database is not to blame
@@ -285,7 +284,7 @@ class RecordWriter:
             return 0  # kept forever
         cutoff = utc_now() - datetime.timedelta(days=self.retention_days)
         try:
-            deleted = self.in_db_thread(self.store.delete_older_than, cutoff)
+            deleted = self.using_store(self.store.delete_older_than, cutoff)
         except (DatabaseUnavailable, RecordRefused, RecordsProcessError) as exc:
             log.warning("records_retention_failed", error=str(exc)[:300], retry_in_s=RETENTION_RETRY_S)
             return None
