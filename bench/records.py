@@ -75,8 +75,9 @@ from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import psutil  # noqa: E402
 
-from latency import DaemonProcessRig, _first_broadcast_ms, percentile  # noqa: E402
+from latency import DaemonProcessRig, _cpu_s, _first_broadcast_ms, percentile  # noqa: E402
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.records import RecordStore  # noqa: E402
 
@@ -253,7 +254,7 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
     counts.update(statements=0, thread_cpu_s=0.0)
     # A writer whose database work is in a records process (RemoteStore): that process's CPU.
     records_pid = getattr(writer.store, "pid", None)
-    process_cpu_before_s = _process_cpu_s(records_pid) if records_pid else 0.0
+    process_cpu_before_s = _cpu_s(records_pid) if records_pid else 0.0
     lags_ms: list[float] = []
     stop = gevent.event.Event()
 
@@ -287,7 +288,7 @@ def writer_cost(url: str, calls: int, rate_per_s: float) -> dict:
     stop.set()
     lag.join()
     if records_pid:
-        process_cpu_s = _process_cpu_s(records_pid) - process_cpu_before_s
+        process_cpu_s = _cpu_s(records_pid) - process_cpu_before_s
         writer.stop(5)
         return {"records_process_cpu_ms_per_call": round(process_cpu_s * 1000 / calls, 3),
                 "loop_lag_p99_ms": round(percentile(lags_ms, 99), 2), "loop_lag_max_ms": round(max(lags_ms), 2)}
@@ -325,28 +326,16 @@ def _threads_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
     return found
 
 
-def _process_cpu_s(pid: int) -> float:
-    """A process's CPU seconds so far (user + system, all its threads; Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _records_process_cpu_s(daemon_pid: int) -> float:
     """CPU seconds so far (user + system, all its threads) of the daemon's records process
     (``python -m ivr_daemon.records.db_process``); 0.0 when it has none."""
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in psutil.Process(daemon_pid).children():
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) != daemon_pid or b"ivr_daemon.records.db_process" not in \
-                    Path(f"/proc/{entry}/cmdline").read_bytes():
-                continue
-        except (OSError, ValueError):
-            continue  # ended meanwhile
-        total += (int(fields[11]) + int(fields[12])) / ticks
+            if "ivr_daemon.records.db_process" in child.cmdline():
+                total += _cpu_s(child.pid)
+        except (psutil.Error, OSError):
+            pass  # ended meanwhile
     return total
 
 

@@ -36,8 +36,9 @@ READ_WAITED_S = 0.001
 # lane, is read at once, first come first served, instead of after the loop's next idle moment
 # (which at 20 turns a second came 0.5 ms later at p50 and 4-14 ms at p99: the daemon's own
 # queueing, counted in every overhead). A client used from a thread of its own (which skips the
-# lane) is counted too: at worst the loop's answers then wait in the lane as in a burst. At 20 turns a second with an LLM answering in 200 ms
-# about 4 answers are awaited; in a burst of turns, hundreds.
+# lane) is counted too: at worst the loop's answers then wait in the lane as in a burst. At 20
+# turns a second with an LLM answering in 200 ms about 4 answers are awaited; in a burst of
+# turns, hundreds.
 QUIET_AWAITED_ANSWERS_MAX = 16
 _awaited_answers = 0
 

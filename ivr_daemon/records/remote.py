@@ -125,7 +125,6 @@ class RemoteStore:
     """A :class:`RecordStore` (its URL and options) served by a child process, started at the first request."""
 
     def __init__(self, store: RecordStore, *, log_level: str = "INFO", log_format: str = "json"):
-        self.url = store.url
         self.description = store.description
         # What the store was built from: the child builds its own (the password only crosses the pipe).
         self._spec = {"url": store.url.render_as_string(hide_password=False),
