@@ -158,10 +158,10 @@ def burst(args, path: Path, checkout=None, warm_calls: int = 0):
         gevent.sleep(1.0)  # every call's CHANNEL_ANSWER/PARK handled: only the turns are measured
         rig.daemon.send_signal(signal.SIGUSR1)
         gevent.sleep(0.2)
-        cpu_before_s = L._daemon_cpu_s(rig.daemon.pid)
+        cpu_before_s = L._cpu_s(rig.daemon.pid)
         sequences = {call: rig.sim.speak(call, f"question number {i}") for i, call in enumerate(calls)}
         firsts = [L._first_broadcast_ms(rig.sim, call, sequences[call]) for call in calls]
-        cpu_ms_per_turn = (L._daemon_cpu_s(rig.daemon.pid) - cpu_before_s) * 1000 / len(calls)
+        cpu_ms_per_turn = (L._cpu_s(rig.daemon.pid) - cpu_before_s) * 1000 / len(calls)
         rig.daemon.send_signal(signal.SIGUSR2)
         deadline_s = time.monotonic() + 60
         while not path.exists() and time.monotonic() < deadline_s:

@@ -37,8 +37,7 @@ Prints a table, and as its last line one JSON object:
                                     --first-clause-runs; the goal is a ratio <= 0.5)
 
   burst_first_broadcast_p50_ms, burst_first_broadcast_p99_ms, burst_overhead_p50_ms,
-  burst_overhead_p99_ms, burst_daemon_cpu_ms_per_turn (its own process and its LLM process),
-  burst_llm_process_cpu_ms_per_turn
+  burst_overhead_p99_ms, burst_daemon_cpu_ms_per_turn
                                     --burst-calls (200) final transcripts written back to back, an
                                     instant LLM, null TTS through a warm phrase cache: transcript ->
                                     first uuid_broadcast, the same less llm_ms and tts_ms, and the
@@ -249,7 +248,7 @@ class DaemonProcessRig:
     def cpu_s(self):
         """The daemon process's CPU seconds so far (user + system): its work's cost, whatever else
         the machine is doing."""
-        return _daemon_cpu_s(self.daemon.pid)
+        return _cpu_s(self.daemon.pid)
 
     def wait_turns(self, count, timeout_s=180):
         deadline = time.monotonic() + timeout_s
@@ -404,16 +403,14 @@ def bench_burst(args, profile_path=None, checkout=None):
             Path(profile_path).unlink(missing_ok=True)
             rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the burst only
             gevent.sleep(0.2)
-        cpu_before_s = {"daemon": _daemon_cpu_s(rig.daemon.pid), "llm": _cpu_s(rig.llm.pid),
-                        "bench": _cpu_s(os.getpid()),
-                        "llm_process": _child_cpu_s(rig.daemon.pid, "ivr_daemon.llm_process")}
+        cpu_before_s = {name: _cpu_s(proc.pid) for name, proc in (("daemon", rig.daemon), ("llm", rig.llm))}
+        cpu_before_s["bench"] = _cpu_s(os.getpid())
         # One after another with no yield between: the frames go out back to back.
         sequences = {call: rig.sim.speak(call, f"question number {i}") for i, call in enumerate(calls)}
         samples, overheads = [], []
         for call in calls:
             samples.append(_first_broadcast_ms(rig.sim, call, sequences[call]))
-        cpu_ms = {"daemon": _daemon_cpu_s(rig.daemon.pid), "llm": _cpu_s(rig.llm.pid), "bench": _cpu_s(os.getpid()),
-                  "llm_process": _child_cpu_s(rig.daemon.pid, "ivr_daemon.llm_process")}
+        cpu_ms = {"daemon": _cpu_s(rig.daemon.pid), "llm": _cpu_s(rig.llm.pid), "bench": _cpu_s(os.getpid())}
         cpu_ms = {name: round((cpu_s - cpu_before_s[name]) * 1000) for name, cpu_s in cpu_ms.items()}
         if profile_path is not None:
             rig.daemon.send_signal(signal.SIGUSR2)
@@ -487,7 +484,7 @@ def bench_partials_load(args, checkout=None):
         load = gevent.spawn(send_partials, rig.sim, frames, stop, sent)
         load_started_s = time.monotonic()
         gevent.sleep(2.0)  # the load is steady
-        cpu_before_s, started_s = _daemon_cpu_s(rig.daemon.pid), time.monotonic()
+        cpu_before_s, started_s = _cpu_s(rig.daemon.pid), time.monotonic()
         overheads, barge_ins = [], []
         for index in range(args.load_turns):
             call = rig.sim.new_call()
@@ -511,7 +508,7 @@ def bench_partials_load(args, checkout=None):
             barge_ins.append((command.t_monotonic - rig.sim.written_at(sequence)) * 1000)
             rig.sim.hangup(call)
         elapsed_s = time.monotonic() - started_s
-        cpu_share = (_daemon_cpu_s(rig.daemon.pid) - cpu_before_s) / elapsed_s
+        cpu_share = (_cpu_s(rig.daemon.pid) - cpu_before_s) / elapsed_s
         stop.set()
         load.join()
         return overheads, barge_ins, sent[0] / (time.monotonic() - load_started_s), cpu_share
@@ -524,27 +521,6 @@ def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system) the process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _child_cpu_s(daemon_pid: int, module: str) -> float:
-    """CPU seconds so far of the daemon's child processes running ``python -m module``
-    (``ivr_daemon.llm_process``, ``ivr_daemon.records.db_process``); 0.0 when it has none."""
-    import psutil
-
-    total = 0.0
-    for child in psutil.Process(daemon_pid).children():
-        try:
-            if module in child.cmdline():
-                total += _cpu_s(child.pid)
-        except (psutil.Error, OSError):
-            pass  # ended meanwhile
-    return total
-
-
-def _daemon_cpu_s(daemon_pid: int) -> float:
-    """The daemon's CPU seconds so far: its own process and its LLM process (LLM_PROCESS=true),
-    which does the LLM's HTTP work for it."""
-    return _cpu_s(daemon_pid) + _child_cpu_s(daemon_pid, "ivr_daemon.llm_process")
 
 
 def bench_first_audio(args):
@@ -853,15 +829,14 @@ def main(argv=None) -> int:
 
     variants = [("baseline_", args.baseline), ("", None)] if args.baseline else [("", None)]
     if "burst" in selected:
-        samples = {prefix: ([], [], [], []) for prefix, _ in variants}
+        samples = {prefix: ([], [], []) for prefix, _ in variants}
         for _ in range(args.rounds):
             for prefix, checkout in variants:
                 firsts, overheads, cpu_ms = bench_burst(args, args.profile_daemon if not prefix else None, checkout)
                 samples[prefix][0].extend(firsts)
                 samples[prefix][1].extend(overheads)
                 samples[prefix][2].append(cpu_ms["daemon"] / args.burst_calls)
-                samples[prefix][3].append(cpu_ms["llm_process"] / args.burst_calls)
-        for prefix, (firsts, overheads, cpu_per_turn, llm_process_cpu) in samples.items():
+        for prefix, (firsts, overheads, cpu_per_turn) in samples.items():
             print(f"{prefix or 'ours: '}burst of {args.burst_calls} same-instant turns (instant LLM, cached TTS): "
                   f"transcript -> first broadcast p50 {percentile(firsts, 50):.2f} ms, p99 {percentile(firsts, 99):.2f} ms; "
                   f"overhead p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms; "
@@ -870,9 +845,7 @@ def main(argv=None) -> int:
                             f"{prefix}burst_first_broadcast_p99_ms": round(percentile(firsts, 99), 2),
                             f"{prefix}burst_overhead_p50_ms": round(percentile(overheads, 50), 2),
                             f"{prefix}burst_overhead_p99_ms": round(percentile(overheads, 99), 2),
-                            f"{prefix}burst_daemon_cpu_ms_per_turn": round(statistics.median(cpu_per_turn), 2),
-                            # Of it, the LLM process's (LLM_PROCESS=true; 0 without it).
-                            f"{prefix}burst_llm_process_cpu_ms_per_turn": round(statistics.median(llm_process_cpu), 2)})
+                            f"{prefix}burst_daemon_cpu_ms_per_turn": round(statistics.median(cpu_per_turn), 2)})
         figures.update(burst_calls=args.burst_calls)
 
     if "partials-load" in selected:

@@ -75,8 +75,9 @@ from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import psutil  # noqa: E402
 
-from latency import DaemonProcessRig, _child_cpu_s, _cpu_s, _first_broadcast_ms, percentile  # noqa: E402
+from latency import DaemonProcessRig, _cpu_s, _first_broadcast_ms, percentile  # noqa: E402
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.records import RecordStore  # noqa: E402
 
@@ -326,8 +327,16 @@ def _threads_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
 
 
 def _records_process_cpu_s(daemon_pid: int) -> float:
-    """CPU seconds so far (user + system, all its threads) of the daemon's records process; 0.0 when it has none."""
-    return _child_cpu_s(daemon_pid, "ivr_daemon.records.db_process")
+    """CPU seconds so far (user + system, all its threads) of the daemon's records process
+    (``python -m ivr_daemon.records.db_process``); 0.0 when it has none."""
+    total = 0.0
+    for child in psutil.Process(daemon_pid).children():
+        try:
+            if "ivr_daemon.records.db_process" in child.cmdline():
+                total += _cpu_s(child.pid)
+        except (psutil.Error, OSError):
+            pass  # ended meanwhile
+    return total
 
 
 def _threads_cpu_ms_per_call(before: dict, after: dict, pid: int, calls: int) -> dict:

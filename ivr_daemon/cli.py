@@ -105,7 +105,7 @@ def cmd_run(args) -> int:
     finally:
         for greenlet in shutting_down:
             greenlet.join(timeout=10)
-        daemon.close_children()  # after the shutdown, which lets syntheses and LLM replies in flight land
+        daemon.close_voices()  # after the shutdown, which lets syntheses in flight land
         collector.stop()
     log.info("daemon_stopped")
     return EXIT_OK

@@ -150,9 +150,6 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("LOG_FORMAT", "log_format", "json", "json | console"),
     ("LOG_TRANSCRIPTS", "log_transcripts", "false",
      "true: callers' words and replies in INFO logs; false: only their length and a hash (text at DEBUG)"),
-    ("LLM_PROCESS", "llm_process", "true",
-     "true: the LLM's requests and streamed replies are handled in a child process of the daemon (a core "
-     "and a GIL of its own; the daemon's loop gets whole deltas); false: on the daemon's gevent loop"),
 )
 
 
@@ -227,7 +224,6 @@ class Settings:
     records_retention_days: int = 90
     records_queue_max: int = 10_000
     llm_stream_batch_ms: int = 200
-    llm_process: bool = False  # load_settings: LLM_PROCESS (default true); a hand-built Settings: in-process
 
     @property
     def uses_default_esl_password(self) -> bool:
@@ -666,5 +662,4 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         database_url=database,
         records_retention_days=_int("RECORDS_RETENTION_DAYS", raw["records_retention_days"], 0, 36_500),
         records_queue_max=_int("RECORDS_QUEUE_MAX", raw["records_queue_max"], 1, 10_000_000),
-        llm_process=_bool("LLM_PROCESS", raw["llm_process"]),
     )

@@ -620,8 +620,7 @@ class ConversationHandler:
             cut = False
             if self.services.settings.llm_stream:
                 stream = self.services.llm.stream(messages, tools) if tools else self.services.llm.stream(messages)
-                llm = self.services.llm
-                reads = BatchedReads(stream, 0 if llm.sentence_deltas else self.services.settings.llm_stream_batch_ms / 1000)
+                reads = BatchedReads(stream, self.services.settings.llm_stream_batch_ms / 1000)
                 for delta in reads:
                     if isinstance(delta, ToolCall):
                         reply.tool_calls.append(delta)  # acted on once the words before it are said

@@ -21,7 +21,6 @@ from ivr_daemon.config import Settings, SwitchAddress
 from ivr_daemon.esl.connection import AuthenticationFailed, EslClient
 from ivr_daemon.conversation import TurnResult, TurnServices, prepare_fallback_wav
 from ivr_daemon.llm import make_llm_client
-from ivr_daemon.llm.remote import LlmProcess
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.llm.replicas import ReplicaSet
 from ivr_daemon.logs import get_logger
@@ -111,7 +110,6 @@ class Daemon:
         self.flow: CallFlowServices | None = None  # every agent's (the first switch's, for test turns)
         self.flows: list[CallFlowServices] = []  # every switch's
         self.voices: list[TtsEngine] = []  # the voices build_conversation_daemon started: closed at stop
-        self.llm_process: LlmProcess | None = None  # LLM_PROCESS's child, when build_conversation_daemon made one
         self.webhooks: WebhookSender | None = None  # set by build_conversation_daemon
         self.records: RecordWriter | None = None  # set by build_conversation_daemon
         self._greenlet: gevent.Greenlet | None = None
@@ -220,15 +218,12 @@ class Daemon:
             self.webhooks.stop(timeout_s=0.0)
         if self.records is not None:
             self.records.stop(timeout_s=timeout_s)  # tests stop this way: what was queued is written
-        self.close_children()
+        self.close_voices()
 
-    def close_children(self) -> None:
-        """Stop the voices' worker processes (syntheses still running fail) and the LLM process
-        (requests still running fail). Idempotent."""
+    def close_voices(self) -> None:
+        """Stop the voices' worker processes (syntheses still running fail). Idempotent."""
         for voice in self.voices:
             voice.close()
-        if self.llm_process is not None:
-            self.llm_process.close()
 
     def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """SIGTERM: take no new turns, let turns in flight send their audio, then leave cleanly.
@@ -275,7 +270,7 @@ class Daemon:
         if self.webhooks is not None:
             # The calls' last events (call.ended) were queued by their clean-up just now.
             self.webhooks.stop(timeout_s=max(0.0, min(SHUTDOWN_WEBHOOK_FLUSH_S, deadline_s - time.monotonic())))
-        self.close_children()
+        self.close_voices()
         log.info("daemon_shut_down", seconds=round(time.monotonic() - started_s, 2))
 
     def _all_services(self) -> list[TurnServices]:
@@ -317,9 +312,6 @@ def build_conversation_daemon(
     in_flight: set = set()  # one set for all agents: shutdown waits for every synthesis
     engines: dict[tuple, TtsEngine] = {}
     clients: dict[tuple, LlmClient] = {}
-    # LLM_PROCESS: every agent's LLM requests are served by one child process (llm/remote.py).
-    llm_process = (LlmProcess(log_level=settings.log_level, log_format=settings.log_format)
-                   if llm is None and settings.llm_process else None)
     prepared: dict[str, tuple[Agent, LlmClient, TtsEngine, PinnedPhrases, object]] = {}
     try:
         for name, agent in agents.agents.items():
@@ -329,7 +321,7 @@ def build_conversation_daemon(
                 engine = engines[_voice_key(agent_settings)] = _load_voice(agent_settings, name, agents)
             client = llm or clients.get(_llm_key(agent_settings))
             if client is None:
-                client = clients[_llm_key(agent_settings)] = make_llm_client(agent_settings, process=llm_process)
+                client = clients[_llm_key(agent_settings)] = make_llm_client(agent_settings)
             pinned = PinnedPhrases.for_output_dir(settings.tts_output_dir, engine)
             try:
                 fallback_wav = prepare_fallback_wav(pinned, agent_settings)
@@ -338,13 +330,9 @@ def build_conversation_daemon(
             except TtsError as exc:
                 raise TtsModelUnavailable(f"agent {name}{_where(agents)}: {exc}") from exc
             prepared[name] = (agent, client, engine, pinned, fallback_wav)
-        if llm_process is not None:
-            llm_process.start()  # now, not at the first turn
     except BaseException:
         for engine in engines.values():  # no worker process outlives a start-up that failed
             engine.close()
-        if llm_process is not None:
-            llm_process.close()
         raise
 
     def handlers_for(esl: EslClient) -> HandlerFactory:
@@ -377,7 +365,6 @@ def build_conversation_daemon(
              shard="/".join(map(str, settings.daemon_shard)))
     daemon = Daemon(settings, handlers_for, metrics=metrics, **esl_options)
     daemon.voices = list(engines.values())
-    daemon.llm_process = llm_process
     daemon.flow = made[0]
     daemon.flows = made
     daemon.agents = agents
@@ -450,9 +437,8 @@ def _voice_key(settings: Settings) -> tuple:
 
 
 def _llm_key(settings: Settings) -> tuple:
-    # FIRST_CHUNK and LLM_STREAM_BATCH_MS too: the LLM process cuts and batches a client's streams.
     return (settings.llm_provider, settings.llm_api_url, settings.llm_model, settings.llm_api_key,
-            settings.llm_timeout_s, settings.llm_max_tokens, settings.first_chunk, settings.llm_stream_batch_ms)
+            settings.llm_timeout_s, settings.llm_max_tokens)
 
 
 def _where(agents: AgentBook) -> str:

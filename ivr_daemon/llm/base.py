@@ -252,10 +252,6 @@ class LlmClient(abc.ABC):
 
     provider: str
     supports_tools: bool = False  # False: tools are ignored, tool messages dropped (see plain_messages)
-    # True: each streamed delta ends where a sentence (or the first clause) ends and the client
-    # reads the rest of a reply in batches itself (the LLM process, llm/remote.py): a caller's
-    # own batching of the reads would only add its pause.
-    sentence_deltas: bool = False
 
     def __init__(
         self,

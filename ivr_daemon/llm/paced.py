@@ -53,12 +53,6 @@ def lane_wait_s() -> float:
     return getattr(_lane_waits, "s", 0.0)
 
 
-def add_lane_wait_s(seconds: float) -> None:
-    """Count ``seconds`` of the daemon's own queueing into this greenlet's :func:`lane_wait_s`:
-    an answer's time in the pipes of the LLM process and waiting there (ivr_daemon/llm/remote.py)."""
-    _lane_waits.s = lane_wait_s() + seconds
-
-
 class _LanePacedConnection(urllib3.connection.HTTPConnection):
     """Sends its request at once; reads the answer, once it has come, when the loop has nothing
     more urgent to do.

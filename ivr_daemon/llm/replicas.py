@@ -108,7 +108,7 @@ def retryable(exc: LlmError) -> bool:
     if isinstance(exc, LlmUnavailable):
         return exc.status is None or exc.status >= 500 or exc.status in RETRY_STATUSES
     if isinstance(exc, LlmTimeout):
-        return timed_out_connecting(exc)
+        return _connect_timed_out(exc)
     return False
 
 
@@ -117,8 +117,7 @@ def puts_in_backoff(exc: LlmError) -> bool:
     return retryable(exc) or isinstance(exc, LlmTimeout)
 
 
-def timed_out_connecting(exc: BaseException) -> bool:
-    """True when ``exc`` (or its cause) is a connect that timed out: no request reached the server."""
+def _connect_timed_out(exc: BaseException) -> bool:
     return caused_by(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError))
 
 
@@ -140,7 +139,6 @@ class ReplicaSet(LlmClient):
         self.replicas = [Replica(index, replica_label(client.api_url), client) for index, client in enumerate(clients)]
         self.provider = first.provider
         self.supports_tools = first.supports_tools
-        self.sentence_deltas = first.sentence_deltas
         self.model = first.model
         self.timeout_s = first.timeout_s
         self.max_tokens = first.max_tokens
@@ -307,4 +305,4 @@ class _Attempt:
 
 
 __all__ = ["BACKOFF_FIRST_S", "BACKOFF_MAX_S", "Replica", "ReplicaSet", "redacted", "replica_label", "retryable",
-           "split_urls", "timed_out_connecting", "without_credentials"]
+           "split_urls", "without_credentials"]

@@ -21,19 +21,28 @@ the daemon: ``close`` ends it, and a daemon that dies however it dies closes its
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
 import gevent
 import gevent.lock
+import gevent.os
 import gevent.subprocess
+from gevent.monkey import get_original
 
 from ivr_daemon.child_exit import how_it_ended
-from ivr_daemon.child_pipes import start_child
 from ivr_daemon.logs import get_logger
 from ivr_daemon.records.store import RecordRefused, RecordsError, RecordStore
 
 log = get_logger(__name__)
+
+# gevent's os.close (monkey-patched) defers the close to the loop's next check phase, which a loop
+# idle in a long wait (a reap's timeout) reaches only when that wait ends: the child would see
+# its stdin end seconds late. These pipes are closed only when no greenlet waits on them.
+_close_now = get_original("os", "close")
 
 # Importing SQLAlchemy, Alembic and the driver and building the engine: well under a second
 # idle; a loaded box may take several.
@@ -50,11 +59,38 @@ class RecordsProcessError(RecordsError):
     """The records process failed a request (a bug there), could not start, or died twice on it."""
 
 
+class _CooperativeConnection(Connection):
+    """multiprocessing's framing and pickling, over non-blocking pipes waited on by gevent."""
+
+    def _send(self, buf, write=gevent.os.nb_write):
+        super()._send(buf, write)
+
+    def _recv(self, size, read=gevent.os.nb_read):
+        return super()._recv(size, read)
+
+    def _close(self, _close=_close_now):
+        _close(self._handle)
+
+
 class _Child:
     """One records process and its two pipes."""
 
     def __init__(self, spec: dict):
-        self.proc, self.requests, self.replies = start_child("ivr_daemon.records.db_process")
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        try:
+            self.proc = gevent.subprocess.Popen([sys.executable, "-m", "ivr_daemon.records.db_process"],
+                                                stdin=to_child_r, stdout=from_child_w, close_fds=True)
+        except BaseException:
+            for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+                _close_now(fd)
+            raise
+        _close_now(to_child_r)  # the child's ends: its death is then seen as the end of the replies
+        _close_now(from_child_w)
+        for fd in (to_child_w, from_child_r):
+            os.set_blocking(fd, False)
+        self.requests = _CooperativeConnection(to_child_w, readable=False)
+        self.replies = _CooperativeConnection(from_child_r, writable=False)
         self.pid = self.proc.pid
         self.requests.send(spec)
 
