@@ -205,7 +205,7 @@ class DaemonProcessRig:
                     "LLM_MODEL": "bench", "LLM_TIMEOUT": "60", "TTS_ENGINE": tts_engine, "TTS_OUTPUT_DIR": self.tmp.name,
                     "TTS_CACHE_MAX_MB": str(cache_mb), "LLM_STREAM": "true" if llm_stream else "false",
                     "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "HTTP_PORT": "0", **NO_CALL_FLOW_SPEECH,
-                    **worker_priority(args),
+                    **worker_priority(args), **null_voice_workers(tts_engine),
                     **(extra_env or {})})
         # Logs to a file, as in production: a pipe the benchmark reads late would stall the
         # daemon's writes to stderr, and with them its whole loop.
@@ -515,6 +515,20 @@ def bench_partials_load(args, checkout=None):
     finally:
         stop.set()
         rig.close()
+
+
+def null_voice_workers(tts_engine: str) -> dict[str, str]:
+    """The null voice in worker processes, one per core, as Piper's voice runs (TTS_WORKERS).
+
+    Piper and Coqui always synthesize in worker processes; the null voice, left to its default,
+    writes its silent WAVs in the daemon's own threads, whose Python work then held the daemon's
+    GIL: ~3 ms of thread CPU a call and ~2 ms of the overhead p99 at 20 turns/s that no real
+    voice costs (docs/performance.md, "The null voice where real voices run").
+    BENCH_NULL_VOICE_IN_DAEMON=1 measures the old way. A checkout without TTS_WORKERS ignores it.
+    """
+    if tts_engine != "null" or os.environ.get("BENCH_NULL_VOICE_IN_DAEMON"):
+        return {}
+    return {"TTS_WORKERS": str(max(1, os.cpu_count() or 1))}
 
 
 def _cpu_s(pid: int) -> float:

@@ -28,10 +28,13 @@ Prints a line per run and, last, one JSON object: for each run ``<run>_overhead_
 ``<run>_overhead_p99_ms``, ``<run>_daemon_cpu_ms_per_call`` (the daemon process's CPU from the
 first call to the last record written, a call: the figure a shared machine cannot blur),
 ``<run>_bench_loop_lag_p99_ms``, the same CPU split by thread (``<run>_daemon_loop_cpu_ms_per_call``,
-``<run>_daemon_other_threads_cpu_ms_per_call``: the records thread and the synthesis threads,
+``<run>_daemon_other_threads_cpu_ms_per_call``: the synthesis threads, which write the null
+voice's WAVs only with BENCH_NULL_VOICE_IN_DAEMON=1 or in a checkout without TTS_WORKERS,
 ``<run>_daemon_kernel_cpu_ms_per_call``: the system time of all of them),
 ``<run>_records_process_cpu_ms_per_call`` (the daemon's records process, where the database work
-is done since it left the daemon's threads: 0 for a daemon without one), and for the recorded
+is done since it left the daemon's threads: 0 for a daemon without one),
+``<run>_tts_workers_cpu_ms_per_call`` (its TTS worker processes, where the null voice writes
+its WAVs as Piper's would: latency.py's null_voice_workers), and for the recorded
 ones ``<run>_calls_written``, ``<run>_records_complete``, ``<run>_records_flush_s``,
 ``<run>_write_transactions_per_call`` (read from the database itself: SQLite's file change
 counter, PostgreSQL's transaction ids); and ``load_average_1min``.
@@ -84,6 +87,8 @@ from ivr_daemon.records import RecordStore  # noqa: E402
 FLUSH_TIMEOUT_S = 120.0
 TURNS_TIMEOUT_S = 20.0
 TICK_S = 0.01  # the benchmark's own loop-lag ticker
+RECORDS_PROCESS = "ivr_daemon.records.db_process"
+TTS_WORKER = "ivr_daemon.tts.worker"
 
 
 def run_once(args, name: str, database_url: str | None, checkout: Path | None = None,
@@ -128,7 +133,8 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
             rig.daemon.send_signal(signal.SIGUSR1)  # the profile covers the calls only
         cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
         threads_before = _threads_cpu_s(rig.daemon.pid)
-        records_process_before = _records_process_cpu_s(rig.daemon.pid)
+        records_process_before = _children_cpu_s(rig.daemon.pid, RECORDS_PROCESS)
+        tts_workers_before = _children_cpu_s(rig.daemon.pid, TTS_WORKER)
         transactions_before = _write_transactions(database_url) if database_url else 0
         trace = None
         if args.trace_gil:
@@ -152,7 +158,10 @@ def run_once(args, name: str, database_url: str | None, checkout: Path | None = 
         cpu_ms_per_call = (rig.cpu_s() - cpu_before_s) * 1000 / len(calls)
         threads = _threads_cpu_ms_per_call(threads_before, _threads_cpu_s(rig.daemon.pid), rig.daemon.pid, len(calls))
         threads["records_process_cpu_ms_per_call"] = round(
-            (_records_process_cpu_s(rig.daemon.pid) - records_process_before) * 1000 / len(calls), 2)
+            (_children_cpu_s(rig.daemon.pid, RECORDS_PROCESS) - records_process_before) * 1000 / len(calls), 2)
+        # Where the null voice writes its WAVs (latency.null_voice_workers), as Piper's workers would.
+        threads["tts_workers_cpu_ms_per_call"] = round(
+            (_children_cpu_s(rig.daemon.pid, TTS_WORKER) - tts_workers_before) * 1000 / len(calls), 2)
         if database_url:
             written[f"{name}_write_transactions_per_call"] = round(
                 (_write_transactions(database_url) - transactions_before) / len(calls), 3)
@@ -326,13 +335,13 @@ def _threads_cpu_s(pid: int) -> dict[int, tuple[float, float]]:
     return found
 
 
-def _records_process_cpu_s(daemon_pid: int) -> float:
-    """CPU seconds so far (user + system, all its threads) of the daemon's records process
-    (``python -m ivr_daemon.records.db_process``); 0.0 when it has none."""
+def _children_cpu_s(daemon_pid: int, module: str) -> float:
+    """CPU seconds so far (user + system, all their threads) of the daemon's child processes
+    running ``python -m module`` (its records process, its TTS workers); 0.0 when it has none."""
     total = 0.0
     for child in psutil.Process(daemon_pid).children():
         try:
-            if "ivr_daemon.records.db_process" in child.cmdline():
+            if module in child.cmdline():
                 total += _cpu_s(child.pid)
         except (psutil.Error, OSError):
             pass  # ended meanwhile

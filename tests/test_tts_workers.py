@@ -15,10 +15,11 @@ from structlog.testing import capture_logs
 
 from harness import TurnLog, broadcasts, running_daemon, settings_for, wait_until
 from llm_fakes import FakeLlmServer
-from ivr_daemon.config import load_settings
+from ivr_daemon.config import ConfigError, load_settings
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 from ivr_daemon.tts import TtsModelUnavailable, TtsSynthesisFailed, start_voice
 from ivr_daemon.tts.base import file_fingerprint
+from ivr_daemon.tts.null import NullEngine
 from ivr_daemon.tts.piper import default_voice_path
 from ivr_daemon.tts.workers import WorkerEngine
 from test_tts import tiny_vits  # noqa: F401  (the fixture: a tiny Coqui VITS on disk)
@@ -289,3 +290,31 @@ def test_a_calls_own_wav_is_asked_of_the_worker_without_a_disk_flush(one_worker,
     replies = [worker_module.serve(engine, request, log=None) for request in (
         {"text": "a", "path": "/x.wav", "durable": False}, {"text": "a", "path": "/y.wav"})]
     assert replies == [{"ok": True}, {"ok": True}] and engine.wishes == [False, True]
+
+
+def test_tts_workers_sets_how_many_workers_a_voice_gets():
+    engine = start_voice(voice_settings(TTS_WORKERS="1"))
+    try:
+        assert isinstance(engine, WorkerEngine) and engine.workers == 1 and len(engine.pids) == 1
+    finally:
+        engine.close()
+    assert load_settings(environ={"TTS_WORKERS": "auto"}).tts_workers == 0
+    assert load_settings(environ={"TTS_WORKERS": " 3 "}).tts_workers == 3
+    for bad in ("0", "65", "two", ""):
+        with pytest.raises(ConfigError, match="TTS_WORKERS"):
+            load_settings(environ={"TTS_WORKERS": bad})
+
+
+def test_the_null_voice_runs_in_the_daemon_unless_tts_workers_says_otherwise(tmp_path):
+    assert isinstance(start_voice(load_settings(environ={"TTS_ENGINE": "null"})), NullEngine)
+    engine = start_voice(load_settings(environ={"TTS_ENGINE": "null", "TTS_WORKERS": "2", "LOG_FORMAT": "console"}))
+    try:
+        assert isinstance(engine, WorkerEngine) and engine.workers == 2 and engine.voice_id == NullEngine.voice_id
+        [pid_a, pid_b] = engine.pids
+        assert os.getpid() not in (pid_a, pid_b)
+        # Written by a worker, as Piper's and Coqui's are: silence as long as the text would take.
+        duration_s = assert_telephony_wav(engine.synthesize_to_wav("We open at nine.", tmp_path / "n.wav"))
+        assert duration_s == pytest.approx(NullEngine().synthesize("We open at nine.")[0].size / 8000)
+    finally:
+        engine.close()
+    assert worker_children() == []

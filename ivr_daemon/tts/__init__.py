@@ -29,16 +29,20 @@ def make_tts_engine(settings) -> TtsEngine:
 
 
 def start_voice(settings) -> TtsEngine:
-    """The voice the daemon speaks with: Piper and Coqui in worker processes, null (silence) here.
+    """The voice the daemon speaks with, in ``settings.tts_workers`` worker processes (TTS_WORKERS).
 
-    Piper gets one worker per core, each synthesis on one core; Coqui one worker, since one
-    forward pass already uses every core. Raises TtsModelUnavailable as the engine does.
+    Auto (0): Piper one worker per core, each synthesis on one core; Coqui one, since one forward
+    pass already uses every core; null none, its silence written in the daemon's own threads
+    (tests, replay). A number runs every engine in that many workers, null too, so a benchmark's
+    stand-in voice runs where real ones do. Raises TtsModelUnavailable as the engine does.
     """
-    if settings.tts_engine == "null":
-        return make_tts_engine(settings)
     import os
 
+    workers = getattr(settings, "tts_workers", 0)
+    if settings.tts_engine == "null" and not workers:
+        return make_tts_engine(settings)
     from ivr_daemon.tts.workers import WorkerEngine
 
-    workers = 1 if settings.tts_engine == "coqui" else max(1, os.cpu_count() or 1)
+    if not workers:
+        workers = 1 if settings.tts_engine == "coqui" else max(1, os.cpu_count() or 1)
     return WorkerEngine(settings, workers)
