@@ -151,9 +151,9 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("LOG_TRANSCRIPTS", "log_transcripts", "false",
      "true: callers' words and replies in INFO logs; false: only their length and a hash (text at DEBUG)"),
     ("TTS_WORKERS", "tts_workers", "auto",
-     "synthesis worker processes of each voice: auto (piper: one per core; coqui: one, its synthesis already "
-     "uses every core; null: none, its silence is written in the daemon) or 1-64 (null too: then it runs as "
-     "piper and coqui do)"),
+     "synthesis worker processes of each voice: auto or 0 (piper: one per core; coqui: one, its synthesis "
+     "already uses every core; null: none, its silence is written in the daemon) or 1-64 (null too: then it "
+     "runs as piper and coqui do)"),
 )
 
 
@@ -228,7 +228,7 @@ class Settings:
     records_retention_days: int = 90
     records_queue_max: int = 10_000
     llm_stream_batch_ms: int = 200
-    tts_workers: int = 0  # TTS_WORKERS: 0 is auto (see start_voice)
+    tts_workers: int = 0  # TTS_WORKERS: 0 is auto (see start_voice), as "auto" is
 
     @property
     def uses_default_esl_password(self) -> bool:
@@ -668,6 +668,6 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | P
         database_url=database,
         records_retention_days=_int("RECORDS_RETENTION_DAYS", raw["records_retention_days"], 0, 36_500),
         records_queue_max=_int("RECORDS_QUEUE_MAX", raw["records_queue_max"], 1, 10_000_000),
-        tts_workers=0 if raw["tts_workers"].strip().lower() == "auto" else _int("TTS_WORKERS", raw["tts_workers"], 1,
+        tts_workers=0 if raw["tts_workers"].strip().lower() == "auto" else _int("TTS_WORKERS", raw["tts_workers"], 0,
                                                                                 MAX_TTS_WORKERS),
     )

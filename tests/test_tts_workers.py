@@ -299,8 +299,9 @@ def test_tts_workers_sets_how_many_workers_a_voice_gets():
     finally:
         engine.close()
     assert load_settings(environ={"TTS_WORKERS": "auto"}).tts_workers == 0
+    assert load_settings(environ={"TTS_WORKERS": "0"}).tts_workers == 0  # auto, as settings write it back
     assert load_settings(environ={"TTS_WORKERS": " 3 "}).tts_workers == 3
-    for bad in ("0", "65", "two", ""):
+    for bad in ("-1", "65", "two", ""):
         with pytest.raises(ConfigError, match="TTS_WORKERS"):
             load_settings(environ={"TTS_WORKERS": bad})
 
