@@ -522,8 +522,9 @@ def null_voice_workers(tts_engine: str) -> dict[str, str]:
 
     Piper and Coqui always synthesize in worker processes; the null voice, left to its default,
     writes its silent WAVs in the daemon's own threads, whose Python work then held the daemon's
-    GIL: ~3 ms of thread CPU a call and ~2 ms of the overhead p99 at 20 turns/s that no real
-    voice costs (docs/performance.md, "The null voice where real voices run").
+    GIL (~3 ms of thread CPU a call at 20 turns/s that no real voice costs), and the loop never
+    paid the workers' round trips that a real voice costs it (docs/performance.md, "The null
+    voice where real voices run").
     BENCH_NULL_VOICE_IN_DAEMON=1 measures the old way. A checkout without TTS_WORKERS ignores it.
     """
     if tts_engine != "null" or os.environ.get("BENCH_NULL_VOICE_IN_DAEMON"):

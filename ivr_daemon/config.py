@@ -456,8 +456,8 @@ def _http(raw: Mapping[str, str]) -> tuple[str, int, str]:
 
 # Telephony narrowband up to studio rates: what a client may stream to the asr-server.
 MIN_ASR_RATE_HZ = 8000
-MAX_TTS_WORKERS = 64
 MAX_ASR_RATE_HZ = 48000
+MAX_TTS_WORKERS = 64  # TTS_WORKERS: each holds its own copy of the voice (~250 MB for Piper)
 
 
 def _asr_engine(raw_engine: str, model_path: str) -> tuple[str, str]:
