@@ -319,3 +319,23 @@ def test_the_null_voice_runs_in_the_daemon_unless_tts_workers_says_otherwise(tmp
     finally:
         engine.close()
     assert worker_children() == []
+
+
+def test_a_daemon_with_the_null_voice_in_workers_answers_as_with_piper(tmp_path):
+    """The benchmarks' daemon (latency.null_voice_workers): every sentence a worker's WAV."""
+    turns = TurnLog()
+    reply = "We open at nine. We close at five."
+    with FakeLlmServer("ollama", replies=reply) as llm, FreeswitchSimulator(playback_speed=0.0) as sim:
+        settings = settings_for(sim, tmp_path, LLM_PROVIDER="ollama", LLM_API_URL=llm.url, TTS_WORKERS="1",
+                                TTS_CACHE_MAX_MB="0")
+        with running_daemon(sim, settings, on_turn=turns) as daemon:
+            [voice] = daemon.voices
+            assert isinstance(voice, WorkerEngine) and voice.name == "null" and len(voice.pids) == 1
+            call = sim.new_call()
+            sim.speak(call, "when do you open")
+            [turn] = turns.wait(1, call)
+            wavs = [line.split()[3] for line in broadcasts(sim, call)]
+        pids = voice.pids
+    assert turn.reply == reply and not turn.used_fallback and turn.sentences == 2
+    assert len(wavs) == 2 and all(w.endswith(".wav") for w in wavs)
+    assert pids == [] and worker_children() == []
