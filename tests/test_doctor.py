@@ -20,7 +20,7 @@ from ivr_daemon.doctor import FAIL, PASS, SKIP, Check, DoctorRun, Row, print_tab
 from ivr_daemon.replay.simulator import FreeswitchSimulator
 from ivr_daemon.tts.piper import default_voice_path
 from llm_fakes import FakeLlmServer
-from harness import needs_root
+from harness import give_to
 
 NO_SUCH_USER = "ivr-doctor-test-no-such-user"
 
@@ -234,18 +234,16 @@ def test_unwritable_output_dir(sim, llm, asr_server, tmp_path):
     assert "cannot be created" in rows["TTS_OUTPUT_DIR writable"].detail
 
 
-@needs_root
 def test_output_dir_owned_by_another_user(sim, llm, asr_server, tmp_path):
     conf = vosk_conf(tmp_path, f"ws://127.0.0.1:{asr_server.address[1]}")
     foreign = tmp_path / "foreign"
     foreign.mkdir(mode=0o750)
-    os.chown(foreign, 65534, 65534)
+    give_to(foreign, 65534, 65534)
     rows = doctor_rows(environment(sim, llm, tmp_path, TTS_OUTPUT_DIR=str(foreign)), conf)
     assert rows["TTS_OUTPUT_DIR writable"].status == FAIL
     assert "chown" in rows["TTS_OUTPUT_DIR writable"].detail
 
 
-@needs_root
 def test_wavs_readable_by_the_freeswitch_user(sim, llm, asr_server, tmp_path):
     """The user FreeSWITCH runs as ("nobody" stands in) must enter the directory and read the WAVs."""
     conf = vosk_conf(tmp_path, f"ws://127.0.0.1:{asr_server.address[1]}")
@@ -258,7 +256,7 @@ def test_wavs_readable_by_the_freeswitch_user(sim, llm, asr_server, tmp_path):
         row = rows["WAVs readable by nobody"]
         assert row.status == FAIL and row.detail == f"nobody cannot enter {out} (mode 0750)"
         # The fix the README gives: the directory's group is FreeSWITCH's, set-group-ID.
-        os.chown(out, -1, 65534)
+        give_to(out, gid=65534)
         out.chmod(0o2750)
         rows = doctor_rows(env, conf, user="nobody")
         assert rows["WAVs readable by nobody"].status == PASS, rows["WAVs readable by nobody"]

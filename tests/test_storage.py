@@ -18,7 +18,7 @@ from ivr_daemon.storage import (
 )
 from ivr_daemon.tts import cache as cache_module
 from ivr_daemon.tts import pinned as pinned_module
-from harness import needs_root
+from harness import give_to
 
 # Someone else: "nobody" on Debian. Only root may give a file away, as an attacker's would be.
 OTHER_UID = 65534
@@ -89,12 +89,11 @@ def test_a_set_group_id_parent_passes_its_group_bit_on(tmp_path):
     assert mode_of(parent / "tts" / "cache") == 0o2750
 
 
-@needs_root
 @pytest.mark.parametrize("which", ["", CACHE_SUBDIR, PINNED_SUBDIR])
 def test_a_directory_owned_by_another_user_is_refused(tmp_path, which):
     root = tmp_path / "tts"
     prepare_output_dir(root)
-    os.chown(root / which, OTHER_UID, -1)
+    give_to(root / which, OTHER_UID, -1)
 
     with pytest.raises(UnsafeOutputDir) as refused:
         prepare_output_dir(root)

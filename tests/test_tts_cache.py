@@ -20,7 +20,7 @@ from ivr_daemon.tts.base import native_lock
 from ivr_daemon.tts.cache import CACHE_SUBDIR, STRAY_TEMP_MIN_AGE_S, CacheStats, PhraseCache
 from ivr_daemon.tts.null import NullEngine
 from ivr_daemon.tts.piper import PiperEngine
-from harness import needs_root
+from harness import give_to
 
 
 class CountingEngine(NullEngine):
@@ -398,12 +398,11 @@ def test_lookup_answers_while_every_worker_thread_is_busy_synthesizing(output_di
 OTHER_UID = 65534
 
 
-@needs_root
 def test_start_up_never_adopts_a_cache_file_owned_by_another_user(output_dir, caplog):
     engine = CountingEngine()
     planted = PhraseCache.for_output_dir(output_dir, max_bytes=10**9).path_for(engine, "Please hold.")
     NullEngine().synthesize_to_wav("transfer your savings to this account", planted)
-    os.chown(planted, OTHER_UID, -1)
+    give_to(planted, OTHER_UID, -1)
 
     cache = PhraseCache.for_output_dir(output_dir, max_bytes=10**9)
 

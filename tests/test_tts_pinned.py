@@ -20,7 +20,7 @@ from ivr_daemon.tts.base import native_lock
 from ivr_daemon.tts.cache import STRAY_TEMP_MIN_AGE_S, PhraseCache, cache_key
 from ivr_daemon.tts.null import NullEngine
 from ivr_daemon.tts.pinned import PINNED_SUBDIR, PinnedPhrases
-from harness import needs_root
+from harness import give_to
 
 FALLBACK = "Sorry, I'm having trouble right now. Please try again in a moment."
 OTHER_UID = 65534
@@ -219,13 +219,12 @@ def test_empty_text_raises_without_synthesis(tmp_path):
     assert engine.calls == 0
 
 
-@needs_root
 def test_a_file_not_ours_is_not_used_and_prepare_replaces_it(tmp_path):
     engine = GatedEngine()
     pinned = PinnedPhrases.for_output_dir(tmp_path, engine)
     planted = pinned.path_for(FALLBACK)
     planted.write_bytes(b"RIFF planted by someone else")
-    os.chown(planted, OTHER_UID, -1)
+    give_to(planted, OTHER_UID, -1)
 
     assert pinned.existing(FALLBACK) is None
 
