@@ -50,6 +50,10 @@ Prints a table, and as its last line one JSON object:
                                     --load-turns calls ask (as overhead) and are barged in on
   load_average_1min                 the machine's, when the figures were taken: latencies on a
                                     busy box measure its queue for a core more than the daemon
+  host_probe_ms_before, host_probe_ms_after
+                                    the CPU ms of a fixed piece of Python before and after
+                                    (host_probe_ms): ~33 on a quiet host; higher while the VM's
+                                    host is busy, which the load average does not show
 
 --baseline PATH (another checkout, e.g. main) measures burst and partials-load of its daemon too,
 interleaved with ours round by round (--rounds); its figures are prefixed with baseline_.
@@ -132,6 +136,26 @@ def own_collector_off():
 def own_collector_on():
     gc.enable()
     gc.collect()
+
+
+HOST_PROBE_SQUARES = 1_000_000
+
+
+def host_probe_ms() -> float:
+    """This process's CPU ms for a fixed piece of pure Python (the median of 5): the speed of the
+    machine's cores just now.
+
+    This box is a VM whose host has other tenants, and its kernel reports no steal time: while
+    the host is busy the same work takes longer and is charged as this process's CPU, so every
+    CPU and latency figure grows with it while the load average stays low. Measured on the quiet
+    host ~33 ms; 1.5-2x that in busy spells. Figures taken at different probe readings do not compare.
+    """
+    samples = []
+    for _ in range(5):
+        started_s = time.process_time()
+        sum(i * i for i in range(HOST_PROBE_SQUARES))
+        samples.append((time.process_time() - started_s) * 1000)
+    return round(statistics.median(samples), 1)
 
 
 def percentile(values, q):
@@ -771,7 +795,7 @@ def main(argv=None) -> int:
     configure_logging(os.environ.get("LOG_LEVEL", "ERROR"), "console")
     started = time.monotonic()
     selected = set(args.only or MEASUREMENTS)
-    figures = {}
+    figures = {"host_probe_ms_before": host_probe_ms()}
 
     if "overhead" in selected:
         overheads, answered = bench_overhead(args)
@@ -884,6 +908,7 @@ def main(argv=None) -> int:
                             f"{prefix}load_daemon_cpu_share": round(statistics.median(cpu), 3)})
         figures.update(load_calls=args.load_calls)
     figures["load_average_1min"] = round(os.getloadavg()[0], 1)
+    figures["host_probe_ms_after"] = host_probe_ms()
 
     figures["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(figures))

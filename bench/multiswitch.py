@@ -17,11 +17,13 @@ Three setups, each its own daemon, in rounds that alternate them (noise hits all
              to tell what the switches cost from what the load costs
 
 Prints a line per round and, last, one JSON object: per setup overhead_p50_ms, overhead_p99_ms,
-turns (of calls) and daemon_cpu_ms_per_turn (the daemon process's CPU time from its calls' first
-event to the last turn, per turn: on a shared machine the figure its load does not move) and
-daemon_setup_cpu_ms_per_call (the part of it spent before anyone spoke: CHANNEL_ANSWER/PARK), then
-several_over_same_load_p99 and several_over_same_load_cpu_per_turn (the switches' own cost: 1.0
-is none) and several_over_one_p99.
+lane_wait_p99_ms (the part of a turn's overhead its LLM answer waited in the idle lane, as its
+turn_complete line says), turns (of calls) and daemon_cpu_ms_per_turn (the daemon process's CPU
+time from its calls' first event to the last turn, per turn: the machine's other load does not
+move it, a busy VM host does: see host_probe_ms in latency.py) and daemon_setup_cpu_ms_per_call
+(the part of it spent before anyone spoke: CHANNEL_ANSWER/PARK), then several_over_same_load_p99
+and several_over_same_load_cpu_per_turn (the switches' own cost: 1.0 is none),
+several_over_one_p99, and host_probe_ms_before/after.
 
 With --baseline PATH the one-switch setups also run the daemon of that checkout (configured the
 same way, FREESWITCH_HOST alone) in the same rounds: ``one_baseline``, ``one_same_load_baseline``.
@@ -53,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 # One reply, one percentile, one way to read the daemon's log for every benchmark.
-from latency import REPLY, DaemonProcessRig, _first_broadcast_ms, percentile  # noqa: E402
+from latency import REPLY, DaemonProcessRig, _first_broadcast_ms, host_probe_ms, percentile  # noqa: E402
 
 from ivr_daemon.logs import configure_logging  # noqa: E402
 
@@ -93,13 +95,15 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
             deadline_s = time.monotonic() + 60
             while not Path(profile_path).exists() and time.monotonic() < deadline_s:
                 gevent.sleep(0.05)
-        overheads = []
+        overheads, lane_waits = [], []
         for sim, call in calls:
             turn = rig.turns.get(call)
             if turn is None or turn.get("first_audio_ms") is None:
                 continue
             overheads.append(_first_broadcast_ms(sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
-        return overheads, len(rig.turns), len(calls), cpu_s, setup_cpu_s, getattr(rig, "info_lines", None)
+            lane_waits.append(turn.get("lane_wait_ms") or 0.0)
+        return (overheads, len(rig.turns), len(calls), cpu_s, setup_cpu_s, getattr(rig, "info_lines", None),
+                lane_waits)
     finally:
         rig.close()
 
@@ -172,6 +176,7 @@ def main() -> int:
     args = parser.parse_args()
     configure_logging("WARNING", "console")  # the simulators' lines would drown the figures
     started = time.monotonic()
+    host_probe_before_ms = host_probe_ms()
     setups = {"one": (1, args.calls_per_switch), "several": (args.switches, args.calls_per_switch),
               "one_same_load": (1, args.switches * args.calls_per_switch)}
     selected = args.only or list(setups)
@@ -189,6 +194,7 @@ def main() -> int:
     cpu: dict[str, float] = {name: 0.0 for name in selected}
     setup_cpu: dict[str, float] = {name: 0.0 for name in selected}
     lines: dict[str, list[float]] = {name: [] for name in selected}
+    lanes: dict[str, list[float]] = {name: [] for name in selected}  # each turn's lane_wait_ms (part of its overhead)
     try:
         llm_url = llm.stdout.readline().strip()
         for round_no in range(args.rounds):
@@ -196,10 +202,11 @@ def main() -> int:
                 switches, per_switch = setups[name]
                 profile_path = (f"{args.profile_daemon}.{name}.{round_no + 1}"
                                 if args.profile_daemon and checkouts[name] == ROOT else None)
-                overheads, turns, calls, cpu_s, setup_cpu_s, info_lines = one_setup(
+                overheads, turns, calls, cpu_s, setup_cpu_s, info_lines, lane_waits = one_setup(
                     args, switches, per_switch, llm_url, seed=7 + round_no, checkout=checkouts[name],
                     profile_path=profile_path)
                 samples[name] += overheads
+                lanes[name] += lane_waits
                 counts[name][0] += turns
                 counts[name][1] += calls
                 cpu[name] += cpu_s
@@ -208,6 +215,7 @@ def main() -> int:
                     lines[name].append(info_lines)
                 print(f"round {round_no + 1} {name}: {switches} switch(es) x {per_switch} calls: turns {turns}/{calls}, "
                       f"overhead p50 {percentile(overheads, 50):.1f} ms, p99 {percentile(overheads, 99):.1f} ms, "
+                      f"of it in the idle lane p50 {percentile(lane_waits, 50):.1f} ms, p99 {percentile(lane_waits, 99):.1f} ms, "
                       f"daemon CPU {cpu_s * 1000 / max(1, turns):.2f} ms a turn "
                       f"({setup_cpu_s * 1000 / max(1, calls):.2f} ms a call of it before anyone spoke), "
                       + (f"whole call {cpu_s * 1000 / max(1, calls):.2f} ms, {info_lines:.2f} INFO lines a call, "
@@ -223,6 +231,7 @@ def main() -> int:
     for name in selected:
         figures[name] = {"overhead_p50_ms": round(percentile(samples[name], 50), 2),
                          "overhead_p99_ms": round(percentile(samples[name], 99), 2),
+                         "lane_wait_p99_ms": round(percentile(lanes[name], 99), 2),
                          "turns": counts[name][0], "calls": counts[name][1],
                          "daemon_cpu_ms_per_turn": round(cpu[name] * 1000 / max(1, counts[name][0]), 2),
                          "daemon_setup_cpu_ms_per_call": round(setup_cpu[name] * 1000 / max(1, counts[name][1]), 2)}
@@ -239,6 +248,7 @@ def main() -> int:
         figures["several_over_one_p99"] = round(percentile(samples["several"], 99) / percentile(samples["one"], 99), 2)
     figures["seconds"] = round(time.monotonic() - started, 1)
     figures["load_average_1min"] = round(os.getloadavg()[0], 2)
+    figures["host_probe_ms_before"], figures["host_probe_ms_after"] = host_probe_before_ms, host_probe_ms()
     print(json.dumps(figures))
     return 0
 

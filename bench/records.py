@@ -37,7 +37,8 @@ is done since it left the daemon's threads: 0 for a daemon without one),
 its WAVs as Piper's would: latency.py's null_voice_workers), and for the recorded
 ones ``<run>_calls_written``, ``<run>_records_complete``, ``<run>_records_flush_s``,
 ``<run>_write_transactions_per_call`` (read from the database itself: SQLite's file change
-counter, PostgreSQL's transaction ids); and ``load_average_1min``.
+counter, PostgreSQL's transaction ids); ``load_average_1min`` and ``host_probe_ms_before`` and
+``_after`` (latency.host_probe_ms: the VM host's speed before and after).
 --baseline PATH runs another checkout's daemon (e.g. /work/main) before ours for each variant,
 its figures prefixed ``baseline_``.
 
@@ -80,7 +81,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import psutil  # noqa: E402
 
-from latency import DaemonProcessRig, _cpu_s, _first_broadcast_ms, percentile  # noqa: E402
+from latency import DaemonProcessRig, _cpu_s, _first_broadcast_ms, host_probe_ms, percentile  # noqa: E402
 from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.records import RecordStore  # noqa: E402
 
@@ -439,6 +440,7 @@ def main(argv=None) -> int:
         print(json.dumps(writer_cost(args.writer_child, args.calls, args.calls / args.spread_s)))
         return 0
     started = time.monotonic()
+    host_probe_before_ms = host_probe_ms()
     figures: dict = {"calls": args.calls, "spread_s": args.spread_s}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ivr-bench-records-")))
@@ -479,6 +481,7 @@ def main(argv=None) -> int:
                                     switch_interval_ms=interval_ms))
     figures["seconds"] = round(time.monotonic() - started, 1)
     figures["load_average_1min"] = round(os.getloadavg()[0], 2)
+    figures["host_probe_ms_before"], figures["host_probe_ms_after"] = host_probe_before_ms, host_probe_ms()
     print(json.dumps(figures))
     return 0
 
