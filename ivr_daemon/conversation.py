@@ -270,7 +270,9 @@ class ConversationHandler:
         land (never the cache's or pinned phrases). Returns (deleted now, still running)."""
         late = 0
         for pending, per_call_path in list(self._pending_syntheses.items()):
-            if per_call_path is not None and not pending.ready():
+            if pending.ready() or self.services.cancel_synthesis(pending):
+                continue  # done, or dropped before it started: no WAV will come
+            if per_call_path is not None:
                 pending.rawlink(lambda _done, path=per_call_path: self._delete_wav(path))
                 late += 1
         own, self._own_wavs = self._own_wavs, []
@@ -571,6 +573,9 @@ class ConversationHandler:
             if not producer.dead:
                 producer.kill()  # closes the LLM stream if the turn was cut short
             gevent.killall([g for g in reply.waiting_syntheses if not g.dead], block=False)
+            # Cut short (barge-in, hangup): what is still queued of this answer will never play.
+            for pending in list(self._pending_syntheses):
+                self.services.cancel_synthesis(pending)
             self._playback_changed.set()
         return reply
 
@@ -601,7 +606,8 @@ class ConversationHandler:
             submitted.append(sentence)
             path = self.services.settings.tts_output_dir / f"{self.wav_stem}-{self.turns:04d}-{len(submitted):02d}-{os.getpid()}.wav"
             self._own_wavs.append(path)  # written there unless the cache serves it: deleted at clean-up
-            pending = self._synthesis_after_first_clause(sentence, path, reply, first_clause)
+            # The first chunk is what the caller waits for; the later ones have until it has played.
+            pending = self._synthesis_after_first_clause(sentence, path, reply, first_clause, urgent=not submitted[1:])
             if not submitted[1:] and splitter.first_chunk_is_clause:
                 first_clause.append(pending)
             if not pending.ready():
@@ -668,17 +674,18 @@ class ConversationHandler:
             sentences.put(None)
 
     def _synthesis_after_first_clause(self, sentence: str, path: Path, reply: _Reply,
-                                      first_clause: list[gevent.event.AsyncResult]) -> gevent.event.AsyncResult:
+                                      first_clause: list[gevent.event.AsyncResult],
+                                      urgent: bool = True) -> gevent.event.AsyncResult:
         """``sentence``'s synthesis; after a first clause, started once the clause's has landed: beside
         it, it would take a core from the clause, and it is needed only once the clause has played."""
         first = first_clause[0] if first_clause else None
         if first is None or first.ready():
-            return self.services.spawn_synthesis(sentence, path)
+            return self.services.spawn_synthesis(sentence, path, urgent=urgent)
         chained = gevent.event.AsyncResult()
 
         def after_first() -> None:
             first.wait()  # its outcome is the first chunk's business, not this one's
-            self.services.spawn_synthesis(sentence, path).rawlink(chained)  # lands when the real one does
+            self.services.spawn_synthesis(sentence, path, urgent=urgent).rawlink(chained)  # lands when it does
 
         reply.waiting_syntheses.append(gevent.spawn(after_first))
         return chained

@@ -34,6 +34,7 @@ from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
 from ivr_daemon.tts.workers import CLOSE_REAP_S
+from ivr_daemon.turn_services import SynthesisQueue
 from ivr_daemon.webhooks import DEFAULT_BACKOFF_BASE_S, WebhookSender
 
 log = get_logger(__name__)
@@ -309,6 +310,7 @@ def build_conversation_daemon(
         metrics.watch_cache(cache.stats)
     # Synthesis is CPU-bound: native threads, as many as cores, never the gevent loop.
     pool = gevent.threadpool.ThreadPool(synth_threads or max(1, os.cpu_count() or 1))
+    synth_queue = SynthesisQueue(pool)  # one for all: a first sentence goes before any call's later ones
     in_flight: set = set()  # one set for all agents: shutdown waits for every synthesis
     engines: dict[tuple, TtsEngine] = {}
     clients: dict[tuple, LlmClient] = {}
@@ -340,7 +342,7 @@ def build_conversation_daemon(
         by_agent = {
             name: TurnServices(agent.settings, client, engine, esl.send, pool, fallback_wav, on_turn, cache,
                                wait_connected=esl.wait_connected, pinned=pinned, agent=agent, in_flight=in_flight,
-                               metrics=metrics, switch=switch)
+                               metrics=metrics, switch=switch, synth_queue=synth_queue)
             for name, (agent, client, engine, pinned, fallback_wav) in prepared.items()
         }
         flow = CallFlowServices(by_agent, agents.default_name, webhooks=webhooks, records=records)

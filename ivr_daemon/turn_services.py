@@ -4,6 +4,8 @@ fallback phrase prepared at start-up. The turn itself is ``conversation.py``."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Callable
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.threadpool
 
 from ivr_daemon.agents import Agent
@@ -20,7 +23,7 @@ from ivr_daemon.esl.connection import CommandReply
 from ivr_daemon.llm.base import LlmClient
 from ivr_daemon.logs import get_logger, spoken_text
 from ivr_daemon.metrics import DaemonMetrics
-from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable
+from ivr_daemon.tts.base import TtsEngine, TtsError, TtsModelUnavailable, TtsSynthesisFailed
 from ivr_daemon.tts.cache import PhraseCache
 from ivr_daemon.tts.pinned import PinnedPhrases
 
@@ -67,9 +70,14 @@ class TurnServices:
     # The daemon's, shared by every agent's services (build_conversation_daemon).
     metrics: DaemonMetrics = field(default_factory=DaemonMetrics)
     switch: str = ""  # host:port of the switch its calls are on, their metrics' label ("": on none)
+    # Where syntheses wait for synth_pool's threads, most urgent first; one for every agent's services
+    # that share the pool (build_conversation_daemon), else its own.
+    synth_queue: SynthesisQueue | None = None
 
     def __post_init__(self) -> None:
         self.metrics.watch_call_series(self.switch)  # its calls' series at 0 from the start
+        if self.synth_queue is None:
+            self.synth_queue = SynthesisQueue(self.synth_pool)
 
     @property
     def log_spoken_text(self) -> bool:
@@ -80,21 +88,29 @@ class TurnServices:
         """Log fields for caller words or reply text, as LOG_TRANSCRIPTS allows."""
         return spoken_text(field_name, text, verbatim=self.log_spoken_text)
 
-    def spawn_synthesis(self, text: str, per_call_path: Path) -> gevent.event.AsyncResult:
-        """Synthesis on a worker thread: through the phrase cache, or into a per-call file.
+    def spawn_synthesis(self, text: str, per_call_path: Path, urgent: bool = True) -> gevent.event.AsyncResult:
+        """Synthesis on a worker thread: through the phrase cache, or into a per-call file. Never
+        blocks: the work waits in the pool's :class:`SynthesisQueue`.
 
         A cache hit is answered here, on the loop, without the pool: a cached phrase must not
-        wait behind other calls' long syntheses.
+        wait behind other calls' long syntheses. ``urgent=False``: a reply's later chunk, needed
+        only once the audio before it has played; every urgent synthesis (what a caller is
+        waiting to hear: a reply's first chunk, a phrase) starts before it.
         """
         cache, engine = self.cache, self.tts
         if cache is not None:
             hit = cache.lookup(engine, text)
             if hit is not None:
                 return _ready(hit)
-            return self._on_worker(lambda timed: cache.get_or_synthesize(engine, text, on_synthesized=timed))
+            return self._on_worker(lambda timed: cache.get_or_synthesize(engine, text, on_synthesized=timed), urgent)
         # A call's own WAV is played at once and deleted at its hangup: no fsync (durable=False).
         return self._on_worker(lambda timed: _timed(timed, engine.synthesize_to_wav, text, per_call_path,
-                                                    durable=False))
+                                                    durable=False), urgent)
+
+    def cancel_synthesis(self, pending: gevent.event.AsyncResult) -> bool:
+        """Drop a synthesis that has not started (its call ended, its reply was cut): True if it
+        never will, and ``pending`` fails with TtsSynthesisFailed; False if it runs or has run."""
+        return self.synth_queue.cancel(pending)
 
     def pinned_phrase(self, text: str) -> gevent.event.AsyncResult:
         """A phrase the daemon relies on (the fallback): its WAV at once, or re-created on a
@@ -108,7 +124,7 @@ class TurnServices:
         pinned = self.pinned
         return self._on_worker(lambda timed: pinned.prepare(text, on_synthesized=timed))
 
-    def _on_worker(self, work: Callable[[Callable[[float], None]], Path]) -> gevent.event.AsyncResult:
+    def _on_worker(self, work: Callable[[Callable[[float], None]], Path], urgent: bool = True) -> gevent.event.AsyncResult:
         """Run ``work(timed)`` on a worker thread, in ``in_flight`` until it lands; ``timed(seconds)``
         is called there for each real synthesis, and each is observed once the work has landed.
 
@@ -116,7 +132,7 @@ class TurnServices:
         are gevent's, which a native thread must not take.
         """
         seconds: list[float] = []  # appended on the worker thread, read on the loop after it
-        pending = self.synth_pool.spawn(work, seconds.append)
+        pending = self.synth_queue.submit(work, seconds.append, urgent=urgent)
         self.in_flight.add(pending)
 
         def landed(done: gevent.event.AsyncResult) -> None:
@@ -126,6 +142,83 @@ class TurnServices:
 
         pending.rawlink(landed)
         return pending
+
+
+class SynthesisQueue:
+    """Work for a synthesis pool's threads, handed to them as threads free up: urgent work first,
+    first come first served within each kind. One per pool: all agents' calls together.
+
+    ThreadPool.spawn blocks the calling greenlet while every thread is busy and wakes the waiting
+    greenlets first come, first served. Under load a turn's first sentence then waited behind every
+    later sentence of the other turns, sentences with seconds of slack (the audio before them is
+    still playing), while its caller heard nothing: at 100 turns a second (bench/multiswitch.py,
+    the null voice) that wait was most of the overhead's tail, and with Piper's ~0.1-0.3 s a
+    sentence a handful of busy calls is enough. Here nothing waits in spawn: the work waits in this
+    queue, and one dispatcher greenlet gives the pool the most urgent as soon as a thread frees.
+    """
+
+    def __init__(self, pool: gevent.threadpool.ThreadPool):
+        self._pool = pool
+        self._threads = gevent.lock.Semaphore(pool.maxsize)  # ours to hand out: the pool's never blocks us
+        self._waiting: list[tuple[int, int, Callable, tuple, gevent.event.AsyncResult]] = []  # a heap
+        self._order = itertools.count()
+        self._cancelled: set[gevent.event.AsyncResult] = set()
+        self._work_came = gevent.event.Event()
+        self._dispatcher: gevent.Greenlet | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Work not yet handed to a thread."""
+        return len(self._waiting) - len(self._cancelled)
+
+    def submit(self, function: Callable, *args, urgent: bool = True) -> gevent.event.AsyncResult:
+        """``function(*args)`` on one of the pool's threads, once its turn comes; at once, its result."""
+        result = gevent.event.AsyncResult()
+        heapq.heappush(self._waiting, (0 if urgent else 1, next(self._order), function, args, result))
+        if self._dispatcher is None or self._dispatcher.dead:
+            self._dispatcher = gevent.spawn(self._dispatch)
+        self._work_came.set()
+        return result
+
+    def cancel(self, result: gevent.event.AsyncResult) -> bool:
+        """Drop work that has not been handed to a thread: True, and ``result`` fails with
+        TtsSynthesisFailed; False if it was handed over (it runs to its end) or is unknown."""
+        if result.ready() or result in self._cancelled or not any(entry[4] is result for entry in self._waiting):
+            return False
+        self._cancelled.add(result)
+        result.set_exception(TtsSynthesisFailed("cancelled before it started: nobody waits for it any more"))
+        return True
+
+    def _next(self) -> tuple[Callable, tuple, gevent.event.AsyncResult]:
+        """The most urgent work still wanted; waits for some to come."""
+        while True:
+            while not self._waiting:
+                self._work_came.clear()
+                self._work_came.wait()
+            _urgency, _order, function, args, result = heapq.heappop(self._waiting)
+            if result in self._cancelled:
+                self._cancelled.discard(result)
+                continue
+            return function, args, result
+
+    def _dispatch(self) -> None:
+        while True:
+            self._threads.acquire()  # a thread is free (or will be once the pool's other users let go)
+            try:
+                function, args, result = self._next()
+                running = self._pool.spawn(function, *args)
+            except BaseException:
+                self._threads.release()
+                raise
+
+            def landed(done: gevent.event.AsyncResult, result=result) -> None:
+                self._threads.release()
+                if done.successful():
+                    result.set(done.value)
+                else:
+                    result.set_exception(done.exception)
+
+            running.rawlink(landed)
 
 
 def _timed(timed: Callable[[float], None], synthesize: Callable[..., Path], *args, **kwargs) -> Path:
