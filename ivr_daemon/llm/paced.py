@@ -37,9 +37,11 @@ READ_WAITED_S = 0.001
 # (which at 20 turns a second came 0.5 ms later at p50 and 4-14 ms at p99: the daemon's own
 # queueing, counted in every overhead). A client used from a thread of its own (which skips the
 # lane) is counted too: at worst the loop's answers then wait in the lane as in a burst. At 20
-# turns a second with an LLM answering in 200 ms about 4 answers are awaited; in a burst of
-# turns, hundreds.
-QUIET_AWAITED_ANSWERS_MAX = 16
+# turns a second with an LLM answering in 200 ms about 4 answers are awaited, at 100 a second
+# (bench/multiswitch.py's 4 x 250) about 20, more while answers come together: at 16 that load counted
+# as a burst and its answers' lane waits were most of its overhead p99 (7-8 of 9-11 ms; 5-6 ms
+# at 64, the burst's own figure no worse). In a burst of turns, hundreds.
+QUIET_AWAITED_ANSWERS_MAX = 64
 _awaited_answers = 0
 
 # Per greenlet: how long its requests' answers have waited in the lane (a turn's producer is a
