@@ -10,6 +10,7 @@ nothing else to do.
 import gevent
 import gevent.event
 import pytest
+from gevent.monkey import get_original
 
 from harness import TurnLog, broadcasts, running_daemon, settings_for, wait_until
 from llm_fakes import FakeLlmServer
@@ -19,6 +20,9 @@ from ivr_daemon.llm import paced
 from ivr_daemon.llm.ollama import OllamaClient
 from ivr_daemon.llm.openai import OpenAiClient
 from ivr_daemon.replay.simulator import FreeswitchSimulator
+
+release_the_gil = get_original("time", "sleep")  # blocks this thread only, holding no GIL
+GIL_BREATH_S = 0.0002
 
 THREE = "We open at nine. Saturdays from ten. Goodbye for now."
 SENTENCES = ["We open at nine.", "Saturdays from ten.", "Goodbye for now."]
@@ -39,7 +43,12 @@ def patient_lane(monkeypatch):
 def keep_the_loop_busy(until, let_first_go: bool = True) -> gevent.Greenlet:
     """A greenlet ready again at every pass of the loop until ``until()``, except while a first
     sentence waits to be read (``let_first_go``): it then waits for the lane to let that one go
-    (the loop may go idle meanwhile, and the lane lets ``first`` waiters go before any other)."""
+    (the loop may go idle meanwhile, and the lane lets ``first`` waiters go before any other).
+
+    Each pass it also lets go of the GIL for a moment without yielding to the loop, as a burst's
+    loop does in every socket call: spinning in pure Python alone, it starved the synthesis
+    threads (each of their GIL requests waited a switch interval), and a null-voice sentence took
+    up to 9 s to write, past the test's 10 s wait for its broadcast."""
     lane = idle_lane()
 
     def spin():
@@ -48,6 +57,7 @@ def keep_the_loop_busy(until, let_first_go: bool = True) -> gevent.Greenlet:
             if waiting_first and let_first_go:
                 waiting_first[0].wait()
             else:
+                release_the_gil(GIL_BREATH_S)  # not a yield: the loop stays busy
                 gevent.sleep(0)
 
     return gevent.spawn(spin)
