@@ -4,7 +4,6 @@ fallback phrase prepared at start-up. The turn itself is ``conversation.py``."""
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Callable
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.queue
 import gevent.threadpool
 
 from ivr_daemon.agents import Agent
@@ -146,66 +146,59 @@ class TurnServices:
 
 class SynthesisQueue:
     """Work for a synthesis pool's threads, handed to them as threads free up: urgent work first,
-    first come first served within each kind. One per pool: all agents' calls together.
+    first come first served within each kind. One per pool: all agents' calls together, and
+    everything else the daemon runs on that pool.
 
     ThreadPool.spawn blocks the calling greenlet while every thread is busy and wakes the waiting
     greenlets first come, first served. Under load a turn's first sentence then waited behind every
     later sentence of the other turns, sentences with seconds of slack (the audio before them is
     still playing), while its caller heard nothing: at 100 turns a second (bench/multiswitch.py,
     the null voice) that wait was most of the overhead's tail, and with Piper's ~0.1-0.3 s a
-    sentence a handful of busy calls is enough. Here nothing waits in spawn: the work waits in this
-    queue, and one dispatcher greenlet gives the pool the most urgent as soon as a thread frees.
+    sentence a handful of busy calls is enough. Here nothing waits in spawn: the work waits in a
+    priority queue, and one dispatcher greenlet gives the pool the most urgent as soon as a thread
+    frees.
     """
 
     def __init__(self, pool: gevent.threadpool.ThreadPool):
         self._pool = pool
         self._threads = gevent.lock.Semaphore(pool.maxsize)  # ours to hand out: the pool's never blocks us
-        self._waiting: list[tuple[int, int, Callable, tuple, gevent.event.AsyncResult]] = []  # a heap
-        self._order = itertools.count()
-        self._cancelled: set[gevent.event.AsyncResult] = set()
-        self._work_came = gevent.event.Event()
+        self._queue: gevent.queue.PriorityQueue = gevent.queue.PriorityQueue()
+        self._order = itertools.count()  # first come first served among equals (and no function compared)
+        self._queued: set[gevent.event.AsyncResult] = set()  # not handed to a thread, not cancelled
         self._dispatcher: gevent.Greenlet | None = None
 
     @property
     def waiting(self) -> int:
         """Work not yet handed to a thread."""
-        return len(self._waiting) - len(self._cancelled)
+        return len(self._queued)
 
     def submit(self, function: Callable, *args, urgent: bool = True) -> gevent.event.AsyncResult:
         """``function(*args)`` on one of the pool's threads, once its turn comes; at once, its result."""
         result = gevent.event.AsyncResult()
-        heapq.heappush(self._waiting, (0 if urgent else 1, next(self._order), function, args, result))
+        self._queued.add(result)
+        self._queue.put((0 if urgent else 1, next(self._order), function, args, result))
         if self._dispatcher is None or self._dispatcher.dead:
             self._dispatcher = gevent.spawn(self._dispatch)
-        self._work_came.set()
         return result
 
     def cancel(self, result: gevent.event.AsyncResult) -> bool:
         """Drop work that has not been handed to a thread: True, and ``result`` fails with
         TtsSynthesisFailed; False if it was handed over (it runs to its end) or is unknown."""
-        if result.ready() or result in self._cancelled or not any(entry[4] is result for entry in self._waiting):
+        if result not in self._queued:
             return False
-        self._cancelled.add(result)
+        self._queued.discard(result)  # left in the queue, skipped when its turn comes
         result.set_exception(TtsSynthesisFailed("cancelled before it started: nobody waits for it any more"))
         return True
-
-    def _next(self) -> tuple[Callable, tuple, gevent.event.AsyncResult]:
-        """The most urgent work still wanted; waits for some to come."""
-        while True:
-            while not self._waiting:
-                self._work_came.clear()
-                self._work_came.wait()
-            _urgency, _order, function, args, result = heapq.heappop(self._waiting)
-            if result in self._cancelled:
-                self._cancelled.discard(result)
-                continue
-            return function, args, result
 
     def _dispatch(self) -> None:
         while True:
             self._threads.acquire()  # a thread is free (or will be once the pool's other users let go)
             try:
-                function, args, result = self._next()
+                _urgency, _order, function, args, result = self._queue.get()
+                if result not in self._queued:  # cancelled
+                    self._threads.release()
+                    continue
+                self._queued.discard(result)
                 running = self._pool.spawn(function, *args)
             except BaseException:
                 self._threads.release()
@@ -216,7 +209,7 @@ class SynthesisQueue:
                 if done.successful():
                     result.set(done.value)
                 else:
-                    result.set_exception(done.exception)
+                    result.set_exception(done.exception, done.exc_info)
 
             running.rawlink(landed)
 

@@ -118,9 +118,10 @@ class TestCall(PhoneCall):
                                  body=json.dumps({"text": transcript}), received_s=time.monotonic()))
             try:
                 # Reading, joining and encoding the WAVs is CPU and file work: on the synthesis
-                # pool's thread, as synthesis is, so the loop stays free for ESL events.
+                # pool's thread, as synthesis is, so the loop stays free for ESL events (through
+                # its queue: behind phone callers' first words, not beside them).
                 paths = [path for _sentence, path in self._said]
-                wav, frames = self.services.synth_pool.apply(join_telephony_wavs, (paths,))
+                wav, frames = self.services.synth_queue.submit(join_telephony_wavs, paths, urgent=False).get()
             finally:
                 # The answer is in memory now: no per-call file is left behind (cache files stay).
                 self.delete_own_wavs()
