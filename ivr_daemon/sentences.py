@@ -58,6 +58,8 @@ _ALWAYS_CONTINUE = frozenset({
 # for them the lowercase rule alone decides.
 _DOTTED_ACRONYM = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")
 _TIMES_OF_DAY = frozenset({"a.m", "p.m"})
+_WORD = re.compile(r"\S+")
+_HAS_ALNUM = re.compile(r"[^\W_]")  # a character str.isalnum() says yes to
 
 
 class SentenceSplitter:
@@ -84,6 +86,7 @@ class SentenceSplitter:
         # its pending text from the start for each one made feeding quadratic.
         self._scanned = 0
         self._emitted = False  # a chunk of this reply has been given out: no more clause cuts
+        self._clause_scan = _ClauseScan()
         self.first_chunk_is_clause = False  # the first chunk ended inside its sentence
 
     def feed(self, delta: str) -> list[str]:
@@ -97,25 +100,29 @@ class SentenceSplitter:
         self._pending = ""
         self._scanned = 0
         self._emitted = False
+        self._clause_scan = _ClauseScan()
         return sentences
 
     def _take(self, final: bool) -> list[str]:
         sentences = []
         while True:
             stripped = self._pending.lstrip()
-            self._scanned = max(0, self._scanned - (len(self._pending) - len(stripped)))
+            if len(stripped) < len(self._pending):
+                self._scanned = max(0, self._scanned - (len(self._pending) - len(stripped)))
+                self._clause_scan = _ClauseScan()
             self._pending = stripped
             cut = self._first_cut(self._pending, final)
             clause = False
             if not self._emitted and self.first_clause_min_words:
-                clause_cut = _first_clause_cut(self._pending, cut, self.first_clause_min_words,
-                                               self.first_chunk_max_words)
+                clause_cut = self._clause_scan.cut(self._pending, cut, self.first_clause_min_words,
+                                                   self.first_chunk_max_words)
                 if clause_cut is not None:
                     cut, clause = clause_cut, True
             if cut is None:
                 return sentences
             sentence, self._pending = self._pending[:cut].strip(), self._pending[cut:]
             self._scanned = 0
+            self._clause_scan = _ClauseScan()
             if any(char.isalnum() for char in sentence):
                 if not self._emitted:
                     self.first_chunk_is_clause = clause
@@ -189,35 +196,56 @@ def _ends_sentence(text: str, marks_start: int, marks_end: int, end: int, final:
     return not text[next_index].islower()
 
 
-def _first_clause_cut(text: str, sentence_cut: int | None, min_words: int, max_words: int) -> int | None:
-    """Where to cut the first sentence of ``text`` early (the first chunk), or None: not (yet).
+class _ClauseScan:
+    """Where to cut the first sentence early (the first chunk), found again for each delta
+    until the first chunk is out: the words already seen are not read again.
 
-    ``sentence_cut``: where the first sentence ends (None: it has not ended yet, and all of
-    ``text`` belongs to it, except maybe a last word that a next delta may still extend).
-    Only words followed by whitespace count: a word still arriving may be "1,000" or "Mr.".
+    What it keeps (``start``: the end of the last word settled, ``words`` with a letter or
+    digit up to there, ``limit_end``: where word ``max_words`` ends) stands as text is appended.
+    A word is settled once it is followed by whitespace and is no clause end waiting to see
+    whether a word follows it on the line. Rescanning the whole pending text for every delta
+    cost ~0.2 ms of the loop for a first sentence of 16 words or more.
     """
-    region = text if sentence_cut is None else text[:sentence_cut]
-    words = 0  # words with a letter or digit so far
-    index, length = 0, len(region)
-    limit_end = None  # where word max_words ends
-    while index < length:
-        while index < length and region[index].isspace():
-            index += 1
-        start = index
-        while index < length and not region[index].isspace():
-            index += 1
-        if index == start or (index == length and sentence_cut is None):
-            break  # no word, or one that may go on in the next delta
-        word = region[start:index]
-        if any(char.isalnum() for char in word):
-            words += 1
-        if min_words <= words <= max_words and _ends_clause(word) and _more_on_line(region, index):
-            return index
-        if words == max_words and limit_end is None:
-            limit_end = index
-        if words >= max_words + min_words:
-            return limit_end
-    return None
+
+    __slots__ = ("start", "words", "limit_end")
+
+    def __init__(self):
+        self.start, self.words, self.limit_end = 0, 0, None
+
+    def cut(self, text: str, sentence_cut: int | None, min_words: int, max_words: int) -> int | None:
+        """Where to cut the first sentence of ``text`` early, or None: not (yet).
+
+        ``text``: what was given last time with more appended (else :meth:`__init__` anew).
+        ``sentence_cut``: where the first sentence ends (None: it has not ended yet, and all
+        of ``text`` belongs to it, except maybe a last word that a next delta may still
+        extend). Only words followed by whitespace count: a word still arriving may be "1,000"
+        or "Mr.".
+        """
+        region = text if sentence_cut is None else text[:sentence_cut]
+        length = len(region)
+        start, words, limit_end = self.start, self.words, self.limit_end
+        if start > length:  # a soft cut inside what was settled (a run-on): from the start
+            start, words, limit_end = 0, 0, None
+        # Once the sentence has ended, this is the last look: nothing to keep.
+        settled = sentence_cut is None
+        for match in _WORD.finditer(region, start):
+            index = match.end()
+            if index == length and sentence_cut is None:
+                break  # a word that may go on in the next delta
+            word = match.group()
+            if _HAS_ALNUM.search(word):
+                words += 1
+            if min_words <= words <= max_words and _ends_clause(word):
+                if _more_on_line(region, index):
+                    return index
+                settled = False  # the next delta may put a word after it: looked at again
+            if words == max_words and limit_end is None:
+                limit_end = index
+            if words >= max_words + min_words:
+                return limit_end
+            if settled:
+                self.start, self.words, self.limit_end = index, words, limit_end
+        return None
 
 
 def _ends_clause(word: str) -> bool:

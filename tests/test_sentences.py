@@ -285,6 +285,31 @@ def test_each_reply_gets_its_own_first_clause_after_flush():
     assert splitter.first_chunk_is_clause is True
 
 
+def test_a_soft_cut_inside_words_the_clause_scan_had_settled_reads_them_again():
+    # The third delta settles "3:30Ccca," and the rest; the fourth makes the run-on's soft
+    # limit cut the sentence before the end of what was settled: the words are counted again
+    # from the start, as a split of the whole text does.
+    text = 'aa"3:30Ccca, .é - .3:30'
+    first_chunk = {"first_clause_min_words": 2, "first_chunk_max_words": 5}
+    whole = SentenceSplitter(20, **first_chunk)
+    expected = ['aa"3:30Ccca,', ".é - .3:30"]
+    assert whole.feed(text) + whole.flush() == expected
+    assert _split_in_pieces(text, [1, 3, 17], 20, **first_chunk) == expected
+
+
+def test_a_long_first_sentence_fed_a_word_at_a_time_is_cut_at_its_word_limit():
+    words = ("Our opening hours are nine to five Monday to Friday and ten to two on Saturdays "
+             "so come by whenever suits you.").split(" ")
+    splitter = SentenceSplitter(first_clause_min_words=4)
+    chunks = []
+    for index, word in enumerate(words):
+        chunks += splitter.feed((" " if index else "") + word)
+    chunks += splitter.flush()
+    assert chunks == ["Our opening hours are nine to five Monday to Friday and ten",
+                      "to two on Saturdays so come by whenever suits you."]
+    assert splitter.first_chunk_is_clause is True
+
+
 def test_first_clause_settings_are_checked():
     with pytest.raises(ValueError):
         SentenceSplitter(first_clause_min_words=-1)
