@@ -144,8 +144,7 @@ def analyse(hops: dict) -> dict:
 def burst(args, path: Path, checkout=None, warm_calls: int = 0):
     """latency.py's bench_burst (its rig, its instant LLM, its stamps' SIGUSR1/SIGUSR2), after a
     burst of ``warm_calls`` other calls when asked: (overheads in ms, daemon CPU ms a turn)."""
-    instant_llm = [sys.executable, str(L.ROOT / "bench" / "fake_llm.py"), "--reply", L.REPLY,
-                   "--first-token-ms", "0", "--tokens-per-s", "1000000"]
+    instant_llm = [sys.executable, str(L.ROOT / "bench" / "fake_llm.py"), "--reply", L.REPLY, *L.INSTANT_LLM_ARGS]
     rig = L.DaemonProcessRig(args, llm_cmd=instant_llm, cache_mb=50, profile_path=path, checkout=checkout,
                              sim_options={"playback_speed": 0.0})
     try:
@@ -185,7 +184,7 @@ def main():
     parser.add_argument("--tts-worker-priority", default=None)
     args = parser.parse_args()
     L.configure_logging("ERROR", "console")  # the simulator's lines: not this report's
-    args.first_token_ms, args.tokens_per_s = 0.0, 1_000_000.0  # unused by the burst: its LLM is instant
+    args.first_token_ms, args.tokens_per_s = 0.0, float("inf")  # unused by the burst: its LLM is instant
     L.PROFILER = TRACER  # the burst's SIGUSR1/SIGUSR2 now start and dump the stamps
     variants = [("baseline_", args.baseline), ("", None)] if args.baseline else [("", None)]
     results: dict = {prefix: [] for prefix, _ in variants}

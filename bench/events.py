@@ -40,6 +40,7 @@ import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -228,7 +229,7 @@ def _greenswitch_events(stream: bytes) -> list:
 def bench_daemon_once(args, checkout: Path | None) -> tuple[float, float]:
     """events/s of one daemon (ours, or ``checkout``'s) from the first partial written to the
     final transcript's uuid_broadcast read; and per second of the daemon process's CPU time."""
-    instant_llm = SimpleNamespace(first_token_ms=0.0, tokens_per_s=1e6)
+    instant_llm = SimpleNamespace(first_token_ms=0.0, tokens_per_s=math.inf)  # latency.py's INSTANT_LLM_ARGS
     # The call flow as deployed (greeting, silence clock, INFO logs), but a silence timeout
     # longer than the set-up of 500 calls takes: a re-prompt playing when the partials come
     # would turn them into barge-ins, another path than the one measured.

@@ -2,7 +2,8 @@
 """A local LLM server of known timing, in its own process, for the benchmarks.
 
 OpenAI-compatible (SSE when asked to stream): the first token after --first-token-ms, then
---tokens-per-s. A non-streamed request answers after the whole reply's generation time, as a
+--tokens-per-s (``inf``: all at once, each token still an event of its own: an instant LLM).
+A non-streamed request answers after the whole reply's generation time, as a
 real server would. Prints its chat-completions URL on stdout, then serves until killed.
 
 --stamps PATH (a streamed reply): for each request, one JSON line there: the caller's last words

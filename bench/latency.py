@@ -99,6 +99,12 @@ from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.replay.simulator import CommandNotReceived, FreeswitchSimulator  # noqa: E402
 from ivr_daemon.tts import make_tts_engine  # noqa: E402
 
+# An instant LLM: its first token at once and the rest right behind it, each token still an SSE
+# event in an HTTP chunk of its own. "inf", not a high rate: at 1,000,000 tokens/s the fake
+# paused 1 us between tokens, and each pause was a timer and a trip round its loop, so that
+# in a burst the 200 replies' tokens went out interleaved, each first sentence after most of
+# the others' tokens (and ~1 ms of the fake's CPU a reply, on the cores the daemon uses).
+INSTANT_LLM_ARGS = ("--first-token-ms", "0", "--tokens-per-s", "inf")
 REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four in the afternoon. "
          "Is there anything else I can help you with today?")
 # The cached-phrase measurement: callers asking "cached ..." get CACHED_PHRASE, synthesized
@@ -429,8 +435,8 @@ def bench_burst(args, profile_path=None, checkout=None):
     server's own queue before its handler runs (on this box it shares the cores, ~1 ms of CPU a
     request): the stricter figure. The daemon's own time lies between the two."""
     stamps = Path(tempfile.mkdtemp(prefix="ivr-burst-")) / "llm-stamps.jsonl"
-    instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
-                   "--first-token-ms", "0", "--tokens-per-s", "1000000", "--stamps", str(stamps)]
+    instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY, *INSTANT_LLM_ARGS,
+                   "--stamps", str(stamps)]
     rig = DaemonProcessRig(args, llm_cmd=instant_llm, cache_mb=50, profile_path=profile_path, checkout=checkout,
                            sim_options={"playback_speed": 0.0})
     try:
@@ -615,7 +621,7 @@ def bench_first_clause(args):
     synthesizes), and Piper synthesizing the whole sentence in this process, one after the other
     on an otherwise idle machine, round after round. Returns the samples of each, in ms."""
     instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", FIRST_CLAUSE_REPLY,
-                   "--first-token-ms", "0", "--tokens-per-s", "1000000"]
+                   *INSTANT_LLM_ARGS]
     piper = make_tts_engine(load_settings(environ={"TTS_ENGINE": "piper"}))
     samples = {"clause": [], "sentence": [], "piper_whole": [], "clause_tts": []}
     rigs = {}
