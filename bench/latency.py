@@ -99,11 +99,11 @@ from ivr_daemon.logs import configure_logging  # noqa: E402
 from ivr_daemon.replay.simulator import CommandNotReceived, FreeswitchSimulator  # noqa: E402
 from ivr_daemon.tts import make_tts_engine  # noqa: E402
 
-# An instant LLM: its first token at once and the rest right behind it, each token still an SSE
-# event in an HTTP chunk of its own. "inf", not a high rate: at 1,000,000 tokens/s the fake
-# paused 1 us between tokens, and each pause was a timer and a trip round its loop, so that
-# in a burst the 200 replies' tokens went out interleaved, each first sentence after most of
-# the others' tokens (and ~1 ms of the fake's CPU a reply, on the cores the daemon uses).
+# An instant LLM (fake_llm.py's InstantLlmServer): each reply written at once, each token still
+# an SSE event in an HTTP chunk of its own. Before, 1,000,000 tokens/s of the pywsgi fake: it
+# paused 1 us between tokens, each pause a timer and a trip round its loop, so that in a burst
+# the 200 replies' tokens went out interleaved, and it cost ~1 ms of CPU a reply (0.3-0.5 now)
+# on the cores the daemon and the simulators share.
 INSTANT_LLM_ARGS = ("--first-token-ms", "0", "--tokens-per-s", "inf")
 REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four in the afternoon. "
          "Is there anything else I can help you with today?")
@@ -430,10 +430,10 @@ def bench_burst(args, profile_path=None, checkout=None):
     its request to its first sentence and so takes in the daemon's own queueing for the loop
     (an answer that came while the loop was busy with other turns, read at once: its wait
     counts as the LLM's; one that waited in the idle lane: as the daemon's). The server's own
-    time (bench/fake_llm.py --stamps: from its handler taking the request to the reply's first
-    chunk written) leaves all the daemon's waiting in the overhead, and with it the fake
-    server's own queue before its handler runs (on this box it shares the cores, ~1 ms of CPU a
-    request): the stricter figure. The daemon's own time lies between the two."""
+    time (bench/fake_llm.py --stamps: from its reading the request to its reply written, all at
+    once) leaves all the daemon's waiting in the overhead, and with it the fake server's own
+    queue before it reads the request (it shares the two cores: 0.3-0.5 ms of CPU a reply): the
+    stricter figure. The daemon's own time lies between the two."""
     stamps = Path(tempfile.mkdtemp(prefix="ivr-burst-")) / "llm-stamps.jsonl"
     instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY, *INSTANT_LLM_ARGS,
                    "--stamps", str(stamps)]
