@@ -75,7 +75,10 @@ class InstantLlmServer:
             except h11.RemoteProtocolError:
                 return  # not HTTP: the connection closes
             if event is h11.NEED_DATA:
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    return  # reset: a client that abandoned a reply (a barge-in) closes so
                 connection.receive_data(data)
                 if not data:
                     return
@@ -85,7 +88,10 @@ class InstantLlmServer:
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 answer, user = self._answer(connection, request, body)
-                sock.sendall(answer)
+                try:
+                    sock.sendall(answer)
+                except OSError:
+                    return
                 if self._stamps is not None and user is not None:
                     # Written at once: the first chunk went when the rest did.
                     self._stamps.write(json.dumps({"user": user, "in_s": in_s, "first_s": time.monotonic()}) + "\n")
