@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
+import gevent.monkey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -100,6 +101,8 @@ class DaemonMetrics:
         # LLM replicas (LLM_API_URL with several URLs): read from the replica sets when scraped.
         self.llm_replica_sets: list = []
         r.register(_ReplicaCollector(self))
+        # The loop's share of a core: when one daemon is no longer enough (docs/operations.md).
+        r.register(_LoopCpuCollector())
         # For GET /health: what went wrong last, so an administrator sees it without the logs.
         self.last_llm_error: dict[str, object] | None = None
 
@@ -175,6 +178,37 @@ class _RecordsCollector(Collector):
                                 value=writer.queued if writer is not None else 0)
         yield GaugeMetricFamily("ivr_records_db_up", "1 while the records database answers, else 0.",
                                 value=1 if writer is not None and writer.db_up else 0)
+
+
+class _LoopCpuCollector(Collector):
+    """ivr_event_loop_cpu_seconds_total: the CPU time of the thread that made the metrics (the
+    daemon's, whose gevent loop runs every call), read from its clock when scraped.
+
+    ``rate()`` of it is the share of one core the loop uses. Every call, turn and event goes
+    through that one loop, so past about half a core callers start to wait for each other
+    (bench/multiswitch.py: the overhead p99 doubles from ~17 % to ~50 % busy). The process's own
+    CPU would not tell: it adds the synthesis, records and resolver threads, which run beside
+    the loop, not in its way. Not time.thread_time(): a scrape may come on another thread.
+    """
+
+    def __init__(self):
+        # The OS thread's id: under monkey-patching threading's is a greenlet's.
+        thread_id = gevent.monkey.get_original("_thread", "get_ident")()
+        try:
+            self._clock_id: int | None = time.pthread_getcpuclockid(thread_id)
+        except (AttributeError, OSError):  # not every Unix has per-thread CPU clocks (macOS)
+            self._clock_id = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self._clock_id is None:
+            return
+        try:
+            seconds = time.clock_gettime(self._clock_id)
+        except OSError:  # that thread has ended (a test's): nothing more to count
+            return
+        yield CounterMetricFamily("ivr_event_loop_cpu_seconds_total",
+                                  "CPU time of the daemon's event loop thread; rate() is its share of one core.",
+                                  value=seconds)
 
 
 class _ReplicaCollector(Collector):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import gevent.event
@@ -404,3 +405,28 @@ def test_the_dashboard_imports_anywhere():
         assert expected in titles
     quantiles = [t["expr"] for p in panels if p["title"].startswith("First audio") for t in p["targets"]]
     assert [re.match(r"histogram_quantile\((0\.\d+),", expr).group(1) for expr in quantiles] == ["0.5", "0.95", "0.99"]
+
+
+def _burn_cpu_s(seconds: float) -> float:
+    """Spin on this thread until it has used ``seconds`` of CPU; the CPU it used."""
+    started_s = time.thread_time()
+    while time.thread_time() - started_s < seconds:
+        sum(range(1000))
+    return time.thread_time() - started_s
+
+
+def test_the_event_loops_cpu_is_the_thread_that_runs_it_and_no_other():
+    metrics = DaemonMetrics()  # made on this thread: the one whose loop a daemon runs
+    before = scrape(metrics)[("ivr_event_loop_cpu_seconds_total", ())]
+    used_s = _burn_cpu_s(0.15)
+    after = scrape(metrics)[("ivr_event_loop_cpu_seconds_total", ())]
+    # The same clock: what this thread used, plus the scrapes' own few milliseconds.
+    assert used_s <= after - before < used_s + 0.05
+
+    # A synthesis or records thread burning CPU beside the loop is not the loop's.
+    pool = gevent.threadpool.ThreadPool(1)
+    other_thread_s = pool.apply(_burn_cpu_s, (0.3,))
+    pool.kill()
+    later = scrape(metrics)[("ivr_event_loop_cpu_seconds_total", ())]
+    assert other_thread_s >= 0.3
+    assert later - after < 0.1
