@@ -200,7 +200,11 @@ class SynthesisQueue:
                     continue
                 self._queued.discard(result)
                 running = self._pool.spawn(function, *args)
-            except BaseException:
+            except Exception as exc:  # the pool refused the work (shutting down): it fails, the rest goes on
+                self._threads.release()
+                result.set_exception(exc)
+                continue
+            except BaseException:  # killed while waiting for work
                 self._threads.release()
                 raise
 

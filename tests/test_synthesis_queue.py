@@ -136,3 +136,28 @@ def test_a_new_callers_first_sentence_is_synthesized_before_another_calls_later_
             engine.gate.set()
             wait_until(lambda: len(broadcasts(sim, first)) == 3 and len(broadcasts(sim, second)) == 2)
             assert engine.started == ["Alpha one.", "Bravo one.", "Alpha two.", "Alpha three.", "Bravo two."]
+
+
+class _RefusesOnce(gevent.threadpool.ThreadPool):
+    """A pool whose first spawn fails, as a pool being shut down does."""
+
+    refused = False
+
+    def spawn(self, function, *args, **kwargs):
+        if not self.refused:
+            self.refused = True
+            raise RuntimeError("pool is shutting down")
+        return super().spawn(function, *args, **kwargs)
+
+
+def test_work_the_pool_refuses_fails_and_the_queue_goes_on():
+    pool = _RefusesOnce(1)
+    queue = SynthesisQueue(pool)
+    try:
+        refused = queue.submit(lambda: "never ran")
+        with pytest.raises(RuntimeError, match="shutting down"):
+            refused.get(timeout=10)  # it fails: nobody waits for ever
+        assert queue.submit(lambda: "ran").get(timeout=10) == "ran"  # the thread it held is free again
+        assert queue.waiting == 0
+    finally:
+        pool.kill()
