@@ -144,8 +144,7 @@ def analyse(hops: dict) -> dict:
 def burst(args, path: Path, checkout=None, warm_calls: int = 0):
     """latency.py's bench_burst (its rig, its instant LLM, its stamps' SIGUSR1/SIGUSR2), after a
     burst of ``warm_calls`` other calls when asked: (overheads in ms, daemon CPU ms a turn)."""
-    instant_llm = [sys.executable, str(L.ROOT / "bench" / "fake_llm.py"), "--reply", L.REPLY, *L.INSTANT_LLM_ARGS]
-    rig = L.DaemonProcessRig(args, llm_cmd=instant_llm, cache_mb=50, profile_path=path, checkout=checkout,
+    rig = L.DaemonProcessRig(args, llm_cmd=L.instant_llm_cmd(L.REPLY), cache_mb=50, profile_path=path, checkout=checkout,
                              sim_options={"playback_speed": 0.0})
     try:
         warm = [rig.sim.new_call() for _ in range(max(1, warm_calls))]

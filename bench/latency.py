@@ -105,6 +105,11 @@ from ivr_daemon.tts import make_tts_engine  # noqa: E402
 # the 200 replies' tokens went out interleaved, and it cost ~1 ms of CPU a reply (0.3-0.5 now)
 # on the cores the daemon and the simulators share.
 INSTANT_LLM_ARGS = ("--first-token-ms", "0", "--tokens-per-s", "inf")
+
+
+def instant_llm_cmd(reply: str, *options: str) -> list[str]:
+    """The command that runs the instant LLM answering ``reply`` (fake_llm.py ``options`` besides)."""
+    return [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", reply, *INSTANT_LLM_ARGS, *options]
 REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four in the afternoon. "
          "Is there anything else I can help you with today?")
 # The cached-phrase measurement: callers asking "cached ..." get CACHED_PHRASE, synthesized
@@ -435,9 +440,8 @@ def bench_burst(args, profile_path=None, checkout=None):
     queue before it reads the request (it shares the two cores: 0.3-0.5 ms of CPU a reply): the
     stricter figure. The daemon's own time lies between the two."""
     stamps = Path(tempfile.mkdtemp(prefix="ivr-burst-")) / "llm-stamps.jsonl"
-    instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY, *INSTANT_LLM_ARGS,
-                   "--stamps", str(stamps)]
-    rig = DaemonProcessRig(args, llm_cmd=instant_llm, cache_mb=50, profile_path=profile_path, checkout=checkout,
+    rig = DaemonProcessRig(args, llm_cmd=instant_llm_cmd(REPLY, "--stamps", str(stamps)), cache_mb=50,
+                           profile_path=profile_path, checkout=checkout,
                            sim_options={"playback_speed": 0.0})
     try:
         warm = rig.sim.new_call()
@@ -620,8 +624,7 @@ def bench_first_clause(args):
     =sentence (two daemons as users run them, an instant LLM, Piper, no phrase cache: every turn
     synthesizes), and Piper synthesizing the whole sentence in this process, one after the other
     on an otherwise idle machine, round after round. Returns the samples of each, in ms."""
-    instant_llm = [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", FIRST_CLAUSE_REPLY,
-                   *INSTANT_LLM_ARGS]
+    instant_llm = instant_llm_cmd(FIRST_CLAUSE_REPLY)
     piper = make_tts_engine(load_settings(environ={"TTS_ENGINE": "piper"}))
     samples = {"clause": [], "sentence": [], "piper_whole": [], "clause_tts": []}
     rigs = {}
