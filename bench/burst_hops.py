@@ -30,14 +30,11 @@ import latency as L  # noqa: F401 -- first: it monkey-patches, and puts tests/ o
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import gevent  # noqa: E402
 
 HOPS = ("route", "handle", "turn", "produce", "post", "connect", "connected", "sent", "lane_in", "lane_out",
         "posted", "first_sentence", "broadcast", "broadcast_answered")
@@ -142,35 +139,12 @@ def analyse(hops: dict) -> dict:
 
 
 def burst(args, path: Path, checkout=None, warm_calls: int = 0):
-    """latency.py's bench_burst (its rig, its instant LLM, its stamps' SIGUSR1/SIGUSR2), after a
-    burst of ``warm_calls`` other calls when asked: (overheads in ms, daemon CPU ms a turn)."""
-    rig = L.DaemonProcessRig(args, llm_cmd=L.instant_llm_cmd(L.REPLY), cache_mb=50, profile_path=path, checkout=checkout,
-                             sim_options={"playback_speed": 0.0})
-    try:
-        warm = [rig.sim.new_call() for _ in range(max(1, warm_calls))]
-        for call in warm:
-            rig.sim.speak(call, "warm up")
-        for call in warm:
-            rig.wait_turn(call)
-        calls = [rig.sim.new_call() for _ in range(args.burst_calls)]
-        gevent.sleep(1.0)  # every call's CHANNEL_ANSWER/PARK handled: only the turns are measured
-        rig.daemon.send_signal(signal.SIGUSR1)
-        gevent.sleep(0.2)
-        cpu_before_s = L._cpu_s(rig.daemon.pid)
-        sequences = {call: rig.sim.speak(call, f"question number {i}") for i, call in enumerate(calls)}
-        firsts = [L._first_broadcast_ms(rig.sim, call, sequences[call]) for call in calls]
-        cpu_ms_per_turn = (L._cpu_s(rig.daemon.pid) - cpu_before_s) * 1000 / len(calls)
-        rig.daemon.send_signal(signal.SIGUSR2)
-        deadline_s = time.monotonic() + 60
-        while not path.exists() and time.monotonic() < deadline_s:
-            gevent.sleep(0.05)
-        overheads = []
-        for call, first_ms in zip(calls, firsts):
-            turn = rig.wait_turn(call)
-            overheads.append(first_ms - turn["llm_ms"] - turn["tts_ms"])
-        return overheads, cpu_ms_per_turn
-    finally:
-        rig.close()
+    """latency.py's bench_burst (its rig, its instant LLM, its SIGUSR1/SIGUSR2 around the burst,
+    here the stamps), after a burst of ``warm_calls`` other calls when asked: (overheads in ms,
+    daemon CPU ms a turn)."""
+    _samples, overheads, _strict, cpu_ms = L.bench_burst(args, profile_path=path, checkout=checkout,
+                                                         warm_calls=max(1, warm_calls))
+    return overheads, cpu_ms["daemon"] / args.burst_calls
 
 
 def main():

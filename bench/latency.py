@@ -424,12 +424,13 @@ def bench_overhead(args, extra_env=None):
         rig.close()
 
 
-def bench_burst(args, profile_path=None, checkout=None):
+def bench_burst(args, profile_path=None, checkout=None, warm_calls=1):
     """--burst-calls callers finishing a sentence in the same instant: each call's final transcript
     frame written -> its first uuid_broadcast read, with an instant LLM (its own process) and
-    null TTS through the phrase cache (warmed by one turn first: every burst turn is a cache hit),
-    the daemon as users run it. Returns (samples in ms, overheads in ms: less llm_ms and tts_ms,
-    overheads in ms less the LLM server's own time and tts_ms, CPU ms by process).
+    null TTS through the phrase cache (warmed by ``warm_calls`` calls' turns first: every burst
+    turn is a cache hit; more than one also leaves that many LLM connections kept alive in the
+    pool), the daemon as users run it. Returns (samples in ms, overheads in ms: less llm_ms and
+    tts_ms, overheads in ms less the LLM server's own time and tts_ms, CPU ms by process).
 
     The two overheads differ in what counts as the LLM's time. The daemon's ``llm_ms`` runs from
     its request to its first sentence and so takes in the daemon's own queueing for the loop
@@ -444,9 +445,11 @@ def bench_burst(args, profile_path=None, checkout=None):
                            profile_path=profile_path, checkout=checkout,
                            sim_options={"playback_speed": 0.0})
     try:
-        warm = rig.sim.new_call()
-        rig.sim.speak(warm, "warm up")
-        rig.wait_turn(warm)
+        warm = [rig.sim.new_call() for _ in range(max(1, warm_calls))]
+        for call in warm:
+            rig.sim.speak(call, "warm up")
+        for call in warm:
+            rig.wait_turn(call)
         calls = [rig.sim.new_call() for _ in range(args.burst_calls)]
         gevent.sleep(1.0)  # every call's CHANNEL_ANSWER/PARK handled: only the turns are measured
         if profile_path is not None:
