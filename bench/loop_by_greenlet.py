@@ -25,11 +25,13 @@ Scenarios:
 The tracer costs ~1-2 us a switch, in the figures. The split says where to cut; the figures of
 record are the scenarios' own benchmarks. Prints, per round, the total and the biggest
 greenlets; last line one JSON object: per greenlet (and producer phase) ms of loop CPU per turn
-and switches per turn, averaged over the rounds.
+and switches per turn, averaged over the rounds. --baseline PATH runs that checkout's daemon
+too, round by round (noise hits both alike): its figures under ``baseline``.
 
 Usage: .venv/bin/python bench/loop_by_greenlet.py burst [--burst-calls 200] [--rounds 3]
        .venv/bin/python bench/loop_by_greenlet.py several [--switches 4] [--calls-per-switch 250]
                                                           [--spread-s 10] [--rounds 1]
+       (either with [--baseline /path/to/another/checkout])
 """
 
 import latency as L  # noqa: F401 -- first: it monkey-patches, and puts tests/ on sys.path
@@ -127,10 +129,11 @@ runpy.run_module("ivr_daemon", run_name="__main__")
 SHOWN = 12  # greenlets per round's line
 
 
-def one_round(args, path: Path) -> int:
-    """Run the scenario once with the tracer writing to ``path``; the number of turns it had."""
+def one_round(args, path: Path, checkout: Path | None) -> int:
+    """Run the scenario once (the daemon of ``checkout``, None: this one) with the tracer writing
+    to ``path``; the number of turns it had."""
     if args.scenario == "burst":
-        L.bench_burst(args, profile_path=path)
+        L.bench_burst(args, profile_path=path, checkout=checkout)
         return args.burst_calls
     import multiswitch  # here: its argument defaults are not this script's
 
@@ -141,7 +144,7 @@ def one_round(args, path: Path) -> int:
     try:
         llm_url = llm.stdout.readline().strip()
         _overheads, turns, *_rest = multiswitch.one_setup(args, switches, args.calls_per_switch, llm_url, seed=7,
-                                                          profile_path=str(path))
+                                                          checkout=checkout or L.ROOT, profile_path=str(path))
         return turns
     finally:
         llm.terminate()
@@ -159,32 +162,43 @@ def main():
     parser.add_argument("--first-token-ms", type=float, default=200.0, help="one and several: the LLM's")
     parser.add_argument("--tokens-per-s", type=float, default=30.0, help="one and several: the LLM's")
     parser.add_argument("--playback-speed", type=float, default=0.0, help="one and several: the simulators'")
+    parser.add_argument("--baseline", type=Path, default=None, help="also run this checkout's daemon, round by round")
     args = parser.parse_args()
     args.whole_calls, args.tts_worker_priority = False, None  # multiswitch.one_setup's other options: defaults
     rounds = args.rounds or (3 if args.scenario == "burst" else 1)
     L.configure_logging("ERROR", "console")  # the simulators' lines: not this report's
     L.PROFILER = TRACER  # the scenarios' SIGUSR1/SIGUSR2 now start and dump the tracer
-    cpu_ms: collections.Counter = collections.Counter()
-    switch_count: collections.Counter = collections.Counter()
-    all_turns = 0
+    variants = [("", None)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
+    cpu_ms = {name: collections.Counter() for name, _ in variants}
+    switch_count = {name: collections.Counter() for name, _ in variants}
+    all_turns = {name: 0 for name, _ in variants}
     with tempfile.TemporaryDirectory(prefix="loop-by-greenlet-") as scratch:
         for round_index in range(rounds):
-            path = Path(scratch) / f"round-{round_index}.json"
-            turns = one_round(args, path)
-            traced = json.loads(path.read_text())
-            round_ms = {name: seconds * 1000 for name, seconds in traced["cpu_s"].items()}
-            cpu_ms.update(round_ms)
-            switch_count.update(traced["switches"])
-            all_turns += turns
-            top = sorted(round_ms.items(), key=lambda item: -item[1])[:SHOWN]
-            print(f"round {round_index + 1}: {turns} turns, loop CPU {sum(round_ms.values()) / max(1, turns):.3f} ms a turn: "
-                  + ", ".join(f"{name} {ms / max(1, turns):.3f}" for name, ms in top), flush=True)
-    per_turn = {name: {"cpu_ms_per_turn": round(ms / max(1, all_turns), 3),
-                       "switches_per_turn": round(switch_count[name] / max(1, all_turns), 1)}
-                for name, ms in sorted(cpu_ms.items(), key=lambda item: -item[1])}
-    print(json.dumps({"scenario": args.scenario, "rounds": rounds, "turns": all_turns,
-                      "loop_cpu_ms_per_turn": round(sum(cpu_ms.values()) / max(1, all_turns), 3),
-                      "by_greenlet": per_turn}))
+            for name, checkout in variants:
+                path = Path(scratch) / f"{name or 'ours'}-{round_index}.json"
+                turns = one_round(args, path, checkout)
+                traced = json.loads(path.read_text())
+                round_ms = {greenlet: seconds * 1000 for greenlet, seconds in traced["cpu_s"].items()}
+                cpu_ms[name].update(round_ms)
+                switch_count[name].update(traced["switches"])
+                all_turns[name] += turns
+                top = sorted(round_ms.items(), key=lambda item: -item[1])[:SHOWN]
+                print(f"{name or 'ours'} round {round_index + 1}: {turns} turns, loop CPU "
+                      f"{sum(round_ms.values()) / max(1, turns):.3f} ms a turn: "
+                      + ", ".join(f"{greenlet} {ms / max(1, turns):.3f}" for greenlet, ms in top), flush=True)
+    figures: dict = {"scenario": args.scenario, "rounds": rounds}
+    for name, _checkout in variants:
+        turns = max(1, all_turns[name])
+        per_turn = {greenlet: {"cpu_ms_per_turn": round(ms / turns, 3),
+                               "switches_per_turn": round(switch_count[name][greenlet] / turns, 1)}
+                    for greenlet, ms in sorted(cpu_ms[name].items(), key=lambda item: -item[1])}
+        variant = {"turns": all_turns[name], "loop_cpu_ms_per_turn": round(sum(cpu_ms[name].values()) / turns, 3),
+                   "switches_per_turn": round(sum(switch_count[name].values()) / turns, 1), "by_greenlet": per_turn}
+        if name:
+            figures[name] = variant
+        else:
+            figures.update(variant)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
