@@ -99,14 +99,14 @@ class _Outgoing:
     """A command on its way: queued, then written whole by the writer, then answered."""
 
     command: EslCommand
+    # Its reply, or why there is none: a write that failed fails it too.
     reply: gevent.event.AsyncResult = field(default_factory=gevent.event.AsyncResult)
-    written: gevent.event.Event = field(default_factory=gevent.event.Event)  # or failed, or skipped
+    written_s: float | None = None  # when the writer had written it whole (time.monotonic)
     abandoned: bool = False  # its caller left before the write began: the writer skips it
 
     def fail(self, exc: EslError) -> None:
         if not self.reply.ready():
             self.reply.set_exception(exc)
-        self.written.set()
 
 
 class EslConnection(InboundESL):
@@ -214,18 +214,28 @@ class EslConnection(InboundESL):
             raise NotConnectedError(f"not connected to FreeSWITCH; {command.line.split(' ')[0]} not sent")
         outgoing = _Outgoing(command)
         self._outbox.put(outgoing)
+        reply_timeout_s = self.command_timeout_s if timeout_s is None else timeout_s
+        # One wait, for the reply (a failed write fails it as well): waiting for the write first
+        # woke the caller twice a command (three broadcasts a turn). The reply's time runs from
+        # the write, as before: a command queued behind others still gets all of it, and the
+        # time before the write is bounded by the writer (each write ends, or fails and closes
+        # the connection, within the command timeout).
+        wait_s = reply_timeout_s
         try:
-            # Bounded by the writer: each write ends, or fails and closes, within the timeout.
-            outgoing.written.wait()
+            while True:
+                try:
+                    return outgoing.reply.get(timeout=wait_s)
+                except gevent.Timeout:
+                    if outgoing.written_s is not None:
+                        wait_s = outgoing.written_s + reply_timeout_s - time.monotonic()
+                        if wait_s <= 0:
+                            # The entry stays pending so the late reply pops it and later
+                            # replies stay aligned.
+                            raise CommandTimedOut(
+                                f"no reply to {_redacted(command)!r} within {reply_timeout_s} s") from None
         except BaseException:
             outgoing.abandoned = True  # too late if the write has begun: it then goes out whole
             raise
-        reply_timeout_s = self.command_timeout_s if timeout_s is None else timeout_s
-        try:
-            return outgoing.reply.get(timeout=reply_timeout_s)
-        except gevent.Timeout:
-            # The entry stays pending so the late reply pops it and later replies stay aligned.
-            raise CommandTimedOut(f"no reply to {_redacted(command)!r} within {reply_timeout_s} s") from None
 
     def stop(self) -> None:
         self.close()
@@ -300,7 +310,6 @@ class EslConnection(InboundESL):
         """Write one command whole (or skip it, if its caller left first); False: the
         connection is dead."""
         if outgoing.abandoned:
-            outgoing.written.set()
             return True
         sock = self.sock
         if sock is None:
@@ -322,7 +331,7 @@ class EslConnection(InboundESL):
             self._mark_closed(f"send failed: {exc}")
             self._shutdown_socket()
             return False
-        outgoing.written.set()
+        outgoing.written_s = time.monotonic()
         return True
 
     def _route(self, item: Frame | MalformedFrame, parser: FrameParser) -> None:
