@@ -22,11 +22,12 @@ Scenarios:
   several   and --switches x --calls-per-switch (the issue's 4 x 250); an LLM at
             --first-token-ms and --tokens-per-s; from the calls' first event to the last turn
 
-The tracer costs ~1-2 us a switch, in the figures. The split says where to cut; the figures of
-record are the scenarios' own benchmarks. Prints, per round, the total and the biggest
-greenlets; last line one JSON object: per greenlet (and producer phase) ms of loop CPU per turn
-and switches per turn, averaged over the rounds. --baseline PATH runs that checkout's daemon
-too, round by round (noise hits both alike): its figures under ``baseline``.
+The tracer costs ~2 us a switch (~0.2 ms of a 4 x 250 turn's ~110 switches), in the figures.
+The split says where to cut; the figures of record are the scenarios' own benchmarks. Prints,
+per round, the total and the biggest greenlets; last line one JSON object: per greenlet (and
+producer phase) ms of loop CPU per turn and switches per turn, averaged over the rounds.
+--baseline PATH runs that checkout's daemon too, round by round (noise hits both alike): its
+figures under ``baseline``.
 
 Usage: .venv/bin/python bench/loop_by_greenlet.py burst [--burst-calls 200] [--rounds 3]
        .venv/bin/python bench/loop_by_greenlet.py several [--switches 4] [--calls-per-switch 250]
