@@ -53,92 +53,80 @@ def reply_to(line):
     return build_api_response(f"reply to {line[4:].split(' ')[0]}\n")
 
 
-def test_a_turn_killed_inside_a_write_leaves_no_half_command_and_the_next_command_gets_its_own_reply():
-    received, inside_the_big_write, resume_reading = [], gevent.event.Event(), gevent.event.Event()
+class PausingSwitch:
+    """A scripted switch that greets, accepts the password, takes 1 kB of the next command, then
+    stops reading until ``resume_reading`` is set: the daemon's write of that command cannot
+    finish meanwhile. Then it answers every command, in order, at once."""
 
-    def handle(sock, address):
-        # Greets, accepts the password, takes 1 kB of the next command, then stops reading
-        # until told to go on: the daemon's write of that command cannot finish meanwhile.
+    def __init__(self):
+        self.received: list[str] = []
+        self.inside_the_big_write, self.resume_reading = gevent.event.Event(), gevent.event.Event()
+
+    def handle(self, sock, address):
         sock.sendall(AUTH_REQUEST)
         parser = CommandPacketParser()
         paused = False
         while True:
-            if received == ["auth ClueCon"] and not paused:
+            if self.received == ["auth ClueCon"] and not paused:
                 parser.feed(sock.recv(1024))  # the head of the big command, no whole packet
                 paused = True
-                inside_the_big_write.set()
-                resume_reading.wait()
+                self.inside_the_big_write.set()
+                self.resume_reading.wait()
             data = sock.recv(65536)
             if not data:
                 return
             for packet in parser.feed(data):
-                received.append(packet.line)
+                self.received.append(packet.line)
                 sock.sendall(reply_to(packet.line))
 
-    with scripted_switch(handle, rcvbuf_bytes=SMALL_BUFFER_BYTES) as port:
+
+def test_a_turn_killed_inside_a_write_leaves_no_half_command_and_the_next_command_gets_its_own_reply():
+    switch = PausingSwitch()
+
+    with scripted_switch(switch.handle, rcvbuf_bytes=SMALL_BUFFER_BYTES) as port:
         conn = EslConnection("127.0.0.1", port, "ClueCon", lambda event: None)
         conn.connect()
         try:
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER_BYTES)
             big = commands.uuid_setvar(CALL_UUID, "note", "x" * BIG_VALUE_CHARS)
             turn = gevent.spawn(conn.send, big)
-            assert inside_the_big_write.wait(JOIN_S)
+            assert switch.inside_the_big_write.wait(JOIN_S)
             turn.kill()  # barge-in: the turn goes, its command's bytes are half on the wire
             # Queued behind the big write, then abandoned before its first byte went out.
             abandoned = gevent.spawn(conn.send, commands.uuid_break(CALL_UUID))
             gevent.sleep(0)  # let it queue its command
             abandoned.kill()
-            resume_reading.set()
+            switch.resume_reading.set()
 
             reply = conn.send(commands.status())
 
             assert reply.text == "reply to status\n"
-            assert received == ["auth ClueCon", big.line, "api status"]
+            assert switch.received == ["auth ClueCon", big.line, "api status"]
             assert not conn.closed
         finally:
             conn.close()
 
 
 def test_a_command_queued_behind_a_slow_write_gets_its_whole_reply_timeout_after_its_own_write():
-    received, inside_the_big_write, resume_reading = [], gevent.event.Event(), gevent.event.Event()
-    reply_timeout_s = 1.0
+    switch, reply_timeout_s = PausingSwitch(), 1.0
 
-    def handle(sock, address):
-        # Greets, accepts the password, takes 1 kB of the big command, then stops reading
-        # until told to go on; then answers everything in order, at once.
-        sock.sendall(AUTH_REQUEST)
-        parser = CommandPacketParser()
-        paused = False
-        while True:
-            if received == ["auth ClueCon"] and not paused:
-                parser.feed(sock.recv(1024))
-                paused = True
-                inside_the_big_write.set()
-                resume_reading.wait()
-            data = sock.recv(65536)
-            if not data:
-                return
-            for packet in parser.feed(data):
-                received.append(packet.line)
-                sock.sendall(reply_to(packet.line))
-
-    with scripted_switch(handle, rcvbuf_bytes=SMALL_BUFFER_BYTES) as port:
+    with scripted_switch(switch.handle, rcvbuf_bytes=SMALL_BUFFER_BYTES) as port:
         conn = EslConnection("127.0.0.1", port, "ClueCon", lambda event: None, command_timeout_s=JOIN_S)
         conn.connect()
         try:
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER_BYTES)
             big = gevent.spawn(conn.send, commands.uuid_setvar(CALL_UUID, "note", "x" * BIG_VALUE_CHARS))
-            assert inside_the_big_write.wait(JOIN_S)
+            assert switch.inside_the_big_write.wait(JOIN_S)
             queued = gevent.spawn(conn.send, commands.status(), timeout_s=reply_timeout_s)
             # Longer than its reply timeout, all of it spent queued behind the big write: no
             # reply was due yet, since the command was not on the wire.
             gevent.sleep(reply_timeout_s * 1.5)
             assert not queued.ready()
-            resume_reading.set()
+            switch.resume_reading.set()
 
             assert queued.get(timeout=JOIN_S).text == "reply to status\n"
             assert big.get(timeout=JOIN_S).text == "reply to uuid_setvar\n"
-            assert received[2] == "api status"
+            assert switch.received[2] == "api status"
         finally:
             conn.close()
 
