@@ -214,25 +214,8 @@ class EslConnection(InboundESL):
             raise NotConnectedError(f"not connected to FreeSWITCH; {command.line.split(' ')[0]} not sent")
         outgoing = _Outgoing(command)
         self._outbox.put(outgoing)
-        reply_timeout_s = self.command_timeout_s if timeout_s is None else timeout_s
-        # One wait, for the reply (a failed write fails it as well): waiting for the write first
-        # woke the caller twice a command (three broadcasts a turn). The reply's time runs from
-        # the write, as before: a command queued behind others still gets all of it, and the
-        # time before the write is bounded by the writer (each write ends, or fails and closes
-        # the connection, within the command timeout).
-        wait_s = reply_timeout_s
         try:
-            while True:
-                try:
-                    return outgoing.reply.get(timeout=wait_s)
-                except gevent.Timeout:
-                    if outgoing.written_s is not None:
-                        wait_s = outgoing.written_s + reply_timeout_s - time.monotonic()
-                        if wait_s <= 0:
-                            # The entry stays pending so the late reply pops it and later
-                            # replies stay aligned.
-                            raise CommandTimedOut(
-                                f"no reply to {_redacted(command)!r} within {reply_timeout_s} s") from None
+            return _await_reply(outgoing, self.command_timeout_s if timeout_s is None else timeout_s)
         except BaseException:
             outgoing.abandoned = True  # too late if the write has begun: it then goes out whole
             raise
@@ -404,6 +387,27 @@ class EslConnection(InboundESL):
         else:
             text = frame.headers.get("Reply-Text", "")
         outgoing.reply.set(CommandReply(command=outgoing.command, text=text, headers=dict(frame.headers)))
+
+
+def _await_reply(outgoing: _Outgoing, reply_timeout_s: float) -> CommandReply:
+    """The reply to ``outgoing``, or the error its write or the connection failed it with.
+
+    One wait, for the reply: waiting for the write first woke the caller twice a command (three
+    broadcasts a turn). The reply's time runs from the write: a command queued behind others
+    still gets all of it, and the time before the write is bounded by the writer (each write
+    ends, or fails and closes the connection, within the command timeout).
+    """
+    wait_s = reply_timeout_s
+    while True:
+        try:
+            return outgoing.reply.get(timeout=wait_s)
+        except gevent.Timeout:
+            pass
+        if outgoing.written_s is not None:  # else still queued or being written: wait on
+            wait_s = outgoing.written_s + reply_timeout_s - time.monotonic()
+            if wait_s <= 0:
+                # The entry stays pending so the late reply pops it and later replies stay aligned.
+                raise CommandTimedOut(f"no reply to {_redacted(outgoing.command)!r} within {reply_timeout_s} s")
 
 
 def _redacted(command: EslCommand) -> str:
