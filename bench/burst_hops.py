@@ -66,18 +66,7 @@ def stop(*_):
         json.dump(hops, out)
 signal.signal(signal.SIGUSR1, start)
 signal.signal(signal.SIGUSR2, stop)
-def wrap(cls, name, before=None, after=None):
-    original = getattr(cls, name)
-    def wrapped(self, *args, **kwargs):
-        if before:
-            before(self, *args, **kwargs)
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            if after:
-                after(self, *args, **kwargs)
-    setattr(cls, name, wrapped)
-def final(event):
+""" + L.WRAP_METHOD + """def final(event):
     return event.headers.get("Event-Name") == "DETECTED_SPEECH" and event.headers.get("Speech-Type") == "detected-speech"
 wrap(calls.CallRouter, "route", before=lambda _s, event: final(event) and mark(event.headers.get("Unique-ID"), "route"))
 wrap(call_flow.PhoneCall, "handle", before=lambda s, event: final(event) and mark(s.call_uuid, "handle"))

@@ -35,7 +35,7 @@ import h11  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' faithful fake
 
-from llm_fakes import PROVIDER_PATHS, FakeLlmServer, FakeReply, _stream_chunks, split_into_deltas  # noqa: E402
+from llm_fakes import PROVIDER_PATHS, FakeLlmServer, FakeReply, stream_chunks, split_into_deltas  # noqa: E402
 
 
 class InstantLlmServer:
@@ -117,7 +117,7 @@ class InstantLlmServer:
                     + connection.send(h11.Data(data=error)) + connection.send(h11.EndOfMessage())), None
         events = self._events.get(model)
         if events is None:
-            events = self._events[model] = [chunk for chunk, _ in _stream_chunks("openai", payload, self._reply, 0)]
+            events = self._events[model] = [chunk for chunk, _ in stream_chunks("openai", payload, self._reply, 0)]
         out = [connection.send(h11.Response(status_code=200, headers=[
             ("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
             ("Transfer-Encoding", "chunked")]))]
@@ -134,17 +134,16 @@ def main() -> int:
     parser.add_argument("--batch", action="store_true", help="answer non-streamed requests after the full generation time")
     parser.add_argument("--stamps", help="the instant LLM: write when it read each request and wrote its reply there (JSON lines)")
     args = parser.parse_args()
-    first_s, gap_s = args.first_token_ms / 1000, 1 / args.tokens_per_s
-    whole_s = first_s + len(split_into_deltas(args.reply)) * gap_s
-    options = dict(replies=args.reply, stream_first_delay_s=first_s, stream_gap_s=gap_s,
-                   delay_s=whole_s if args.batch else 0.0)
     instant = args.first_token_ms == 0 and args.tokens_per_s == math.inf and not args.batch
     if args.stamps and not instant:
         parser.error("--stamps is for the instant LLM (--first-token-ms 0 --tokens-per-s inf) only")
     if instant:
         server = InstantLlmServer(args.reply, open(args.stamps, "a") if args.stamps else None).start()
     else:
-        server = FakeLlmServer("openai", **options).start()
+        first_s, gap_s = args.first_token_ms / 1000, 1 / args.tokens_per_s
+        whole_s = first_s + len(split_into_deltas(args.reply)) * gap_s
+        server = FakeLlmServer("openai", replies=args.reply, stream_first_delay_s=first_s, stream_gap_s=gap_s,
+                               delay_s=whole_s if args.batch else 0.0).start()
     print(server.url, flush=True)
     gevent.wait()
     return 0

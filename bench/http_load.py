@@ -50,7 +50,7 @@ from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 import requests  # noqa: E402
-from latency import percentile  # noqa: E402  (one percentile for every benchmark)
+from latency import fake_llm_cmd, percentile  # noqa: E402  (one percentile, one fake LLM for every benchmark)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,9 +137,7 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-http-")
     log_file = open(Path(tmp.name) / "daemon.log", "w")
     configure_logging("INFO", "json", stream=log_file)
-    llm = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
-                            "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)],
-                           stdout=subprocess.PIPE, text=True)
+    llm = subprocess.Popen(fake_llm_cmd(REPLY, args.first_token_ms, args.tokens_per_s), stdout=subprocess.PIPE, text=True)
     sim = FreeswitchSimulator(playback_speed=0.0, duplicate_speech_delay_s=0.0).start()
     turns: dict[str, object] = {}
     try:

@@ -107,9 +107,17 @@ from ivr_daemon.tts import make_tts_engine  # noqa: E402
 INSTANT_LLM_ARGS = ("--first-token-ms", "0", "--tokens-per-s", "inf")
 
 
+def fake_llm_cmd(reply: str, first_token_ms: float, tokens_per_s: float, *options: str) -> list[str]:
+    """The command that runs bench/fake_llm.py answering ``reply`` at that pace (its ``options`` besides)."""
+    return [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", reply,
+            "--first-token-ms", str(first_token_ms), "--tokens-per-s", str(tokens_per_s), *options]
+
+
 def instant_llm_cmd(reply: str, *options: str) -> list[str]:
     """The command that runs the instant LLM answering ``reply`` (fake_llm.py ``options`` besides)."""
     return [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", reply, *INSTANT_LLM_ARGS, *options]
+
+
 REPLY = ("Sure, we open at nine. On Saturdays we open at ten and close at four in the afternoon. "
          "Is there anything else I can help you with today?")
 # The cached-phrase measurement: callers asking "cached ..." get CACHED_PHRASE, synthesized
@@ -231,8 +239,7 @@ class DaemonProcessRig:
         self.tmp = tempfile.TemporaryDirectory(prefix="ivr-bench-")
         self.llm = None
         if llm_url is None:
-            llm_cmd = llm_cmd or [sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
-                                  "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)]
+            llm_cmd = llm_cmd or fake_llm_cmd(REPLY, args.first_token_ms, args.tokens_per_s)
             self.llm = subprocess.Popen(llm_cmd + ([] if llm_stream else ["--batch"]), stdout=subprocess.PIPE, text=True)
             llm_url = self.llm.stdout.readline().strip()
         self.sims = [FreeswitchSimulator(**(sim_options or {})).start() for _ in range(switches)]
@@ -348,6 +355,22 @@ def probe(phase, info):
 if path:
     gc.callbacks.append(probe)
 runpy.run_module("ivr_daemon", run_name="__main__")
+"""
+
+# For the daemon-process tracers built like PROFILER (bench/burst_hops.py, bench/loop_by_greenlet.py):
+# wrap(cls, method, before, after) calls before(self, *args, **kwargs) and after(...) around a method.
+WRAP_METHOD = """
+def wrap(cls, method, before=None, after=None):
+    original = getattr(cls, method)
+    def wrapped(self, *args, **kwargs):
+        if before:
+            before(self, *args, **kwargs)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            if after:
+                after(self, *args, **kwargs)
+    setattr(cls, method, wrapped)
 """
 
 # Run as the daemon's process under --profile-daemon (see _profiled).
@@ -909,16 +932,19 @@ def main(argv=None) -> int:
 
     variants = [("baseline_", args.baseline), ("", None)] if args.baseline else [("", None)]
     if "burst" in selected:
-        samples = {prefix: ([], [], [], [], []) for prefix, _ in variants}
+        samples = {prefix: {"firsts": [], "overheads": [], "strict": [], "cpu_per_turn": [], "llm_cpu_per_turn": []}
+                   for prefix, _ in variants}
         for _ in range(args.rounds):
             for prefix, checkout in variants:
                 firsts, overheads, strict, cpu_ms = bench_burst(args, args.profile_daemon if not prefix else None, checkout)
-                samples[prefix][0].extend(firsts)
-                samples[prefix][1].extend(overheads)
-                samples[prefix][2].extend(strict)
-                samples[prefix][3].append(cpu_ms["daemon"] / args.burst_calls)
-                samples[prefix][4].append(cpu_ms["llm"] / args.burst_calls)
-        for prefix, (firsts, overheads, strict, cpu_per_turn, llm_cpu_per_turn) in samples.items():
+                samples[prefix]["firsts"].extend(firsts)
+                samples[prefix]["overheads"].extend(overheads)
+                samples[prefix]["strict"].extend(strict)
+                samples[prefix]["cpu_per_turn"].append(cpu_ms["daemon"] / args.burst_calls)
+                samples[prefix]["llm_cpu_per_turn"].append(cpu_ms["llm"] / args.burst_calls)
+        for prefix, variant in samples.items():
+            firsts, overheads, strict = variant["firsts"], variant["overheads"], variant["strict"]
+            cpu_per_turn, llm_cpu_per_turn = variant["cpu_per_turn"], variant["llm_cpu_per_turn"]
             print(f"{prefix or 'ours: '}burst of {args.burst_calls} same-instant turns (instant LLM, cached TTS): "
                   f"transcript -> first broadcast p50 {percentile(firsts, 50):.2f} ms, p99 {percentile(firsts, 99):.2f} ms; "
                   f"overhead p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms; "

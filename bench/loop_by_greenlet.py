@@ -41,7 +41,6 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -98,18 +97,7 @@ def phase(name):
             charge(glet, 0)  # what it spent so far goes to the phase it was in
             phases[glet] = name
     return enter
-def wrap(cls, method, before=None, after=None):
-    original = getattr(cls, method)
-    def wrapped(self, *args, **kwargs):
-        if before:
-            before()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            if after:
-                after()
-    setattr(cls, method, wrapped)
-wrap(transport.LlmTransport, "post", before=phase("post"), after=phase("to_first_chunk"))
+""" + L.WRAP_METHOD + """wrap(transport.LlmTransport, "post", before=phase("post"), after=phase("to_first_chunk"))
 wrap(turn_services.TurnServices, "spawn_synthesis", before=phase("rest"))
 def start(*_):
     cpu_s.clear()
@@ -139,9 +127,8 @@ def one_round(args, path: Path, checkout: Path | None) -> int:
     import multiswitch  # here: its argument defaults are not this script's
 
     switches = args.switches if args.scenario == "several" else 1
-    llm = subprocess.Popen([sys.executable, str(L.ROOT / "bench" / "fake_llm.py"), "--reply", L.REPLY,
-                            "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)],
-                           stdout=subprocess.PIPE, text=True)
+    llm = subprocess.Popen(L.fake_llm_cmd(L.REPLY, args.first_token_ms, args.tokens_per_s), stdout=subprocess.PIPE,
+                           text=True)
     try:
         llm_url = llm.stdout.readline().strip()
         _overheads, turns, *_rest = multiswitch.one_setup(args, switches, args.calls_per_switch, llm_url, seed=7,

@@ -55,7 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 # One reply, one percentile, one way to read the daemon's log for every benchmark.
-from latency import REPLY, DaemonProcessRig, _first_broadcast_ms, host_probe_ms, percentile  # noqa: E402
+from latency import (  # noqa: E402
+    REPLY, DaemonProcessRig, _first_broadcast_ms, fake_llm_cmd, host_probe_ms, percentile,
+)
 
 from ivr_daemon.logs import configure_logging  # noqa: E402
 
@@ -186,9 +188,7 @@ def main() -> int:
             setups[f"{name}_baseline"] = setups[name]
             checkouts[f"{name}_baseline"] = args.baseline.resolve()
             selected.append(f"{name}_baseline")
-    llm = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_llm.py"), "--reply", REPLY,
-                            "--first-token-ms", str(args.first_token_ms), "--tokens-per-s", str(args.tokens_per_s)],
-                           stdout=subprocess.PIPE, text=True)
+    llm = subprocess.Popen(fake_llm_cmd(REPLY, args.first_token_ms, args.tokens_per_s), stdout=subprocess.PIPE, text=True)
     samples: dict[str, list[float]] = {name: [] for name in selected}
     counts: dict[str, list[int]] = {name: [0, 0] for name in selected}
     cpu: dict[str, float] = {name: 0.0 for name in selected}

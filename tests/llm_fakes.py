@@ -355,7 +355,7 @@ def _created_at() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _stream_chunks(provider: str, request: dict, reply: FakeReply, sequence: int) -> list[tuple[bytes, bool]]:
+def stream_chunks(provider: str, request: dict, reply: FakeReply, sequence: int) -> list[tuple[bytes, bool]]:
     """The wire chunks of a streamed reply, each with "carries a delta" (text or tool call)."""
     deltas = split_into_deltas(reply.text)
     if provider == "ollama":
@@ -562,7 +562,7 @@ class FakeLlmServer:
             if self.stream_body is not None:
                 chunks = [(chunk.encode() if isinstance(chunk, str) else chunk, True) for chunk in self.stream_body]
             else:
-                chunks = _stream_chunks(self.provider, request, reply, sequence)
+                chunks = stream_chunks(self.provider, request, reply, sequence)
             content_type = "application/x-ndjson" if self.provider == "ollama" else "text/event-stream; charset=utf-8"
             # No Content-Length: pywsgi sends each chunk as it comes, with chunked encoding.
             start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-cache")])
