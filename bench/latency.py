@@ -38,15 +38,16 @@ Prints a table, and as its last line one JSON object:
 
   burst_first_broadcast_p50_ms, burst_first_broadcast_p99_ms, burst_overhead_p50_ms,
   burst_overhead_p99_ms, burst_overhead_vs_llm_server_p50_ms, burst_overhead_vs_llm_server_p99_ms,
-  burst_daemon_cpu_ms_per_turn, burst_llm_cpu_ms_per_turn
+  burst_daemon_cpu_ms_per_turn, burst_llm_cpu_ms_per_turn, burst_bench_cpu_ms_per_turn
                                     --burst-calls (200) final transcripts written back to back, an
                                     instant LLM, null TTS through a warm phrase cache: transcript ->
                                     first uuid_broadcast, the same less llm_ms and tts_ms, the same
                                     less the LLM server's own time on the reply instead of llm_ms
                                     (llm_ms includes the daemon's queueing for its loop: see
-                                    bench_burst), and the CPU per turn of the daemon and of the
-                                    fake LLM (--profile-daemon PATH: cProfile of the burst and its
-                                    greenlet switches)
+                                    bench_burst), and the CPU per turn of the daemon, of the
+                                    fake LLM and of the simulator (this process), all three on the
+                                    box's two cores (--profile-daemon PATH: cProfile of the burst
+                                    and its greenlet switches)
   load_overhead_p50_ms, load_overhead_p99_ms, load_barge_in_p50_ms, load_barge_in_p99_ms,
   load_events_per_s, load_daemon_cpu_share, load_fell_behind
                                     --load-calls (1,000) calls sending partials at mod_vosk's rate
@@ -627,6 +628,16 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def box_cpu_s() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, every core summed (Linux /proc/stat):
+    what every process on it used, the daemon's children and the rig included. Between two
+    readings, busy / all is the share of the box's cores that were busy."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait; guest time is already in user and nice
+    busy = sum(ticks[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK"), (busy + idle) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_first_audio(args):
     results = {}
     for streaming in (True, False):
@@ -932,7 +943,8 @@ def main(argv=None) -> int:
 
     variants = [("baseline_", args.baseline), ("", None)] if args.baseline else [("", None)]
     if "burst" in selected:
-        samples = {prefix: {"firsts": [], "overheads": [], "strict": [], "cpu_per_turn": [], "llm_cpu_per_turn": []}
+        samples = {prefix: {"firsts": [], "overheads": [], "strict": [], "cpu_per_turn": [], "llm_cpu_per_turn": [],
+                            "bench_cpu_per_turn": []}
                    for prefix, _ in variants}
         for _ in range(args.rounds):
             for prefix, checkout in variants:
@@ -942,15 +954,18 @@ def main(argv=None) -> int:
                 samples[prefix]["strict"].extend(strict)
                 samples[prefix]["cpu_per_turn"].append(cpu_ms["daemon"] / args.burst_calls)
                 samples[prefix]["llm_cpu_per_turn"].append(cpu_ms["llm"] / args.burst_calls)
+                samples[prefix]["bench_cpu_per_turn"].append(cpu_ms["bench"] / args.burst_calls)
         for prefix, variant in samples.items():
             firsts, overheads, strict = variant["firsts"], variant["overheads"], variant["strict"]
             cpu_per_turn, llm_cpu_per_turn = variant["cpu_per_turn"], variant["llm_cpu_per_turn"]
+            bench_cpu_per_turn = variant["bench_cpu_per_turn"]
             print(f"{prefix or 'ours: '}burst of {args.burst_calls} same-instant turns (instant LLM, cached TTS): "
                   f"transcript -> first broadcast p50 {percentile(firsts, 50):.2f} ms, p99 {percentile(firsts, 99):.2f} ms; "
                   f"overhead p50 {percentile(overheads, 50):.2f} ms, p99 {percentile(overheads, 99):.2f} ms; "
                   f"less the LLM server's own time: p50 {percentile(strict, 50):.2f} ms, p99 {percentile(strict, 99):.2f} ms; "
                   f"daemon CPU {statistics.median(cpu_per_turn):.2f} ms per turn "
-                  f"(the fake LLM's {statistics.median(llm_cpu_per_turn):.2f})")
+                  f"(the fake LLM's {statistics.median(llm_cpu_per_turn):.2f}, "
+                  f"the simulator's -- this process -- {statistics.median(bench_cpu_per_turn):.2f})")
             figures.update({f"{prefix}burst_first_broadcast_p50_ms": round(percentile(firsts, 50), 2),
                             f"{prefix}burst_first_broadcast_p99_ms": round(percentile(firsts, 99), 2),
                             f"{prefix}burst_overhead_p50_ms": round(percentile(overheads, 50), 2),
@@ -958,7 +973,8 @@ def main(argv=None) -> int:
                             f"{prefix}burst_overhead_vs_llm_server_p50_ms": round(percentile(strict, 50), 2),
                             f"{prefix}burst_overhead_vs_llm_server_p99_ms": round(percentile(strict, 99), 2),
                             f"{prefix}burst_daemon_cpu_ms_per_turn": round(statistics.median(cpu_per_turn), 2),
-                            f"{prefix}burst_llm_cpu_ms_per_turn": round(statistics.median(llm_cpu_per_turn), 2)})
+                            f"{prefix}burst_llm_cpu_ms_per_turn": round(statistics.median(llm_cpu_per_turn), 2),
+                            f"{prefix}burst_bench_cpu_ms_per_turn": round(statistics.median(bench_cpu_per_turn), 2)})
         figures.update(burst_calls=args.burst_calls)
 
     if "partials-load" in selected:

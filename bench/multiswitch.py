@@ -21,7 +21,10 @@ lane_wait_p99_ms (the part of a turn's overhead its LLM answer waited in the idl
 turn_complete line says), turns (of calls) and daemon_cpu_ms_per_turn (the daemon process's CPU
 time from its calls' first event to the last turn, per turn: the machine's other load does not
 move it, a busy VM host does: see host_probe_ms in latency.py) and daemon_setup_cpu_ms_per_call
-(the part of it spent before anyone spoke: CHANNEL_ANSWER/PARK), then several_over_same_load_p99
+(the part of it spent before anyone spoke: CHANNEL_ANSWER/PARK), box_busy_share, rig_cores and
+daemon_cores (medians of the rounds: from the calls' first event to the last turn, the share of
+the box's cores busy with anything, and the cores the rig -- this process's simulators and the
+fake LLM -- and the daemon's own process kept busy), then several_over_same_load_p99
 and several_over_same_load_cpu_per_turn (the switches' own cost: 1.0 is none),
 several_over_one_p99, and host_probe_ms_before/after.
 
@@ -44,6 +47,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -56,17 +60,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 # One reply, one percentile, one way to read the daemon's log for every benchmark.
 from latency import (  # noqa: E402
-    REPLY, DaemonProcessRig, _first_broadcast_ms, fake_llm_cmd, host_probe_ms, percentile,
+    REPLY, DaemonProcessRig, _cpu_s, _first_broadcast_ms, box_cpu_s, fake_llm_cmd, host_probe_ms, percentile,
 )
 
 from ivr_daemon.logs import configure_logging  # noqa: E402
 
-def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int,
-              checkout: Path = ROOT, profile_path: str | None = None) -> tuple[list[float], int, int, float, float,
-                                                                               float | None]:
+def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: int, llm_pid: int,
+              checkout: Path = ROOT, profile_path: str | None = None) -> tuple:
     """(overheads in ms, turns seen, calls made, the daemon's CPU seconds for them, of which the
-    calls' set-up before anyone spoke, --whole-calls: INFO lines per call) of one daemon on ``switches`` simulators. ``profile_path``:
-    the daemon under cProfile from its first call to its last turn, stats written there."""
+    calls' set-up before anyone spoke, --whole-calls: INFO lines per call, each turn's lane wait in
+    ms, the box's cores meanwhile: ``Cores``) of one daemon on ``switches`` simulators.
+    ``profile_path``: the daemon under cProfile from its first call to its last turn, stats
+    written there; ``llm_pid``: the fake LLM's process, part of the rig."""
     rig = DaemonProcessRig(args, sim_options={"playback_speed": args.playback_speed, "duplicate_speech_delay_s": 0.0},
                            checkout=checkout, profile_path=profile_path, switches=switches, llm_url=llm_url)
     try:
@@ -75,6 +80,7 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
             rig.daemon.send_signal(signal.SIGUSR1)
             gevent.sleep(0.2)
         cpu_before_s = rig.cpu_s()  # after start-up: the calls' work only
+        cores = Cores(llm_pid, rig.daemon.pid)
         calls = [(sim, sim.new_call()) for sim in rig.sims for _ in range(calls_per_switch)]
         gevent.sleep(1.0)  # the calls' CHANNEL_ANSWER/PARK handled before anyone speaks (as latency.py)
         setup_cpu_s = rig.cpu_s() - cpu_before_s
@@ -88,6 +94,7 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
                      for i, (sim, call) in enumerate(calls)]
         gevent.joinall(greenlets)
         rig.wait_turns(len(calls), timeout_s=300)
+        cores.stop()
         if args.whole_calls:
             cpu_s = whole_calls(rig, calls) - cpu_before_s
         else:
@@ -105,9 +112,39 @@ def one_setup(args, switches: int, calls_per_switch: int, llm_url: str, seed: in
             overheads.append(_first_broadcast_ms(sim, call, sequences[call]) - turn["llm_ms"] - turn["tts_ms"])
             lane_waits.append(turn.get("lane_wait_ms") or 0.0)
         return (overheads, len(rig.turns), len(calls), cpu_s, setup_cpu_s, getattr(rig, "info_lines", None),
-                lane_waits)
+                lane_waits, cores)
     finally:
         rig.close()
+
+
+class Cores:
+    """How busy the box's cores were from construction to ``stop()``, and by whom: the whole
+    machine (/proc/stat: every process, the daemon's children included), the daemon's own
+    process, and the rig (this process's simulators and the fake LLM). Turns that wait for a free
+    core wait whoever took it: on a box the rig shares, its share says how much."""
+
+    def __init__(self, llm_pid: int, daemon_pid: int):
+        self.pids = {"rig": (os.getpid(), llm_pid), "daemon": (daemon_pid,)}
+        self.started = self._read()
+
+    def _read(self) -> dict[str, float]:
+        busy_s, all_s = box_cpu_s()
+        reading = {"box_busy_s": busy_s, "box_all_s": all_s, "wall_s": time.monotonic()}
+        for name, pids in self.pids.items():
+            reading[name] = sum(_cpu_s(pid) for pid in pids)
+        return reading
+
+    def stop(self) -> None:
+        ended = self._read()
+        wall_s = max(1e-9, ended["wall_s"] - self.started["wall_s"])
+        self.box_busy_share = (ended["box_busy_s"] - self.started["box_busy_s"]) / max(
+            1e-9, ended["box_all_s"] - self.started["box_all_s"])
+        self.rig_cores = (ended["rig"] - self.started["rig"]) / wall_s
+        self.daemon_cores = (ended["daemon"] - self.started["daemon"]) / wall_s
+
+    def figures(self) -> dict[str, float]:
+        return {"box_busy_share": round(self.box_busy_share, 3), "rig_cores": round(self.rig_cores, 3),
+                "daemon_cores": round(self.daemon_cores, 3)}
 
 
 REPLY_SENTENCES = 3  # latency.py's REPLY: three broadcasts, three PLAYBACK_STOPs a call
@@ -195,6 +232,7 @@ def main() -> int:
     setup_cpu: dict[str, float] = {name: 0.0 for name in selected}
     lines: dict[str, list[float]] = {name: [] for name in selected}
     lanes: dict[str, list[float]] = {name: [] for name in selected}  # each turn's lane_wait_ms (part of its overhead)
+    usage: dict[str, list[dict[str, float]]] = {name: [] for name in selected}  # Cores.figures() a round
     try:
         llm_url = llm.stdout.readline().strip()
         for round_no in range(args.rounds):
@@ -202,9 +240,10 @@ def main() -> int:
                 switches, per_switch = setups[name]
                 profile_path = (f"{args.profile_daemon}.{name}.{round_no + 1}"
                                 if args.profile_daemon and checkouts[name] == ROOT else None)
-                overheads, turns, calls, cpu_s, setup_cpu_s, info_lines, lane_waits = one_setup(
-                    args, switches, per_switch, llm_url, seed=7 + round_no, checkout=checkouts[name],
+                overheads, turns, calls, cpu_s, setup_cpu_s, info_lines, lane_waits, cores = one_setup(
+                    args, switches, per_switch, llm_url, seed=7 + round_no, llm_pid=llm.pid, checkout=checkouts[name],
                     profile_path=profile_path)
+                usage[name].append(cores.figures())
                 samples[name] += overheads
                 lanes[name] += lane_waits
                 counts[name][0] += turns
@@ -220,7 +259,8 @@ def main() -> int:
                       f"({setup_cpu_s * 1000 / max(1, calls):.2f} ms a call of it before anyone spoke), "
                       + (f"whole call {cpu_s * 1000 / max(1, calls):.2f} ms, {info_lines:.2f} INFO lines a call, "
                          if info_lines is not None else "")
-                      + f"load {os.getloadavg()[0]:.2f}",
+                      + f"box {cores.box_busy_share:.0%} busy (the rig {cores.rig_cores:.2f} cores, "
+                        f"the daemon's process {cores.daemon_cores:.2f}), load {os.getloadavg()[0]:.2f}",
                       flush=True)
     finally:
         llm.terminate()
@@ -234,7 +274,8 @@ def main() -> int:
                          "lane_wait_p99_ms": round(percentile(lanes[name], 99), 2),
                          "turns": counts[name][0], "calls": counts[name][1],
                          "daemon_cpu_ms_per_turn": round(cpu[name] * 1000 / max(1, counts[name][0]), 2),
-                         "daemon_setup_cpu_ms_per_call": round(setup_cpu[name] * 1000 / max(1, counts[name][1]), 2)}
+                         "daemon_setup_cpu_ms_per_call": round(setup_cpu[name] * 1000 / max(1, counts[name][1]), 2),
+                         **{key: round(statistics.median(u[key] for u in usage[name]), 3) for key in usage[name][0]}}
         if lines[name]:  # --whole-calls: from the first event to the clean-up
             figures[name]["daemon_cpu_ms_per_call"] = round(cpu[name] * 1000 / max(1, counts[name][1]), 2)
             figures[name]["info_lines_per_call"] = round(sum(lines[name]) / len(lines[name]), 2)
