@@ -164,6 +164,11 @@ def test_hangup_mid_synthesis_sends_no_broadcast_and_deletes_the_wavs(tmp_path, 
             # The synthesis thread finishes only after the hangup: its WAV must go too.
             engine.release.set()
             wait_until(lambda: call not in daemon.router.calls)
+            # Landed: its WAV is written by then, and deleted as it lands (the deletion is linked
+            # to the synthesis after in_flight's own link, so both have run once this is true).
+            # The call leaves the router at once, before the worker thread is done: waiting for
+            # that alone, a loaded machine found the WAV written and not yet deleted.
+            wait_until(lambda: not handler.services.in_flight)
             assert broadcasts(sim, call) == []
             assert list(tmp_path.glob(f"{call}-*.wav")) == []
             # Shared files (the fallback phrase, the phrase cache) are never deleted on hangup.
