@@ -132,7 +132,8 @@ def one_round(args, path: Path, checkout: Path | None) -> int:
     try:
         llm_url = llm.stdout.readline().strip()
         _overheads, turns, *_rest = multiswitch.one_setup(args, switches, args.calls_per_switch, llm_url, seed=7,
-                                                          checkout=checkout or L.ROOT, profile_path=str(path))
+                                                          llm_pid=llm.pid, checkout=checkout or L.ROOT,
+                                                          profile_path=str(path))
         return turns
     finally:
         llm.terminate()
